@@ -1,0 +1,1 @@
+"""Typer command-line interface for actsparse (a thin layer over ``probes`` and ``reports``)."""

@@ -1,0 +1,3 @@
+from actsparse_cli.main import app
+
+app(prog_name="actsparse")

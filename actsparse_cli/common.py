@@ -1,0 +1,101 @@
+"""Options shared by every command and the one place that turns errors into exit codes.
+
+Messages go to stderr, data (tables) to stdout, as sqlite-utils does.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from probes.errors import EXIT_INTERRUPTED, ActsparseError
+
+PANEL_LOAD = "Loading"
+PANEL_DATA = "Data"
+PANEL_OUT = "Output"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# ---- loading options (lm-eval style)
+Checkpoint = Annotated[str, typer.Argument(help="Model folder, hub id, .safetensors/.bin/.pt/.gguf file, "
+                                           "or a sharded *.index.json.", show_default=False)]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="HF config (folder, config.json or hub id) "
+                                                  "for a bare state dict.", rich_help_panel=PANEL_LOAD)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Model family for a bare state dict "
+                                                "(gpt2, llama, mistral, qwen2, gpt_neox, opt, bert, roberta, t5, vit, "
+                                                "nanogpt), built from shapes.", rich_help_panel=PANEL_LOAD)]
+DeviceArg = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
+                                        rich_help_panel=PANEL_LOAD)]
+DtypeArg = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; statistics are always float32.",
+                                               rich_help_panel=PANEL_LOAD)]
+TrustArg = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint's repo to run.",
+                                        rich_help_panel=PANEL_LOAD)]
+UnsafePickleArg = Annotated[bool, typer.Option("--unsafe-pickle", help="Allow full unpickling (runs code in the "
+                                               "file). Off: torch.load(weights_only=True).",
+                                               rich_help_panel=PANEL_LOAD)]
+# ---- output options
+OutArg = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (written atomically).",
+                                                rich_help_panel=PANEL_OUT)]
+ForceArg = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.",
+                                        rich_help_panel=PANEL_OUT)]
+QuietArg = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or table on the terminal.",
+                                        rich_help_panel=PANEL_OUT)]
+DebugArg = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel=PANEL_OUT)]
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"actsparse: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ActsparseError into a one-line message and its exit code; no traceback unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug", False))
+        try:
+            return fn(*args, **kwargs)
+        except ActsparseError as e:
+            if debug:
+                traceback.print_exc()
+            fail(e.one_line(), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; no output was written", EXIT_INTERRUPTED)
+        except typer.Exit:
+            raise
+        except Exception as e:  # an internal error: still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            fail(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                 "(rerun with --debug for the traceback and report it)", 1)
+
+    return wrapper
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console()
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,41 @@
+"""``actsparse`` entry point. Commands live one per module and register themselves here.
+
+Heavy imports (torch, transformers) happen inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from probes import __version__
+
+app = typer.Typer(
+    name="actsparse",
+    help="Activation and gradient sparsity, PPL-p% sparsity, massive activations and weight spectra "
+    "for trained checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"actsparse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """actsparse: analyse trained checkpoints."""
+
+
+def _register() -> None:
+    from actsparse_cli import measure_cmd, sites_cmd
+
+    for mod in (sites_cmd, measure_cmd):
+        mod.register(app)
+
+
+_register()

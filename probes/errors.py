@@ -1,0 +1,61 @@
+"""One error type for every bad input, with a one-line message, a fix and an exit code.
+
+Exit codes (documented in the README):
+  2  bad checkpoint or path (missing, unreadable, corrupt, wrong kind of file)
+  3  model problem (unknown architecture, no site found, NaN/Inf weights, no loss available)
+  4  data problem (empty corpus, corpus shorter than one window, bad data spec)
+  5  output problem (folder exists without --force, unwritable)
+  6  device problem (CUDA requested with no GPU, out of memory)
+  130 interrupted (Ctrl-C); nothing is left half written
+"""
+
+from __future__ import annotations
+
+EXIT_CHECKPOINT = 2
+EXIT_MODEL = 3
+EXIT_DATA = 4
+EXIT_OUTPUT = 5
+EXIT_DEVICE = 6
+EXIT_INTERRUPTED = 130
+
+
+class ActsparseError(Exception):
+    """A user-facing error: ``problem`` says what is wrong, ``fix`` what to do about it."""
+
+    exit_code = EXIT_CHECKPOINT
+
+    def __init__(self, problem: str, fix: str | None = None, exit_code: int | None = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def one_line(self) -> str:
+        msg = self.problem.strip().replace("\n", " ")
+        if self.fix:
+            msg += f" -- fix: {self.fix.strip()}"
+        return msg
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.one_line()
+
+
+class CheckpointError(ActsparseError):
+    exit_code = EXIT_CHECKPOINT
+
+
+class ModelError(ActsparseError):
+    exit_code = EXIT_MODEL
+
+
+class DataError(ActsparseError):
+    exit_code = EXIT_DATA
+
+
+class OutputError(ActsparseError):
+    exit_code = EXIT_OUTPUT
+
+
+class DeviceError(ActsparseError):
+    exit_code = EXIT_DEVICE

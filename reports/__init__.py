@@ -1,0 +1,1 @@
+"""Tables, manifests, figures and report bundles. Never runs a model."""
