@@ -34,8 +34,8 @@ Checkpoint = Annotated[str, typer.Argument(help="Model folder, hub id, .safetens
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="HF config (folder, config.json or hub id) "
                                                   "for a bare state dict.", rich_help_panel=PANEL_LOAD)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Model family for a bare state dict "
-                                                "(gpt2, llama, mistral, qwen2, gpt_neox, opt, bert, roberta, t5, vit, "
-                                                "nanogpt), built from shapes.", rich_help_panel=PANEL_LOAD)]
+                                                "built from tensor shapes: gpt2, nanogpt, llama, mistral, qwen2 "
+                                                "(others: use --config).", rich_help_panel=PANEL_LOAD)]
 DeviceArg = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
                                         rich_help_panel=PANEL_LOAD)]
 DtypeArg = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; statistics are always float32.",
@@ -94,7 +94,8 @@ def stderr_console():
 def stdout_console():
     from rich.console import Console
 
-    return Console()
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def is_interactive() -> bool:

@@ -1,9 +1,135 @@
-"""`actsparse measure`."""
+"""``actsparse measure``: per-layer activation sparsity over a corpus, as tables and a manifest."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Annotated, Optional
+
 import typer
+
+from actsparse_cli.common import (PANEL_DATA, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
+                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
+                                  stderr_console, stdout_console)
+from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
+
+PANEL_PROBES = "Probes"
+
+
+@contextlib.contextmanager
+def batch_progress(quiet: bool, description: str):
+    """A rich progress bar on stderr; yields ``progress(total, advance)``. Silent with -q."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=stderr_console(), transient=False) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(total: int, advance: int) -> None:
+            prog.update(task, total=total, advance=advance)
+
+        yield update
+
+
+def print_sparsity_table(rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = [("site", "canonical_name"), ("module", "module_path"), ("kind", "kind"), ("width", "width"),
+            ("tokens", "n_tokens"), ("zero %", "zero_frac"), ("|a|<=1e-2 %", "near_zero_frac@0.01"),
+            ("nonzero/token %", "nonzero_pct_per_token"), ("dead", "dead_neurons"), ("always on", "always_on_neurons")]
+    chunk = next((k for k in (rows[0] if rows else {}) if k.startswith("chunk_sparsity@")), None)
+    if chunk:
+        cols.append((chunk.replace("chunk_sparsity", "chunk sparsity") + " %", chunk))
+    for head, _ in cols:
+        t.add_column(head, justify="left" if head in ("site", "module", "kind") else "right", overflow="fold")
+    for r in rows:
+        cells = []
+        for _, key in cols:
+            v = r.get(key)
+            if key in ("zero_frac", "near_zero_frac@0.01") or key == chunk:
+                cells.append(f"{100 * v:.2f}")
+            elif key == "nonzero_pct_per_token":
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append(str(v))
+        t.add_row(*cells)
+    stdout_console().print(t)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("measure")
+    @handle_errors
+    def measure(
+        checkpoint: Annotated[Optional[str], typer.Argument(help="Model folder, hub id or weight file. Default: the "
+                                                            "project's bundled ReLU model.", show_default=False)] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
+                                                    "Default: the bundled calibration corpus.",
+                                                    rich_help_panel=PANEL_DATA)] = None,
+        text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
+                                                rich_help_panel=PANEL_DATA)] = "text",
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=PANEL_DATA)] = 4,
+        max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the "
+                                                          "model's limit, at most 2048.", rich_help_panel=PANEL_DATA)] = None,
+        max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted "
+                                                          "tokens.", rich_help_panel=PANEL_DATA)] = None,
+        stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
+                                                      "--max-length, i.e. non-overlapping).",
+                                                      rich_help_panel=PANEL_DATA)] = None,
+        seed: Annotated[int, typer.Option("--seed", rich_help_panel=PANEL_DATA)] = 0,
+        skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
+                                                "each window (BOS / attention-sink tokens).",
+                                                rich_help_panel=PANEL_DATA)] = 0,
+        eps: Annotated[Optional[list[float]], typer.Option("--eps", help="near_zero_frac thresholds (repeatable). "
+                                                           "Default 1e-6, 1e-3, 1e-2.",
+                                                           rich_help_panel=PANEL_PROBES)] = None,
+        chunk_k: Annotated[int, typer.Option("--chunk-k", min=1, help="Tokens per chunk for chunk_sparsity.",
+                                             rich_help_panel=PANEL_PROBES)] = 8,
+        site: SiteArg = None,
+        kind: KindArg = None,
+        config: ConfigOpt = None,
+        arch: ArchOpt = None,
+        tokenizer: TokenizerArg = None,
+        device: DeviceArg = "auto",
+        dtype: DtypeArg = DtypeChoice.auto,
+        trust_remote_code: TrustArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+        output: OutArg = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Measure per-layer activation sparsity (zero/near-zero fractions, dead neurons, chunk sparsity)."""
+        from probes.measure import MeasureOptions
+        from probes.measure import measure as run_measure
+        from probes.sparsity import DEFAULT_EPS_GRID
+        from reports.bundle import check_output_dir
+        from reports.measure_report import write_measure_outputs
+
+        if output is not None:
+            check_output_dir(output, force)  # fail before any model work
+        kinds = resolve_kinds(kind)
+        if checkpoint is None:
+            from probes.embedded import default_checkpoint
+
+            checkpoint = default_checkpoint()
+        opts = MeasureOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
+                              max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+                              eps_grid=tuple(sorted(eps)) if eps else DEFAULT_EPS_GRID, chunk_k=chunk_k, kinds=kinds,
+                              sites=tuple(site or ()))
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        with batch_progress(quiet, "measure") as progress:
+            result = run_measure(lm, opts, progress=progress)
+        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
+                   "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
+                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force}
+        if output is not None:
+            write_measure_outputs(output, result, lm, options, force=force)
+        if not quiet:
+            print_sparsity_table(result.rows, f"activation sparsity: {checkpoint} "
+                                              f"({result.info['n_counted_tokens']} tokens, {lm.dtype})")
+            if output is not None:
+                stderr_console().print(f"wrote {output}/ (sparsity.parquet/.csv, summary.parquet/.csv, manifest.json)")

@@ -1,0 +1,148 @@
+"""``measure``: activation sparsity of every site over a corpus (the Python API of ``actsparse measure``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from probes import corpus as corpus_mod
+from probes.loading import LoadedModel
+from probes.runner import forward_batch, run_probes
+from probes.sites import MLP_KINDS, Site, find_sites
+from probes.sparsity import DEFAULT_CHUNK_K, DEFAULT_EPS_GRID, ActivationSparsityProbe
+
+DEFAULT_MAX_LENGTH_CAP = 2048
+
+
+@dataclass
+class MeasureOptions:
+    data: str | None = None  # corpus spec; None = the bundled calibration corpus
+    text_field: str = "text"
+    batch_size: int = 4
+    max_length: int | None = None  # None: the model's limit, capped at 2048
+    max_tokens: int | None = None
+    stride: int | None = None
+    seed: int = 0
+    skip_first: int = 0
+    eps_grid: Sequence[float] = DEFAULT_EPS_GRID
+    chunk_k: int = DEFAULT_CHUNK_K
+    kinds: Sequence[str] = MLP_KINDS
+    sites: Sequence[str] = field(default_factory=tuple)  # glob overrides
+
+
+@dataclass
+class MeasureResult:
+    rows: list[dict[str, Any]]  # one per site
+    info: dict[str, Any]  # what was measured and how (goes into the manifest)
+    probes: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def summary(self):
+        return summarize(self.rows)
+
+
+SUMMARY_METRICS = ("zero_frac", "near_zero_frac@1e-06", "near_zero_frac@0.001", "near_zero_frac@0.01",
+                   "nonzero_pct_per_token", "dead_frac", "always_on_frac", "neg_frac")
+
+
+def summarize(rows: list[dict[str, Any]]):
+    """Model-level means per site kind: unweighted over layers, and weighted by width (TEAL-style)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    out = []
+    if df.empty:
+        return pd.DataFrame(out)
+    metrics = [m for m in df.columns if m in SUMMARY_METRICS or m.startswith("chunk_sparsity@")
+               or m.startswith("near_zero_frac@")]
+    for kind, g in df.groupby("kind", sort=False):
+        for m in dict.fromkeys(metrics):
+            v = g[m].astype(float)
+            ok = v.notna()
+            w = g["width"].astype(float)[ok]
+            out.append({"kind": kind, "metric": m, "n_layers": int(ok.sum()),
+                        "mean_over_layers": float(v[ok].mean()) if ok.any() else math.nan,
+                        "width_weighted_mean": float((v[ok] * w).sum() / w.sum()) if ok.any() else math.nan})
+    return pd.DataFrame(out)
+
+
+def resolve_corpus(data: str | None) -> str:
+    if data:
+        return data
+    from probes.embedded import default_corpus
+
+    return default_corpus()
+
+
+def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
+            progress: Callable[[int, int], Any] | None = None,
+            site_list: Sequence[Site] | None = None) -> MeasureResult:
+    """Measure activation sparsity of ``loaded`` over ``opts.data``.
+
+    ``progress(total_batches, advance)`` is called once with ``advance=0`` to announce the
+    total, then once per batch.
+    """
+    import torch
+
+    opts = opts or MeasureOptions()
+    torch.manual_seed(opts.seed)
+    model, tok = loaded.model, loaded.tokenizer
+    sites = list(site_list) if site_list is not None else find_sites(model, loaded.family, opts.kinds, opts.sites)
+    data = resolve_corpus(opts.data)
+    docs = corpus_mod.read_documents(data, opts.text_field)
+    docs_tokens = corpus_mod.tokenize_documents(docs, tok)
+    model_max = loaded.max_length or DEFAULT_MAX_LENGTH_CAP
+    max_length = opts.max_length or min(model_max, DEFAULT_MAX_LENGTH_CAP)
+    causal = loaded.is_causal_lm
+    windows = corpus_mod.build_windows(docs_tokens, tok, max_length, opts.stride, causal=causal,
+                                       max_tokens=opts.max_tokens, skip_first=opts.skip_first)
+    pad = getattr(tok, "pad_token_id", None)
+    pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+    n_batches = math.ceil(len(windows) / opts.batch_size)
+    if progress:
+        progress(n_batches, 0)
+
+    def make_probe(site: Site, width: int, device):
+        return ActivationSparsityProbe(width, opts.eps_grid, opts.chunk_k, device=device)
+
+    t0 = time.perf_counter()
+    probes = run_probes(model, corpus_mod.batches(windows, opts.batch_size, pad, loaded.device), sites, make_probe,
+                        forward=lambda m, b: forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder),
+                        progress=(lambda k: progress(n_batches, k)) if progress else None)
+    elapsed = time.perf_counter() - t0
+    dtype = str(loaded.dtype).replace("torch.", "")
+    rows = []
+    for s in sites:
+        p = probes.get(s.canonical_name)
+        if p is None:
+            continue  # site never called (e.g. a decoder stack the forward did not use)
+        rows.append({**s.row(), "dtype": dtype, **p.to_row()})
+    info = {
+        "corpus": data,
+        "corpus_is_default": opts.data is None,
+        "n_documents": len(docs),
+        "n_corpus_tokens": sum(len(d) for d in docs_tokens),
+        "n_windows": len(windows),
+        "n_counted_tokens": corpus_mod.n_counted(windows),
+        "max_length": max_length,
+        "stride": opts.stride or max_length,
+        "window_scheme": "lm-eval rolling (context length 1)" if causal else "encoder [CLS] chunk [SEP]",
+        "prefix_token": corpus_mod.prefix_token(tok) if causal else None,
+        "skip_first": opts.skip_first,
+        "padding": "right, masked (never counted)",
+        "statistics_dtype": "float32 (float64 sums)",
+        "model_dtype": dtype,
+        "device": str(loaded.device),
+        "n_sites": len(rows),
+        "seconds": round(elapsed, 3),
+        "means": "per layer: mean over counted tokens; summary: unweighted mean over layers and width-weighted mean",
+        "quantiles": "nonzero_pct_per_token_p*_hist from a fixed 1000-bin histogram",
+        "options": asdict(opts),
+    }
+    return MeasureResult(rows, info, probes)

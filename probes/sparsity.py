@@ -1,0 +1,179 @@
+"""Activation sparsity probe (METRICS.md section 2): a streaming, mergeable accumulator.
+
+State is O(channels): counts, float64 sums, a running max, a per-channel activity count and a
+fixed 1000-bin histogram of the per-token non-zero fraction. ``merge`` adds two states, so a
+run split over shards or ranks gives the same numbers as one pass (exactly, for counts).
+
+Definitions (Lazy Neuron arXiv 2210.06313; BlockFFN for chunk sparsity):
+- zero_frac: fraction of entries exactly 0 (-0 counts as 0).
+- near_zero_frac@eps: fraction with |a| <= eps.
+- nonzero_pct_per_token: per token, % of non-zero entries; mean over tokens (equal to
+  100 * (1 - zero_frac) for a fixed width; the histogram keeps its spread).
+- dead_neurons / always_on_neurons: channels zero on every token / non-zero on every token.
+- chunk_sparsity@k: mean over chunks of k consecutive valid tokens of a sequence of
+  1 - |union of non-zero channels| / width. Only full chunks count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+DEFAULT_EPS_GRID = (1e-6, 1e-3, 1e-2)
+DEFAULT_CHUNK_K = 8
+HIST_BINS = 1000
+
+
+def eps_label(eps: float) -> str:
+    return f"{eps:g}"
+
+
+class ActivationSparsityProbe:
+    """Accumulates sparsity statistics of one site's activations ``[batch, pos, channels]``."""
+
+    name = "sparsity"
+    # How each state entry combines across shards/ranks.
+    REDUCE = {"n_tokens": "sum", "zero": "sum", "near_zero": "sum", "neg": "sum", "sum": "sum", "sum_abs": "sum",
+              "sum_sq": "sum", "max_abs": "max", "channel_active": "sum", "token_hist": "sum", "token_nz_sum": "sum",
+              "chunk_sum": "sum", "n_chunks": "sum", "nonfinite": "sum"}
+
+    def __init__(self, width: int, eps_grid: Sequence[float] = DEFAULT_EPS_GRID, chunk_k: int = DEFAULT_CHUNK_K,
+                 device: Any = "cpu"):
+        import torch
+
+        self.width = int(width)
+        self.eps_grid = tuple(float(e) for e in eps_grid)
+        self.chunk_k = int(chunk_k)
+        f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
+        self.state = {
+            "n_tokens": torch.zeros((), **i64),
+            "zero": torch.zeros((), **i64),
+            "near_zero": torch.zeros(len(self.eps_grid), **i64),
+            "neg": torch.zeros((), **i64),
+            "sum": torch.zeros((), **f64),
+            "sum_abs": torch.zeros((), **f64),
+            "sum_sq": torch.zeros((), **f64),
+            "max_abs": torch.zeros((), **f64),
+            "channel_active": torch.zeros(self.width, **i64),
+            "token_hist": torch.zeros(HIST_BINS, **i64),
+            "token_nz_sum": torch.zeros((), **f64),
+            "chunk_sum": torch.zeros((), **f64),
+            "n_chunks": torch.zeros((), **i64),
+            "nonfinite": torch.zeros((), **i64),
+        }
+        self._eps = torch.tensor(self.eps_grid, dtype=torch.float32, device=device)
+
+    # ------------------------------------------------------------------ update
+    def update(self, x, mask=None) -> None:
+        """``x``: ``[batch, pos, channels]`` (or ``[tokens, channels]``); ``mask``: ``[batch, pos]`` bool."""
+        import torch
+
+        if x.dim() == 2:
+            x = x.unsqueeze(1)  # [batch, 1, channels]
+        if x.shape[-1] != self.width:
+            raise ValueError(f"probe built for width {self.width}, got {x.shape[-1]}")
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask = mask.to(x.device)
+        s = self.state
+        valid = x[mask]  # [n_valid, channels], kept in (batch, pos) order
+        if valid.dtype != torch.float32:
+            valid = valid.float()  # statistics in float32 whatever the model dtype
+        n, c = valid.shape
+        if n == 0:
+            return
+        a = valid.abs()
+        nz = a != 0  # [n, c]
+        per_token_nz = nz.sum(1)  # [n]
+        n_nz = per_token_nz.sum()
+        s["n_tokens"] += n
+        s["zero"] += n * c - n_nz
+        # One comparison per eps; a[:, :, None] <= eps would allocate len(eps) x the tensor.
+        for j in range(len(self.eps_grid)):
+            s["near_zero"][j] += (a <= self._eps[j]).sum()
+        s["neg"] += (valid < 0).sum()
+        s["sum"] += valid.sum(dtype=torch.float64)
+        s["sum_abs"] += a.sum(dtype=torch.float64)
+        s["sum_sq"] += valid.square().sum(dtype=torch.float64)
+        amax = a.max()
+        if not bool(torch.isfinite(amax)):
+            s["nonfinite"] += (~torch.isfinite(valid)).sum()
+        s["max_abs"] = torch.maximum(s["max_abs"], amax.double())
+        s["channel_active"] += nz.sum(0)
+        frac = per_token_nz.double() / c
+        s["token_nz_sum"] += frac.sum()
+        bins = (frac * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
+        s["token_hist"] += torch.bincount(bins, minlength=HIST_BINS)
+        self._update_chunks(nz, mask.sum(1))
+
+    def _update_chunks(self, nz, lens) -> None:
+        import torch
+
+        k, c = self.chunk_k, nz.shape[1]
+        if k <= 0:
+            return
+        off = 0
+        unions = []
+        for L in lens.tolist():
+            full = L // k
+            if full:
+                unions.append(nz[off:off + full * k].view(full, k, c).any(1).sum(1))  # [full]
+            off += L
+        if unions:
+            u = torch.cat(unions).double()
+            self.state["chunk_sum"] += (1.0 - u / c).sum()
+            self.state["n_chunks"] += u.numel()
+
+    # ------------------------------------------------------------------ merge / results
+    def merge(self, other: "ActivationSparsityProbe") -> "ActivationSparsityProbe":
+        import torch
+
+        if (other.width, other.eps_grid, other.chunk_k) != (self.width, self.eps_grid, self.chunk_k):
+            raise ValueError("cannot merge probes with different width, eps grid or chunk size")
+        for k, op in self.REDUCE.items():
+            b = other.state[k].to(self.state[k].device)
+            self.state[k] = self.state[k] + b if op == "sum" else torch.maximum(self.state[k], b)
+        return self
+
+    def to_row(self) -> dict[str, Any]:
+        s = {k: v.detach().cpu() for k, v in self.state.items()}
+        n = int(s["n_tokens"])
+        c = self.width
+        ent = n * c
+        nan = float("nan")
+        row: dict[str, Any] = {"n_tokens": n, "width": c}
+        row["zero_frac"] = int(s["zero"]) / ent if ent else nan
+        for e, cnt in zip(self.eps_grid, s["near_zero"].tolist()):
+            row[f"near_zero_frac@{eps_label(e)}"] = cnt / ent if ent else nan
+        row["nonzero_pct_per_token"] = 100.0 * float(s["token_nz_sum"]) / n if n else nan
+        for q in (5, 50, 95):
+            row[f"nonzero_pct_per_token_p{q:02d}_hist"] = _hist_quantile(s["token_hist"].tolist(), q / 100) * 100
+        active = s["channel_active"]
+        row["dead_neurons"] = int((active == 0).sum()) if n else 0
+        row["dead_frac"] = row["dead_neurons"] / c if n else nan
+        row["always_on_neurons"] = int((active == n).sum()) if n else 0
+        row["always_on_frac"] = row["always_on_neurons"] / c if n else nan
+        nch = int(s["n_chunks"])
+        row[f"chunk_sparsity@{self.chunk_k}"] = float(s["chunk_sum"]) / nch if nch else nan
+        row["n_chunks"] = nch
+        row["neg_frac"] = int(s["neg"]) / ent if ent else nan
+        row["mean"] = float(s["sum"]) / ent if ent else nan
+        row["mean_abs"] = float(s["sum_abs"]) / ent if ent else nan
+        row["rms"] = math.sqrt(float(s["sum_sq"]) / ent) if ent else nan
+        row["max_abs"] = float(s["max_abs"]) if n else nan
+        row["nonfinite"] = int(s["nonfinite"])
+        return row
+
+
+def _hist_quantile(counts: list[int], q: float) -> float:
+    """Quantile from a fixed-bin histogram on [0, 1], linear within the bin (a bounded approximation)."""
+    total = sum(counts)
+    if total == 0:
+        return float("nan")
+    target = q * total
+    run = 0
+    for i, cnt in enumerate(counts):
+        if cnt and run + cnt >= target:
+            return (i + (target - run) / cnt) / len(counts)
+        run += cnt
+    return 1.0
