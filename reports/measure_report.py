@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from reports.bundle import atomic_output_dir
+from reports.figures import sparsity_by_layer
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
 
@@ -22,7 +23,36 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
     with atomic_output_dir(output, force) as tmp:
         files = write_table(result.table(), tmp, "sparsity")
         files += write_table(result.summary(), tmp, "summary")
+        files += sparsity_by_layer(result.table(), tmp, _short(options.get("checkpoint")),
+                                   result.info["n_counted_tokens"])
+        files.append(write_summary_md(tmp, result, options))
         manifest = build_manifest("measure", options, model=model_section(lm), measurement=result.info,
                                   files=files + ["manifest.json"])
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+def _short(checkpoint: Any) -> str:
+    p = Path(str(checkpoint))
+    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
+
+
+def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+    """A short markdown summary for terminals and pull requests."""
+    info = result.info
+    lines = [f"# actsparse measure: {options.get('checkpoint')}", "",
+             f"{info['n_counted_tokens']} counted tokens from `{info['corpus']}` ({info['window_scheme']}, "
+             f"max_length {info['max_length']}, model dtype {info['model_dtype']}, device {info['device']}).", "",
+             "| site | module | kind | width | zero % | nonzero/token % | dead | always on |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result.rows:
+        lines.append(f"| {r['canonical_name']} | `{r['module_path']}` | {r['kind']} | {r['width']} | "
+                     f"{100 * r['zero_frac']:.2f} | {r['nonzero_pct_per_token']:.2f} | {r['dead_neurons']} | "
+                     f"{r['always_on_neurons']} |")
+    summ = result.summary()
+    if len(summ):
+        z = summ[summ.metric == "zero_frac"]
+        lines += ["", "Mean over layers (unweighted): " + ", ".join(
+            f"{k} zero_frac {100 * v:.2f} %" for k, v in zip(z.kind, z.mean_over_layers))]
+    (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
+    return "summary.md"
