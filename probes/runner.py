@@ -24,12 +24,19 @@ def forward_batch(model, batch: Batch, *, is_encoder_decoder: bool = False, need
             raise ModelError("encoder-decoder model without a way to build decoder inputs",
                              "use --site on encoder modules only")
         kwargs["decoder_input_ids"] = shift(batch.input_ids)
-    if not need_logits and not is_encoder_decoder:
-        try:
-            return model(**kwargs, logits_to_keep=1)
-        except TypeError:
-            pass
+    if not need_logits and not is_encoder_decoder and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
     return model(**kwargs)
+
+
+def _accepts(model, name: str) -> bool:
+    # Checked from the signature, never by retrying: a retried forward would run the hooks twice.
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def run_probes(model, batches: Iterable[Batch], sites: Sequence[Site], make_probe: Callable[[Site, int, Any], Any],
