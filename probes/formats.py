@@ -128,7 +128,9 @@ def sniff(path: str | os.PathLike) -> Sniffed:
     s = str(path)
     p = Path(s).expanduser()
     if not p.exists():
-        if _HUB_ID.match(s) and not s.startswith((".", "/", "~")) and not Path(s.split("/")[0]).exists():
+        bare = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s) and not s.endswith(
+            (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".json", ".txt"))
+        if (bare or _HUB_ID.match(s)) and not s.startswith((".", "/", "~")) and not Path(s.split("/")[0]).exists():
             return Sniffed(Kind.HUB_ID, s)
         raise CheckpointError(f"checkpoint path {s!r} does not exist",
                               "check the path, or give a Hugging Face hub id such as 'gpt2'")
@@ -142,11 +144,11 @@ def sniff(path: str | os.PathLike) -> Sniffed:
         return Sniffed(Kind.GGUF, str(p), files=[str(p)])
     if head.startswith(ZIP_MAGIC):
         return Sniffed(Kind.TORCH_ZIP, str(p), files=[str(p)])
-    if head[:1] == b"\x80":
-        return Sniffed(Kind.TORCH_LEGACY, str(p), files=[str(p)])
     if _looks_like_safetensors(head, size):
         safetensors_header(p)  # validates; raises if truncated/corrupt
         return Sniffed(Kind.SAFETENSORS, str(p), files=[str(p)])
+    if head[:1] == b"\x80":
+        return Sniffed(Kind.TORCH_LEGACY, str(p), files=[str(p)])
     if head[:1] == b"{" or head[:3] == b"\xef\xbb\xbf":
         try:
             obj = json.loads(p.read_text(encoding="utf-8-sig"))
@@ -254,6 +256,12 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 sd = {k[len(pre):]: v for k, v in sd.items()}
                 stripped.append(pre)
                 changed = True
+    if info["container"] == "lightning" and not stripped:
+        heads = {k.split(".", 1)[0] for k in sd}
+        if len(heads) == 1 and all("." in k for k in sd):
+            pre = heads.pop() + "."
+            sd = {k[len(pre):]: v for k, v in sd.items()}
+            stripped.append(pre)
     if stripped:
         info["stripped_prefixes"] = stripped
     return sd, info
@@ -336,7 +344,7 @@ def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
         # GGUF stores dims fastest-first; numpy data already has the row-major shape.
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         arr = np.asarray(arr).reshape(shape)
-        yield t.name, torch.from_numpy(np.ascontiguousarray(arr))
+        yield t.name, torch.from_numpy(np.array(arr, copy=True))  # the reader's memmap is read-only
 
 
 def read_state_dict(sn: Sniffed, unsafe_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from probes.errors import CheckpointError, DeviceError, ModelError
-from probes.formats import Kind, Sniffed, read_state_dict, sniff
+from probes.formats import Kind, Sniffed, read_state_dict, safetensors_header, sniff
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}
@@ -133,17 +134,21 @@ def _load_tokenizer(source: str, trust_remote_code: bool, **kw):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
     except Exception:
         return None
+    # transformers 5 builds an empty tokenizer from a folder that has no vocabulary files.
+    if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):
+        return None
+    return tok
 
 
 def _hub_offline_error(name: str, err: Exception) -> CheckpointError:
     offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model"
     return CheckpointError(
-        f"cannot load hub id {name!r}: {why}; missing config.json and model weights (model.safetensors / "
-        f"pytorch_model.bin) locally",
+        f"{name!r} is no local path, and as a hub id it cannot be loaded: {why}; missing config.json and model "
+        f"weights (model.safetensors / pytorch_model.bin)",
         f"download it where there is a network (huggingface-cli download {name} --local-dir DIR) and pass DIR")
 
 
@@ -190,9 +195,15 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
                               "check config.json") from e
     td = resolve_dtype(dtype, dev, cfg)
     cls, causal = _auto_class(cfg)
+    for f in sn.files:  # transformers picks a loader by file name; check the content first
+        if f.endswith(".safetensors"):
+            safetensors_header(f)
+        if f.endswith(".bin") and sniff(f).kind is Kind.SAFETENSORS:
+            return _load_state_dict(sniff(f), sn.config_path, None, dev, dtype, trust_remote_code, False, source,
+                                    tokenizer_src or name)
     try:
-        model = cls.from_pretrained(name, config=cfg, trust_remote_code=trust_remote_code,
-                                    **_transformers_dtype_kw(td))
+        model, info = cls.from_pretrained(name, config=cfg, trust_remote_code=trust_remote_code,
+                                          output_loading_info=True, **_transformers_dtype_kw(td))
     except OSError as e:
         if sn.kind is Kind.HUB_ID:
             raise _hub_offline_error(name, e) from e
@@ -201,6 +212,18 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"config and weights in {name} do not match: {_first_line(e)}",
                               "check that config.json belongs to these weights") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{name} holds pickled objects that are not plain tensors",
+                              "re-save it as safetensors") from e
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":
+            raise CheckpointError(f"cannot read weights in {name}: {_first_line(e)}",
+                                  "the file is truncated or corrupt; re-download or re-save it") from e
+        raise
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith(("position_ids", "masked_bias"))]
+    if missing or info.get("mismatched_keys"):
+        raise CheckpointError(f"config and weights in {name} do not match: {len(missing)} parameters missing "
+                              f"(e.g. {sorted(missing)[:1]})", "check that config.json belongs to these weights")
     tok = _load_tokenizer(tokenizer_src or name, trust_remote_code)
     source["head"] = cls.__name__
     return _finish(model, tok, cfg, cfg.model_type, dev, td, source, None, trust_remote_code, causal=causal)
@@ -280,6 +303,8 @@ def _load_state_dict(sn: Sniffed, config, arch, dev, dtype, trust_remote_code, u
     elif arch is not None:
         cfg, sd = config_from_shapes(arch, sd, info)
         source["config_inferred_from"] = f"--arch {arch} and tensor shapes"
+        if info.get("assumed"):
+            source["assumed"] = info["assumed"]
     else:
         raise ModelError(f"{sn.path} holds only weights ({len(sd)} tensors) and no architecture",
                          "pass --config CONFIG (folder, config.json or hub id) or --arch FAMILY "
@@ -342,6 +367,7 @@ def config_from_shapes(arch: str, sd: dict, info: dict):
         if a == "nanogpt" or any(k.endswith("mlp.c_fc.weight") and v.shape[0] > v.shape[1] for k, v in sd.items()):
             sd = _nanogpt_to_hf(sd)
         args = info.get("model_args", {})
+        _fill_zero_biases(sd)
         wte = _get(sd, "wte.weight")
         wpe = _get(sd, "wpe.weight")
         n_layer = 1 + max(_layer_ids(sd, r"h\.(\d+)\."))
@@ -363,8 +389,10 @@ def config_from_shapes(arch: str, sd: dict, info: dict):
         inter = _get(sd, "layers.0.mlp.gate_proj.weight").shape[0]
         q = _get(sd, "layers.0.self_attn.q_proj.weight")
         k = _get(sd, "layers.0.self_attn.k_proj.weight")
-        head_dim = 64 if hidden % 128 else 128
-        head_dim = min(head_dim, q.shape[0])
+        head_dim = next((d for d in (128, 64, 32, 16, 8) if d <= 64 + 64 * (hidden % 128 == 0)
+                         and q.shape[0] % d == 0 and k.shape[0] % d == 0), None)
+        if head_dim is None:
+            raise ModelError("cannot infer attention heads from shapes", "pass --config")
         n_heads = q.shape[0] // head_dim
         n_kv = k.shape[0] // head_dim
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[a]
@@ -377,6 +405,20 @@ def config_from_shapes(arch: str, sd: dict, info: dict):
         return cfg, sd
     raise ModelError(f"--arch {arch!r} cannot be built from shapes alone",
                      f"use one of {', '.join(SHAPE_ARCHS)}, or pass --config with the model's config.json")
+
+
+def _fill_zero_biases(sd: dict) -> None:
+    """nanoGPT with bias=False has no biases; HF GPT-2 always has them. Zero biases are exact."""
+    for k in list(sd):
+        if not k.endswith(".weight"):
+            continue
+        bias = k[: -len(".weight")] + ".bias"
+        if bias in sd:
+            continue
+        if any(x in k for x in ("c_attn", "c_proj", "c_fc")):  # Conv1D weight [in, out]
+            sd[bias] = sd[k].new_zeros(sd[k].shape[-1])
+        elif "ln_" in k:
+            sd[bias] = sd[k].new_zeros(sd[k].shape[0])
 
 
 def _get(sd: dict, suffix: str):

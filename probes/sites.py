@@ -77,6 +77,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "deit", "mpnet",
                         "data2vec-text"),
                r"layer\.(\d+)", r"output\.dense", r"intermediate\.intermediate_act_fn", r"intermediate\.dense"),
+    # transformers >= 5 ViT / DeiT, and CLIP / SigLIP vision and text towers.
+    FamilySpec("vit", ("vit", "deit", "clip", "clip_vision_model", "clip_text_model", "siglip",
+                       "siglip_vision_model", "siglip_text_model"),
+               r"layers\.(\d+)", r"mlp\.fc2", r"mlp\.activation_fn", r"mlp\.fc1"),
     FamilySpec("distilbert", ("distilbert",), r"layer\.(\d+)", r"ffn\.lin2", r"ffn\.activation", r"ffn\.lin1"),
     FamilySpec("t5", ("t5", "mt5", "umt5"), r"block\.(\d+)", r"layer\.\d+\.DenseReluDense\.wo",
                r"layer\.\d+\.DenseReluDense\.act", r"layer\.\d+\.DenseReluDense\.wi(?:_0)?"),
@@ -157,7 +161,8 @@ def _family_sites(model, spec: FamilySpec, kinds: Iterable[str]) -> list[Site]:
             sites.append(Site(_canonical(pre_stack, layer, MLP_POST), down, MLP_POST, "input", layer, width,
                               spec.name, modules[down]))
         act = find(spec.act)
-        if spec.glu and act is not None and MLP_GATE_ACT in kinds:
+        glu = spec.glu or (spec.name == "t5" and find(r"layer\.\d+\.DenseReluDense\.wi_1") is not None)
+        if glu and act is not None and MLP_GATE_ACT in kinds:
             sites.append(Site(_canonical(pre_stack, layer, MLP_GATE_ACT), act, MLP_GATE_ACT, "output", layer, width,
                               spec.name, modules[act]))
         pre = find(spec.pre)
@@ -165,7 +170,8 @@ def _family_sites(model, spec: FamilySpec, kinds: Iterable[str]) -> list[Site]:
             sites.append(Site(_canonical(pre_stack, layer, MLP_PRE), pre, MLP_PRE, "output", layer,
                               out_width(modules[pre]), spec.name, modules[pre]))
         if RESID_POST in kinds:
-            sites.append(Site(_canonical(pre_stack, layer, RESID_POST), bpath, RESID_POST, "output", layer, None,
+            sites.append(Site(_canonical(pre_stack, layer, RESID_POST), bpath, RESID_POST, "output", layer,
+                              out_width(modules[down]),
                               spec.name, modules[bpath]))
         # T5 decoder blocks: same prefix for both stacks handled by _stack_prefix.
     return sites
@@ -176,15 +182,19 @@ def _structural_sites(model, kinds: Iterable[str]) -> list[Site]:
     import torch
 
     kinds = set(kinds)
-    best = None
+    cands = []
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1:
-            score = (len(m), sum(p.numel() for p in m.parameters()))
-            if best is None or score > best[0]:
-                best = (score, name, m)
-    if best is None:
-        return _sequential_sites(model, kinds)
-    _, list_path, blocks = best
+        if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) >= 2 \
+                and len({type(c) for c in m}) == 1 and any(True for _ in m[0].children()):
+            cands.append(((len(m), sum(p.numel() for p in m.parameters())), name, m))
+    for _, list_path, blocks in sorted(cands, key=lambda c: c[0], reverse=True):
+        sites = _blocks_sites(list_path, blocks, kinds)
+        if sites:
+            return sites
+    return _sequential_sites(model, kinds)
+
+
+def _blocks_sites(list_path, blocks, kinds):
     block0 = blocks[0]
     lins = [(n, m) for n, m in block0.named_modules() if n and _is_linear(m)]
     if not lins:
@@ -247,10 +257,12 @@ def _candidates(model, n: int = 10) -> list[str]:
 
 
 def _example_glob(model) -> str:
-    lins = [name for name, m in model.named_modules() if name and _is_linear(m)]
+    lins = [(name, m) for name, m in model.named_modules() if name and _is_linear(m)]
     if not lins:
         return "PATH.TO.MODULE:input"
-    return re.sub(r"\.\d+\.", ".*.", lins[-1], count=1) + ":input"
+    numbered = [(n, m) for n, m in lins if re.search(r"\.\d+\.", n) and (in_width(m) or 0) > (out_width(m) or 0)]
+    pick = max(numbered, key=lambda nm: in_width(nm[1]) or 0)[0] if numbered else lins[-1][0]
+    return re.sub(r"\.\d+\.", ".*.", pick, count=1) + ":input"
 
 
 def parse_site_glob(spec: str) -> tuple[str, str]:
@@ -279,10 +291,12 @@ def sites_from_globs(model, globs: Iterable[str]) -> list[Site]:
 
 
 def detect_family(model, model_type: str | None = None) -> FamilySpec | None:
-    if model_type:
-        for spec in FAMILIES:
-            if model_type in spec.model_types:
-                return spec
+    """The family whose names match: specs listing ``model_type`` first (module names change
+    across transformers versions, so a spec must also find sites), then the best match by names."""
+    by_type = [spec for spec in FAMILIES if model_type and model_type in spec.model_types]
+    for spec in by_type:
+        if _family_sites(model, spec, (MLP_POST,)):
+            return spec
     best, best_n = None, 0
     for spec in FAMILIES:
         n = len(_family_sites(model, spec, (MLP_POST,)))
@@ -299,9 +313,8 @@ def find_sites(model, model_type: str | None = None, kinds: Iterable[str] = MLP_
         return sites_from_globs(model, globs)
     kinds = tuple(kinds)
     spec = detect_family(model, model_type)
-    sites = _family_sites(model, spec, kinds) if spec else []
-    if not any(s.kind == MLP_POST for s in sites):
-        sites = _structural_sites(model, kinds)
+    matched = spec is not None and bool(_family_sites(model, spec, (MLP_POST,)))
+    sites = _family_sites(model, spec, kinds) if matched else _structural_sites(model, kinds)
     if not sites:
         cands = _candidates(model)
         raise ModelError(
