@@ -689,7 +689,7 @@ def test_hub_id_offline_names_missing_files(monkeypatch, tmp_path):
 
 def test_bare_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"cannot load hub id 'gpt2'.*config\.json"):
+    with pytest.raises(CheckpointError, match=r"'gpt2' is no local path, and as a hub id it cannot be loaded.*config\.json"):
         load("gpt2")
 
 
