@@ -1,0 +1,230 @@
+"""``actsparse massive``: massive activations on the residual stream (Sun et al. 2024; Max_act_llm)."""
+
+from __future__ import annotations
+
+import contextlib
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg,
+                                  DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
+                                  stderr_console, stdout_console)
+from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
+
+PANEL_MASSIVE = "Massive activations"
+
+
+class PresetChoice(str, Enum):
+    sun2024 = "sun2024"
+    maxact2026 = "maxact2026"
+
+
+class PlotChoice(str, Enum):
+    layers = "layers"
+    three_d = "3d"
+    heatmap = "heatmap"
+
+
+def _resolve_kinds(kind: list[str] | None):
+    from probes.errors import ActsparseError
+    from probes.residual import RESIDUAL_KINDS
+
+    if not kind:
+        return RESIDUAL_KINDS
+    flat = [k.strip() for item in kind for k in item.split(",") if k.strip()]
+    bad = [k for k in flat if k not in RESIDUAL_KINDS]
+    if bad:
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], RESIDUAL_KINDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ActsparseError(f"unknown residual site kind {bad[0]!r}{hint}", f"use one of {', '.join(RESIDUAL_KINDS)}",
+                             exit_code=3)
+    return tuple(flat)
+
+
+@contextlib.contextmanager
+def lazy_progress(quiet: bool, description: str):
+    """A rich progress bar on stderr that appears only once the run knows its batches, so an error while
+    reading the corpus prints one line and nothing else. Yields ``progress(total, advance)``."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    state: dict = {}
+
+    def update(total: int, advance: int) -> None:
+        if "prog" not in state:
+            prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console())
+            prog.start()
+            state["prog"], state["task"] = prog, prog.add_task(description, total=total)
+        state["prog"].update(state["task"], total=total, advance=advance)
+
+    try:
+        yield update
+    finally:
+        if "prog" in state:
+            state["prog"].stop()
+
+
+def _fmt(v, digits: int = 4) -> str:
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def print_massive_table(result, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = [("site", "canonical_name"), ("module", "module_path"), ("layer", "layer"),
+            ("top1", "top1_mean"), ("top2", "top2_mean"), ("top3", "top3_mean"), ("median", "median_mean"),
+            ("top1/med", "ratio_top1_median"), ("massive", "n_massive"), ("channels", "massive_channels"),
+            ("positions", "massive_positions"), ("tok ratio max", "token_ratio_max"),
+            ("massive tok", "n_massive_tokens")]
+    for head, _ in cols:
+        t.add_column(head, justify="left" if head in ("site", "module", "channels", "positions") else "right",
+                     overflow="fold", no_wrap=head in ("site", "module"))
+    for r in result.layers:
+        if r["kind"] not in ("embed", "resid_post", "final_norm", "custom"):
+            continue
+        t.add_row(*[_fmt(r.get(k)) if k != "massive_channels" else (r.get(k) or "-") for _, k in cols])
+    con = stdout_console()
+    con.print(t)
+    g = result.global_max
+    if g:
+        con.print(f"global max {_fmt(g['value'], 6)} at {g['canonical_name']} ({g['module_path']}): "
+                  f"sample {g['sample']}, position {g['position']}, channel {g['channel']}, token {g['token']!r}")
+    if result.int8:
+        t8 = Table(title=f"INT8 at {result.int8[0]['canonical_name']} (per-tensor symmetric)")
+        for c in ("policy", "threshold", "rel_rmse", "SQNR dB", "clip rate"):
+            t8.add_column(c, justify="right")
+        for r in result.int8:
+            t8.add_row(r["policy"], _fmt(r["threshold"]), _fmt(r["rel_rmse"]), _fmt(r["sqnr_db"]), _fmt(r["clip_rate"]))
+        con.print(t8)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("massive")
+    @handle_errors
+    def massive_cmd(
+        checkpoint: Annotated[Optional[str], typer.Argument(
+            help="Model folder, hub id or weight file. Default: the project's bundled ReLU model.",
+            show_default=False)] = None,
+        preset: Annotated[PresetChoice, typer.Option(
+            "--preset", help="sun2024: Sun et al.'s protocol (no BOS, 10 contiguous corpus chunks at the family's "
+            "length, seed 1). maxact2026: Max_act_llm's (no special tokens, one sample per document).",
+            rich_help_panel=PANEL_MASSIVE)] = PresetChoice.sun2024,
+        prompt: Annotated[Optional[str], typer.Option("--prompt", help="Analyse this one text instead of a corpus "
+                                                      "(and draw it with --plot 3d).",
+                                                      rich_help_panel=PANEL_MASSIVE)] = None,
+        plot: Annotated[Optional[list[PlotChoice]], typer.Option(
+            "--plot", help="Figures to write into -o (repeatable): layers, 3d, heatmap. Default: layers and heatmap, "
+            "plus 3d with --prompt.", rich_help_panel=PANEL_OUT)] = None,
+        layer: Annotated[Optional[int], typer.Option(
+            "--layer", min=0, help="0-based layer for --plot 3d (default: the layer with the largest |h|).",
+            rich_help_panel=PANEL_MASSIVE)] = None,
+        int8: Annotated[bool, typer.Option("--int8", help="INT8 sanity check at the peak site: per-tensor symmetric "
+                                           "scale from max|x| and from the --clip-quantile (two extra passes).",
+                                           rich_help_panel=PANEL_MASSIVE)] = False,
+        clip_quantile: Annotated[float, typer.Option("--clip-quantile", min=0.5, max=0.999999,
+                                                     help="Quantile of |x| for the clipped INT8 scale.",
+                                                     rich_help_panel=PANEL_MASSIVE)] = 0.999,
+        top_k: Annotated[int, typer.Option("--top-k", min=1, help="Largest entries kept per site, with coordinates.",
+                                           rich_help_panel=PANEL_MASSIVE)] = 100,
+        bos: Annotated[bool, typer.Option("--bos", help="Prepend BOS (or the prefix token) to every sequence; both "
+                                          "reference protocols add none.", rich_help_panel=PANEL_DATA)] = False,
+        data: Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
+                                                    "Default: the bundled calibration corpus.",
+                                                    rich_help_panel=PANEL_DATA)] = None,
+        text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
+                                                rich_help_panel=PANEL_DATA)] = "text",
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Default: the preset's (1 for "
+                                                          "sun2024, 8 for maxact2026).",
+                                                          rich_help_panel=PANEL_DATA)] = None,
+        max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Sequence length. Default: "
+                                                          "the preset's (sun2024: the family's length, capped at the "
+                                                          "model's limit).", rich_help_panel=PANEL_DATA)] = None,
+        n_samples: Annotated[Optional[int], typer.Option("--n-samples", min=1, help="Sequences to measure. Default: "
+                                                         "the preset's (10 for sun2024, 2000 for maxact2026).",
+                                                         rich_help_panel=PANEL_DATA)] = None,
+        max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.",
+                                                          rich_help_panel=PANEL_DATA)] = None,
+        seed: Annotated[Optional[int], typer.Option("--seed", help="Document sampling seed (default: the preset's).",
+                                                    rich_help_panel=PANEL_DATA)] = None,
+        skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
+                                                "each sequence (where massive activations usually sit).",
+                                                rich_help_panel=PANEL_DATA)] = 0,
+        kind: Annotated[Optional[list[str]], typer.Option("--kind", help="Residual site kinds: embed, attn_out, "
+                                                          "mlp_pre, mlp_out, resid_post, final_norm. Repeatable.",
+                                                          rich_help_panel="Sites")] = None,
+        site: SiteArg = None,
+        config: ConfigOpt = None,
+        arch: ArchOpt = None,
+        tokenizer: TokenizerArg = None,
+        device: DeviceArg = "auto",
+        dtype: DtypeArg = DtypeChoice.auto,
+        trust_remote_code: TrustArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+        output: OutArg = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Massive activations: per-layer top-1/2/3 and median of |h|, massive channels and where they sit."""
+        from probes.errors import ActsparseError
+        from probes.massive import SUN_DEFAULT_PROMPT, MassiveOptions
+        from probes.massive import massive as run_massive
+        from reports.bundle import check_output_dir
+
+        plots = [p.value for p in plot] if plot else None
+        if plots and output is None:
+            raise ActsparseError("--plot writes figures into the output folder, but no -o was given",
+                                 "pass -o FOLDER", exit_code=2)
+        if layer is not None and not (prompt or (plots and "3d" in plots)):
+            raise ActsparseError("--layer picks the layer of the 3D plot", "use it with --prompt or --plot 3d",
+                                 exit_code=2)
+        if output is not None:
+            check_output_dir(output, force)  # fail before any model work
+        kinds = _resolve_kinds(kind)
+        if checkpoint is None:
+            from probes.embedded import default_checkpoint
+
+            checkpoint = default_checkpoint()
+        want_3d = output is not None and (prompt is not None or (plots is not None and "3d" in plots))
+        opts = MassiveOptions(preset=preset.value, data=data, text_field=text_field, prompt=prompt,
+                              batch_size=batch_size, max_length=max_length, n_samples=n_samples, max_tokens=max_tokens,
+                              seed=seed, bos=bos, skip_first=skip_first, top_k=top_k, kinds=kinds,
+                              sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
+                              capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        with lazy_progress(quiet, "massive") as progress:
+            result = run_massive(lm, opts, progress=progress)
+        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
+                   "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
+                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
+                   "plot": plots, "layer": layer}
+        if output is not None:
+            from reports.massive_report import write_massive_outputs
+
+            write_massive_outputs(output, result, lm, options, force=force, plots=plots, layer=layer)
+        if result.info.get("overflow"):
+            stderr_console().print(f"[yellow]warning:[/] {result.info['overflow']}: "
+                                   f"{', '.join(result.info['nonfinite_sites'][:6])}")
+        if not quiet:
+            print_massive_table(result, f"massive activations: {checkpoint} ({result.info['preset']}, "
+                                        f"{result.info['n_sequences']} sequences, {result.info['n_counted_tokens']} "
+                                        f"tokens, {lm.dtype})")
+            if output is not None:
+                stderr_console().print(f"wrote {output}/ (massive_layers, massive_topk, massive_channels"
+                                       f"{', massive_int8' if result.int8 else ''} .parquet/.csv, figures, summary.md, "
+                                       "manifest.json)")

@@ -1,0 +1,932 @@
+"""Massive activations (METRICS.md section 5): streaming, mergeable probes on the residual stream.
+
+Two anchors, two medians, kept apart in column names:
+
+- Sun et al. 2024 (arXiv 2402.17762; locuslab/massive-activations main_llm.py --exp2): per
+  sequence and layer, the top-1/2/3 of |h| and the LOWER median of |h| over the whole
+  token x channel tensor (``torch.median``'s convention, computed exactly with
+  ``torch.kthvalue`` on that sequence's flattened tensor), each averaged over sequences
+  (``top1_mean`` ... ``median_mean``). An entry is massive when |a| > 100 AND
+  |a| >= 1000 x its sequence's whole-tensor median (``n_massive``).
+- Max_act_llm (clx1415926/Max_act_llm analyze_model.py): per token, max |h| over channels
+  divided by that token's own lower median over channels (``token_ratio_*``,
+  ``token_median_mean``); a token is massive when its max > 100 and its ratio > 1000
+  (``n_massive_tokens``, the reference's strict inequalities).
+
+Nothing is stored across sequences: state is O(channels + top_k + max positions), and two
+probes of the same site ``merge`` into the state of one run over both inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from probes.errors import DataError, ModelError
+
+SUN_ABS_THRESHOLD = 100.0  # |a| > 100 (Sun et al. 2024, section 2)
+SUN_RATIO_THRESHOLD = 1000.0  # |a| >= 1000 x whole-tensor median
+TOKEN_ABS_THRESHOLD = 100.0  # Max_act_llm _SUN_T_VAL (strict >)
+TOKEN_RATIO_THRESHOLD = 1000.0  # Max_act_llm _SUN_T_RATIO (strict >)
+DEFAULT_TOP_K = 100
+DEFAULT_CLIP_QUANTILE = 0.999
+INT8_QMAX = 127
+LOG_HIST_BINS = 8192
+LOG_HIST_DECADES = 7.0  # the |x| histogram covers [max * 1e-7, max]
+SUN_DEFAULT_PROMPT = "Summer is warm. Winter is cold."  # main_llm.py --exp1
+# Sun et al.'s sequence length per family (lib/load_model.py); others use 4096. Capped at the model's limit.
+FAMILY_SEQ_LEN = {"llama": 4096, "mistral": 4096, "mixtral": 4096, "falcon": 4096, "phi": 4096,
+                  "gpt_neox": 2048, "opt": 2048, "mpt": 2048, "gpt2": 1024}
+SUN_DEFAULT_SEQ_LEN = 4096
+MAX_DOCS_SUN = 500  # get_data samples 500 documents before joining them
+
+
+def lower_median(x):
+    """Lower median of all entries of ``x`` (``torch.median``'s convention): the ((n + 1) // 2)-th smallest."""
+    flat = x.reshape(-1)
+    return flat.kthvalue((flat.numel() + 1) // 2).values
+
+
+class BatchContext:
+    """What the probes need to know about the current batch beyond the tensor: sample ids, token ids
+    and the position of each row's first delimiter ('.' or newline; -1 if none). Set by the forward."""
+
+    def __init__(self):
+        self.sample_ids = None  # LongTensor [B]
+        self.token_ids = None  # LongTensor [B, T]
+        self.first_delim = None  # LongTensor [B]
+
+    def set(self, sample_ids, token_ids, first_delim) -> None:
+        self.sample_ids, self.token_ids, self.first_delim = sample_ids, token_ids, first_delim
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+_SUM = ("n_seq", "n_tokens", "sum_top1", "sum_top2", "sum_top3", "sum_median", "n_massive", "n_massive_first_token",
+        "n_massive_first_delim", "n_seq_with_massive", "n_nonfinite", "n_massive_tokens", "sum_token_ratio",
+        "sum_token_median", "chan_massive", "chan_massive_first_token", "chan_massive_first_delim")
+_TOPK_FIELDS = ("abs", "value", "sample", "position", "channel", "token_id", "seq_median", "token_median")
+
+
+class MassiveProbe:
+    """Massive-activation statistics of one site's activations ``[batch, pos, channels]``."""
+
+    name = "massive"
+
+    def __init__(self, width: int, device: Any = "cpu", top_k: int = DEFAULT_TOP_K, ctx: BatchContext | None = None):
+        import torch
+
+        self.width, self.top_k, self.ctx = int(width), int(top_k), ctx
+        f64 = dict(dtype=torch.float64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        C, K = self.width, self.top_k
+        self.state: dict[str, Any] = {
+            "n_seq": torch.zeros((), **i64), "n_tokens": torch.zeros((), **i64),
+            "sum_top1": torch.zeros((), **f64), "sum_top2": torch.zeros((), **f64),
+            "sum_top3": torch.zeros((), **f64), "sum_median": torch.zeros((), **f64),
+            "max_seq_ratio": torch.zeros((), **f64),
+            "n_massive": torch.zeros((), **i64), "n_massive_first_token": torch.zeros((), **i64),
+            "n_massive_first_delim": torch.zeros((), **i64), "n_seq_with_massive": torch.zeros((), **i64),
+            "n_nonfinite": torch.zeros((), **i64),
+            "max": torch.full((), -math.inf, **f32), "min": torch.full((), math.inf, **f32),
+            # per-token (Max_act_llm)
+            "n_massive_tokens": torch.zeros((), **i64), "sum_token_ratio": torch.zeros((), **f64),
+            "sum_token_median": torch.zeros((), **f64),
+            "max_token_ratio": torch.full((), -1.0, **f32), "max_token_ratio_abs": torch.zeros((), **f32),
+            "max_token_ratio_median": torch.zeros((), **f32),
+            # per channel
+            "chan_max_abs": torch.full((C,), -1.0, **f32), "chan_value": torch.zeros(C, **f32),
+            "chan_sample": torch.full((C,), -1, **i64), "chan_position": torch.full((C,), -1, **i64),
+            "chan_massive": torch.zeros(C, **i64), "chan_massive_first_token": torch.zeros(C, **i64),
+            "chan_massive_first_delim": torch.zeros(C, **i64),
+            # per position (bounded by the longest sequence, not by the number of sequences)
+            "pos_massive": torch.zeros(0, **i64),
+            # top-K entries with coordinates; abs = -1 marks an empty slot
+            "topk_abs": torch.full((K,), -1.0, **f32), "topk_value": torch.zeros(K, **f32),
+            "topk_sample": torch.full((K,), -1, **i64), "topk_position": torch.full((K,), -1, **i64),
+            "topk_channel": torch.full((K,), -1, **i64), "topk_token_id": torch.full((K,), -1, **i64),
+            "topk_seq_median": torch.zeros(K, **f32), "topk_token_median": torch.zeros(K, **f32),
+        }
+        self._n_rows_seen = 0  # fallback sample ids when no BatchContext is given
+
+    # ------------------------------------------------------------------------------------------ update
+    def update(self, x, mask=None) -> None:
+        """``x``: ``[batch, pos, channels]`` (or ``[batch, channels]``); ``mask``: ``[batch, pos]`` bool."""
+        import torch
+
+        if x.dim() == 2:
+            x = x.unsqueeze(1)  # [batch, 1, channels]: one token per sample
+        if x.shape[-1] != self.width:
+            raise ValueError(f"probe built for width {self.width}, got {x.shape[-1]}")
+        dev = x.device
+        x = x.float()  # statistics in float32 whatever the model dtype (fp16 infs stay inf)
+        B, T, C = x.shape
+        mask = torch.ones((B, T), dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool()
+        sample_ids, token_ids, first_delim = self._context(B, T, dev)
+        s = self.state
+        a = x.abs()  # [B, T, C]
+        m3 = mask.unsqueeze(-1)  # [B, T, 1]
+        lens = mask.sum(1)  # [B]
+        rows = lens > 0  # sequences with at least one counted position
+
+        # Sun et al.: per-sequence top-3 and lower median over the whole token x channel tensor.
+        top, med = self._per_sequence_top3_median(a, mask, lens)  # [B, 3], [B]
+        nrow = rows.sum()
+        s["n_seq"] = s["n_seq"] + nrow
+        for j in range(3):
+            s[f"sum_top{j + 1}"] = s[f"sum_top{j + 1}"] + torch.where(rows, top[:, j], 0.0).double().sum()
+        s["sum_median"] = s["sum_median"] + torch.where(rows, med, 0.0).double().sum()
+        seq_ratio = torch.where(rows, top[:, 0] / med.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
+        s["max_seq_ratio"] = torch.maximum(s["max_seq_ratio"], seq_ratio.max().double())
+
+        # Massive entries: |a| > 100 and |a| >= 1000 x that sequence's median.
+        massive = (a > SUN_ABS_THRESHOLD) & (a >= SUN_RATIO_THRESHOLD * med.view(B, 1, 1)) & m3  # [B, T, C]
+        pos_counts = massive.sum(2)  # [B, T]
+        n_row = pos_counts.sum(1)  # [B]
+        s["n_massive"] = s["n_massive"] + n_row.sum()
+        s["n_seq_with_massive"] = s["n_seq_with_massive"] + (n_row > 0).sum()
+        s["chan_massive"] = s["chan_massive"] + massive.sum((0, 1))
+        s["n_massive_first_token"] = s["n_massive_first_token"] + pos_counts[:, 0].sum()
+        s["chan_massive_first_token"] = s["chan_massive_first_token"] + massive[:, 0, :].sum(0)
+        has_delim = first_delim > 0  # position 0 is already counted as the first token
+        fd = first_delim.clamp(0, T - 1)
+        ar = torch.arange(B, device=dev)
+        s["n_massive_first_delim"] = s["n_massive_first_delim"] + torch.where(has_delim, pos_counts[ar, fd], 0).sum()
+        s["chan_massive_first_delim"] = s["chan_massive_first_delim"] + (massive[ar, fd, :] & has_delim[:, None]).sum(0)
+        pm = s["pos_massive"]
+        if pm.numel() < T:
+            pm = torch.cat([pm, torch.zeros(T - pm.numel(), dtype=pm.dtype, device=pm.device)])
+        pm = pm.clone()
+        pm[:T] += pos_counts.sum(0)
+        s["pos_massive"] = pm
+
+        # Signed extremes and overflow (fp16 saturates to inf above 65504).
+        s["max"] = torch.maximum(s["max"], x.masked_fill(~m3, -math.inf).amax())
+        s["min"] = torch.minimum(s["min"], x.masked_fill(~m3, math.inf).amin())
+        s["n_nonfinite"] = s["n_nonfinite"] + (~torch.isfinite(x) & m3).sum()
+
+        # Max_act_llm: per-token max over its own lower median across channels.
+        tok_max = a.amax(-1)  # [B, T]
+        tok_med = a.median(-1).values  # [B, T], lower median
+        ratio = tok_max / tok_med.clamp_min(torch.finfo(torch.float32).tiny)
+        s["n_tokens"] = s["n_tokens"] + mask.sum()
+        s["n_massive_tokens"] = s["n_massive_tokens"] + ((tok_max > TOKEN_ABS_THRESHOLD)
+                                                         & (ratio > TOKEN_RATIO_THRESHOLD) & mask).sum()
+        s["sum_token_ratio"] = s["sum_token_ratio"] + torch.where(mask, ratio, 0.0).double().sum()
+        s["sum_token_median"] = s["sum_token_median"] + torch.where(mask, tok_med, 0.0).double().sum()
+        r = ratio.masked_fill(~mask, -1.0).reshape(-1)
+        i = r.argmax()
+        better = r[i] > s["max_token_ratio"]
+        s["max_token_ratio"] = torch.where(better, r[i], s["max_token_ratio"])
+        s["max_token_ratio_abs"] = torch.where(better, tok_max.reshape(-1)[i], s["max_token_ratio_abs"])
+        s["max_token_ratio_median"] = torch.where(better, tok_med.reshape(-1)[i], s["max_token_ratio_median"])
+
+        # Per channel: max |a| with the signed value and where it was.
+        am = a.masked_fill(~m3, -1.0)  # [B, T, C]; -1 marks positions that do not count
+        cmax, cidx = am.reshape(B * T, C).max(0)  # [C]
+        cval = x.reshape(B * T, C).gather(0, cidx.unsqueeze(0)).squeeze(0)
+        upd = cmax > s["chan_max_abs"]
+        s["chan_max_abs"] = torch.where(upd, cmax, s["chan_max_abs"])
+        s["chan_value"] = torch.where(upd, cval, s["chan_value"])
+        s["chan_sample"] = torch.where(upd, sample_ids[cidx // T], s["chan_sample"])
+        s["chan_position"] = torch.where(upd, cidx % T, s["chan_position"])
+
+        # Top-K over this batch, merged into the running top-K on the device.
+        flat = am.reshape(-1)
+        k = min(self.top_k, flat.numel())
+        vals, idx = flat.topk(k)
+        b, t, c = idx // (T * C), (idx // C) % T, idx % C
+        new = {"abs": vals, "value": x.reshape(-1)[idx], "sample": sample_ids[b], "position": t, "channel": c,
+               "token_id": token_ids[b, t], "seq_median": med[b], "token_median": tok_med[b, t]}
+        self._merge_topk(new)
+
+    def _context(self, B: int, T: int, dev):
+        import torch
+
+        ctx = self.ctx
+        if ctx is not None and ctx.sample_ids is not None and ctx.sample_ids.numel() == B:
+            tok = ctx.token_ids
+            if tok is None or tuple(tok.shape) != (B, T):
+                tok = torch.full((B, T), -1, dtype=torch.long, device=dev)
+            fd = ctx.first_delim if ctx.first_delim is not None else torch.full((B,), -1, dtype=torch.long)
+            return ctx.sample_ids.to(dev), tok.to(dev), fd.to(dev)
+        ids = torch.arange(self._n_rows_seen, self._n_rows_seen + B, device=dev)
+        self._n_rows_seen += B
+        return ids, torch.full((B, T), -1, dtype=torch.long, device=dev), torch.full((B,), -1, dtype=torch.long,
+                                                                                      device=dev)
+
+    @staticmethod
+    def _per_sequence_top3_median(a, mask, lens):
+        """Per sequence: top-3 (NaN-padded if fewer entries) and lower median of |h| over counted positions."""
+        import torch
+
+        B, T, C = a.shape
+        top = torch.full((B, 3), math.nan, dtype=a.dtype, device=a.device)
+        med = torch.zeros(B, dtype=a.dtype, device=a.device)
+        if B and bool((mask == mask[:1]).all()):  # same counted positions in every row: one batched call
+            sel = a if bool(mask[0].all()) else a[:, mask[0]]
+            flat = sel.reshape(B, -1)
+            n = flat.shape[1]
+            if n:
+                med = flat.kthvalue((n + 1) // 2, dim=1).values
+                k = min(3, n)
+                top[:, :k] = flat.topk(k, dim=1).values
+            return top, med
+        for bi in range(B):
+            if int(lens[bi]) == 0:
+                continue
+            flat = a[bi][mask[bi]].reshape(-1)
+            med[bi] = flat.kthvalue((flat.numel() + 1) // 2).values
+            k = min(3, flat.numel())
+            top[bi, :k] = flat.topk(k).values
+        return top, med
+
+    def _merge_topk(self, new: dict[str, Any]) -> None:
+        import torch
+
+        s = self.state
+        allabs = torch.cat([s["topk_abs"], new["abs"].to(s["topk_abs"].device)])
+        k = min(self.top_k, allabs.numel())
+        keep = allabs.topk(k).indices
+        for f in _TOPK_FIELDS:
+            s[f"topk_{f}"] = torch.cat([s[f"topk_{f}"], new[f].to(s[f"topk_{f}"].device, s[f"topk_{f}"].dtype)])[keep]
+
+    # ------------------------------------------------------------------------------------------ merge
+    def merge(self, other: "MassiveProbe") -> "MassiveProbe":
+        import torch
+
+        if (other.width, other.top_k) != (self.width, self.top_k):
+            raise ValueError("cannot merge massive probes with different width or top_k")
+        s, o = self.state, {k: v.to(self.state[k].device) for k, v in other.state.items()}
+        for k in _SUM:
+            s[k] = s[k] + o[k]
+        s["max_seq_ratio"] = torch.maximum(s["max_seq_ratio"], o["max_seq_ratio"])
+        s["max"] = torch.maximum(s["max"], o["max"])
+        s["min"] = torch.minimum(s["min"], o["min"])
+        better = o["max_token_ratio"] > s["max_token_ratio"]
+        for k in ("max_token_ratio", "max_token_ratio_abs", "max_token_ratio_median"):
+            s[k] = torch.where(better, o[k], s[k])
+        upd = o["chan_max_abs"] > s["chan_max_abs"]
+        for k in ("chan_max_abs", "chan_value", "chan_sample", "chan_position"):
+            s[k] = torch.where(upd, o[k], s[k])
+        a, b = s["pos_massive"], o["pos_massive"]
+        n = max(a.numel(), b.numel())
+        pad = torch.nn.functional.pad
+        s["pos_massive"] = pad(a, (0, n - a.numel())) + pad(b, (0, n - b.numel()))
+        self._merge_topk({f: o[f"topk_{f}"] for f in _TOPK_FIELDS})
+        return self
+
+    # ------------------------------------------------------------------------------------------ results
+    def to_row(self) -> dict[str, Any]:
+        s = {k: v.detach().cpu() for k, v in self.state.items()}
+        nan = float("nan")
+        n_seq, n_tok = int(s["n_seq"]), int(s["n_tokens"])
+        row: dict[str, Any] = {"n_sequences": n_seq, "n_tokens": n_tok, "width": self.width}
+        for j in (1, 2, 3):
+            row[f"top{j}_mean"] = float(s[f"sum_top{j}"]) / n_seq if n_seq else nan
+        row["median_mean"] = float(s["sum_median"]) / n_seq if n_seq else nan
+        row["ratio_top1_median"] = row["top1_mean"] / row["median_mean"] if n_seq and row["median_mean"] else nan
+        row["seq_ratio_max"] = float(s["max_seq_ratio"]) if n_seq else nan
+        n_m, n_ft, n_fd = int(s["n_massive"]), int(s["n_massive_first_token"]), int(s["n_massive_first_delim"])
+        row.update(n_massive=n_m, n_massive_first_token=n_ft, n_massive_first_delim=n_fd,
+                   n_massive_other=n_m - n_ft - n_fd, n_seq_with_massive=int(s["n_seq_with_massive"]))
+        chans = self.massive_channels()
+        row["massive_channels"] = ",".join(str(c) for c, _ in chans[:16])
+        pos = s["pos_massive"]
+        nz = [(int(p), int(pos[p])) for p in pos.nonzero().flatten().tolist()]
+        nz.sort(key=lambda pc: (-pc[1], pc[0]))
+        row["massive_positions"] = ",".join(f"{p}:{c}" for p, c in nz[:8])
+        finite = n_tok > 0
+        row["max"] = float(s["max"]) if finite else nan
+        row["min"] = float(s["min"]) if finite else nan
+        row["max_abs"] = max(abs(row["max"]), abs(row["min"])) if finite else nan
+        top = self.topk()
+        if top:
+            p = top[0]
+            row.update(peak_value=p["value"], peak_sample=p["sample"], peak_position=p["position"],
+                       peak_channel=p["channel"], peak_token_id=p["token_id"])
+            row["peak_seq_ratio"] = p["ratio_to_seq_median"]
+            row["token_median_at_peak"] = p["token_median"]
+            row["token_ratio_at_peak"] = p["ratio_to_token_median"]
+        else:
+            row.update(peak_value=nan, peak_sample=-1, peak_position=-1, peak_channel=-1, peak_token_id=-1,
+                       peak_seq_ratio=nan, token_median_at_peak=nan, token_ratio_at_peak=nan)
+        row["token_median_mean"] = float(s["sum_token_median"]) / n_tok if n_tok else nan
+        row["token_ratio_mean"] = float(s["sum_token_ratio"]) / n_tok if n_tok else nan
+        row["token_ratio_max"] = float(s["max_token_ratio"]) if n_tok else nan
+        row["token_ratio_max_abs"] = float(s["max_token_ratio_abs"]) if n_tok else nan
+        row["token_ratio_max_median"] = float(s["max_token_ratio_median"]) if n_tok else nan
+        row["n_massive_tokens"] = int(s["n_massive_tokens"])
+        row["n_nonfinite"] = int(s["n_nonfinite"])
+        return row
+
+    def topk(self) -> list[dict[str, Any]]:
+        """Top-K entries by |a|, largest first, with coordinates and both raw ratios."""
+        s = {f: self.state[f"topk_{f}"].detach().cpu().tolist() for f in _TOPK_FIELDS}
+        out = []
+        for r in range(len(s["abs"])):
+            if s["abs"][r] < 0:  # empty slot (a NaN entry is kept: it is reported, not hidden)
+                continue
+            e = {f: s[f][r] for f in _TOPK_FIELDS}
+            e["rank"] = len(out) + 1
+            e["ratio_to_seq_median"] = _ratio(e["abs"], e["seq_median"])
+            e["ratio_to_token_median"] = _ratio(e["abs"], e["token_median"])
+            e["massive_sun"] = bool(e["abs"] > SUN_ABS_THRESHOLD and e["abs"] >= SUN_RATIO_THRESHOLD * e["seq_median"])
+            out.append(e)
+        return out
+
+    def massive_channels(self) -> list[tuple[int, int]]:
+        """(channel, number of massive entries), most frequent first."""
+        cm = self.state["chan_massive"].detach().cpu()
+        idx = cm.nonzero().flatten().tolist()
+        return sorted(((int(c), int(cm[c])) for c in idx), key=lambda t: (-t[1], t[0]))
+
+    def channel_arrays(self) -> dict[str, Any]:
+        """Per-channel numpy arrays: max |a|, signed value there, sample, position, massive counts."""
+        return {k[5:]: v.detach().cpu().numpy() for k, v in self.state.items() if k.startswith("chan_")}
+
+
+def _ratio(a: float, b: float) -> float:
+    if b > 0:
+        return a / b
+    return math.inf if a > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- INT8
+def int8_fake_quant(x, threshold: float, bits: int = 8):
+    """Per-tensor symmetric quantisation with clip ``threshold`` (scale = threshold / qmax), dequantised.
+
+    As Max_act_llm quant_sanity_check.py: clamp to [-T, T], round(x / scale), back to float.
+    """
+    import torch
+
+    qmax = 2 ** (bits - 1) - 1
+    scale = float(threshold) / qmax
+    if scale <= 0:
+        return torch.zeros_like(x)
+    return torch.round(x.clamp(-threshold, threshold) / scale).clamp(-qmax, qmax) * scale
+
+
+class AbsLogHistogram:
+    """Fixed log-spaced histogram of |x| on [upper * 10^-7, upper] (8192 bins, ~0.2 % wide) for a quantile."""
+
+    name = "abs_log_hist"
+
+    def __init__(self, width: int, upper: float, device: Any = "cpu", bins: int = LOG_HIST_BINS,
+                 decades: float = LOG_HIST_DECADES):
+        import torch
+
+        self.width, self.upper, self.bins, self.decades = int(width), float(upper), int(bins), float(decades)
+        self.log_hi = math.log10(self.upper) if self.upper > 0 else 0.0
+        self.log_lo = self.log_hi - self.decades
+        self.state = {"hist": torch.zeros(self.bins, dtype=torch.int64, device=device),
+                      "below": torch.zeros((), dtype=torch.int64, device=device),
+                      "above": torch.zeros((), dtype=torch.int64, device=device),
+                      "count": torch.zeros((), dtype=torch.int64, device=device)}
+
+    def update(self, x, mask=None) -> None:
+        import torch
+
+        v = (x[mask.to(x.device)] if mask is not None and x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+        v = v.float().abs().reshape(-1)
+        s = self.state
+        s["count"] = s["count"] + v.numel()
+        lo = 10.0 ** self.log_lo
+        below = v < lo
+        above = ~(v <= self.upper)  # > upper or NaN
+        s["below"] = s["below"] + below.sum()
+        s["above"] = s["above"] + above.sum()
+        inside = v[~below & ~above]
+        if inside.numel():
+            idx = ((torch.log10(inside) - self.log_lo) / self.decades * self.bins).long().clamp_(0, self.bins - 1)
+            s["hist"] = s["hist"] + torch.bincount(idx, minlength=self.bins)
+
+    def merge(self, other: "AbsLogHistogram") -> "AbsLogHistogram":
+        for k in self.state:
+            self.state[k] = self.state[k] + other.state[k].to(self.state[k].device)
+        return self
+
+    def quantile(self, q: float) -> float:
+        """Value at rank ceil(q * n) (1-based, ascending), geometric interpolation within the bin."""
+        n = int(self.state["count"])
+        if n == 0:
+            return math.nan
+        target = max(1, math.ceil(q * n))
+        run = int(self.state["below"])
+        if target <= run:
+            return 10.0 ** self.log_lo
+        hist = self.state["hist"].cpu().tolist()
+        width = self.decades / self.bins
+        for i, c in enumerate(hist):
+            if c and run + c >= target:
+                frac = (target - run) / c
+                return 10.0 ** (self.log_lo + (i + frac) * width)
+            run += c
+        return self.upper
+
+
+class Int8ErrorProbe:
+    """Quantisation error of one site under several clip thresholds (float64 sums, mergeable)."""
+
+    name = "int8_error"
+    _KEYS = ("count", "sum_sq", "sum_abs", "err_sq", "err_abs", "clipped")
+
+    def __init__(self, width: int, thresholds: dict[str, float], device: Any = "cpu", bits: int = 8):
+        import torch
+
+        self.width, self.thresholds, self.bits = int(width), dict(thresholds), int(bits)
+        self.state = {p: {k: torch.zeros((), dtype=torch.float64, device=device) for k in self._KEYS}
+                      for p in self.thresholds}
+
+    def update(self, x, mask=None) -> None:
+        v = (x[mask.to(x.device)] if mask is not None and x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+        v = v.float().reshape(-1)
+        sq, ab = v.double().square().sum(), v.abs().double().sum()
+        for p, t in self.thresholds.items():
+            err = (int8_fake_quant(v, t, self.bits) - v).double()
+            st = self.state[p]
+            st["count"] = st["count"] + v.numel()
+            st["sum_sq"] = st["sum_sq"] + sq
+            st["sum_abs"] = st["sum_abs"] + ab
+            st["err_sq"] = st["err_sq"] + err.square().sum()
+            st["err_abs"] = st["err_abs"] + err.abs().sum()
+            st["clipped"] = st["clipped"] + (v.abs() > t).sum()
+
+    def merge(self, other: "Int8ErrorProbe") -> "Int8ErrorProbe":
+        for p in self.state:
+            for k in self._KEYS:
+                self.state[p][k] = self.state[p][k] + other.state[p][k].to(self.state[p][k].device)
+        return self
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        qmax = 2 ** (self.bits - 1) - 1
+        for p, t in self.thresholds.items():
+            st = {k: float(v) for k, v in self.state[p].items()}
+            n = max(1.0, st["count"])
+            rms = math.sqrt(st["sum_sq"] / n)
+            rmse = math.sqrt(st["err_sq"] / n)
+            out.append({"policy": p, "threshold": t, "scale": t / qmax, "bits": self.bits, "count": int(st["count"]),
+                        "rmse": rmse, "rel_rmse": rmse / rms if rms > 0 else math.nan,
+                        "mae": st["err_abs"] / n,
+                        "rel_mae": (st["err_abs"] / st["sum_abs"]) if st["sum_abs"] > 0 else math.nan,
+                        "sqnr_db": (10 * math.log10(st["sum_sq"] / st["err_sq"])
+                                    if st["err_sq"] > 0 and st["sum_sq"] > 0 else math.inf),
+                        "clip_rate": st["clipped"] / n})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    sampling: str  # "chunks" (contiguous chunks of the joined corpus) or "per_sample" (one document each)
+    n_samples: int
+    seed: int
+    batch_size: int
+    protocol: str
+
+
+PRESETS: dict[str, Preset] = {
+    "sun2024": Preset(
+        "sun2024", "chunks", 10, 1, 1,
+        "Sun et al. 2024 (main_llm.py --exp2, lib/load_data.get_data): documents sampled with numpy seed 1 (at most "
+        "500), joined with blank lines, tokenized with no special tokens (no BOS), cut into contiguous chunks of the "
+        "family's length (LLaMA/Mistral 4096, OPT/Pythia/MPT 2048, GPT-2 1024, else 4096; capped at the model's "
+        "position limit), 10 sequences; per-sequence statistics averaged over sequences"),
+    "maxact2026": Preset(
+        "maxact2026", "per_sample", 2000, 0, 8,
+        "Max_act_llm analyze_model.py: one document per sample (a plain-text corpus is split at blank lines), "
+        "tokenized with no special tokens, truncated to max_length, first 2000 samples, batched by length with "
+        "right padding that is masked out"),
+}
+
+
+@dataclass
+class MassiveOptions:
+    preset: str = "sun2024"
+    data: str | None = None  # corpus spec; None = the bundled calibration corpus
+    text_field: str = "text"
+    prompt: str | None = None  # analyse this one text instead of a corpus
+    batch_size: int | None = None  # None: the preset's
+    max_length: int | None = None  # None: the preset's rule
+    n_samples: int | None = None  # None: the preset's
+    max_tokens: int | None = None
+    seed: int | None = None  # None: the preset's
+    bos: bool = False  # prepend BOS (or the prefix token) to every sequence; both anchors add none
+    skip_first: int = 0
+    top_k: int = DEFAULT_TOP_K
+    kinds: Sequence[str] | None = None  # None: every residual kind
+    sites: Sequence[str] = field(default_factory=tuple)  # glob overrides
+    int8: bool = False
+    clip_quantile: float = DEFAULT_CLIP_QUANTILE
+    capture_prompt: str | None = None  # also keep one prompt's full tensors for the 3D plot
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    sample_id: int
+
+
+@dataclass
+class PromptCapture:
+    prompt: str
+    token_ids: list[int]
+    tokens: list[str]
+    tensors: dict[str, Any]  # canonical name -> numpy [T, C] (signed)
+    layers: dict[str, int | None]  # canonical name -> layer
+
+
+@dataclass
+class MassiveResult:
+    layers: list[dict[str, Any]]  # one row per site
+    topk: list[dict[str, Any]]  # top-K entries of every site, with coordinates
+    channels: list[dict[str, Any]]  # massive channels and each site's largest channels
+    global_max: dict[str, Any]
+    int8: list[dict[str, Any]]
+    info: dict[str, Any]
+    channel_max: dict[str, Any] = field(repr=False, default_factory=dict)  # canonical -> numpy [C] max |a|
+    capture: PromptCapture | None = field(repr=False, default=None)
+    probes: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def table(self, name: str = "layers"):
+        import pandas as pd
+
+        return pd.DataFrame({"layers": self.layers, "topk": self.topk, "channels": self.channels,
+                             "int8": self.int8}[name])
+
+
+def _did_you_mean(name: str, valid: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise DataError(f"unknown preset {name!r}{_did_you_mean(name, list(PRESETS))}",
+                        f"use one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def family_seq_len(family: str | None, model_max: int | None) -> int:
+    n = FAMILY_SEQ_LEN.get(family or "", SUN_DEFAULT_SEQ_LEN)
+    return min(n, model_max) if model_max else n
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    if tokenizer is None:
+        raise DataError("this checkpoint has no tokenizer, so text cannot be turned into tokens",
+                        "pass --tokenizer with a folder or hub id holding the model's tokenizer")
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sample], dict[str, Any]]:
+    """The sequences a preset measures, and a description of how they were drawn (for the manifest)."""
+    import numpy as np
+
+    from probes import corpus as corpus_mod
+    from probes.measure import resolve_corpus
+
+    tok = loaded.tokenizer
+    prefix = corpus_mod.prefix_token(tok) if opts.bos and tok is not None else None
+    if opts.bos and prefix is None:
+        raise DataError("--bos asked for, but the tokenizer has no BOS, EOS or CLS token", "drop --bos")
+    seed = preset.seed if opts.seed is None else opts.seed
+    model_max = loaded.max_length
+    info: dict[str, Any] = {"bos": opts.bos, "prefix_token": prefix, "special_tokens": "none added"
+                            + (" except the prefix token" if prefix is not None else ""), "seed": seed}
+    if opts.prompt is not None:
+        ids = _tokenize(tok, opts.prompt)
+        if not ids:
+            raise DataError("the prompt has no tokens", "give a non-empty --prompt")
+        L = opts.max_length or model_max or len(ids) + 1
+        seq = ([prefix] if prefix is not None else []) + ids
+        info.update(sampling="prompt", prompt=opts.prompt, max_length=L)
+        return [Sample(seq[:L], 0)], info
+    data = resolve_corpus(opts.data)
+    docs = corpus_mod.read_documents(data, opts.text_field)
+    info.update(corpus=data, corpus_is_default=opts.data is None, n_documents=len(docs))
+    n_samples = opts.n_samples or preset.n_samples
+    body_room = 1 if prefix is not None else 0
+    samples: list[Sample] = []
+    if preset.sampling == "chunks":
+        L = opts.max_length or family_seq_len(loaded.family, model_max)
+        if len(docs) > 1:
+            rng = np.random.RandomState(seed)
+            pick = rng.choice(len(docs), min(MAX_DOCS_SUN, len(docs)), replace=False).tolist()
+            docs = [docs[i] for i in pick]
+            info["documents_sampled"] = len(pick)
+        ids = _tokenize(tok, "\n\n".join(docs))
+        body = L - body_room
+        if body < 1:
+            raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
+        n_full = len(ids) // body
+        if n_full == 0:
+            raise DataError(f"the corpus has {len(ids)} tokens, fewer than one sequence of {L}",
+                            f"give a longer corpus or pass --max-length {max(2, len(ids))} or less")
+        for i in range(min(n_samples, n_full)):
+            chunk = ids[i * body:(i + 1) * body]
+            samples.append(Sample(([prefix] if prefix is not None else []) + chunk, i))
+        info.update(sampling="contiguous chunks of the joined corpus", max_length=L, n_corpus_tokens=len(ids),
+                    n_full_chunks_available=n_full)
+    else:
+        L = opts.max_length or min(model_max or 4096, 4096)
+        if len(docs) == 1:
+            docs = [d for d in (p.strip() for p in docs[0].split("\n\n")) if d]
+            info["split"] = "plain-text corpus split at blank lines into samples"
+        for i, d in enumerate(docs):
+            if len(samples) >= n_samples:
+                break
+            ids = _tokenize(tok, d)
+            if not ids:
+                continue
+            samples.append(Sample((([prefix] if prefix is not None else []) + ids)[:L], i))
+        if not samples:
+            raise DataError("the corpus has no ordinary tokens", "give a corpus with real text")
+        info.update(sampling="one sample per document, truncated", max_length=L)
+    if opts.max_tokens is not None:
+        kept, total = [], 0
+        for smp in samples:
+            room = opts.max_tokens - total
+            if room <= 0:
+                break
+            kept.append(Sample(smp.input_ids[:room], smp.sample_id))
+            total += len(kept[-1].input_ids)
+        samples = kept
+    return samples, info
+
+
+class DelimiterFinder:
+    """First delimiter ('.' or newline token, as in Sun et al.) of each row, with a per-token-id cache."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[int, bool] = {}
+
+    def is_delim(self, tid: int) -> bool:
+        v = self.cache.get(tid)
+        if v is None:
+            try:
+                text = self.tok.decode([tid]) if self.tok is not None else ""
+            except Exception:
+                text = ""
+            s = text.strip(" \t")
+            v = self.cache[tid] = bool(s) and set(s) <= {".", "\n", "\r"}
+        return v
+
+    def first(self, ids: Sequence[int], start: int = 1) -> int:
+        for p in range(start, len(ids)):
+            if self.is_delim(ids[p]):
+                return p
+        return -1
+
+
+def decode_token(tokenizer, tid: int) -> str:
+    if tokenizer is None or tid is None or tid < 0:
+        return ""
+    try:
+        return tokenizer.decode([int(tid)])
+    except Exception:
+        return str(tid)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int, int], Any] | None = None,
+            site_list: Sequence[Any] | None = None) -> MassiveResult:
+    """Massive-activation statistics of ``loaded`` under ``opts.preset`` (the Python API of ``actsparse massive``).
+
+    ``progress(total_batches, advance)`` is called once with ``advance=0``, then once per batch.
+    """
+    import time
+
+    import torch
+
+    from probes import corpus as corpus_mod
+    from probes.residual import RESIDUAL_KINDS, STREAM_KINDS, find_residual_sites
+    from probes.runner import forward_batch, run_probes
+
+    opts = opts or MassiveOptions()
+    preset = resolve_preset(opts.preset)
+    if not 0 < opts.clip_quantile < 1:
+        raise DataError(f"--clip-quantile {opts.clip_quantile} is outside (0, 1)", "use e.g. 0.999")
+    seed = preset.seed if opts.seed is None else opts.seed
+    torch.manual_seed(seed)
+    model, tok = loaded.model, loaded.tokenizer
+    kinds = tuple(opts.kinds or RESIDUAL_KINDS)
+    sites = list(site_list) if site_list is not None else find_residual_sites(model, loaded.family, kinds, opts.sites)
+    samples, sinfo = build_samples(loaded, opts, preset)
+    if opts.prompt is None and preset.sampling == "per_sample":
+        samples.sort(key=lambda s: len(s.input_ids))  # as Max_act_llm: batches of similar length, less padding
+    windows = []
+    for smp in samples:
+        count = [True] * len(smp.input_ids)
+        count[:opts.skip_first] = [False] * min(opts.skip_first, len(count))
+        windows.append(corpus_mod.Window(list(smp.input_ids), list(smp.input_ids), count))
+    if not any(any(w.count) for w in windows):
+        raise DataError("no token positions left to measure (check --skip-first)", "lower --skip-first")
+    bs = opts.batch_size or preset.batch_size
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+    n_batches = math.ceil(len(windows) / bs)
+    passes = 3 if opts.int8 else 1
+    if progress:
+        progress(n_batches * passes, 0)
+    tick = (lambda k: progress(n_batches * passes, k)) if progress else None
+    delim = DelimiterFinder(tok)
+    ctx = BatchContext()
+    sample_ids = [smp.sample_id for smp in samples]
+    counter = {"i": 0}
+
+    def forward(m, b):
+        i = counter["i"]
+        counter["i"] += 1
+        ids_cpu = b.input_ids.cpu().tolist()
+        lens = b.attention_mask.sum(1).cpu().tolist()
+        fd = [delim.first(row[:n]) for row, n in zip(ids_cpu, lens)]
+        dev = b.input_ids.device
+        ctx.set(torch.tensor(sample_ids[i * bs:(i + 1) * bs], device=dev), b.input_ids, torch.tensor(fd, device=dev))
+        return forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder)
+
+    def make_probe(site, width, device):
+        return MassiveProbe(width, device=device, top_k=opts.top_k, ctx=ctx)
+
+    t0 = time.perf_counter()
+    probes = run_probes(model, corpus_mod.batches(windows, bs, pad, loaded.device), sites, make_probe,
+                        forward=forward, progress=tick)
+    dtype = str(loaded.dtype).replace("torch.", "")
+    rows, topk_rows, chan_rows, channel_max = [], [], [], {}
+    for s in sites:
+        p = probes.get(s.canonical_name)
+        if p is None:
+            continue  # never called (e.g. a decoder stack the forward did not use)
+        base = {**s.row(), "layer_1based": (s.layer + 1) if s.layer is not None else None, "dtype": dtype}
+        row = {**base, **p.to_row()}
+        row["peak_token"] = decode_token(tok, row.get("peak_token_id", -1))
+        rows.append(row)
+        for e in p.topk():
+            topk_rows.append({"canonical_name": s.canonical_name, "module_path": s.module_path, "kind": s.kind,
+                              "layer": s.layer, "layer_1based": base["layer_1based"], "rank": e["rank"],
+                              "value": e["value"], "abs": e["abs"], "sample": e["sample"], "position": e["position"],
+                              "channel": e["channel"], "token_id": e["token_id"],
+                              "token": decode_token(tok, e["token_id"]),
+                              "seq_median": e["seq_median"], "ratio_to_seq_median": e["ratio_to_seq_median"],
+                              "token_median": e["token_median"], "ratio_to_token_median": e["ratio_to_token_median"],
+                              "massive_sun": e["massive_sun"]})
+        ch = p.channel_arrays()
+        channel_max[s.canonical_name] = ch["max_abs"]
+        chan_rows += _channel_rows(s, base["layer_1based"], ch)
+    gmax = _global_max(rows, STREAM_KINDS, tok)
+    elapsed = time.perf_counter() - t0
+    int8_rows: list[dict[str, Any]] = []
+    int8_info: dict[str, Any] | None = None
+    if opts.int8:
+        int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts, tick)
+    capture = None
+    cap_prompt = opts.capture_prompt
+    if cap_prompt:
+        capture = capture_prompt(loaded, sites, cap_prompt, bos=opts.bos)
+    nonfinite = [r["canonical_name"] for r in rows if r["n_nonfinite"]]
+    info = {
+        "preset": preset.name if opts.prompt is None else f"{preset.name} (prompt)",
+        "protocol": preset.protocol if opts.prompt is None else "one prompt, no special tokens unless --bos",
+        **sinfo,
+        "n_sequences": len(windows),
+        "n_counted_tokens": corpus_mod.n_counted(windows),
+        "batch_size": bs,
+        "skip_first": opts.skip_first,
+        "padding": "right, masked (never counted)",
+        "layers": "0-based; layer_1based = layer + 1 for Sun-style plots",
+        "median_kind": {
+            "median_mean": "Sun et al.: lower median (torch.median convention, exact via torch.kthvalue) of |h| over "
+                           "the whole token x channel tensor of each sequence, averaged over sequences",
+            "token_median_mean": "Max_act_llm: lower median of |h| over channels of each token, averaged over tokens",
+        },
+        "massive_rule": {
+            "n_massive": f"entries with |a| > {SUN_ABS_THRESHOLD:g} and |a| >= {SUN_RATIO_THRESHOLD:g} x the "
+                         "sequence's whole-tensor median (Sun et al.)",
+            "n_massive_tokens": f"tokens with max |a| > {TOKEN_ABS_THRESHOLD:g} and max / own median > "
+                                f"{TOKEN_RATIO_THRESHOLD:g} (Max_act_llm)",
+            "raw_ratios": "massive_topk: ratio_to_seq_median and ratio_to_token_median per entry; "
+                          "massive_layers: seq_ratio_max, token_ratio_max, ratio_top1_median = top1_mean / median_mean",
+            "first_delimiter": "first token after position 0 whose text is '.' or a newline (Sun et al.)",
+        },
+        "top_k": opts.top_k,
+        "global_max_over_kinds": list(STREAM_KINDS),
+        "statistics_dtype": "float32 (float64 sums)",
+        "model_dtype": dtype,
+        "device": str(loaded.device),
+        "nonfinite_sites": nonfinite,
+        "overflow": (f"{len(nonfinite)} site(s) hold inf/NaN entries (float16 saturates above 65504); they are "
+                     "counted in n_nonfinite and propagate into top-1" if nonfinite else None),
+        "n_sites": len(rows),
+        "seconds": round(elapsed, 3),
+        "int8": int8_info,
+        "options": asdict(opts),
+    }
+    return MassiveResult(rows, topk_rows, chan_rows, gmax, int8_rows, info, channel_max, capture, probes)
+
+
+def _channel_rows(site, layer_1based, ch: dict[str, Any], n_top: int = 8) -> list[dict[str, Any]]:
+    """Channels that hold massive entries, plus the site's ``n_top`` largest channels by max |a|."""
+    import numpy as np
+
+    mx = ch["max_abs"]
+    chosen = set(np.nonzero(ch["massive"])[0].tolist())
+    chosen |= set(np.argsort(-mx)[:n_top].tolist())
+    out = []
+    for c in sorted(chosen, key=lambda c: -float(mx[c])):
+        if mx[c] < 0:
+            continue
+        out.append({"canonical_name": site.canonical_name, "module_path": site.module_path, "kind": site.kind,
+                    "layer": site.layer, "layer_1based": layer_1based, "channel": int(c),
+                    "max_abs": float(mx[c]), "value_at_max": float(ch["value"][c]),
+                    "sample_at_max": int(ch["sample"][c]),
+                    "position_at_max": int(ch["position"][c]), "n_massive": int(ch["massive"][c]),
+                    "n_massive_first_token": int(ch["massive_first_token"][c]),
+                    "n_massive_first_delim": int(ch["massive_first_delim"][c])})
+    return out
+
+
+def _global_max(rows: list[dict[str, Any]], kinds: Sequence[str], tok) -> dict[str, Any]:
+    cands = [r for r in rows if r["kind"] in kinds or r["kind"] == "custom"]
+    cands = [r for r in cands if r.get("peak_value") == r.get("peak_value")]  # drop NaN
+    if not cands:
+        return {}
+    r = max(cands, key=lambda r: abs(r["peak_value"]))
+    return {"value": r["peak_value"], "abs": abs(r["peak_value"]), "canonical_name": r["canonical_name"],
+            "module_path": r["module_path"], "kind": r["kind"], "layer": r["layer"], "layer_1based": r["layer_1based"],
+            "sample": r["peak_sample"], "position": r["peak_position"], "channel": r["peak_channel"],
+            "token_id": r["peak_token_id"], "token": decode_token(tok, r["peak_token_id"])}
+
+
+def _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts: MassiveOptions, tick):
+    """Max_act_llm quant_sanity_check.py at the peak site: scales from max |x| and from the clip quantile."""
+    from probes import corpus as corpus_mod
+    from probes.runner import forward_batch, run_probes
+
+    if not gmax:
+        return [], {"skipped": "no peak site"}
+    site = next(s for s in sites if s.canonical_name == gmax["canonical_name"])
+    row = next(r for r in rows if r["canonical_name"] == site.canonical_name)
+    upper = float(row["max_abs"])
+    if not math.isfinite(upper) or upper <= 0:
+        return [], {"skipped": f"peak |x| at {site.canonical_name} is {upper} (overflow or all zero)"}
+
+    def fwd(m, b):
+        return forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder)
+
+    hist = run_probes(loaded.model, corpus_mod.batches(windows, bs, pad, loaded.device), [site],
+                      lambda s, w, d: AbsLogHistogram(w, upper, device=d), forward=fwd, progress=tick)
+    clip = hist[site.canonical_name].quantile(opts.clip_quantile)
+    qname = f"p{100 * opts.clip_quantile:g}"
+    thresholds = {"max_abs": upper, qname: clip}
+    err = run_probes(loaded.model, corpus_mod.batches(windows, bs, pad, loaded.device), [site],
+                     lambda s, w, d: Int8ErrorProbe(w, thresholds, device=d), forward=fwd, progress=tick)
+    out = []
+    for r in err[site.canonical_name].rows():
+        out.append({"canonical_name": site.canonical_name, "module_path": site.module_path, "kind": site.kind,
+                    "layer": site.layer, "layer_1based": (site.layer + 1) if site.layer is not None else None, **r})
+    info = {"site": site.canonical_name, "module_path": site.module_path, "bits": 8,
+            "quantizer": "per-tensor symmetric: scale = T / 127, q = round(clamp(x, -T, T) / scale)",
+            "thresholds": thresholds,
+            "clip_quantile": opts.clip_quantile,
+            "quantile_method": f"rank ceil(q n) of |x| from a {LOG_HIST_BINS}-bin log histogram over "
+                               f"[max 1e-{LOG_HIST_DECADES:g}, max] (bins ~0.2 % wide)",
+            "calibration": "in-sample: thresholds and errors from the same sequences (so max_abs clips nothing)",
+            "sqnr_db": "10 log10(sum x^2 / sum err^2)", "rel_rmse": "rmse(err) / rms(x)"}
+    return out, info
+
+
+def capture_prompt(loaded, sites, prompt: str, bos: bool = False, kinds: Sequence[str] = ("resid_post",)):
+    """One forward on ``prompt``; keeps the full ``[tokens, channels]`` tensor of each site of ``kinds``."""
+    import torch
+
+    from probes import corpus as corpus_mod
+    from probes.hooks import attach_sites
+    from probes.runner import forward_batch
+
+    tok = loaded.tokenizer
+    ids = _tokenize(tok, prompt)
+    if bos:
+        pre = corpus_mod.prefix_token(tok)
+        ids = ([pre] if pre is not None else []) + ids
+    if not ids:
+        raise DataError("the prompt has no tokens", "give a non-empty --prompt")
+    chosen = [s for s in sites if s.kind in kinds] or [s for s in sites]
+    tensors: dict[str, Any] = {}
+
+    def keep(site, x):
+        if x is not None and torch.is_tensor(x) and x.dim() == 3 and site.canonical_name not in tensors:
+            tensors[site.canonical_name] = x[0].detach().float().cpu().numpy()
+
+    batch = next(corpus_mod.batches([corpus_mod.Window(ids, ids, [True] * len(ids))], 1, 0, loaded.device))
+    with torch.inference_mode(), attach_sites(chosen, keep):
+        forward_batch(loaded.model, batch, is_encoder_decoder=loaded.is_encoder_decoder)
+    if not tensors:
+        raise ModelError("no residual tensor was seen on the prompt", "check the sites with `actsparse sites`")
+    return PromptCapture(prompt, ids, [decode_token(tok, t) for t in ids], tensors,
+                         {s.canonical_name: s.layer for s in chosen if s.canonical_name in tensors})

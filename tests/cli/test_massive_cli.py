@@ -1,0 +1,165 @@
+"""``actsparse massive`` through typer's CliRunner.
+
+The model is a tiny GPT-2 built offline whose position embedding writes +500 into channel 3 of
+the first position, so every layer's residual stream carries a known massive activation at
+(position 0, channel 3); its word-level tokenizer is built with the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from actsparse_cli.main import app
+from probes.errors import EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT
+
+WORDS = "the cat sat on a mat dog ran in park sun is warm today we measure massive activations".split()
+MAX_LEN = 16
+N_LAYER = 2
+SPIKE_CHANNEL, SPIKE = 3, 500.0
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-spiky-gpt2")
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="[UNK]", model_max_length=MAX_LEN)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(vocab), n_positions=MAX_LEN, n_embd=16, n_layer=N_LAYER, n_head=2,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # embedding output at (position 0, channel 3) is exactly 500 for every token
+        model.transformer.wte.weight[:, SPIKE_CHANNEL] = 0.0
+        model.transformer.wpe.weight[0, SPIKE_CHANNEL] = SPIKE
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(" ".join(rng.choice(WORDS) for _ in range(20 * MAX_LEN)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "out"
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 5, "--int8", "--prompt",
+               "the sun is warm today", "--plot", "layers", "--plot", "3d", "--plot", "heatmap", "--layer", 1,
+               "-o", out)
+    assert r.exit_code == 0, r.stderr + r.stdout
+    return r, out
+
+
+def test_help_lists_the_options():
+    r = invoke("massive", "--help")
+    assert r.exit_code == 0
+    for opt in ("--preset", "--prompt", "--plot", "--layer", "--int8", "--data", "--max-length", "--force", "-o"):
+        assert opt in r.stdout
+
+
+def test_full_run_writes_tables_figures_and_manifest(full_run):
+    r, out = full_run
+    names = {p.name for p in out.iterdir()}
+    for stem in ("massive_layers", "massive_topk", "massive_channels", "massive_int8"):
+        assert {f"{stem}.parquet", f"{stem}.csv"} <= names
+    for fig in ("massive_layers", "massive_3d", "massive_heatmap"):
+        assert {f"{fig}.png", f"{fig}.svg"} <= names
+    assert {"manifest.json", "summary.md"} <= names
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["command"] == "massive"
+    m = man["massive"]
+    assert m["preset"] == "sun2024 (prompt)" and m["bos"] is False and m["model_dtype"] == "float32"
+    assert "lower median" in m["median_kind"]["median_mean"] and "token_median_mean" in m["median_kind"]
+    assert m["global_max"]["channel"] == SPIKE_CHANNEL and m["global_max"]["position"] == 0
+    assert m["int8"]["site"] == m["global_max"]["canonical_name"]
+    assert set(man["files"]) <= names | {"manifest.json"}
+    assert "global max" in r.stdout
+
+
+def test_known_spike_is_reported_at_every_layer(full_run):
+    _, out = full_run
+    layers = pd.read_parquet(out / "massive_layers.parquet")
+    assert {"layer_1based", "top1_mean", "median_mean", "token_median_mean", "ratio_top1_median",
+            "n_massive", "n_massive_tokens", "massive_channels", "peak_token"} <= set(layers.columns)
+    emb = layers[layers.kind == "embed"].iloc[0]
+    # The embedding output holds exactly the planted value: position 0, channel 3, the prompt's first token.
+    assert (emb.peak_value, emb.peak_position, emb.peak_channel, emb.peak_token) == (SPIKE, 0, SPIKE_CHANNEL, "the")
+    resid = layers[layers.kind == "resid_post"].sort_values("layer")
+    assert list(resid.layer) == list(range(N_LAYER)) and list(resid.layer_1based) == list(range(1, N_LAYER + 1))
+    assert (resid.massive_channels == str(SPIKE_CHANNEL)).all()
+    assert (resid.massive_positions == "0:1").all() and (resid.n_massive_first_token == 1).all()
+    assert (resid.peak_channel == SPIKE_CHANNEL).all() and (resid.peak_position == 0).all()
+    topk = pd.read_parquet(out / "massive_topk.parquet")
+    first = topk[(topk.kind == "embed") & (topk["rank"] == 1)].iloc[0]
+    assert (first["value"], first["sample"], first["position"], first["channel"], first["token"]) == \
+        (SPIKE, 0, 0, SPIKE_CHANNEL, "the")
+    int8 = pd.read_parquet(out / "massive_int8.parquet")
+    assert set(int8.policy) == {"max_abs", "p99.9"} and (int8.sqnr_db > 0).all()
+
+
+def test_corpus_run_prints_table_without_output(model_dir, corpus):
+    r = invoke("massive", model_dir, "--data", corpus, "--preset", "sun2024", "--n-samples", 3)
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert "blocks.1.hook_resid_post" in r.stdout and "global max" in r.stdout
+
+
+def test_maxact_preset_on_jsonl(model_dir, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(WORDS[i:i + 3 + i])}) for i in range(6)) + "\n")
+    out = tmp_path / "out"
+    r = invoke("massive", model_dir, "--preset", "maxact2026", "--data", docs, "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    m = json.loads((out / "manifest.json").read_text())["massive"]
+    assert m["preset"] == "maxact2026" and m["n_sequences"] == 6 and m["batch_size"] == 8
+    layers = pd.read_parquet(out / "massive_layers.parquet")
+    assert (layers[layers.kind == "resid_post"].n_sequences == 6).all()
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (("--plot", "layers"), 2, "-o"),
+    (("--layer", "1"), 2, "--prompt"),
+    (("--kind", "resid_pst"), EXIT_MODEL, "did you mean 'resid_post'"),
+    (("--max-length", "4000"), EXIT_DATA, "--max-length"),
+])
+def test_bad_input_is_one_line(model_dir, corpus, args, code, needle):
+    r = invoke("massive", model_dir, "--data", corpus, *args)
+    assert r.exit_code == code, r.stderr + r.stdout
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_output_is_not_overwritten(model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = invoke("massive", model_dir, "--data", corpus, "-o", out)
+    assert r.exit_code == EXIT_OUTPUT and "--force" in r.stderr
+    assert (out / "keep.txt").exists()
+
+
+def test_unknown_preset_is_a_usage_error(model_dir):
+    r = invoke("massive", model_dir, "--preset", "sun2023")
+    assert r.exit_code == 2
