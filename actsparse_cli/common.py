@@ -5,6 +5,7 @@ Messages go to stderr, data (tables) to stdout, as sqlite-utils does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import traceback
@@ -100,3 +101,30 @@ def stdout_console():
 
 def is_interactive() -> bool:
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def batch_progress(quiet: bool, description: str):
+    """A rich progress bar on stderr that appears only once the run knows its batches, so an error
+    while reading the corpus prints one line and nothing else. Yields ``progress(total, advance)``."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    state: dict = {}
+
+    def update(total: int, advance: int) -> None:
+        if "prog" not in state:
+            prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console())
+            prog.start()
+            state["prog"], state["task"] = prog, prog.add_task(description, total=total)
+        state["prog"].update(state["task"], total=total, advance=advance)
+
+    try:
+        yield update
+    finally:
+        if "prog" in state:
+            state["prog"].stop()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg,
-                                  DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
-                                  stderr_console, stdout_console)
-from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
+                                  DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, batch_progress,
+                                  handle_errors, stderr_console, stdout_console)
+from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load, resolve_kinds
 
 PANEL_MASSIVE = "Massive activations"
 
@@ -25,51 +24,6 @@ class PlotChoice(str, Enum):
     layers = "layers"
     three_d = "3d"
     heatmap = "heatmap"
-
-
-def _resolve_kinds(kind: list[str] | None):
-    from probes.errors import ActsparseError
-    from probes.residual import RESIDUAL_KINDS
-
-    if not kind:
-        return RESIDUAL_KINDS
-    flat = [k.strip() for item in kind for k in item.split(",") if k.strip()]
-    bad = [k for k in flat if k not in RESIDUAL_KINDS]
-    if bad:
-        import difflib
-
-        close = difflib.get_close_matches(bad[0], RESIDUAL_KINDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ActsparseError(f"unknown residual site kind {bad[0]!r}{hint}", f"use one of {', '.join(RESIDUAL_KINDS)}",
-                             exit_code=3)
-    return tuple(flat)
-
-
-@contextlib.contextmanager
-def lazy_progress(quiet: bool, description: str):
-    """A rich progress bar on stderr that appears only once the run knows its batches, so an error while
-    reading the corpus prints one line and nothing else. Yields ``progress(total, advance)``."""
-    if quiet:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    state: dict = {}
-
-    def update(total: int, advance: int) -> None:
-        if "prog" not in state:
-            prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console())
-            prog.start()
-            state["prog"], state["task"] = prog, prog.add_task(description, total=total)
-        state["prog"].update(state["task"], total=total, advance=advance)
-
-    try:
-        yield update
-    finally:
-        if "prog" in state:
-            state["prog"].stop()
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -195,7 +149,9 @@ def register(app: typer.Typer) -> None:
                                  exit_code=2)
         if output is not None:
             check_output_dir(output, force)  # fail before any model work
-        kinds = _resolve_kinds(kind)
+        from probes.residual import RESIDUAL_KINDS
+
+        kinds = resolve_kinds(kind, RESIDUAL_KINDS, RESIDUAL_KINDS)
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
@@ -207,7 +163,7 @@ def register(app: typer.Typer) -> None:
                               sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
                               capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
-        with lazy_progress(quiet, "massive") as progress:
+        with batch_progress(quiet, "massive") as progress:
             result = run_massive(lm, opts, progress=progress)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
                    "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,

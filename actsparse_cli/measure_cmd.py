@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Optional
 
 import typer
 
 from actsparse_cli.common import (PANEL_DATA, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
-                                  stderr_console, stdout_console)
+                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, batch_progress,
+                                  handle_errors, stderr_console, stdout_console)
 from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
 
 PANEL_PROBES = "Probes"
-
-
-@contextlib.contextmanager
-def batch_progress(quiet: bool, description: str):
-    """A rich progress bar on stderr; yields ``progress(total, advance)``. Silent with -q."""
-    if quiet:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=stderr_console(), transient=False) as prog:
-        task = prog.add_task(description, total=None)
-
-        def update(total: int, advance: int) -> None:
-            prog.update(task, total=total, advance=advance)
-
-        yield update
 
 
 def print_sparsity_table(rows: list[dict], title: str) -> None:
@@ -71,7 +51,8 @@ def register(app: typer.Typer) -> None:
                                                     rich_help_panel=PANEL_DATA)] = None,
         text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
                                                 rich_help_panel=PANEL_DATA)] = "text",
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=PANEL_DATA)] = 4,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
+                                                rich_help_panel=PANEL_DATA)] = 4,
         max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the "
                                                           "model's limit, at most 2048.", rich_help_panel=PANEL_DATA)] = None,
         max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted "
@@ -79,7 +60,8 @@ def register(app: typer.Typer) -> None:
         stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
                                                       "--max-length, i.e. non-overlapping).",
                                                       rich_help_panel=PANEL_DATA)] = None,
-        seed: Annotated[int, typer.Option("--seed", rich_help_panel=PANEL_DATA)] = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the manifest).",
+                                          rich_help_panel=PANEL_DATA)] = 0,
         skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
                                                 "each window (BOS / attention-sink tokens).",
                                                 rich_help_panel=PANEL_DATA)] = 0,

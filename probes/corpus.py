@@ -50,7 +50,9 @@ def read_documents(spec: str, text_field: str = "text", max_docs: int | None = N
     text = raw.decode("utf-8", errors="replace")
     if p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(text.splitlines(), 1):
+        # Split on "\n" only: JSON strings may hold U+2028/U+2029/U+0085, which str.splitlines() breaks on.
+        for i, line in enumerate(text.split("\n"), 1):
+            line = line.rstrip("\r")
             if not line.strip():
                 continue
             try:
@@ -61,8 +63,9 @@ def read_documents(spec: str, text_field: str = "text", max_docs: int | None = N
                 keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
                 raise DataError(f"{spec} line {i} has no {text_field!r} field (has {keys})",
                                 "pass --text-field with the right key")
-            if str(obj[text_field]).strip():
-                docs.append(str(obj[text_field]))
+            val = obj[text_field]
+            if val is not None and str(val).strip():
+                docs.append(str(val))
             if max_docs and len(docs) >= max_docs:
                 break
     else:

@@ -10,10 +10,13 @@ from typing import Any, Callable, Sequence
 from probes import corpus as corpus_mod
 from probes.loading import LoadedModel
 from probes.runner import forward_batch, run_probes
-from probes.sites import MLP_KINDS, Site, find_sites
+from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
 from probes.sparsity import DEFAULT_CHUNK_K, DEFAULT_EPS_GRID, ActivationSparsityProbe
 
 DEFAULT_MAX_LENGTH_CAP = 2048
+# The activation (input of the output projection) and, for GLU models, act(gate). The
+# pre-activation (mlp_pre) is opt-in: for ReLU models it repeats mlp_post and doubles the cost.
+DEFAULT_KINDS = (MLP_POST, MLP_GATE_ACT)
 
 
 @dataclass
@@ -28,7 +31,7 @@ class MeasureOptions:
     skip_first: int = 0
     eps_grid: Sequence[float] = DEFAULT_EPS_GRID
     chunk_k: int = DEFAULT_CHUNK_K
-    kinds: Sequence[str] = MLP_KINDS
+    kinds: Sequence[str] = DEFAULT_KINDS
     sites: Sequence[str] = field(default_factory=tuple)  # glob overrides
 
 

@@ -274,6 +274,7 @@ def sites_from_globs(model, globs: Iterable[str]) -> list[Site]:
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
     sites: list[Site] = []
+    seen: set[tuple[str, str]] = set()
     for g in globs:
         pattern, io = parse_site_glob(g)
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -282,6 +283,9 @@ def sites_from_globs(model, globs: Iterable[str]) -> list[Site]:
             raise ModelError(f"--site {g!r} matches no module" + (f"; did you mean {', '.join(close)}?" if close else ""),
                              "list module paths with `actsparse sites CHECKPOINT --all-modules`")
         for n in hits:
+            if (n, io) in seen:  # two globs naming one module: one site, not two feeding one probe
+                continue
+            seen.add((n, io))
             m = re.search(r"\.(\d+)(?:\.|$)", n)
             layer = int(m.group(1)) if m else None
             width = in_width(modules[n]) if io == "input" else out_width(modules[n])

@@ -65,64 +65,75 @@ class ActivationSparsityProbe:
 
     # ------------------------------------------------------------------ update
     def update(self, x, mask=None) -> None:
-        """``x``: ``[batch, pos, channels]`` (or ``[tokens, channels]``); ``mask``: ``[batch, pos]`` bool."""
+        """``x``: ``[batch, pos, channels]`` (or ``[tokens, channels]``); ``mask``: ``[batch, pos]``, True = counted."""
         import torch
 
         if x.dim() == 2:
             x = x.unsqueeze(1)  # [batch, 1, channels]
         if x.shape[-1] != self.width:
             raise ValueError(f"probe built for width {self.width}, got {x.shape[-1]}")
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        mask = mask.to(x.device)
-        s = self.state
-        valid = x[mask]  # [n_valid, channels], kept in (batch, pos) order
+        c = self.width
+        if mask is None or bool(mask.all()):
+            valid = x.reshape(-1, c)  # no gather copy in the common case of full windows
+            lens = [x.shape[1]] * x.shape[0]
+        else:
+            mask = mask.to(device=x.device, dtype=torch.bool)  # a 0/1 attention mask must not index rows
+            valid = x[mask]  # [n_valid, channels], kept in (batch, pos) order
+            lens = mask.sum(1).tolist()
         if valid.dtype != torch.float32:
             valid = valid.float()  # statistics in float32 whatever the model dtype
-        n, c = valid.shape
+        n = valid.shape[0]
         if n == 0:
             return
+        s = self.state
         a = valid.abs()
-        nz = a != 0  # [n, c]
-        per_token_nz = nz.sum(1)  # [n]
-        n_nz = per_token_nz.sum()
+        per_token_nz = torch.count_nonzero(valid, dim=1)  # [n]; -0.0 counts as zero
         s["n_tokens"] += n
-        s["zero"] += n * c - n_nz
-        # One comparison per eps; a[:, :, None] <= eps would allocate len(eps) x the tensor.
+        s["zero"] += n * c - per_token_nz.sum()
         for j in range(len(self.eps_grid)):
-            s["near_zero"][j] += (a <= self._eps[j]).sum()
-        s["neg"] += (valid < 0).sum()
-        s["sum"] += valid.sum(dtype=torch.float64)
-        s["sum_abs"] += a.sum(dtype=torch.float64)
-        s["sum_sq"] += valid.square().sum(dtype=torch.float64)
+            s["near_zero"][j] += torch.count_nonzero(a <= self._eps[j])
+        s["neg"] += torch.count_nonzero(valid < 0)
+        # float32 within a token (c entries), float64 across tokens (METRICS.md conventions):
+        # no float64 copy of the whole tensor.
+        s["sum"] += valid.sum(1).double().sum()
+        s["sum_abs"] += a.sum(1).double().sum()
+        s["sum_sq"] += torch.linalg.vecdot(valid, valid).double().sum()
         amax = a.max()
         if not bool(torch.isfinite(amax)):
             s["nonfinite"] += (~torch.isfinite(valid)).sum()
         s["max_abs"] = torch.maximum(s["max_abs"], amax.double())
-        s["channel_active"] += nz.sum(0)
+        s["channel_active"] += torch.count_nonzero(valid, dim=0)
         frac = per_token_nz.double() / c
         s["token_nz_sum"] += frac.sum()
         bins = (frac * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
         s["token_hist"] += torch.bincount(bins, minlength=HIST_BINS)
-        self._update_chunks(nz, mask.sum(1))
+        self._update_chunks(a, lens)
 
-    def _update_chunks(self, nz, lens) -> None:
+    def _update_chunks(self, a, lens: list[int]) -> None:
+        """Union of non-zero channels over each run of k consecutive counted tokens of a sequence."""
         import torch
 
-        k, c = self.chunk_k, nz.shape[1]
+        k, c = self.chunk_k, a.shape[1]
         if k <= 0:
             return
-        off = 0
-        unions = []
-        for L in lens.tolist():
-            full = L // k
-            if full:
-                unions.append(nz[off:off + full * k].view(full, k, c).any(1).sum(1))  # [full]
-            off += L
-        if unions:
-            u = torch.cat(unions).double()
-            self.state["chunk_sum"] += (1.0 - u / c).sum()
-            self.state["n_chunks"] += u.numel()
+        if len(set(lens)) == 1:  # equal lengths: one reshape, no loop
+            L, full = lens[0], lens[0] // k
+            if not full:
+                return
+            blocks = a.view(len(lens), L, c)[:, :full * k].reshape(-1, k, c)
+            u = torch.count_nonzero(blocks.amax(1), dim=1)
+        else:
+            parts, off = [], 0
+            for L in lens:
+                full = L // k
+                if full:
+                    parts.append(torch.count_nonzero(a[off:off + full * k].view(full, k, c).amax(1), dim=1))
+                off += L
+            if not parts:
+                return
+            u = torch.cat(parts)
+        self.state["chunk_sum"] += (1.0 - u.double() / c).sum()
+        self.state["n_chunks"] += u.numel()
 
     # ------------------------------------------------------------------ merge / results
     def merge(self, other: "ActivationSparsityProbe") -> "ActivationSparsityProbe":

@@ -54,9 +54,11 @@ def test_minilm_measure_matches_independent_hook(minilm_model):
     assert (post.zero_frac < 0.01).all()
     assert (post["near_zero_frac@1e-06"] <= post["near_zero_frac@0.001"]).all()
     assert (post["near_zero_frac@0.001"] <= post["near_zero_frac@0.01"]).all()
-    # GELU(h) < 0 exactly where h < 0: the post-activation sign matches the pre-activation sign.
+    # GELU(h) < 0 where h < 0, except that float32 GELU underflows to exactly 0 below h ~ -5.3:
+    # negative pre-activations = negative or zero post-activations.
     pre = df[df.kind == "mlp_pre"].sort_values("layer")
-    assert abs(post.neg_frac.to_numpy() - pre.neg_frac.to_numpy()).max() < 1e-3
+    gap = post.neg_frac.to_numpy() + post.zero_frac.to_numpy() - pre.neg_frac.to_numpy()
+    assert abs(gap).max() < 1e-4
     docs = corpus_mod.tokenize_documents(corpus_mod.read_documents(default_corpus()), lm.tokenizer)
     wins = corpus_mod.build_windows(docs, lm.tokenizer, 128, causal=False, max_tokens=1024)
     mod = dict(lm.model.named_modules())["encoder.layer.2.output.dense"]

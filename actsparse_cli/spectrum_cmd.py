@@ -1,0 +1,179 @@
+"""`actsparse spectrum`: WeightWatcher's spectral metrics for every weight matrix, streamed."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from actsparse_cli.common import (
+    PANEL_OUT,
+    Checkpoint,
+    DebugArg,
+    DeviceArg,
+    ForceArg,
+    OutArg,
+    QuietArg,
+    UnsafePickleArg,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+
+PANEL_SPECTRUM = "Spectrum"
+
+
+class PlotKind(str, Enum):
+    esd = "esd"  # one ESD figure per matrix, plus alpha by layer
+    alpha = "alpha"  # alpha and sigma_mp by layer only
+
+
+SplitArg = Annotated[bool, typer.Option("--split-fused", help="Also analyse the parts of fused tensors (QKV, "
+                                        "gate_up, per-expert MoE stacks) as extra rows marked non_ww.",
+                                        rich_help_panel=PANEL_SPECTRUM)]
+RandomizeArg = Annotated[bool, typer.Option("--randomize", help="Add WW's rand_* columns: the ESD of each W "
+                                            "with its entries shuffled (correlation traps).",
+                                            rich_help_panel=PANEL_SPECTRUM)]
+SeedArg = Annotated[int, typer.Option("--seed", help="Seed for --randomize (numpy's legacy RandomState, the "
+                                      "stream WW uses after np.random.seed).", rich_help_panel=PANEL_SPECTRUM)]
+PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figures to write into -o (PNG + SVG): "
+                                                          "esd (per matrix, slower) or alpha.",
+                                                          rich_help_panel=PANEL_OUT, show_default=False)]
+
+_TABLE_COLUMNS = (("name", "name"), ("N", "N"), ("M", "M"), ("alpha", "alpha"), ("D", "D"),
+                  ("sigma_mp", "sigma_mp"), ("num_spikes", "spikes"), ("stable_rank", "stable_rank"),
+                  ("kappa_ratio", "kappa/kappa_mp"), ("status", "status"))
+
+
+def _fmt(v) -> str:
+    import pandas as pd
+
+    if pd.isna(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_results(df, summary: dict, n_ww: int) -> None:
+    from rich.table import Table
+
+    table = Table(title="spectrum", show_lines=False)
+    for _, label in _TABLE_COLUMNS:
+        table.add_column(label, justify="left" if label in ("name", "status") else "right")
+    for row in df.to_dict(orient="records"):
+        status = row["status"] + (" (not WW)" if row["non_ww"] else " (WW skips)" if row["ww_skipped"] else "")
+        if row["warning"]:
+            status += f": {row['warning']}"
+        table.add_row(*[_fmt(row[c]) if c != "status" else status for c, _ in _TABLE_COLUMNS])
+    console = stdout_console()
+    console.print(table)
+    means = ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items())
+    console.print(f"WW summary (mean over {n_ww} layers): {means}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("spectrum")
+    def spectrum(
+        checkpoint: Checkpoint,
+        output: OutArg = None,
+        device: DeviceArg = "cpu",
+        split_fused: SplitArg = False,
+        randomize: RandomizeArg = False,
+        seed: SeedArg = 0,
+        plot: PlotArg = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+    ) -> None:
+        """WeightWatcher 0.7.7's spectral metrics for every 2-D/4-D weight, one tensor at a time.
+
+        No architecture needed. --device cpu (default) runs float64 SVDs and reproduces WW's numbers; --device cuda runs float32 SVDs (fits stay float64).
+        """
+        if plot and output is None:
+            raise typer.BadParameter("figures are written into the output folder; give -o", param_hint="--plot")
+        _run(checkpoint=checkpoint, output=output, device=device, split_fused=split_fused, randomize=randomize,
+             seed=seed, plots=set(plot or ()), force=force, quiet=quiet, debug=debug, unsafe_pickle=unsafe_pickle)
+
+
+@handle_errors
+def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle) -> None:
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from probes import spectrum as sp
+    from probes.formats import sniff
+    from reports.bundle import atomic_output_dir, check_output_dir
+
+    if output is not None:
+        check_output_dir(output, force)
+    dev = sp.resolve_device(device)
+    sn = sniff(checkpoint)
+
+    progress = Progress(TextColumn("[bold]spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=stderr_console(), transient=True,
+                        disable=quiet)
+    task = progress.add_task("", total=None)
+
+    def on_tensor(done: int, total: int | None, name: str) -> None:
+        progress.update(task, completed=done, total=total, description=name)
+
+    figures: list[str] = []
+    with (atomic_output_dir(output, force) if output is not None else nullcontext()) as folder:
+        on_layer = None
+        if PlotKind.esd in plots:
+            from reports.spectrum_plots import plot_esd
+
+            def on_layer(row, evals):
+                if row["status"] == "success":
+                    figures.extend(plot_esd(row, evals, folder))
+
+        with progress:
+            df = sp.analyze_checkpoint(sn, device=str(dev), split_fused=split_fused, randomize=randomize,
+                                       seed=seed, unsafe_pickle=unsafe_pickle, progress=on_tensor,
+                                       on_layer=on_layer)
+        summary = sp.summarize(df)
+        if folder is not None:
+            from reports.manifest import build_manifest, write_manifest
+            from reports.tables import write_table
+
+            if plots:
+                from reports.spectrum_plots import plot_alpha_by_layer
+
+                figures.extend(plot_alpha_by_layer(df, folder))
+            counts = {
+                "rows": len(df), "ww_rows": len(sp.ww_rows(df)),
+                "ww_skipped": int(df["ww_skipped"].sum()), "non_ww": int(df["non_ww"].sum()),
+                **{f"status_{k}": int(v) for k, v in df["status"].value_counts().items()},
+            }
+            (folder / "summary.json").write_text(json.dumps(
+                {"means_over_ww_layers": summary, "counts": counts, "notes": df.attrs.get("notes", [])},
+                indent=2) + "\n")
+            files = write_table(df, folder, "spectrum") + ["summary.json"] + figures
+            manifest = build_manifest(
+                "spectrum",
+                {"checkpoint": checkpoint, "device": device, "split_fused": split_fused, "randomize": randomize,
+                 "seed": seed, "plot": sorted(p.value for p in plots), "unsafe_pickle": unsafe_pickle},
+                checkpoint={"path": sn.path, "format": sn.kind.value, "files": sn.files},
+                svd=df.attrs.get("svd"),
+                method={"reference": "WeightWatcher 0.7.7 analyze(mp_fit=True)",
+                        "power_law": "WWFit, eigenvalues > 1e-5, xmin by minimal KS distance",
+                        "mp_fit": "linear KDE bw 0.1 once per layer, grid [0.05, 2) s0 step 0.01 s0 + Nelder-Mead",
+                        "conv2d": "per kernel position slices, scaled by sqrt(1/2), eigenvalues pooled",
+                        "failed_fits": "NaN (WW writes -1)",
+                        "summary": "NaN-aware means over rows with ww_skipped == non_ww == False"},
+                counts=counts, notes=df.attrs.get("notes", []), files=files + ["manifest.json"])
+            write_manifest(folder, manifest)
+
+    if quiet:
+        return
+    err = stderr_console()
+    for note in df.attrs.get("notes", []):
+        err.print(f"note: {note}")
+    _print_results(df, summary, len(sp.ww_rows(df)))
+    if output is not None:
+        err.print(f"wrote {output}/ ({len(files) + 1} files)")

@@ -1,0 +1,454 @@
+#!/usr/bin/env python
+"""Probe overhead: forward passes with no hooks vs with every activation probe attached.
+
+Same model, same batches, one process; the two variants are interleaved (ABBA order) so drift
+in machine load hits both alike, and the medians are compared. Target (issue 2): all probes on
+<= 1.25x the bare forward time, and probe memory flat when the token count grows 10x.
+
+Model: the project's embedded checkpoint (``probes.embedded.default_checkpoint()``) when it is
+there, else a freshly initialised GPT-2-small-like model (d_model 768, d_ff 3072, ReLU) at
+reduced depth with a byte-level BPE tokenizer trained on the calibration corpus. Corpus: the
+embedded calibration corpus. ``--model`` picks one explicitly or names a checkpoint path.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_probes.py [--model auto|embedded|gpt2-small-relu|PATH]
+        [--batch-size 8] [--max-length 256] [--n-batches 4] [--repeats 7] [--mem-tokens 4096]
+        [--profile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from probes import corpus as corpus_mod  # noqa: E402
+from probes.runner import forward_batch, run_probes  # noqa: E402
+from probes.sites import MLP_KINDS, find_sites  # noqa: E402
+from probes.sparsity import ActivationSparsityProbe  # noqa: E402
+
+TARGET_RATIO = 1.25
+
+
+# ------------------------------------------------------------------ model and data
+def _calibration_corpus() -> str:
+    try:
+        from probes.embedded import default_corpus
+
+        return default_corpus()
+    except Exception:  # embedded module missing in an older tree
+        return str(ROOT / "probes" / "data" / "calibration.txt")
+
+
+def _gpt2_small_relu(n_layer: int, corpus: str, device):
+    """A GPT-2-small-shaped model (random weights, ReLU) and a BPE tokenizer trained on ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    eot = "<|endoftext|>"
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=[eot], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([Path(corpus).read_text(encoding="utf-8")], trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, pad_token=eot, unk_token=eot)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=n_layer, n_head=12, n_inner=3072,
+                     activation_function="relu", bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval().to(device)
+    return model, tok, "gpt2", f"gpt2-small-relu (random init, {n_layer} layers, d_model 768, d_ff 3072)"
+
+
+def load_model(spec: str, n_layer: int, corpus: str, device):
+    from probes.loading import load_checkpoint
+
+    if spec == "auto":
+        try:
+            from probes.embedded import default_checkpoint
+
+            spec = default_checkpoint()
+        except Exception:
+            spec = "gpt2-small-relu"
+    elif spec == "embedded":
+        from probes.embedded import default_checkpoint
+
+        spec = default_checkpoint()
+    if spec == "gpt2-small-relu":
+        return _gpt2_small_relu(n_layer, corpus, device)
+    lm = load_checkpoint(spec, device=str(device), dtype="float32")
+    return lm.model, lm.tokenizer, lm.family, spec
+
+
+def make_batches(tok, corpus: str, max_length: int, batch_size: int, n_tokens: int, device):
+    docs = corpus_mod.tokenize_documents(corpus_mod.read_documents(corpus), tok)
+    wins = corpus_mod.build_windows(docs, tok, max_length, max_tokens=n_tokens)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return list(corpus_mod.batches(wins, batch_size, pad, device)), corpus_mod.n_counted(wins)
+
+
+# ------------------------------------------------------------------ timing
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_probe(site, width, device):
+    return ActivationSparsityProbe(width, device=device)
+
+
+def time_bare(model, batches, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            forward_batch(model, b)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_probed(model, batches, sites, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    probes = run_probes(model, batches, sites, make_probe)
+    _sync(device)
+    return time.perf_counter() - t0, probes
+
+
+def timing(model, batches, sites, device, repeats: int) -> dict:
+    time_bare(model, batches, device)  # warm-up: allocator, kernels, lazy inits
+    time_probed(model, batches, sites, device)
+    bare, probed = [], []
+    for r in range(repeats):
+        order = ("bare", "probed") if r % 2 == 0 else ("probed", "bare")  # ABBA
+        for which in order:
+            if which == "bare":
+                bare.append(time_bare(model, batches, device))
+            else:
+                probed.append(time_probed(model, batches, sites, device)[0])
+    mb, mp = statistics.median(bare), statistics.median(probed)
+    return {"bare_s": bare, "probed_s": probed, "bare_median_s": mb, "probed_median_s": mp,
+            "ratio": mp / mb, "paired_ratio_median": statistics.median(p / b for p, b in zip(probed, bare)),
+            "target_ratio": TARGET_RATIO, "meets_target": mp / mb <= TARGET_RATIO}
+
+
+# ------------------------------------------------------------------ memory
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def state_bytes(probes: dict) -> int:
+    return sum(t.nbytes for p in probes.values() for t in p.state.values())
+
+
+_LIBC = None
+
+
+def _exact_rss_mode() -> bool:
+    """glibc: serve every allocation >= 128 KiB by mmap (fixed threshold, no dynamic growth), so a freed
+    tensor leaves the process at once and peak RSS tracks live memory rather than heap layout."""
+    global _LIBC
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
+        _LIBC = libc if ok else None
+        _trim()
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    """Give free heap pages back (glibc ``malloc_trim``), so the next peak starts from live memory."""
+    import gc
+
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _peak_delta(run, device) -> tuple[int | None, object]:
+    """Peak memory above the starting point while ``run()`` executes (RSS on CPU, allocator on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+    _trim()
+    ok = _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    out = run()
+    hwm = _status_kb("VmHWM")
+    return ((hwm - rss0) * 1024 if ok and hwm is not None and rss0 is not None else None), out
+
+
+def memory(model, tok, corpus, sites, args, device) -> list[dict]:
+    """Probe state and peak memory for N and 10N tokens, with the same batch shapes in both runs.
+
+    ``probe_state_bytes`` is exact (sum of the state tensors' nbytes). The peak deltas include the
+    forward pass's own activations and allocator caching, so the bare forward's peak over the same
+    batches is reported beside the probed one; their difference is what the probes add.
+    """
+    exact = device.type == "cpu" and _exact_rss_mode()
+    bs = args.mem_batch_size
+    n = max(args.mem_tokens // (bs * args.max_length), 1) * bs * args.max_length  # whole batches only
+    out = []
+    for tokens in (n, 10 * n):
+        batches, counted = make_batches(tok, corpus, args.max_length, bs, tokens, device)
+        with torch.inference_mode():
+            forward_batch(model, batches[0])  # warm the allocator with this batch shape
+        bare_peak, _ = _peak_delta(lambda: time_bare(model, batches, device), device)
+        probed_peak, probes = _peak_delta(lambda: run_probes(model, batches, sites, make_probe), device)
+        out.append({"tokens": counted, "n_batches": len(batches), "batch_size": bs, "n_probes": len(probes),
+                    "probe_state_bytes": state_bytes(probes), "peak_delta_bare_bytes": bare_peak,
+                    "peak_delta_probed_bytes": probed_peak, "peak_kind": "cuda allocator" if device.type == "cuda"
+                    else "process RSS (VmHWM)" + (", glibc mmap threshold 128 KiB" if exact else "")})
+        del batches, probes
+    return out
+
+
+# ------------------------------------------------------------------ where update() spends its time
+def profile_update(model, batches, sites, device, top: int = 15) -> dict:
+    """Capture each site's tensor for the batches once, then profile ``ActivationSparsityProbe.update`` alone."""
+    from probes.hooks import attach_sites
+
+    captured = []
+    current = {}
+
+    def grab(site, x):
+        captured.append((site.canonical_name, x.detach().clone(), current["mask"]))
+
+    with torch.inference_mode(), attach_sites(sites, grab):
+        for b in batches:
+            current["mask"] = b.count_mask
+            forward_batch(model, b)
+    probes = {name: ActivationSparsityProbe(x.shape[-1], device=x.device) for name, x, _ in captured}
+
+    def run_all():
+        for name, x, m in captured:
+            probes[name].update(x, m)
+
+    run_all()  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    run_all()
+    _sync(device)
+    total = time.perf_counter() - t0
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        run_all()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, key.replace("cuda", "device"), getattr(e, key, 0)))
+    ops = []
+    for e in rows[:top]:
+        t = getattr(e, key.replace("cuda", "device"), None) or getattr(e, key, 0)
+        ops.append({"op": e.key, "calls": e.count, "self_ms": t / 1000})
+    sections = _manual_sections(captured, device)
+    return {"update_total_s": total, "n_updates": len(captured), "top_ops": ops, "sections_s": sections}
+
+
+def _manual_sections(captured, device) -> dict:
+    """The steps of ``update`` timed one by one (same operations, in order) over all captured tensors."""
+    eps = torch.tensor((1e-6, 1e-3, 1e-2), dtype=torch.float32, device=device)
+    t = dict.fromkeys(("mask_select", "abs", "nz_and_counts", "near_zero", "neg", "sums_f64", "max_nonfinite",
+                       "channel_active", "token_hist", "chunks"), 0.0)
+
+    def tick(name, t0):
+        _sync(device)
+        t[name] += time.perf_counter() - t0
+        return time.perf_counter()
+
+    for _, x, m in captured:
+        if x.dim() != 3:
+            continue
+        c = time.perf_counter()
+        valid = x[m.to(x.device)]
+        c = tick("mask_select", c)
+        a = valid.abs()
+        c = tick("abs", c)
+        nz = a != 0
+        per = nz.sum(1)
+        per.sum()
+        c = tick("nz_and_counts", c)
+        for j in range(len(eps)):
+            (a <= eps[j]).sum()
+        c = tick("near_zero", c)
+        (valid < 0).sum()
+        c = tick("neg", c)
+        valid.sum(dtype=torch.float64)
+        a.sum(dtype=torch.float64)
+        valid.square().sum(dtype=torch.float64)
+        c = tick("sums_f64", c)
+        amax = a.max()
+        bool(torch.isfinite(amax))
+        c = tick("max_nonfinite", c)
+        nz.sum(0)
+        c = tick("channel_active", c)
+        frac = per.double() / valid.shape[1]
+        torch.bincount((frac * 1000).long().clamp_(0, 999), minlength=1000)
+        c = tick("token_hist", c)
+        off = 0
+        for L in m.sum(1).tolist():
+            full = L // 8
+            if full:
+                nz[off:off + full * 8].view(full, 8, -1).any(1).sum(1)
+            off += L
+        tick("chunks", c)
+    return t
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="auto", help="auto | embedded | gpt2-small-relu | checkpoint path")
+    ap.add_argument("--layers", type=int, default=4, help="depth of the gpt2-small-relu fallback")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--n-batches", type=int, default=2, help="batches per timed pass")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes of each variant (interleaved)")
+    ap.add_argument("--mem-tokens", type=int, default=1024, help="N for the N vs 10N memory check "
+                    "(rounded down to whole batches)")
+    ap.add_argument("--mem-batch-size", type=int, default=2, help="batch size of the memory check")
+    ap.add_argument("--kinds", default=",".join(MLP_KINDS), help="site kinds to probe (default: measure's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--profile", action="store_true", help="profile ActivationSparsityProbe.update (always done "
+                    "when the ratio misses the target)")
+    ap.add_argument("--only", choices=("all", "timing", "memory"), default="all", help="run one part only")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here ('-' = stdout)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    corpus = _calibration_corpus()
+    model, tok, family, label = load_model(args.model, args.layers, corpus, device)
+    max_len = min(args.max_length, getattr(model.config, "n_positions", args.max_length))
+    args.max_length = max_len
+    sites = find_sites(model, family, tuple(k for k in args.kinds.split(",") if k))
+    n_tok = args.n_batches * args.batch_size * max_len
+    batches, counted = make_batches(tok, corpus, max_len, args.batch_size, n_tok, device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    res = {"model": label, "n_parameters": n_params, "device": str(device), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "platform": platform.platform(), "python": platform.python_version(),
+           "corpus": corpus, "batch_size": args.batch_size, "max_length": max_len, "n_batches": len(batches),
+           "tokens_per_pass": counted, "n_sites": len(sites),
+           "site_kinds": sorted({s.kind for s in sites}), "site_widths": sorted({s.width for s in sites if s.width}),
+           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if args.only in ("all", "timing"):
+        res["timing"] = timing(model, batches, sites, device, args.repeats)
+    if args.only in ("all", "memory"):
+        res["memory"] = memory(model, tok, corpus, sites, args, device)
+    if args.profile or ("timing" in res and not res["timing"]["meets_target"]):
+        res["profile"] = profile_update(model, batches, sites, device)
+    res["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    print_report(res)
+    if args.json_path:
+        text = json.dumps(res, indent=2)
+        if args.json_path == "-":
+            print(text)
+        else:
+            Path(args.json_path).write_text(text + "\n")
+    return 0
+
+
+def print_report(res: dict) -> None:
+    t = res.get("timing")
+    load = f", load avg {res['load_average'][0]:.1f}" if res.get("load_average") else ""
+    print(f"model   {res['model']}  ({res['n_parameters'] / 1e6:.1f}M params, {res['device']}, "
+          f"{res['threads']} threads{load})")
+    print(f"data    {res['n_batches']} batches x {res['batch_size']} x {res['max_length']} tokens "
+          f"= {res['tokens_per_pass']} counted tokens/pass; {res['n_sites']} sites {res['site_kinds']} "
+          f"widths {res['site_widths']}")
+    if t:
+        print()
+        print(f"{'variant':<22}{'median s':>10}{'min s':>10}{'max s':>10}{'tok/s':>12}")
+        for name, key in (("forward, no hooks", "bare_s"), ("forward + all probes", "probed_s")):
+            xs = t[key]
+            print(f"{name:<22}{statistics.median(xs):>10.4f}{min(xs):>10.4f}{max(xs):>10.4f}"
+                  f"{res['tokens_per_pass'] / statistics.median(xs):>12.0f}")
+        verdict = "meets" if t["meets_target"] else "MISSES"
+        print(f"ratio (median probed / median bare) = {t['ratio']:.3f}x  (paired median "
+              f"{t['paired_ratio_median']:.3f}x)  -> {verdict} the <= {t['target_ratio']}x target")
+    if "memory" in res:
+        _print_memory(res)
+    _print_profile(res)
+
+
+def _print_memory(res: dict) -> None:
+    print()
+    print(f"{'tokens':>8}{'batches':>9}{'probes':>8}{'probe state bytes':>19}{'peak bare':>12}{'peak probed':>13}"
+          f"{'probes add':>12}")
+
+    def mib(v):
+        return f"{v / 2 ** 20:.1f} MiB" if v is not None else "n/a"
+
+    for m in res["memory"]:
+        b, p = m["peak_delta_bare_bytes"], m["peak_delta_probed_bytes"]
+        print(f"{m['tokens']:>8}{m['n_batches']:>9}{m['n_probes']:>8}{m['probe_state_bytes']:>19}{mib(b):>12}"
+              f"{mib(p):>13}{mib(p - b if None not in (p, b) else None):>12}")
+    a, b = res["memory"]
+    print(f"probe state {'flat' if a['probe_state_bytes'] == b['probe_state_bytes'] else 'NOT flat'} "
+          f"over {b['tokens'] / max(a['tokens'], 1):.0f}x tokens (peak memory: {a['peak_kind']})")
+
+
+def _print_profile(res: dict) -> None:
+    if "profile" in res:
+        p = res["profile"]
+        print()
+        print(f"ActivationSparsityProbe.update alone: {p['update_total_s']:.4f} s for {p['n_updates']} updates "
+              f"(one pass); top ops by self time:")
+        for o in p["top_ops"][:10]:
+            print(f"  {o['op']:<32}{o['calls']:>7} calls{o['self_ms']:>10.2f} ms")
+        print("  sections (manual timing of the same steps):")
+        tot = sum(p["sections_s"].values()) or 1.0
+        for k, v in sorted(p["sections_s"].items(), key=lambda kv: -kv[1]):
+            print(f"    {k:<18}{v * 1000:>9.2f} ms  {100 * v / tot:5.1f} %")
+
+
+if __name__ == "__main__":
+    from probes.errors import ActsparseError
+
+    try:
+        raise SystemExit(main())
+    except ActsparseError as e:  # e.g. --model embedded before the embedded checkpoint exists
+        print(f"bench_probes: error: {e.one_line()}", file=sys.stderr)
+        raise SystemExit(e.exit_code)

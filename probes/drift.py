@@ -1,0 +1,204 @@
+"""Weight drift per linear layer, straight from the weights (METRICS.md section 4; the library of ``actsparse drift``).
+
+Bug-or-Feature^2 (On-Point-RND/BugOrFeature custom_layers/custom_linear.py ``compute_statistics``)
+tracks, for each linear weight W: the mean, the share of negative entries, the standard deviation
+and the fraction of entries with |w| >= the 99.9th percentile of |W|. Across checkpoints of one
+run this shows the negative drift the paper describes. Here:
+- ``mean``: mean of W (float64 accumulation);
+- ``neg_pct``: 100 x fraction of entries < 0;
+- ``std``: standard deviation with Bessel's correction (``torch.std``'s default, as the reference);
+- ``extreme_threshold``: the 99.9th percentile of |W| with linear interpolation (``torch.quantile``'s
+  definition), computed exactly from the top ``n - floor(0.999 (n - 1))`` values of |W| (``topk``), so
+  it works on tensors beyond ``torch.quantile``'s 16M-element limit;
+- ``extreme_frac`` / ``extreme_count``: entries with |w| >= that threshold.
+Tensors stream one at a time through ``probes.formats.iter_tensors`` (no model is built, any format
+works without an architecture). Every floating tensor with 2+ dims is a row; ``kind`` says
+``linear``, ``embedding``, ``lm_head`` or ``conv`` (4-D kernels), ``role`` guesses mlp_up / mlp_down /
+attn from the name. Biases and norms (1-D) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from probes.errors import CheckpointError
+
+QUANTILE = 0.999
+CHUNK = 1 << 24  # elements per float64 chunk (128 MB)
+
+_EMBED = ("embed", "wte.", "wpe.", "word_embeddings", "position_embeddings", "token_type_embeddings",
+          "tok_embeddings", "token_embd", "shared.weight", "pos_embed", "cls_token", "mask_token")
+_LM_HEAD = ("lm_head", "embed_out")
+_DOWN = ("down_proj", "mlp.c_proj", "fc2", "dense_4h_to_h", ".wo.", "output.dense", "ffn_down", "lin2", "fc_out",
+         "w2.")
+_UP = ("up_proj", "gate_proj", "mlp.c_fc", "fc1", "dense_h_to_4h", ".wi.", ".wi_0", ".wi_1", "intermediate.dense",
+       "ffn_up", "ffn_gate", "lin1", "fc_in", "w1.", "w3.", "gate_up_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "attn.", "attn_", ".query", ".key", ".value",
+         "attention.", "self_attn", "qkv", "out_proj")
+
+
+def tensor_kind(name: str, ndim: int) -> str:
+    n = name.lower()
+    if any(k in n for k in _LM_HEAD) or n in ("output.weight",):
+        return "lm_head"
+    if any(k in n for k in _EMBED):
+        return "embedding"
+    if ndim > 2:
+        return "conv"
+    return "linear"
+
+
+def tensor_role(name: str) -> str:
+    n = "." + name.lower()
+    if any(k in n for k in _ATTN):  # first: BERT's attention.output.dense is not the MLP's output.dense
+        return "attn"
+    if any(k in n for k in _DOWN):
+        return "mlp_down"
+    if any(k in n for k in _UP):
+        return "mlp_up"
+    return "other"
+
+
+def layer_of(name: str) -> int | None:
+    m = re.search(r"(?:^|\.)(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def extreme_threshold(a, q: float = QUANTILE) -> float:
+    """The ``q`` quantile of the 1-D tensor ``a`` with linear interpolation, exactly, via topk."""
+    import torch
+
+    n = a.numel()
+    if n == 0:
+        return float("nan")
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    frac = pos - lo
+    k = n - lo  # the values at sorted positions lo .. n-1
+    top = torch.topk(a, k, largest=True, sorted=True).values
+    v_lo = float(top[-1])
+    v_hi = float(top[-2]) if k >= 2 else v_lo
+    return v_lo + frac * (v_hi - v_lo)
+
+
+def weight_stats(w, q: float = QUANTILE) -> dict[str, Any]:
+    """Drift statistics of one weight tensor (any shape), float64 accumulation, exact quantile."""
+    import torch
+
+    flat = w.detach().reshape(-1)
+    if not flat.is_floating_point():
+        raise ValueError("weight_stats needs a floating tensor")
+    flat = flat.float() if flat.dtype != torch.float64 else flat
+    n = flat.numel()
+    total = 0.0
+    neg = zeros = 0
+    for i in range(0, n, CHUNK):
+        c = flat[i:i + CHUNK]
+        total += float(c.double().sum())
+        neg += int((c < 0).sum())
+        zeros += int((c == 0).sum())
+    mean = total / n if n else float("nan")
+    ss = 0.0
+    for i in range(0, n, CHUNK):
+        c = flat[i:i + CHUNK].double()
+        ss += float((c - mean).square().sum())
+    std = math.sqrt(ss / (n - 1)) if n > 1 else float("nan")
+    a = flat.abs()
+    thr = extreme_threshold(a, q)
+    count = int((a.double() >= thr).sum()) if n <= CHUNK else sum(
+        int((a[i:i + CHUNK].double() >= thr).sum()) for i in range(0, n, CHUNK))
+    return {"n": n, "mean": mean, "neg_pct": 100.0 * neg / n if n else float("nan"), "std": std,
+            "extreme_threshold": thr, "extreme_count": count, "extreme_frac": count / n if n else float("nan"),
+            "max_abs": float(a.max()) if n else float("nan"), "min": float(flat.min()) if n else float("nan"),
+            "max": float(flat.max()) if n else float("nan"), "zero_frac": zeros / n if n else float("nan"),
+            "nonfinite": int((~torch.isfinite(flat)).sum())}
+
+
+@dataclass
+class DriftResult:
+    rows: list[dict[str, Any]]
+    info: dict[str, Any]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def summary(self):
+        return summarize(self.rows)
+
+
+def summarize(rows: list[dict[str, Any]]):
+    """Per checkpoint and kind: unweighted means over tensors, and element-weighted mean weight / % negative."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    out = []
+    if df.empty:
+        return pd.DataFrame(out)
+    for (ci, ck, kind), g in df.groupby(["checkpoint_index", "checkpoint", "kind"], sort=True):
+        n = g["n"].astype(float)
+        out.append({"checkpoint_index": ci, "checkpoint": ck, "kind": kind, "n_tensors": len(g),
+                    "n_weights": int(n.sum()),
+                    "mean_of_means": float(g["mean"].mean()), "mean_weighted": float((g["mean"] * n).sum() / n.sum()),
+                    "neg_pct_mean": float(g["neg_pct"].mean()),
+                    "neg_pct_weighted": float((g["neg_pct"] * n).sum() / n.sum()),
+                    "std_mean": float(g["std"].mean()), "extreme_frac_mean": float(g["extreme_frac"].mean()),
+                    "max_abs": float(g["max_abs"].max())})
+    return pd.DataFrame(out)
+
+
+def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
+                 progress: Callable[[int | None, int], Any] | None = None, q: float = QUANTILE,
+                 kinds: Iterable[str] | None = None) -> DriftResult:
+    """Per-weight drift statistics of one or more checkpoints (same run at different steps)."""
+    from probes.formats import iter_tensors, safetensors_header, sniff
+
+    cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if not cks:
+        raise CheckpointError("no checkpoint given", "give one or more checkpoint paths")
+    keep = set(kinds) if kinds else None
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    sources = []
+    for ci, ck in enumerate(cks):
+        sn = sniff(ck)
+        sources.append({"checkpoint": str(ck), "kind": sn.kind.value, "files": sn.files})
+        total = None
+        if all(f.endswith(".safetensors") for f in sn.files) and sn.files:
+            total = sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
+        if progress:
+            progress(total, 0)
+        n_seen = 0
+        for name, t in iter_tensors(sn, unsafe_pickle=unsafe_pickle):
+            n_seen += 1
+            if progress:
+                progress(total, 1)
+            if not t.is_floating_point() or t.dim() < 2:
+                skipped.append({"checkpoint_index": ci, "name": name, "shape": list(t.shape),
+                                "reason": "not floating" if not t.is_floating_point() else f"{t.dim()}-D"})
+                continue
+            kind = tensor_kind(name, t.dim())
+            if keep is not None and kind not in keep:
+                continue
+            st = weight_stats(t, q)
+            rows.append({"checkpoint_index": ci, "checkpoint": str(ck), "name": name, "kind": kind,
+                         "role": tensor_role(name) if kind == "linear" else kind, "layer": layer_of(name),
+                         "shape": "x".join(str(s) for s in t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                         **st})
+            del t
+        if n_seen == 0:
+            raise CheckpointError(f"no tensors found in {ck}", "check that this is a model checkpoint")
+    info = {"checkpoints": sources, "n_tensors_measured": len(rows), "n_tensors_skipped": len(skipped),
+            "quantile": q, "quantile_method": "exact: linear interpolation (torch.quantile's definition) from topk",
+            "std": "unbiased (Bessel), float64 accumulation", "neg_pct": "100 x fraction of entries < 0",
+            "streaming": "one tensor at a time via probes.formats.iter_tensors",
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return DriftResult(rows, info, skipped)

@@ -1,0 +1,157 @@
+"""`actsparse spectrum` through typer's CliRunner: files written, refusals, GGUF."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from actsparse_cli.main import app
+from probes import spectrum as sp
+from probes.errors import EXIT_DEVICE, EXIT_MODEL, EXIT_OUTPUT
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """Small SVDs gain nothing from threads, and on a busy machine spinning OpenMP threads
+    make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def _state_dict():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "h.0.attn.c_attn.weight": torch.randn(16, 48, generator=g),
+        "h.0.attn.c_attn.bias": torch.randn(48, generator=g),
+        "h.0.ln_1.weight": torch.ones(16),
+        "h.0.mlp.c_fc.weight": torch.randn(16, 64, generator=g),
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=g),
+    }
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_state_dict(), str(path))
+    return path
+
+
+def test_spectrum_writes_table_summary_manifest(ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "spectrum.parquet")
+    assert sorted(df["name"]) == ["conv.weight", "h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"]
+    assert {"alpha", "D", "sigma_mp", "num_spikes", "kappa_nz", "status", "ww_skipped", "non_ww"} <= set(df.columns)
+    assert (df["status"] == "success").all()
+    assert len(pd.read_csv(out / "spectrum.csv")) == 3
+    ref = sp.analyze_tensors(_state_dict().items()).set_index("name")
+    assert df.set_index("name")["alpha"].to_dict() == pytest.approx(ref["alpha"].to_dict(), rel=1e-12)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "spectrum" and manifest["options"]["device"] == "cpu"
+    assert manifest["svd"] == {"device": "cpu", "dtype": "float64"}
+    assert manifest["checkpoint"]["format"] == "safetensors"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["means_over_ww_layers"]) == set(sp.WW_SUMMARY_METRICS)
+    assert summary["counts"]["rows"] == 3
+
+
+def test_existing_output_needs_force(ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q"])
+    assert r.exit_code == EXIT_OUTPUT
+    assert "--force" in r.output and (out / "keep.txt").exists()
+    r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists() and (out / "spectrum.parquet").exists()
+
+
+def test_split_fused_rows(ckpt, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--split-fused"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "spectrum.parquet")
+    parts = df[df["non_ww"]]
+    assert parts["part"].tolist() == ["q", "k", "v"] and (parts["N"] == 16).all()
+    assert json.loads((out / "summary.json").read_text())["counts"]["non_ww"] == 3
+
+
+def test_plots(tmp_path):
+    path = tmp_path / "two.safetensors"
+    save_file({k: v for k, v in _state_dict().items() if k in ("h.0.mlp.c_fc.weight", "conv.weight")}, str(path))
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["spectrum", str(path), "-o", str(out), "-q", "--plot", "esd"])
+    assert r.exit_code == 0, r.output
+    for stem in ("alpha_by_layer", "esd/h.0.mlp.c_fc.weight", "esd/conv.weight"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.svg").exists()
+    assert "esd/conv.weight.png" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_terminal_table_without_output(ckpt):
+    r = runner.invoke(app, ["spectrum", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    assert "h.0.mlp.c_fc.weight" in r.output and "WW summary" in r.output
+
+
+def test_gguf_checkpoint(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    w_q = rng.standard_normal((32, 16)).astype(np.float32)
+    w_up = rng.standard_normal((64, 16)).astype(np.float32)
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", w_q)
+    writer.add_tensor("blk.0.ffn_up.weight", w_up)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["spectrum", str(path), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "spectrum.parquet").set_index("name")
+    assert list(df.index) == ["blk.0.attn_q.weight", "blk.0.ffn_up.weight"]
+    assert df.loc["blk.0.ffn_up.weight", "shape"] == "64x16"
+    ref = sp.analyze_tensors([("blk.0.attn_q.weight", torch.from_numpy(w_q)),
+                              ("blk.0.ffn_up.weight", torch.from_numpy(w_up))]).set_index("name")
+    assert df["alpha"].to_dict() == pytest.approx(ref["alpha"].to_dict(), rel=1e-12)
+    assert json.loads((out / "manifest.json").read_text())["checkpoint"]["format"] == "gguf"
+
+
+def test_nan_weights_are_reported_and_the_run_continues(tmp_path):
+    sd = _state_dict()
+    sd["h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path))
+    r = runner.invoke(app, ["spectrum", str(path), "-o", str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "out" / "spectrum.parquet").set_index("name")
+    assert df.loc["h.0.mlp.c_fc.weight", "status"] == "non-finite"
+    assert df.loc["conv.weight", "status"] == "success"
+
+
+def test_weightless_file_fails_clearly(tmp_path):
+    path = tmp_path / "norms.safetensors"
+    save_file({"ln.weight": torch.ones(8), "ln.bias": torch.zeros(8)}, str(path))
+    r = runner.invoke(app, ["spectrum", str(path), "-q"])
+    assert r.exit_code == EXIT_MODEL
+    assert "no weight matrices found among 2 tensor" in r.output
+
+
+def test_bad_device_and_plot_without_output(ckpt, tmp_path):
+    r = runner.invoke(app, ["spectrum", str(ckpt), "--device", "mps", "-q"])
+    assert r.exit_code == EXIT_DEVICE and "cpu or cuda" in r.output
+    r = runner.invoke(app, ["spectrum", str(ckpt), "--plot", "esd", "-q"])
+    assert r.exit_code == 2 and "-o" in r.output
