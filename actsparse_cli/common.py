@@ -36,7 +36,8 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="HF config (f
                                                   "for a bare state dict.", rich_help_panel=PANEL_LOAD)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Model family for a bare state dict "
                                                 "built from tensor shapes: gpt2, nanogpt, llama, mistral, qwen2 "
-                                                "(others: use --config).", rich_help_panel=PANEL_LOAD)]
+                                                "(others: use --config); timm:NAME or torchvision:NAME for vision "
+                                                "models (needs that package).", rich_help_panel=PANEL_LOAD)]
 DeviceArg = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
                                         rich_help_panel=PANEL_LOAD)]
 DtypeArg = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; statistics are always float32.",

@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Gradient sparsity (act'(h) zeros, |dL/dh| < tau) per activation site, and linear-input spikes."""
         from probes.gradients import DEFAULT_TAUS, GradOptions, check_loss, measure_gradients
-        from probes.vision import load_any
+        from probes.loading import load_checkpoint
         from reports.bundle import check_output_dir
         from reports.grad_report import write_grad_outputs
 
@@ -146,8 +146,8 @@ def register(app: typer.Typer) -> None:
                            skip_first=skip_first, taus=tuple(sorted(tau)) if tau else DEFAULT_TAUS, eps_d=eps_d,
                            loss=loss.value, loss_reduction=loss_reduction.value, act=act, sites=tuple(site or ()),
                            spikes=spikes.value)
-        lm = load_any(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
-                      trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
+        lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
+                             trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
         check_loss(lm, opts)  # a model without a loss fails here, before the progress bar
         with batch_progress(quiet, "grad") as progress:
             result = measure_gradients(lm, opts, progress=progress)

@@ -70,6 +70,15 @@ def register(app: typer.Typer) -> None:
                                                            rich_help_panel=PANEL_PROBES)] = None,
         chunk_k: Annotated[int, typer.Option("--chunk-k", min=1, help="Tokens per chunk for chunk_sparsity.",
                                              rich_help_panel=PANEL_PROBES)] = 8,
+        grad: Annotated[bool, typer.Option("--grad", help="Also measure gradient (derivative) sparsity and "
+                                           "linear-input spikes with a backward pass on the model's loss "
+                                           "(tables grad, spikes; as `actsparse grad`).",
+                                           rich_help_panel=PANEL_PROBES)] = False,
+        massive: Annotated[bool, typer.Option("--massive", help="Also measure massive activations on the residual "
+                                              "stream (tables massive_*; as `actsparse massive`).",
+                                              rich_help_panel=PANEL_PROBES)] = False,
+        massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol for --massive: sun2024 or "
+                                                    "maxact2026.", rich_help_panel=PANEL_PROBES)] = "sun2024",
         site: SiteArg = None,
         kind: KindArg = None,
         config: ConfigOpt = None,
@@ -103,15 +112,47 @@ def register(app: typer.Typer) -> None:
                               eps_grid=tuple(sorted(eps)) if eps else DEFAULT_EPS_GRID, chunk_k=chunk_k, kinds=kinds,
                               sites=tuple(site or ()))
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        extras = {}
+        gopts = None
+        if grad:
+            from probes.gradients import GradOptions, check_loss
+
+            gopts = GradOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
+                                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+                                sites=tuple(site or ()))
+            check_loss(lm, gopts)  # refuse a model without a loss before any work
         with batch_progress(quiet, "measure") as progress:
             result = run_measure(lm, opts, progress=progress)
+        if grad:
+            from probes.gradients import measure_gradients
+
+            with batch_progress(quiet, "grad") as progress:
+                extras["grad"] = measure_gradients(lm, gopts, progress=progress)
+        if massive:
+            from probes.massive import MassiveOptions
+            from probes.massive import massive as run_massive
+
+            # The preset draws its own sequences (no BOS, the family's length) so the numbers compare with the
+            # papers; the corpus, --max-length (when given), --max-tokens and --skip-first carry over.
+            mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field, max_length=max_length,
+                                   max_tokens=max_tokens, skip_first=skip_first)
+            with batch_progress(quiet, "massive") as progress:
+                extras["massive"] = run_massive(lm, mopts, progress=progress)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
                    "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
                    "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force}
         if output is not None:
-            write_measure_outputs(output, result, lm, options, force=force)
+            write_measure_outputs(output, result, lm, options, force=force, extras=extras)
         if not quiet:
             print_sparsity_table(result.rows, f"activation sparsity: {checkpoint} "
                                               f"({result.info['n_counted_tokens']} tokens, {lm.dtype})")
+            if "grad" in extras:
+                from actsparse_cli.grad_cmd import print_grad_table
+
+                print_grad_table(extras["grad"].rows, extras["grad"].spike_rows, "gradient sparsity")
+            if "massive" in extras:
+                from actsparse_cli.massive_cmd import print_massive_table
+
+                print_massive_table(extras["massive"], f"massive activations ({extras['massive'].info['preset']})")
             if output is not None:
-                stderr_console().print(f"wrote {output}/ (sparsity.parquet/.csv, summary.parquet/.csv, manifest.json)")
+                stderr_console().print(f"wrote {output}/")

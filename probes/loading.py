@@ -161,6 +161,10 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
 
     hf_logging.disable_progress_bar()  # the CLI draws its own progress bar
     dev = resolve_device(device)
+    from probes.vision import load_vision_arch, parse_vision_arch
+
+    if parse_vision_arch(arch):  # --arch timm:NAME / torchvision:NAME plus a local state dict
+        return load_vision_arch(str(checkpoint), arch, device=device, dtype=dtype, unsafe_pickle=unsafe_pickle)
     if isinstance(checkpoint, torch.nn.Module):
         return _finish(checkpoint, None, None, "module", dev, resolve_dtype(dtype, dev), {"kind": "module"},
                        tokenizer, trust_remote_code)

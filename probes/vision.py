@@ -637,13 +637,3 @@ def load_vision_arch(checkpoint: str, arch: str, device: str = "auto", dtype: st
         source["unexpected_keys"] = list(unexpected)[:20]
     return LoadedModel(model=model, tokenizer=None, config=None, family=lib, device=dev, dtype=td,
                        is_causal_lm=False, is_encoder_decoder=False, source=source)
-
-
-def load_any(checkpoint, *, arch: str | None = None, **kw):
-    """``load_checkpoint``, plus ``--arch timm:NAME`` / ``torchvision:NAME``."""
-    if parse_vision_arch(arch):
-        return load_vision_arch(checkpoint, arch, device=kw.get("device", "auto"), dtype=kw.get("dtype", "auto"),
-                                unsafe_pickle=kw.get("unsafe_pickle", False))
-    from probes.loading import load_checkpoint
-
-    return load_checkpoint(checkpoint, arch=arch, **kw)

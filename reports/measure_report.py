@@ -19,15 +19,29 @@ def model_section(lm) -> dict[str, Any]:
             "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
 
 
-def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False) -> Path:
+def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
+                          extras: dict[str, Any] | None = None) -> Path:
+    """One bundle: the sparsity tables, plus the ``grad`` and ``massive`` results when measured too."""
+    extras = extras or {}
+    title = _short(options.get("checkpoint"))
     with atomic_output_dir(output, force) as tmp:
         files = write_table(result.table(), tmp, "sparsity")
         files += write_table(result.summary(), tmp, "summary")
-        files += sparsity_by_layer(result.table(), tmp, _short(options.get("checkpoint")),
-                                   result.info["n_counted_tokens"])
+        files += sparsity_by_layer(result.table(), tmp, title, result.info["n_counted_tokens"])
         files.append(write_summary_md(tmp, result, options))
+        sections: dict[str, Any] = {}
+        if "grad" in extras:
+            from reports.grad_report import write_grad_files
+
+            files += write_grad_files(tmp, extras["grad"], title)
+            sections["gradients"] = extras["grad"].info
+        if "massive" in extras:
+            from reports.massive_report import massive_manifest_section, write_massive_files
+
+            files += write_massive_files(tmp, extras["massive"], title)
+            sections["massive"] = massive_manifest_section(extras["massive"])
         manifest = build_manifest("measure", options, model=model_section(lm), measurement=result.info,
-                                  files=files + ["manifest.json"])
+                                  files=files + ["manifest.json"], **sections)
         write_manifest(tmp, manifest)
     return Path(output)
 

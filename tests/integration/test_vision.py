@@ -201,14 +201,14 @@ def test_timm_and_torchvision_are_optional(tmp_path, monkeypatch):
     for lib in ("timm", "torchvision"):
         monkeypatch.setitem(sys.modules, lib if lib == "timm" else "torchvision.models", None)
         with pytest.raises(ModelError, match=f"needs the '{lib}' package"):
-            vision.load_any(str(p), arch=f"{lib}:resnet18", device="cpu")
+            load_checkpoint(str(p), arch=f"{lib}:resnet18", device="cpu")
     # With a (fake) timm present: built by name without weights, the local state dict loaded into it.
     fake = types.SimpleNamespace(create_model=lambda name, pretrained, num_classes: SharedReluNet(num_classes))
     monkeypatch.setitem(sys.modules, "timm", fake)
-    lm = vision.load_any(str(p), arch="timm:resnetish", device="cpu")
+    lm = load_checkpoint(str(p), arch="timm:resnetish", device="cpu")
     assert lm.family == "timm" and lm.source["num_classes"] == 2
     assert torch.equal(lm.model.conv1.weight, net.conv1.weight)
     res = measure_vision(lm, VisionOptions(data="random:3x8x8", n_images=2))
     assert len(res.rows) == 2
     with pytest.raises(ModelError, match="names no model"):
-        vision.load_any(str(p), arch="timm:", device="cpu")
+        load_checkpoint(str(p), arch="timm:", device="cpu")
