@@ -147,7 +147,6 @@ def test_measure_writes_tables_and_manifest(measured, model_dir):
     csv = pd.read_csv(out / "sparsity.csv")
     assert list(csv.columns) == list(df.columns) and len(csv) == len(df)
     assert set(df.kind) == {"mlp_post"}  # mlp_pre is opt-in (--kind); no gate for a non-GLU MLP
-    assert set(df.kind) == {"mlp_post", "mlp_pre"}
     post = df[df.kind == "mlp_post"].sort_values("layer")
     assert post.canonical_name.tolist() == [f"blocks.{i}.mlp.hook_post" for i in range(N_LAYER)]
     assert post.module_path.tolist() == [f"transformer.h.{i}.mlp.c_proj" for i in range(N_LAYER)]
