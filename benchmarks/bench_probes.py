@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from probes import corpus as corpus_mod  # noqa: E402
 from probes.runner import forward_batch, run_probes  # noqa: E402
-from probes.sites import MLP_KINDS, find_sites  # noqa: E402
+from probes.measure import DEFAULT_KINDS  # noqa: E402
+from probes.sites import find_sites  # noqa: E402
 from probes.sparsity import ActivationSparsityProbe  # noqa: E402
 
 TARGET_RATIO = 1.25
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-tokens", type=int, default=1024, help="N for the N vs 10N memory check "
                     "(rounded down to whole batches)")
     ap.add_argument("--mem-batch-size", type=int, default=2, help="batch size of the memory check")
-    ap.add_argument("--kinds", default=",".join(MLP_KINDS), help="site kinds to probe (default: measure's)")
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="site kinds to probe (default: measure's)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--profile", action="store_true", help="profile ActivationSparsityProbe.update (always done "
                     "when the ratio misses the target)")

@@ -1,0 +1,318 @@
+"""``actsparse pplp`` (PPL-p% sparsity via CETT) and ``actsparse curve`` (sparsity vs PPL ratio per method)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from enum import Enum
+from typing import Annotated, Any, Optional
+
+import typer
+
+from actsparse_cli.common import (PANEL_DATA, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
+                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
+                                  stderr_console, stdout_console)
+from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
+
+PANEL_PPLP = "PPL-p%"
+PANEL_CURVE = "Curve"
+
+
+class SearchChoice(str, Enum):
+    secant = "secant"
+    bisection = "bisection"
+
+
+CheckpointOpt = Annotated[Optional[str], typer.Argument(help="Causal LM folder, hub id or weight file. Default: the "
+                                                        "project's bundled ReLU model.", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
+                                                "Default: the bundled calibration corpus.", rich_help_panel=PANEL_DATA)]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
+                                           rich_help_panel=PANEL_DATA)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
+                                        rich_help_panel=PANEL_DATA)]
+MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the model's "
+                                                  "limit, at most 2048.", rich_help_panel=PANEL_DATA)]
+MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted tokens.",
+                                                  rich_help_panel=PANEL_DATA)]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
+                                                  "--max-length, non-overlapping).", rich_help_panel=PANEL_DATA)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="torch seed, set before the first pass.",
+                                       rich_help_panel=PANEL_DATA)]
+SkipOpt = Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of each window.",
+                                      rich_help_panel=PANEL_DATA)]
+GridOpt = Annotated[int, typer.Option("--cett-grid", min=8, help="Candidate thresholds per layer (quantiles of the "
+                                      "first batch's neuron output norms; CETT is exact at each).",
+                                      rich_help_panel=PANEL_PPLP)]
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, description: str):
+    """Yields (progress(total, advance), log(message)) drawing on stderr; both silent with -q."""
+    if quiet:
+        yield None, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr_console(), transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(total, advance: int) -> None:
+            prog.update(task, total=total, advance=advance)
+
+        def log(msg: str) -> None:
+            prog.console.print(f"[dim]{msg}[/dim]", highlight=False)
+
+        yield update, log
+
+
+def _warn(warnings: list[str]) -> None:
+    con = stderr_console()
+    for w in warnings:
+        con.print(f"[bold red]WARNING:[/bold red] [red]{w}[/red]", highlight=False)
+
+
+def _num(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def print_pplp(result, title: str) -> None:
+    from rich.table import Table
+
+    con = stdout_console()
+    t = Table(title=title)
+    for head in ("p %", "status", "c*", "PPL ratio", "mean sparsity %", "activation ratio %", "sparse passes"):
+        t.add_column(head, justify="left" if head == "status" else "right")
+    for _, r in result.summary().iterrows():
+        un = r["status"] == "unreachable"
+        t.add_row(f"{r['p_pct']:g}", r["status"], "-" if un else _num(r["c_star"], ".5f"),
+                  "-" if un else _num(r["achieved_ratio"], ".5f"), "-" if un else _num(100 * r["mean_sparsity"], ".2f"),
+                  "-" if un else _num(100 * r["mean_activation_ratio"], ".2f"), str(r["sparse_passes"]))
+    con.print(t)
+    for tg in result.targets:
+        if tg.reason:
+            con.print(f"p = {tg.p:g} %: {tg.status}: {tg.reason}", highlight=False)
+    table = result.table()
+    if len(table):
+        lt = Table(title="per layer")
+        for head in ("p %", "layer", "module", "threshold", "sparsity %", "CETT in sparse run"):
+            lt.add_column(head, justify="left" if head == "module" else "right", overflow="fold")
+        for _, r in table.iterrows():
+            lt.add_row(f"{r['p_pct']:g}", str(r["layer"]), r["module_path"], _num(r["threshold"], ".6g"),
+                       _num(100 * r["sparsity"], ".2f"), _num(r["cett_in_sparse_run"], ".4f"))
+        con.print(lt)
+    con.print(f"dense PPL {result.dense['ppl']:.4f} over {result.dense['n_tokens']} tokens; "
+              f"{result.info['full_passes']} full passes ({result.info['method']})", highlight=False)
+
+
+def print_curve(result, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for head in ("method", "value", "thresholded tensor", "PPL ratio", "mean sparsity %"):
+        t.add_column(head, justify="left" if head in ("method", "thresholded tensor") else "right", overflow="fold")
+    for r in result.points:
+        t.add_row(r["method"], _num(r["value"], "g"), r["thresholded_tensor"] or "-", f"{r['ppl_ratio']:.5f}",
+                  f"{100 * r['mean_sparsity']:.2f}")
+    stdout_console().print(t)
+
+
+def _parse_methods(method: list[str] | None):
+    from probes.pplp import CURVE_METHODS, DEFAULT_CURVE_METHODS
+
+    if not method:
+        return DEFAULT_CURVE_METHODS
+    flat = [m.strip().lower() for item in method for m in item.split(",") if m.strip()]
+    bad = [m for m in flat if m not in CURVE_METHODS]
+    if bad:
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], CURVE_METHODS, n=1)
+        raise typer.BadParameter(f"unknown method {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" (valid: {', '.join(CURVE_METHODS)})", param_hint="--method")
+    return tuple(dict.fromkeys(flat))
+
+
+def _parse_values(values: list[str] | None, methods) -> dict[str, tuple[float, ...]]:
+    out: dict[str, tuple[float, ...]] = {}
+    for item in values or []:
+        name, sep, rest = item.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in methods:
+            raise typer.BadParameter(f"{item!r}: expected METHOD=v1,v2,... with METHOD one of {', '.join(methods)}",
+                                     param_hint="--values")
+        try:
+            vals = tuple(float(v) for v in rest.split(",") if v.strip())
+        except ValueError as e:
+            raise typer.BadParameter(f"{item!r}: values must be numbers", param_hint="--values") from e
+        if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+            raise typer.BadParameter(f"{item!r}: give one or more finite values >= 0", param_hint="--values")
+        out[name] = vals
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("pplp")
+    def pplp(
+        checkpoint: CheckpointOpt = None,
+        data: DataOpt = None,
+        p: Annotated[Optional[list[float]], typer.Option("--p", help="Target PPL increase in percent (repeatable): "
+                                                         "--p 1 finds the CETT where PPL rises by 1 %. Default 1.",
+                                                         rich_help_panel=PANEL_PPLP)] = None,
+        method: Annotated[SearchChoice, typer.Option("--method", help="secant (safeguarded, fewer passes) or "
+                                                     "bisection (the reference).", rich_help_panel=PANEL_PPLP)]
+        = SearchChoice.secant,
+        tol: Annotated[float, typer.Option("--tol", min=1e-9, help="Absolute tolerance on the PPL ratio.",
+                                           rich_help_panel=PANEL_PPLP)] = 1e-3,
+        max_passes: Annotated[int, typer.Option("--max-passes", min=1, help="Sparse passes per target before giving "
+                                                "up (status not_reached).", rich_help_panel=PANEL_PPLP)] = 40,
+        cett_grid: GridOpt = 128,
+        text_field: TextFieldOpt = "text",
+        batch_size: BatchOpt = 4,
+        max_length: MaxLenOpt = None,
+        max_tokens: MaxTokOpt = None,
+        stride: StrideOpt = None,
+        seed: SeedOpt = 0,
+        skip_first: SkipOpt = 0,
+        site: SiteArg = None,
+        config: ConfigOpt = None,
+        arch: ArchOpt = None,
+        tokenizer: TokenizerArg = None,
+        device: DeviceArg = "auto",
+        dtype: DtypeArg = DtypeChoice.auto,
+        trust_remote_code: TrustArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+        output: OutArg = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """PPL-p% sparsity (Sparsing Law): the shared CETT at which PPL rises by p %, per-layer thresholds, sparsity."""
+        # Usage errors are raised here, outside handle_errors, so click reports them (exit 2).
+        targets = tuple(p) if p else (1.0,)
+        bad = [v for v in targets if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]:g}: p must be a positive percentage, e.g. --p 1", param_hint="--p")
+        _pplp(checkpoint=checkpoint, data=data, targets=targets, method=method, tol=tol, max_passes=max_passes,
+              cett_grid=cett_grid, text_field=text_field, batch_size=batch_size, max_length=max_length,
+              max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
+              arch=arch, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+              unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
+
+    @handle_errors
+    def _pplp(*, checkpoint, data, targets, method, tol, max_passes, cett_grid, text_field, batch_size, max_length,
+              max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
+              unsafe_pickle, output, force, quiet, debug) -> None:
+        from probes.pplp import PplpOptions
+        from probes.pplp import pplp as run_pplp
+        from reports.bundle import check_output_dir
+        from reports.pplp_report import write_pplp_outputs
+
+        if output is not None:
+            check_output_dir(output, force)
+        if checkpoint is None:
+            from probes.embedded import default_checkpoint
+
+            checkpoint = default_checkpoint()
+        opts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
+                           max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+                           sites=tuple(site or ()), p=targets, method=method.value, tol=tol, max_passes=max_passes,
+                           cett_grid=cett_grid)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        with _progress(quiet, "pplp") as (progress, log):
+            result = run_pplp(lm, opts, progress=progress, log=log)
+        _warn(result.warnings)
+        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
+                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
+                   "output": str(output) if output else None, "force": force}
+        if output is not None:
+            write_pplp_outputs(output, result, lm, options, force=force)
+        if not quiet:
+            print_pplp(result, f"PPL-p% sparsity: {checkpoint} ({result.dense['n_tokens']} tokens, {lm.dtype})")
+            if output is not None:
+                stderr_console().print(f"wrote {output}/ (pplp, pplp_summary, pplp_trace, cett_calibration "
+                                       ".parquet/.csv, summary.md, manifest.json)")
+
+    @app.command("curve")
+    def curve(
+        checkpoint: CheckpointOpt = None,
+        data: DataOpt = None,
+        method: Annotated[Optional[list[str]], typer.Option("--method", help="Threshold families, comma-separated or "
+                                                            "repeated: cett, topk, topk_global, teal, cats, chess, "
+                                                            "fat. Default cett,topk,teal,cats,fat.",
+                                                            rich_help_panel=PANEL_CURVE)] = None,
+        values: Annotated[Optional[list[str]], typer.Option("--values", help="Parameter grid of one method, e.g. "
+                                                            "'fat=0.01,0.1' or 'teal=0.5,0.9' (repeatable).",
+                                                            rich_help_panel=PANEL_CURVE)] = None,
+        plot: Annotated[Optional[bool], typer.Option("--plot/--no-plot", help="Write curve.png/.svg into the -o "
+                                                     "folder (default: on with -o).", rich_help_panel=PANEL_CURVE)]
+        = None,
+        cett_grid: GridOpt = 128,
+        text_field: TextFieldOpt = "text",
+        batch_size: BatchOpt = 4,
+        max_length: MaxLenOpt = None,
+        max_tokens: MaxTokOpt = None,
+        stride: StrideOpt = None,
+        seed: SeedOpt = 0,
+        skip_first: SkipOpt = 0,
+        site: SiteArg = None,
+        config: ConfigOpt = None,
+        arch: ArchOpt = None,
+        tokenizer: TokenizerArg = None,
+        device: DeviceArg = "auto",
+        dtype: DtypeArg = DtypeChoice.auto,
+        trust_remote_code: TrustArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+        output: OutArg = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens."""
+        methods = _parse_methods(method)
+        grid = _parse_values(values, methods)
+        if plot and output is None:
+            raise typer.BadParameter("--plot writes into the output folder: add -o FOLDER", param_hint="--plot")
+        _curve(checkpoint=checkpoint, data=data, methods=methods, grid=grid, plot=plot, cett_grid=cett_grid,
+               text_field=text_field, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
+               stride=stride, seed=seed, skip_first=skip_first, site=site, config=config, arch=arch,
+               tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+               unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
+
+    @handle_errors
+    def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, batch_size, max_length, max_tokens,
+               stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
+               unsafe_pickle, output, force, quiet, debug) -> None:
+        from probes.pplp import CurveOptions
+        from probes.pplp import curve as run_curve
+        from reports.bundle import check_output_dir
+        from reports.pplp_report import write_curve_outputs
+
+        if output is not None:
+            check_output_dir(output, force)
+        if checkpoint is None:
+            from probes.embedded import default_checkpoint
+
+            checkpoint = default_checkpoint()
+        opts = CurveOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
+                            max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+                            sites=tuple(site or ()), methods=methods, values=grid, cett_grid=cett_grid)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        with _progress(quiet, "curve") as (progress, log):
+            result = run_curve(lm, opts, progress=progress, log=log)
+        _warn(result.warnings)
+        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
+                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
+                   "output": str(output) if output else None, "force": force, "plot": plot is not False}
+        if output is not None:
+            write_curve_outputs(output, result, lm, options, force=force, plot=plot is not False)
+        if not quiet:
+            print_curve(result, f"sparsity vs PPL: {checkpoint} ({result.info['n_counted_tokens']} tokens, {lm.dtype})")
+            if output is not None:
+                stderr_console().print(f"wrote {output}/ (curve, curve_layers .parquet/.csv"
+                                       f"{', curve.png/.svg' if plot is not False else ''}, summary.md, manifest.json)")

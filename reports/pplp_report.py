@@ -1,0 +1,188 @@
+"""Files of ``pplp`` and ``curve`` runs: tables, manifest sections, summary.md, the sparsity-vs-PPL plot.
+
+``write_pplp_tables`` / ``pplp_manifest_section`` are also what another command (``measure
+--pplp``) calls to add a PPL-p% section to its own bundle.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from reports.bundle import atomic_output_dir
+from reports.figures import _plt, save
+from reports.manifest import build_manifest, write_manifest
+from reports.tables import write_table
+
+
+def _model_section(lm) -> dict[str, Any]:
+    from reports.measure_report import model_section
+
+    return model_section(lm)
+
+
+def _short(checkpoint: Any) -> str:
+    p = Path(str(checkpoint))
+    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
+
+
+# ----------------------------------------------------------------------------------------------- pplp
+def write_pplp_tables(folder: str | Path, result) -> list[str]:
+    """pplp (per p and layer), pplp_summary (per p), pplp_trace (every pass), cett_calibration."""
+    import pandas as pd
+
+    files = write_table(result.table(), folder, "pplp")
+    files += write_table(result.summary(), folder, "pplp_summary")
+    files += write_table(result.trace_table(), folder, "pplp_trace")
+    files += write_table(pd.DataFrame(result.calibration), folder, "cett_calibration")
+    return files
+
+
+def pplp_manifest_section(result) -> dict[str, Any]:
+    """What the manifest records about a PPL-p% run: how it was measured, and each target's outcome."""
+    targets = []
+    for t in result.targets:
+        ev = t.evaluation if t.status != "unreachable" else None
+        targets.append({"p_pct": t.p, "target_ratio": t.target_ratio, "status": t.status, "reason": t.reason,
+                        "c_star": t.c_star if ev else None, "achieved_ratio": ev.ratio if ev else None,
+                        "mean_sparsity": ev.mean_sparsity if ev else None,
+                        "thresholds": list(ev.thresholds) if ev else None,
+                        "sparse_passes": t.sparse_passes, "trace": [list(x) for x in t.trace],
+                        "bound_ratio": t.bound_ratio})
+    return {**result.info, "dense": {k: v for k, v in result.dense.items()}, "targets": targets,
+            "warnings": list(result.warnings)}
+
+
+def write_pplp_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False) -> Path:
+    with atomic_output_dir(output, force) as tmp:
+        files = write_pplp_tables(tmp, result)
+        files.append(write_pplp_summary_md(tmp, result, options))
+        manifest = build_manifest("pplp", options, model=_model_section(lm), pplp=pplp_manifest_section(result),
+                                  warnings=list(result.warnings), files=files + ["manifest.json"])
+        write_manifest(tmp, manifest)
+    return Path(output)
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def pplp_summary_lines(result) -> list[str]:
+    """Markdown lines for a PPL-p% section (shared with other bundles' summary.md)."""
+    info, dense = result.info, result.dense
+    lines = []
+    for w in result.warnings:
+        lines += [f"> **WARNING:** {w}", ""]
+    lines += [f"{dense['n_tokens']} counted tokens from `{info['corpus']}`; dense PPL {dense['ppl']:.4f} "
+              f"(CE {dense['ce']:.6f}); search `{info['method']}`, tol {info['tol']:g} on the PPL ratio; "
+              f"{info['full_passes']} full passes in all (calibration included).", "",
+              "| p % | status | c* | achieved PPL ratio | mean sparsity % | activation ratio % | sparse passes |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    summ = result.summary()
+    for _, r in summ.iterrows():
+        if r["status"] == "unreachable":
+            lines.append(f"| {r['p_pct']:g} | unreachable | - | - | - | - | {r['sparse_passes']} |")
+            continue
+        lines.append(f"| {r['p_pct']:g} | {r['status']} | {_fmt(r['c_star'], '.5f')} | {_fmt(r['achieved_ratio'], '.5f')}"
+                     f" | {_fmt(100 * r['mean_sparsity'], '.2f')} | {_fmt(100 * r['mean_activation_ratio'], '.2f')} | "
+                     f"{r['sparse_passes']} |")
+    notes = [f"- p = {r['p_pct']:g} %: {r['reason']}" for _, r in summ.iterrows() if r["reason"]]
+    if notes:
+        lines += [""] + notes
+    table = result.table()
+    if len(table):
+        lines += ["", "| p % | layer | module | threshold | sparsity % | CETT in sparse run |", "|---:|---:|---|---:|---:|---:|"]
+        for _, r in table.iterrows():
+            lines.append(f"| {r['p_pct']:g} | {r['layer']} | `{r['module_path']}` | {_fmt(r['threshold'], '.6g')} | "
+                         f"{_fmt(100 * r['sparsity'], '.2f')} | {_fmt(r['cett_in_sparse_run'], '.4f')} |")
+    return lines
+
+
+def write_pplp_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+    lines = [f"# actsparse pplp: {options.get('checkpoint')}", ""] + pplp_summary_lines(result)
+    lines += ["", "Sparsity = fraction of the MLP output projection's input entries that are exactly 0 in the sparse run "
+              "(natural zeros included), mean over layers (unweighted). Neuron i is inactive when "
+              "|x_i| * ||W_down[:, i]||_2 < threshold; thresholds come from one CETT value c* shared by all layers."]
+    (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
+    return "summary.md"
+
+
+# ---------------------------------------------------------------------------------------------- curve
+def write_curve_tables(folder: str | Path, result) -> list[str]:
+    files = write_table(result.table(), folder, "curve")
+    files += write_table(result.layer_table(), folder, "curve_layers")
+    return files
+
+
+def curve_manifest_section(result) -> dict[str, Any]:
+    return {**result.info, "warnings": list(result.warnings)}
+
+
+_MARKERS = {"cett": "o", "topk": "s", "topk_global": "D", "teal": "^", "cats": "v", "chess": "P", "fat": "X"}
+
+
+def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "curve") -> list[str]:
+    """Sparsity (mean over layers) against the PPL increase, one labelled curve per method (PNG + SVG).
+
+    y is 100 * (PPL ratio - 1) on a symmetric log scale, linear within +-0.5 %, so that the
+    1-10 % region PPL-p% is about stays readable next to ratios of 2 or more.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    dense = df[df.method == "dense"]
+    for method, g in df[df.method != "dense"].groupby("method", sort=False):
+        g = g.sort_values("mean_sparsity")
+        tensor = str(g.thresholded_tensor.iloc[0]).split(" (")[0]
+        ax.plot(100 * g.mean_sparsity, 100 * (g.ppl_ratio - 1), marker=_MARKERS.get(method, "o"), ms=4, lw=1.4,
+                label=f"{method} on {tensor}")
+    if len(dense):
+        ax.plot(100 * dense.mean_sparsity, 100 * (dense.ppl_ratio - 1), marker="*", ms=11, ls="none", color="k",
+                label="dense (natural zeros)")
+    ax.set_yscale("symlog", linthresh=0.5)
+    xmin = float(100 * df.mean_sparsity.min()) if len(df) else 0.0
+    ax.set_xlim(max(0.0, xmin - 5), 100)
+    for p, ls in ((1, "--"), (5, ":"), (10, "-.")):
+        ax.axhline(p, color="grey", lw=0.8, ls=ls)
+        ax.text(ax.get_xlim()[0], p, f" PPL +{p}%", va="bottom", fontsize=7, color="grey")
+    ax.set_xlabel("activation sparsity of the sparse run, % (mean over layers)")
+    ax.set_ylabel("PPL increase, % (sparse / dense - 1)")
+    ax.set_title(f"{title}: sparsity vs PPL over {n_tokens} tokens", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return save(fig, folder, stem)
+
+
+def write_curve_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
+                        plot: bool = True) -> Path:
+    with atomic_output_dir(output, force) as tmp:
+        files = write_curve_tables(tmp, result)
+        if plot:
+            files += plot_curve(result.table(), tmp, _short(options.get("checkpoint")), result.info["n_counted_tokens"])
+        files.append(write_curve_summary_md(tmp, result, options))
+        manifest = build_manifest("curve", options, model=_model_section(lm), curve=curve_manifest_section(result),
+                                  warnings=list(result.warnings), files=files + ["manifest.json"])
+        write_manifest(tmp, manifest)
+    return Path(output)
+
+
+def write_curve_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+    info = result.info
+    lines = [f"# actsparse curve: {options.get('checkpoint')}", ""]
+    for w in result.warnings:
+        lines += [f"> **WARNING:** {w}", ""]
+    lines += [f"{info['n_counted_tokens']} counted tokens from `{info['corpus']}`; dense PPL {info['dense_ppl']:.4f}; "
+              f"{info['full_passes']} full passes.", "",
+              "| method | value | thresholded tensor | PPL ratio | mean sparsity % |", "|---|---:|---|---:|---:|"]
+    for r in result.points:
+        tensor = r["thresholded_tensor"] if isinstance(r["thresholded_tensor"], str) else "-"
+        tensor = tensor.replace("|", "\\|")  # a bare pipe would split the markdown cell
+        lines.append(f"| {r['method']} | {_fmt(r['value'], 'g')} | {tensor} | "
+                     f"{r['ppl_ratio']:.5f} | {100 * r['mean_sparsity']:.2f} |")
+    (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
+    return "summary.md"
