@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 
 from probes.errors import EXIT_INTERRUPTED, ActsparseError
@@ -76,8 +77,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(e.one_line(), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted; no output was written", EXIT_INTERRUPTED)
-        except typer.Exit:
-            raise
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise  # usage errors (typer.BadParameter) keep click's message and exit code 2
         except Exception as e:  # an internal error: still one line unless --debug
             if debug:
                 traceback.print_exc()

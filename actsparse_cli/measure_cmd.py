@@ -79,6 +79,10 @@ def register(app: typer.Typer) -> None:
                                               rich_help_panel=PANEL_PROBES)] = False,
         massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol for --massive: sun2024 or "
                                                     "maxact2026.", rich_help_panel=PANEL_PROBES)] = "sun2024",
+        pplp: Annotated[Optional[list[float]], typer.Option("--pplp", min=0.0, help="Also find PPL-p% sparsity "
+                                                            "(CETT) for these p in percent, e.g. --pplp 1 "
+                                                            "(repeatable; as `actsparse pplp`).",
+                                                            rich_help_panel=PANEL_PROBES)] = None,
         site: SiteArg = None,
         kind: KindArg = None,
         config: ConfigOpt = None,
@@ -128,6 +132,15 @@ def register(app: typer.Typer) -> None:
 
             with batch_progress(quiet, "grad") as progress:
                 extras["grad"] = measure_gradients(lm, gopts, progress=progress)
+        if pplp:
+            from probes.pplp import PplpOptions
+            from probes.pplp import pplp as run_pplp
+
+            popts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
+                                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+                                sites=tuple(site or ()), p=tuple(pplp))
+            with batch_progress(quiet, "pplp") as progress:
+                extras["pplp"] = run_pplp(lm, popts, progress=progress)
         if massive:
             from probes.massive import MassiveOptions
             from probes.massive import massive as run_massive
@@ -150,6 +163,10 @@ def register(app: typer.Typer) -> None:
                 from actsparse_cli.grad_cmd import print_grad_table
 
                 print_grad_table(extras["grad"].rows, extras["grad"].spike_rows, "gradient sparsity")
+            if "pplp" in extras:
+                from actsparse_cli.pplp_cmd import print_pplp
+
+                print_pplp(extras["pplp"], "PPL-p% sparsity")
             if "massive" in extras:
                 from actsparse_cli.massive_cmd import print_massive_table
 

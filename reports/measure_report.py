@@ -28,13 +28,19 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
         files = write_table(result.table(), tmp, "sparsity")
         files += write_table(result.summary(), tmp, "summary")
         files += sparsity_by_layer(result.table(), tmp, title, result.info["n_counted_tokens"])
-        files.append(write_summary_md(tmp, result, options))
+        files.append(write_summary_md(tmp, result, options, extras))
         sections: dict[str, Any] = {}
         if "grad" in extras:
             from reports.grad_report import write_grad_files
 
             files += write_grad_files(tmp, extras["grad"], title)
             sections["gradients"] = extras["grad"].info
+        if "pplp" in extras:
+            from reports.pplp_report import pplp_manifest_section, write_pplp_tables
+
+            files += write_pplp_tables(tmp, extras["pplp"])
+            sections["pplp"] = pplp_manifest_section(extras["pplp"])
+            sections["warnings"] = list(extras["pplp"].warnings)
         if "massive" in extras:
             from reports.massive_report import massive_manifest_section, write_massive_files
 
@@ -51,7 +57,7 @@ def _short(checkpoint: Any) -> str:
     return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
 
 
-def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
     """A short markdown summary for terminals and pull requests."""
     info = result.info
     lines = [f"# actsparse measure: {options.get('checkpoint')}", "",
@@ -68,5 +74,9 @@ def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
         z = summ[summ.metric == "zero_frac"]
         lines += ["", "Mean over layers (unweighted): " + ", ".join(
             f"{k} zero_frac {100 * v:.2f} %" for k, v in zip(z.kind, z.mean_over_layers))]
+    if extras and "pplp" in extras:
+        from reports.pplp_report import pplp_summary_lines
+
+        lines += [""] + list(pplp_summary_lines(extras["pplp"]))
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
     return "summary.md"
