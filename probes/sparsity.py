@@ -87,9 +87,12 @@ class ActivationSparsityProbe:
             return
         s = self.state
         a = valid.abs()
-        per_token_nz = torch.count_nonzero(valid, dim=1)  # [n]; -0.0 counts as zero
+        # Non-zero indicator as float32: its row/column sums are exact integers (< 2^24 per batch)
+        # and run several times faster than count_nonzero along a dimension. -0.0 counts as zero.
+        nzf = (valid != 0).to(torch.float32)
+        per_token_nz = nzf.sum(1)  # [n]
         s["n_tokens"] += n
-        s["zero"] += n * c - per_token_nz.sum()
+        s["zero"] += n * c - per_token_nz.sum().long()
         for j in range(len(self.eps_grid)):
             s["near_zero"][j] += torch.count_nonzero(a <= self._eps[j])
         s["neg"] += torch.count_nonzero(valid < 0)
@@ -102,7 +105,7 @@ class ActivationSparsityProbe:
         if not bool(torch.isfinite(amax)):
             s["nonfinite"] += (~torch.isfinite(valid)).sum()
         s["max_abs"] = torch.maximum(s["max_abs"], amax.double())
-        s["channel_active"] += torch.count_nonzero(valid, dim=0)
+        s["channel_active"] += nzf.sum(0).long()
         frac = per_token_nz.double() / c
         s["token_nz_sum"] += frac.sum()
         bins = (frac * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
@@ -121,13 +124,13 @@ class ActivationSparsityProbe:
             if not full:
                 return
             blocks = a.view(len(lens), L, c)[:, :full * k].reshape(-1, k, c)
-            u = torch.count_nonzero(blocks.amax(1), dim=1)
+            u = torch.count_nonzero(blocks.sum(1), dim=1)  # |a| >= 0: a chunk's sum is 0 iff all are 0
         else:
             parts, off = [], 0
             for L in lens:
                 full = L // k
                 if full:
-                    parts.append(torch.count_nonzero(a[off:off + full * k].view(full, k, c).amax(1), dim=1))
+                    parts.append(torch.count_nonzero(a[off:off + full * k].view(full, k, c).sum(1), dim=1))
                 off += L
             if not parts:
                 return
