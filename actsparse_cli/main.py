@@ -32,9 +32,10 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _register() -> None:
-    from actsparse_cli import drift_cmd, grad_cmd, massive_cmd, measure_cmd, pplp_cmd, sites_cmd, spectrum_cmd
+    from actsparse_cli import (drift_cmd, grad_cmd, massive_cmd, measure_cmd, pplp_cmd, report_cmd, sites_cmd,
+                               spectrum_cmd)
 
-    for mod in (sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, drift_cmd, grad_cmd):
+    for mod in (sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, drift_cmd, grad_cmd, report_cmd):
         mod.register(app)
 
 

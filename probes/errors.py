@@ -6,6 +6,7 @@ Exit codes (documented in the README):
   4  data problem (empty corpus, corpus shorter than one window, bad data spec)
   5  output problem (folder exists without --force, unwritable)
   6  device problem (CUDA requested with no GPU, out of memory)
+  7  a `compare --fail-on` rule is broken (or a `--strict` mismatch)
   130 interrupted (Ctrl-C); nothing is left half written
 """
 
@@ -16,6 +17,7 @@ EXIT_MODEL = 3
 EXIT_DATA = 4
 EXIT_OUTPUT = 5
 EXIT_DEVICE = 6
+EXIT_RULE_BROKEN = 7
 EXIT_INTERRUPTED = 130
 
 

@@ -1,0 +1,215 @@
+"""``actsparse report``, ``actsparse compare`` and ``actsparse track``: bundles, CI gates and training trends.
+
+Exit codes of ``compare``: 0 when every ``--fail-on`` rule holds (or none is given), 7 when a rule
+is broken (with ``--strict`` also when the two sides measured different things: other tables,
+columns, rows, token counts or method options), 2 for a bad input folder or an unreadable rule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
+                                  ForceArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors, stderr_console,
+                                  stdout_console)
+from actsparse_cli.loading_opts import KindArg, TokenizerArg
+from probes.errors import EXIT_RULE_BROKEN
+
+PANEL_GATE = "Gate"
+PANEL_TRACK = "Track"
+
+RequiredOut = Annotated[Path, typer.Option("-o", "--output", help="Output folder (written atomically).",
+                                           rich_help_panel=PANEL_OUT, show_default=False)]
+
+
+def _print_changes(res, top: int) -> None:
+    from rich.table import Table
+
+    from reports.compare import _layer, fmt, fmt_rel
+
+    ch = res.changed()
+    t = Table(title=f"largest changes ({min(top, len(ch))} of {len(ch)} changed values)")
+    for c in ("table", "site", "layer", "kind", "metric", "baseline", "candidate", "delta", "delta %"):
+        t.add_column(c, justify="right" if c in ("layer", "baseline", "candidate", "delta", "delta %") else "left",
+                     overflow="fold")
+    for r in ch.head(top).itertuples(index=False):
+        t.add_row(str(r.table), str(r.name), _layer(r.layer),
+                  str(r.kind), str(r.metric), fmt(r.baseline), fmt(r.candidate), fmt(r.delta), fmt_rel(r.rel_delta))
+    stdout_console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    @handle_errors
+    def report(
+        inputs: Annotated[list[Path], typer.Argument(help="actsparse output folders (measure, spectrum, massive, "
+                                                     "pplp, curve, grad, drift, track).", show_default=False)],
+        output: RequiredOut,
+        title: Annotated[Optional[str], typer.Option("--title", help="Title of index.html and summary.md.",
+                                                     rich_help_panel=PANEL_OUT)] = None,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Bundle outputs into one report folder: tables, figures (PNG + SVG), summary.md and an offline index.html."""
+        from reports.bundle_report import build_report
+
+        build_report(inputs, output, force=force, title=title)
+        if not quiet:
+            import json
+
+            man = json.loads((Path(output) / "manifest.json").read_text())
+            stderr_console().print(f"wrote {output}/: {len(man['inputs'])} input(s), {len(man['figures'])} figures, "
+                                   f"{len(man['tables'])} tables; open {output}/index.html")
+            for w in man.get("warnings", []):
+                stderr_console().print(f"warning: {w}", markup=False)
+
+    @app.command("compare")
+    @handle_errors
+    def compare(
+        baseline: Annotated[Path, typer.Argument(help="Baseline output folder or report bundle.", show_default=False)],
+        candidate: Annotated[Path, typer.Argument(help="Candidate output folder or report bundle.",
+                                                  show_default=False)],
+        fail_on: Annotated[Optional[list[str]], typer.Option(
+            "--fail-on", help="METRIC:DELTA, repeatable. zero_frac:-0.02 fails if candidate - baseline < -0.02; "
+            "alpha:+0.5 if it grows by more than 0.5; alpha:+10% relative to |baseline|; no sign: either way. "
+            "METRIC may be a glob or TABLE/METRIC.", rich_help_panel=PANEL_GATE, show_default=False)] = None,
+        strict: Annotated[bool, typer.Option("--strict", help="Also fail (exit 7) when the two sides differ in "
+                                             "tables, columns, rows, token counts or method options.",
+                                             rich_help_panel=PANEL_GATE)] = False,
+        markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown report (for a "
+                                                         "pull-request comment or $GITHUB_STEP_SUMMARY).",
+                                                         rich_help_panel=PANEL_OUT, show_default=False)] = None,
+        top: Annotated[int, typer.Option("--top", min=0, help="Changed values to list, largest relative change "
+                                         "first.", rich_help_panel=PANEL_OUT)] = 20,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Line up two result sets by table/site/layer/metric and gate on --fail-on rules.
+
+        Exit code 0: every rule holds; 7: a rule is broken (or, with --strict, the sides measured different things);
+        2: an input is not an actsparse output, or a rule cannot be read or matches no metric.
+        """
+        from reports.compare import compare as run_compare
+        from reports.compare import _layer, fmt, parse_rule
+
+        rules = [parse_rule(r) for r in fail_on or []]  # a typo fails before any table is read
+        res = run_compare(baseline, candidate, rules, strict=strict)
+        if markdown is not None:
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(res.to_markdown(top=max(top, 1)), encoding="utf-8")
+        if not quiet:
+            _print_changes(res, top)
+            for i in res.issues:
+                typer.echo(f"{i.kind}: {i.message}", err=True)
+        for r in res.rules:
+            if r.passed:
+                if not quiet:
+                    typer.echo(f"rule {r.rule.text}: ok ({r.n_checked} values checked)", err=True)
+                continue
+            b = r.broken.iloc[0]
+            layer = f" layer {_layer(b['layer'])}" if _layer(b["layer"]) else ""
+            typer.echo(f"rule {r.rule.text} BROKEN by {len(r.broken)} of {r.n_checked} values ({r.rule.describe()}); "
+                       f"e.g. {b['table']} {b['name']}{layer} {b['metric']}: {fmt(b['baseline'])} -> "
+                       f"{fmt(b['candidate'])} ({b['why']})", err=True)
+        if markdown is not None and not quiet:
+            typer.echo(f"wrote {markdown}", err=True)
+        if res.failed:
+            if res.passed:
+                typer.echo("--strict: the two sides measured different things (listed above)", err=True)
+            raise typer.Exit(EXIT_RULE_BROKEN)
+
+    @app.command("track")
+    @handle_errors
+    def track(
+        output: RequiredOut,
+        checkpoints: Annotated[Optional[list[str]], typer.Argument(
+            help="Checkpoints of one run: folders/files or globs such as 'runs/ckpt-*/' (quote it). The step comes "
+                 "from trainer_state.json or the name (ckpt-1000, step_1000, checkpoint-1000).",
+            show_default=False)] = None,
+        analyses: Annotated[Optional[list[str]], typer.Option(
+            "--analyses", help="Comma-separated or repeated: measure, drift, massive, spectrum. Default: all.",
+            rich_help_panel=PANEL_TRACK, show_default=False)] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
+                                                    "Default: the bundled calibration corpus. Read once, used for "
+                                                    "every checkpoint.", rich_help_panel=PANEL_DATA)] = None,
+        text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
+                                                rich_help_panel=PANEL_DATA)] = "text",
+        max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Counted tokens per checkpoint.",
+                                                          rich_help_panel=PANEL_DATA)] = None,
+        max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length (default: the "
+                                                          "model's limit, at most 2048).",
+                                                          rich_help_panel=PANEL_DATA)] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
+                                                rich_help_panel=PANEL_DATA)] = 4,
+        seed: Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=PANEL_DATA)] = 0,
+        kind: KindArg = None,
+        massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol of the massive analysis: "
+                                                    "sun2024 or maxact2026.", rich_help_panel=PANEL_TRACK)] = "sun2024",
+        tokenizer: TokenizerArg = None,
+        device: DeviceArg = "auto",
+        dtype: DtypeArg = DtypeChoice.auto,
+        trust_remote_code: TrustArg = False,
+        unsafe_pickle: UnsafePickleArg = False,
+        force: ForceArg = False,
+        quiet: QuietArg = False,
+        debug: DebugArg = False,
+    ) -> None:
+        """Trends over a run's checkpoints: sparsity per layer, weight drift, top-1/median (with the emergence fit)
+        and alpha against the training step."""
+        from actsparse_cli.loading_opts import resolve_kinds
+        from probes.errors import CheckpointError
+        from reports.bundle import check_output_dir
+        from reports.track import TrackOptions, expand_checkpoints, resolve_analyses, run_track, write_track_outputs
+
+        check_output_dir(output, force)
+        chosen = resolve_analyses(analyses)
+        kinds = resolve_kinds(kind) if kind else None
+        if not checkpoints:
+            import probes.embedded as embedded
+
+            series = getattr(embedded, "default_track_checkpoints", None)
+            if series is None:
+                raise CheckpointError("no checkpoints given", "pass the run's checkpoints, e.g. 'runs/ckpt-*/'")
+            checkpoints = [str(p) for p in series()]
+        import warnings
+
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            cks = expand_checkpoints(checkpoints)
+        err = stderr_console()
+        for w in wlist:
+            err.print(f"warning: {w.message}", markup=False)
+        opts = TrackOptions(analyses=chosen, data=data, text_field=text_field, batch_size=batch_size,
+                            max_length=max_length, max_tokens=max_tokens, seed=seed, kinds=kinds,
+                            massive_preset=massive_preset, device=device, dtype=dtype.value,
+                            trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
+
+        def on_stage(i, n, ck, stage):
+            if not quiet:
+                err.print(f"track [{i + 1}/{n}] step {ck.step} ({ck.path}): {stage}", markup=False, highlight=False)
+
+        result = run_track(cks, opts, on_stage=on_stage)
+        from dataclasses import asdict
+
+        options = {"checkpoints": list(checkpoints), **{k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in asdict(opts).items()},
+                   "output": str(output), "force": force}
+        write_track_outputs(output, result, options, force=force)
+        for w in result.warnings:
+            err.print(f"warning: {w}", markup=False, highlight=False)
+        if not quiet:
+            from rich.table import Table
+
+            tr = result.tables["trends"]
+            cols = [c for c in tr.columns if c not in ("checkpoint_index", "checkpoint", "step_source")]
+            t = Table(title=f"trends over {len(cks)} checkpoints")
+            for c in cols:
+                t.add_column(c, justify="right", overflow="fold")
+            for r in tr.to_dict("records"):
+                t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+            stdout_console().print(t)
+            err.print(f"wrote {output}/", markup=False)

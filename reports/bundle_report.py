@@ -1,0 +1,1000 @@
+"""Report bundles: one folder with manifest, tables, figures, ``summary.md`` and an offline ``index.html``.
+
+``build_report`` takes any actsparse output folders (measure, spectrum, massive, pplp, curve, grad,
+drift, track, ...), recognised by their ``manifest.json`` (``"tool": "actsparse"`` and a
+``"command"``), and writes::
+
+    OUT/manifest.json               inputs (path, label, their manifests), figures with captions, tables
+    OUT/index.html                  self-contained: figures as base64 PNG, no network asset, no script
+    OUT/summary.md                  for terminals, pull requests and CI job summaries
+    OUT/tables/<label>/<name>.parquet + .csv
+    OUT/figures/<label>/<stem>.png + .svg   (copied from the input, plus the standard ones drawn here)
+    OUT/inputs/<label>/...          the input's manifest.json, summary.md and other small files
+
+Every string that comes from a checkpoint or a corpus (paths, module names, token strings) is
+HTML-escaped in ``index.html``; the page also carries a Content-Security-Policy that allows no
+script and no network fetch. The bundle is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from probes.errors import EXIT_CHECKPOINT, ActsparseError, OutputError
+from reports.bundle import atomic_output_dir, check_output_dir
+from reports.manifest import build_manifest, write_manifest
+from reports.tables import write_table
+
+MAX_HTML_ROWS = 200  # rows of one table shown in index.html (the full table is beside it)
+MAX_EMBEDDED_FIGURES = 400  # past this, figures are linked (beside index.html) instead of embedded
+_EXTRA_SUFFIXES = (".json", ".md", ".txt")  # small files copied to inputs/<label>/
+
+
+class NotAnOutputError(ActsparseError):
+    """A report/compare input that is not an actsparse output folder (exit code 2, a bad path)."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Source:
+    """One actsparse output: a folder with ``manifest.json`` and tables (or one input of a report bundle)."""
+
+    path: Path  # the output folder (for a bundle input: the bundle folder)
+    manifest: dict[str, Any]
+    table_dir: Path
+    figure_dir: Path | None
+    label: str
+    tables: list[str] = field(default_factory=list)  # table names (file stems)
+
+    @property
+    def command(self) -> str:
+        return str(self.manifest.get("command"))
+
+    def table(self, name: str) -> pd.DataFrame:
+        pq, csv = self.table_dir / f"{name}.parquet", self.table_dir / f"{name}.csv"
+        try:
+            return pd.read_parquet(pq) if pq.exists() else pd.read_csv(csv)
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise NotAnOutputError(f"cannot read table {name} in {self.table_dir}: {e.__class__.__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}",
+                                   "re-run the command that wrote it") from None
+
+
+def _table_names(folder: Path) -> list[str]:
+    names = {p.stem for p in folder.glob("*.parquet")} | {p.stem for p in folder.glob("*.csv")}
+    return sorted(names)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of an actsparse output folder; NotAnOutputError (a clear one-liner) otherwise."""
+    folder = Path(folder)
+    fix = ("pass a folder written by an actsparse command with -o (measure, spectrum, massive, pplp, curve, grad, "
+           "drift, track) or by actsparse report")
+    if not folder.exists():
+        raise NotAnOutputError(f"{folder} does not exist", fix)
+    if not folder.is_dir():
+        raise NotAnOutputError(f"{folder} is a file, not an actsparse output folder", fix)
+    mf = folder / "manifest.json"
+    if not mf.is_file():
+        raise NotAnOutputError(f"{folder} is not an actsparse output folder (it has no manifest.json)", fix)
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotAnOutputError(f"{mf} is not readable JSON ({e.__class__.__name__})",
+                               "re-run the command that wrote it") from None
+    if not isinstance(manifest, dict) or manifest.get("tool") != "actsparse" or not isinstance(
+            manifest.get("command"), str):
+        raise NotAnOutputError(f"{folder} is not an actsparse output folder (its manifest.json was not written by "
+                               "actsparse)", fix)
+    return manifest
+
+
+def read_sources(folder: str | Path) -> list[Source]:
+    """The result sets in ``folder``: the folder itself, or each input of a report bundle."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest["command"] == "report":
+        out = []
+        for inp in manifest.get("inputs", []):
+            label = str(inp.get("label"))
+            tdir = folder / "tables" / label
+            out.append(Source(folder, inp.get("manifest") or {}, tdir, folder / "figures" / label, label,
+                              _table_names(tdir) if tdir.is_dir() else []))
+        return out
+    label = _safe_label(folder.resolve().name)
+    return [Source(folder, manifest, folder, folder, label, _ordered(_table_names(folder), manifest))]
+
+
+def _ordered(names: list[str], manifest: dict[str, Any]) -> list[str]:
+    """Tables in the order the command wrote them (its main table first), the rest by name."""
+    listed = [Path(str(f)).stem for f in manifest.get("files") or [] if str(f).endswith((".parquet", ".csv"))]
+    order = {n: i for i, n in enumerate(dict.fromkeys(listed))}
+    return sorted(names, key=lambda n: (order.get(n, len(order)), n))
+
+
+def _safe_label(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "output"
+
+
+# ---------------------------------------------------------------------------------------- manifest info
+TOKEN_SECTIONS = ("measurement", "massive", "gradients", "pplp", "curve", "track")
+# Which manifest section describes the tokens behind a figure or table, by name prefix. None: weights only.
+_SECTION_BY_PREFIX = (("grad", "gradients"), ("spikes", "gradients"), ("massive", "massive"), ("curve", "curve"),
+                      ("pplp", "pplp"), ("cett", "pplp"), ("sparsity", "measurement"), ("nonzero", "measurement"),
+                      ("summary", "measurement"), ("trend_sparsity", "track"), ("trend_massive", "track:massive"),
+                      ("trend_", None), ("trends", "track"), ("emergence", "track:massive"), ("drift", None),
+                      ("alpha", None), ("esd", None), ("spectrum", None))
+_WEIGHT_COMMANDS = ("spectrum", "drift")
+
+
+def checkpoint_of(manifest: dict[str, Any]) -> str:
+    """The checkpoint(s) an output was measured on, as written in its manifest."""
+    opts = manifest.get("options") or {}
+    if opts.get("checkpoint"):
+        return str(opts["checkpoint"])
+    if opts.get("checkpoints"):
+        cks = [str(c) for c in opts["checkpoints"]]
+        return cks[0] if len(cks) == 1 else f"{len(cks)} checkpoints ({cks[0]} ... {cks[-1]})"
+    src = (manifest.get("model") or {}).get("source") or manifest.get("checkpoint") or {}
+    if isinstance(src, dict) and src.get("path"):
+        return str(src["path"])
+    return "?"
+
+
+def short_name(checkpoint: str) -> str:
+    p = Path(str(checkpoint))
+    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
+
+
+def token_counts(manifest: dict[str, Any]) -> dict[str, int]:
+    """``{section: n_counted_tokens}`` for every section of a manifest that measured tokens."""
+    out = {}
+    for s in TOKEN_SECTIONS:
+        sec = manifest.get(s)
+        if isinstance(sec, dict) and isinstance(sec.get("n_counted_tokens"), (int, float)):
+            out[s] = int(sec["n_counted_tokens"])
+    return out
+
+
+def section_for(stem: str, manifest: dict[str, Any]) -> str | None:
+    """The manifest section holding the token description of figure/table ``stem`` (None: weights only)."""
+    base = stem.split("/")[-1] if not stem.startswith("esd/") else stem
+    for prefix, sec in _SECTION_BY_PREFIX:
+        if base.startswith(prefix):
+            return sec
+    if manifest.get("command") in _WEIGHT_COMMANDS:
+        return None
+    have = [s for s in TOKEN_SECTIONS if isinstance(manifest.get(s), dict)]
+    return have[0] if have else None
+
+
+def tokens_phrase(manifest: dict[str, Any], section: str | None) -> str:
+    """One sentence saying on which tokens something was measured (from the manifest)."""
+    if section is None:
+        return "Computed from the weights alone (no tokens)."
+    section, _, part = section.partition(":")
+    sec = manifest.get(section)
+    if not isinstance(sec, dict):
+        return "The manifest does not record which tokens were used."
+    corpus = sec.get("corpus")
+    corpus_txt = f"`{Path(str(corpus)).name}`" if corpus else "an unrecorded corpus"
+    n = sec.get("n_counted_tokens")
+    parts = ["the bundled calibration corpus"] if sec.get("corpus_is_default") else []
+    if section == "track" and part == "massive":  # the massive preset draws its own sequences
+        per = sec.get("massive_n_counted_tokens_per_checkpoint")
+        per = per[0] if isinstance(per, list) and len(per) == 1 else per
+        parts.append(f"massive preset {sec.get('massive_preset')}, no BOS")
+        lead = f"Measured at each of {sec.get('n_checkpoints')} checkpoints on the same {per} counted tokens"
+        return f"{lead} from {corpus_txt} ({', '.join(parts)})."
+    if section == "massive":
+        if sec.get("n_sequences") is not None:
+            parts.append(f"{sec['n_sequences']} sequences")
+        if sec.get("preset"):
+            parts.append(f"preset {sec['preset']}")
+        parts.append("BOS added" if sec.get("bos") else "no BOS")
+    else:
+        if sec.get("n_windows") is not None:
+            parts.append(f"{sec['n_windows']} windows")
+        if sec.get("window_scheme"):
+            parts.append(str(sec["window_scheme"]))
+    if sec.get("max_length") is not None:
+        parts.append(f"max_length {sec['max_length']}")
+    if sec.get("stride") is not None and sec.get("stride") != sec.get("max_length"):
+        parts.append(f"stride {sec['stride']}")
+    if sec.get("skip_first"):
+        parts.append(f"first {sec['skip_first']} positions of each window not counted")
+    if section == "gradients" and sec.get("loss"):
+        parts.append(f"{sec['loss']} loss")
+    dtype = sec.get("model_dtype") or (manifest.get("model") or {}).get("dtype")
+    if dtype:
+        parts.append(f"model dtype {dtype}")
+    if section == "track":
+        steps = sec.get("n_checkpoints")
+        per = sec.get("n_counted_tokens_per_checkpoint")
+        lead = (f"Measured at each of {steps} checkpoints on the same " if steps else "Measured on the same ")
+        tok = f"{per} counted tokens" if per is not None else "tokens"
+        return f"{lead}{tok} from {corpus_txt}" + (f" ({', '.join(parts)})." if parts else ".")
+    lead = f"On {n} counted tokens" if n is not None else "On tokens"
+    return f"{lead} from {corpus_txt}" + (f" ({', '.join(parts)})." if parts else ".")
+
+
+# ------------------------------------------------------------------------------------------- captions
+def _eps_list(df: pd.DataFrame | None) -> str:
+    if df is None:
+        return "the eps grid"
+    eps = sorted((float(c.split("@")[1]) for c in df.columns if c.startswith("near_zero_frac@")))
+    return "{" + ", ".join(f"{e:g}" for e in eps) + "}" if eps else "the eps grid"
+
+
+_CAPTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "sparsity_by_layer": lambda c: "Activation sparsity per layer at each MLP activation site (the input of the "
+                                   "output projection; one panel per site kind): % of entries exactly 0 and with "
+                                   f"|a| <= eps for eps in {c.get('eps', 'the eps grid')}.",
+    "sparsity_vs_threshold": lambda c: "Sparsity against the threshold: % of activation entries with |a| <= eps for "
+                                       f"eps in {c.get('eps', 'the eps grid')} (log x axis), one line per layer; the "
+                                       "open marker on the left axis is the exact-zero fraction.",
+    "nonzero_per_token": lambda c: "Per-token activation density (Lazy Neuron): mean % of non-zero entries per "
+                                   "token at each layer, with the 5th-95th percentile range over tokens (from a "
+                                   "fixed 1000-bin histogram), and the dead / always-on neuron shares.",
+    "sparsity_compare": lambda c: "Exact-zero activation fraction (zero_frac) per layer of every measured input "
+                                  "side by side, one line per input and site kind.",
+    "massive_layers": lambda c: "Top-1, top-2, top-3 and median of |h| on the residual stream after each block "
+                                "(Sun et al. 2024, Fig. 2 style): per sequence over the whole token x channel "
+                                "tensor, then the mean over sequences; log scale, dotted line at 100.",
+    "massive_heatmap": lambda c: "Max |a| per layer and channel of the residual stream after each block over the "
+                                 "run (log colour scale); thin lines mark the 5 strongest channels.",
+    "massive_3d": lambda c: "|h| of one layer over tokens x channels for one prompt (Sun et al. 2024, Fig. 1 "
+                            "style).",
+    "grad_by_layer": lambda c: "Gradient sparsity per site: derivative sparsity (act'(h) = 0) and effective-"
+                               "gradient sparsity |dL/dh| < tau, the mean ||dL/dh||_2^2 per token, and spike_max "
+                               "(max |x|) at each down-projection input.",
+    "curve": lambda c: "Sparsity-vs-PPL curves: mean activation sparsity of the sparse run (x) against the PPL "
+                       "increase (y, symmetric log) for each threshold family, labelled with the tensor it "
+                       "thresholds; dense and sparse runs on the same tokens.",
+    "pplp_by_layer": lambda c: "PPL-p% sparsity: per-layer sparsity at the shared CETT value c* for each target "
+                               "p (left), and every pass of the search, mean sparsity against the PPL ratio, with "
+                               "the targets as dashed lines (right).",
+    "alpha_by_layer": lambda c: "WeightWatcher power-law exponent alpha (top) and Marchenko-Pastur sigma_mp "
+                                "(bottom) of every weight matrix in checkpoint order; dotted lines at alpha = 2 and "
+                                "6 (WW's over-/under-trained marks).",
+    "drift_by_layer": lambda c: "Weight statistics per weight tensor in file order: mean, % negative, std, "
+                                "fraction with |w| >= the 99.9th percentile of |W| and that percentile; one line "
+                                "per checkpoint.",
+    "trend_sparsity": lambda c: "Activation sparsity (zero_frac, % of entries exactly 0) of each layer against "
+                                "the training step, one panel per site kind.",
+    "trend_drift": lambda c: "Weight drift against the training step (Bug-or-Feature^2): element-weighted mean "
+                             "weight and % negative weights of the linear layers, one line per role.",
+    "trend_massive": lambda c: "Massive-activation emergence: top-1 / median of |h| on the residual stream of "
+                               "each layer against the training step (log y), with the fit f(t) = A exp(-lambda x) "
+                               "log x + K, x = gamma t + t0 (Hidden Dynamics of Massive Activations) where it "
+                               "converged.",
+    "trend_alpha": lambda c: "WeightWatcher alpha against the training step: mean over the analysed matrices of "
+                             "each role, with the min-max range over all matrices shaded.",
+}
+
+
+def caption_for(stem: str, manifest: dict[str, Any], context: dict[str, Any] | None = None) -> str:
+    """What a figure shows and on which tokens."""
+    context = context or {}
+    base = stem.split("/")[-1]
+    if stem.startswith("esd/"):
+        what = (f"Empirical spectral density of W^T W for {base}: the log-log ESD with the power-law fit from xmin "
+                "(left) and the rescaled ESD with the fitted Marchenko-Pastur density and bulk edge (right).")
+    elif base in _CAPTIONS:
+        what = _CAPTIONS[base](context)
+    else:
+        what = f"Figure {base} as written by actsparse {manifest.get('command')}."
+    return f"{what} {tokens_phrase(manifest, section_for(stem, manifest))}"
+
+
+_FIGURE_ORDER = ("sparsity_by_layer", "sparsity_vs_threshold", "nonzero_per_token", "sparsity_compare",
+                 "massive_layers", "massive_heatmap", "massive_3d", "grad_by_layer", "curve", "pplp_by_layer",
+                 "alpha_by_layer", "drift_by_layer", "trend_sparsity", "trend_drift", "trend_massive", "trend_alpha")
+
+
+def _figure_rank(stem: str) -> tuple[int, str]:
+    if stem.startswith("esd/"):
+        return (len(_FIGURE_ORDER) + 2, stem)
+    if stem in _FIGURE_ORDER:
+        return (_FIGURE_ORDER.index(stem), stem)
+    return (len(_FIGURE_ORDER) + 1, stem)
+
+
+# -------------------------------------------------------------------------------------- drawn figures
+def _plt():
+    from reports.figures import _plt as plt
+
+    return plt()
+
+
+def _save(fig, folder: Path, stem: str) -> list[str]:
+    from reports.figures import save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return save(fig, folder, stem)
+
+
+def _layer_labels(g: pd.DataFrame) -> list[str]:
+    if "layer" in g and g["layer"].notna().all():
+        return [str(int(v)) for v in g["layer"]]
+    return [str(n) for n in g.get("canonical_name", pd.Series(range(len(g))))]
+
+
+def _kinds(df: pd.DataFrame) -> list[str]:
+    if "kind" not in df:
+        return ["all"]
+    return list(dict.fromkeys(str(k) for k in df["kind"]))
+
+
+def plot_sparsity_vs_threshold(df: pd.DataFrame, folder: Path, title: str) -> list[str]:
+    """% of entries with |a| <= eps against eps (log), one line per layer; exact zeros at the left."""
+    near = sorted((c for c in df.columns if c.startswith("near_zero_frac@")), key=lambda c: float(c.split("@")[1]))
+    if not near or "zero_frac" not in df:
+        return []
+    import numpy as np
+
+    plt = _plt()
+    kinds = _kinds(df)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1.6, 3.9), squeeze=False)
+    eps = np.array([float(c.split("@")[1]) for c in near])
+    x0 = eps.min() / 10  # where the exact-zero marker sits
+    cmap = plt.get_cmap("viridis")
+    for ax, kind in zip(axes[0], kinds):
+        g = df if kind == "all" else df[df["kind"].astype(str) == kind]
+        g = g.reset_index(drop=True)
+        labels = _layer_labels(g)
+        for i, r in g.iterrows():
+            col = cmap(i / max(1, len(g) - 1))
+            y = 100 * np.array([float(r[c]) for c in near])
+            ax.plot(eps, y, "o-", color=col, ms=3.5, lw=1.2, label=f"layer {labels[i]}")
+            ax.plot([x0], [100 * float(r["zero_frac"])], "o", mfc="none", color=col, ms=5)
+            ax.plot([x0, eps[0]], [100 * float(r["zero_frac"]), y[0]], ":", color=col, lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(x0 / 2, eps.max() * 2)
+        ticks = [x0, *eps]
+        ax.set_xticks(ticks, ["= 0"] + [f"{e:g}" for e in eps], fontsize=8)
+        ax.minorticks_off()
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("threshold eps on |a|")
+        ax.set_ylabel("% of entries with |a| <= eps")
+        ax.set_title(kind, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: sparsity vs threshold", fontsize=10)
+    fig.tight_layout()
+    layer_key(fig, axes[0], max(len(_kinds_rows(df, k)) for k in kinds))
+    return _save(fig, folder, "sparsity_vs_threshold")
+
+
+def _kinds_rows(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    return df if kind == "all" else df[df["kind"].astype(str) == kind]
+
+
+def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer") -> None:
+    """A legend beside the panels for a few lines; a 'layer' colour bar (viridis order) for many."""
+    if n_lines <= max_legend:
+        handles, labels = axes[-1].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+        return
+    import matplotlib as mpl
+
+    sm = mpl.cm.ScalarMappable(cmap="viridis", norm=mpl.colors.Normalize(0, n_lines - 1))
+    fig.colorbar(sm, ax=list(axes), label=label, fraction=0.03, pad=0.02)
+
+
+def _tick_labels(ax, labels: list[str]) -> None:
+    long = len(labels) > 16 or max((len(x) for x in labels), default=0) > 4
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if long else 0, fontsize=7 if long else 9)
+    if len(labels) > 40:  # keep every k-th label readable
+        k = -(-len(labels) // 40)
+        for i, t in enumerate(ax.get_xticklabels()):
+            t.set_visible(i % k == 0)
+
+
+def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[str]:
+    """Mean % non-zero per token per layer with the p05-p95 band, and dead / always-on shares."""
+    if "nonzero_pct_per_token" not in df:
+        return []
+    plt = _plt()
+    kinds = _kinds(df)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        g = (df if kind == "all" else df[df["kind"].astype(str) == kind]).reset_index(drop=True)
+        x = list(range(len(g)))
+        y = g["nonzero_pct_per_token"].astype(float)
+        ax.plot(x, y, "o-", color="C0", label="mean % non-zero per token")
+        lo, hi = "nonzero_pct_per_token_p05_hist", "nonzero_pct_per_token_p95_hist"
+        if lo in g and hi in g:
+            ax.fill_between(x, g[lo].astype(float), g[hi].astype(float), color="C0", alpha=0.2,
+                            label="5th-95th percentile over tokens")
+        if "dead_frac" in g:
+            ax.bar([i - 0.15 for i in x], 100 * g["dead_frac"].astype(float), 0.3, color="C3", alpha=0.7,
+                   label="dead neurons %")
+        if "always_on_frac" in g:
+            ax.bar([i + 0.15 for i in x], 100 * g["always_on_frac"].astype(float), 0.3, color="C2", alpha=0.7,
+                   label="always-on neurons %")
+        _tick_labels(ax, _layer_labels(g))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+        ax.set_title(kind, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{title}: non-zero activations per token", fontsize=10)
+    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=7,
+               frameon=False)
+    return _save(fig, folder, "nonzero_per_token")
+
+
+def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd.DataFrame | None, folder: Path,
+              title: str) -> list[str]:
+    """Per-layer sparsity at each target p, and the search's passes as a sparsity-vs-PPL scatter."""
+    has_layers = pplp is not None and len(pplp) and {"p_pct", "sparsity"} <= set(pplp.columns)
+    has_trace = trace is not None and len(trace) and {"ppl_ratio", "mean_sparsity"} <= set(trace.columns)
+    if not has_layers and not has_trace:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), squeeze=False)
+    ax = axes[0][0]
+    if has_layers:
+        ps = sorted(pplp["p_pct"].dropna().unique())
+        layers = sorted(pplp["layer"].dropna().unique()) if "layer" in pplp else []
+        w = 0.8 / max(1, len(ps))
+        for j, p in enumerate(ps):
+            g = pplp[pplp["p_pct"] == p].sort_values("layer") if "layer" in pplp else pplp[pplp["p_pct"] == p]
+            xs = [layers.index(v) - 0.4 + w * (j + 0.5) for v in g["layer"]] if layers else list(range(len(g)))
+            ax.bar(xs, 100 * g["sparsity"].astype(float), w, label=f"p = {p:g} %")
+        if layers:
+            ax.set_xticks(range(len(layers)), [str(int(v)) for v in layers])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("sparsity at c*, %")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no per-layer table", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("per-layer sparsity at the shared CETT c*", fontsize=9)
+    ax = axes[0][1]
+    if has_trace:
+        ax.plot(100 * trace["mean_sparsity"].astype(float), 100 * (trace["ppl_ratio"].astype(float) - 1), "o",
+                ms=4, color="C0", label="search passes")
+        if summary is not None and {"p_pct", "achieved_ratio", "mean_sparsity"} <= set(summary.columns):
+            ok = summary[summary["achieved_ratio"].notna()]
+            ax.plot(100 * ok["mean_sparsity"].astype(float), 100 * (ok["achieved_ratio"].astype(float) - 1), "*",
+                    ms=12, color="C3", label="reported c*")
+            for p in summary["p_pct"].dropna().unique():
+                ax.axhline(float(p), color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("mean sparsity of the sparse run, %")
+        ax.set_ylabel("PPL increase, %")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no search trace", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("search passes: sparsity vs PPL", fontsize=9)
+    fig.suptitle(f"{title}: PPL-p% sparsity", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, folder, "pplp_by_layer")
+
+
+def plot_sparsity_compare(items: list[tuple[str, pd.DataFrame]], folder: Path) -> list[str]:
+    """zero_frac per layer of several measure inputs on shared axes."""
+    plt = _plt()
+    kinds = list(dict.fromkeys(k for _, df in items for k in _kinds(df)))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.0, 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for j, (label, df) in enumerate(items):
+            g = df if kind == "all" else df[df["kind"].astype(str) == kind]
+            if g.empty or "zero_frac" not in g:
+                continue
+            x = g["layer"].astype(float).to_list() if "layer" in g and g["layer"].notna().all() else list(range(len(g)))
+            ax.plot(x, 100 * g["zero_frac"].astype(float), "o-", ms=4, label=label, color=f"C{j % 10}")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("% of entries exactly 0")
+        ax.set_ylim(0, 100)
+        ax.set_title(kind, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labs = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labs, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.suptitle("zero_frac per layer, all inputs", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, folder, "sparsity_compare")
+
+
+def _n_tokens(manifest: dict[str, Any], section: str) -> int:
+    return int(token_counts(manifest).get(section, 0))
+
+
+def standard_figures(src: Source, folder: Path, present: set[str], warnings: list[str]) -> list[str]:
+    """Draw the standard figures of ``src``'s tables that its folder does not already hold."""
+    title = short_name(checkpoint_of(src.manifest))
+    tables = set(src.tables)
+    drawn: list[str] = []
+    cache: dict[str, pd.DataFrame] = {}
+
+    def t(name: str) -> pd.DataFrame | None:
+        if name not in tables:
+            return None
+        if name not in cache:
+            cache[name] = src.table(name)
+        return cache[name]
+
+    def attempt(stem: str, needs: Sequence[str], fn: Callable[[], list[str]]) -> None:
+        if stem in present or not all(n in tables for n in needs):
+            return
+        try:
+            drawn.extend(fn() or [])
+        except ImportError:
+            pass  # the module that draws it is not there (yet): the copied figures still show
+        except Exception as e:  # one bad table must not cost the whole bundle: say so in the report
+            warnings.append(f"{src.label}: figure {stem} could not be drawn ({e.__class__.__name__}: {e})")
+
+    def sparsity_by_layer():
+        from reports.figures import sparsity_by_layer as fn
+
+        return fn(t("sparsity"), folder, title, _n_tokens(src.manifest, "measurement"))
+
+    def massive_layers():
+        from reports.massive_report import plot_layers
+
+        return plot_layers(t("massive_layers"), folder, title)
+
+    def grad_by_layer():
+        from reports.grad_report import grad_by_layer as fn
+
+        spikes = t("spikes") if "spikes" in tables else pd.DataFrame()
+        return fn(t("gradients"), spikes, folder, f"{title}: gradient sparsity")
+
+    def curve():
+        from reports.pplp_report import plot_curve
+
+        return plot_curve(t("curve"), folder, title, _n_tokens(src.manifest, "curve"))
+
+    def alpha_by_layer():
+        from reports.spectrum_plots import plot_alpha_by_layer
+
+        return plot_alpha_by_layer(t("spectrum"), folder)
+
+    def drift_by_layer():
+        from reports.grad_report import drift_by_layer as fn
+
+        return fn(t("drift"), folder, f"{title}: weight drift per tensor")
+
+    def trends():
+        from reports.track import plot_trends
+
+        return plot_trends({n: t(n) for n in tables if n.startswith("trend")} | {"emergence_fit": t("emergence_fit")},
+                           folder, title, skip=present)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    attempt("sparsity_by_layer", ["sparsity"], sparsity_by_layer)
+    attempt("sparsity_vs_threshold", ["sparsity"], lambda: plot_sparsity_vs_threshold(t("sparsity"), folder, title))
+    attempt("nonzero_per_token", ["sparsity"], lambda: plot_nonzero_per_token(t("sparsity"), folder, title))
+    attempt("massive_layers", ["massive_layers"], massive_layers)
+    attempt("grad_by_layer", ["gradients"], grad_by_layer)
+    attempt("curve", ["curve"], curve)
+    if "pplp" in tables or "pplp_trace" in tables:
+        attempt("pplp_by_layer", [], lambda: plot_pplp(t("pplp"), t("pplp_trace"), t("pplp_summary"), folder, title))
+    attempt("alpha_by_layer", ["spectrum"], alpha_by_layer)
+    attempt("drift_by_layer", ["drift"], drift_by_layer)
+    if any(n.startswith("trend") for n in tables):
+        attempt("trend_*", [], trends)
+    return drawn
+
+
+# ------------------------------------------------------------------------------------------ the bundle
+@dataclass
+class Figure:
+    label: str  # input label ("" for figures across inputs)
+    stem: str  # relative to the input's figure folder, without suffix (e.g. "esd/transformer.h.0.attn.c_attn.weight")
+    png: str | None  # bundle-relative paths
+    svg: str | None
+    caption: str
+    origin: str  # "copied" (from the input) or "drawn" (by the report)
+
+
+def _collect_figures(folder: Path) -> dict[str, dict[str, Path]]:
+    """``{stem: {"png": path, "svg": path}}`` of the figures under ``folder`` (recursively)."""
+    out: dict[str, dict[str, Path]] = {}
+    # another actsparse output inside this one (e.g. `report out/ -o out/report`) is not part of it
+    nested = [m.parent for m in folder.rglob("manifest.json") if m.parent != folder]
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in (".png", ".svg") and p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(folder).parts) and not any(
+                n in p.parents for n in nested):
+            stem = p.relative_to(folder).with_suffix("").as_posix()
+            out.setdefault(stem, {})[p.suffix.lower()[1:]] = p
+    return out
+
+
+def _check_inputs(inputs: Sequence[str | Path], out: Path) -> list[Source]:
+    if not inputs:
+        raise NotAnOutputError("no input folder given", "pass one or more actsparse output folders")
+    sources: list[Source] = []
+    out_r = out.resolve()
+    for p in inputs:
+        p = Path(p)
+        man = read_manifest(p)
+        if man["command"] == "report":
+            raise NotAnOutputError(f"{p} is already a report bundle",
+                                   "pass the output folders it was built from (listed in its manifest.json)")
+        if p.resolve() == out_r or out_r in p.resolve().parents:
+            raise OutputError(f"the output folder {out} is also an input", "choose another -o folder")
+        sources.extend(read_sources(p))
+    seen: dict[str, int] = {}
+    for s in sources:  # unique labels: m1, m1-2, ...
+        base = s.label
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            s.label = f"{base}-{seen[base]}"
+    return sources
+
+
+def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = False,
+                 title: str | None = None) -> Path:
+    """Write a report bundle for ``inputs`` (actsparse output folders) into ``out``, atomically."""
+    out = Path(out)
+    sources = _check_inputs(inputs, out)  # every input is checked before anything is written
+    check_output_dir(out, force)
+    warnings: list[str] = []
+    figures: list[Figure] = []
+    table_records: list[dict[str, Any]] = []
+    files: list[str] = []
+    with atomic_output_dir(out, force) as tmp:
+        for src in sources:
+            tdir, fdir, idir = tmp / "tables" / src.label, tmp / "figures" / src.label, tmp / "inputs" / src.label
+            tdir.mkdir(parents=True)
+            fdir.mkdir(parents=True)
+            idir.mkdir(parents=True)
+            for name in src.tables:
+                pq, csv = src.table_dir / f"{name}.parquet", src.table_dir / f"{name}.csv"
+                df = src.table(name)
+                if pq.exists() and csv.exists():
+                    shutil.copy2(pq, tdir / pq.name)
+                    shutil.copy2(csv, tdir / csv.name)
+                else:  # one of the two is missing: write both
+                    write_table(df, tdir, name)
+                table_records.append({"input": src.label, "name": name, "rows": int(len(df)),
+                                      "columns": [str(c) for c in df.columns],
+                                      "parquet": f"tables/{src.label}/{name}.parquet",
+                                      "csv": f"tables/{src.label}/{name}.csv"})
+                files += [f"tables/{src.label}/{name}.parquet", f"tables/{src.label}/{name}.csv"]
+            for p in sorted(src.table_dir.iterdir()):
+                if p.is_file() and p.suffix in _EXTRA_SUFFIXES:
+                    shutil.copy2(p, idir / p.name)
+                    files.append(f"inputs/{src.label}/{p.name}")
+            copied = _collect_figures(src.figure_dir) if src.figure_dir is not None else {}
+            for stem, kinds in copied.items():
+                for ext, p in kinds.items():
+                    dest = fdir / f"{stem}.{ext}"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(p, dest)
+            standard_figures(src, fdir, set(copied), warnings)
+            ctx = {"eps": _eps_list(src.table("sparsity")) if "sparsity" in src.tables else "the eps grid"}
+            for stem, kinds in _collect_figures(fdir).items():
+                figures.append(Figure(src.label, stem,
+                                      f"figures/{src.label}/{stem}.png" if "png" in kinds else None,
+                                      f"figures/{src.label}/{stem}.svg" if "svg" in kinds else None,
+                                      caption_for(stem, src.manifest, ctx),
+                                      "copied" if stem in copied else "drawn"))
+        measured = [(s.label, s.table("sparsity")) for s in sources if "sparsity" in s.tables]
+        if len(measured) > 1:
+            try:
+                if plot_sparsity_compare(measured, tmp / "figures" / "_all"):
+                    figures.append(Figure("", "sparsity_compare", "figures/_all/sparsity_compare.png",
+                                          "figures/_all/sparsity_compare.svg",
+                                          _CAPTIONS["sparsity_compare"]({}) + " Each input on its own tokens "
+                                          "(see its section).", "drawn"))
+            except Exception as e:
+                warnings.append(f"figure sparsity_compare could not be drawn ({e.__class__.__name__}: {e})")
+        figures.sort(key=lambda f: ([s.label for s in sources].index(f.label) if f.label else -1,
+                                    _figure_rank(f.stem)))
+        files += [p for f in figures for p in (f.png, f.svg) if p]
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        title = title or "actsparse report"
+        (tmp / "summary.md").write_text(render_summary_md(sources, figures, warnings, title, created),
+                                        encoding="utf-8")
+        (tmp / "index.html").write_text(render_html(sources, figures, table_records, warnings, title, created, tmp),
+                                        encoding="utf-8")
+        files += ["summary.md", "index.html", "manifest.json"]
+        manifest = build_manifest(
+            "report", {"inputs": [str(p) for p in inputs], "output": str(out), "force": force, "title": title},
+            inputs=[{"label": s.label, "path": str(s.path), "command": s.command, "checkpoint": checkpoint_of(
+                s.manifest), "token_counts": token_counts(s.manifest), "tables": s.tables, "manifest": s.manifest}
+                    for s in sources],
+            figures=[{"input": f.label, "stem": f.stem, "png": f.png, "svg": f.svg, "caption": f.caption,
+                      "origin": f.origin} for f in figures],
+            tables=table_records, warnings=warnings, files=files)
+        write_manifest(tmp, manifest)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ summary.md
+def md_escape(s: Any) -> str:
+    """Text for a markdown table cell: no raw HTML, no cell-splitting pipes, one line."""
+    s = str(s).replace("\r", " ").replace("\n", " ")
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def md_code(s: Any) -> str:
+    """A markdown code span: raw text is safe inside one (no HTML, no entities); only ` and | need care."""
+    s = str(s).replace("\r", " ").replace("\n", " ").replace("`", "'").replace("|", "\\|")
+    return f"`{s}`"
+
+
+def _escape_md_outside_code(text: str) -> str:
+    """Neutralise raw HTML in a markdown text (angle brackets outside `code`), keep the rest as written."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split("`")
+        for i in range(0, len(parts), 2):  # even parts are outside code spans
+            parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+        out.append("`".join(parts))
+    return "\n".join(out)
+
+
+def _demote(md: str, levels: int = 2) -> str:
+    return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in md.splitlines())
+
+
+def _brief_spectrum_md(src: Source) -> list[str]:
+    if "spectrum" not in src.tables:
+        return []
+    df = src.table("spectrum")
+    ww = df
+    if "ww_skipped" in df and "non_ww" in df:
+        ww = df[~df["ww_skipped"].astype(bool) & ~df["non_ww"].astype(bool)]
+    cols = [c for c in ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "mp_softrank",
+                        "num_spikes") if c in ww]
+    if not cols:
+        return []
+    lines = [f"Means over the {len(ww)} matrices WeightWatcher analyses (NaN fits skipped):", "",
+             "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols),
+             "| " + " | ".join(_num(pd.to_numeric(ww[c], errors="coerce").mean()) for c in cols) + " |"]
+    return lines
+
+
+def _num(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return "-"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    if f == int(f) and abs(f) < 1e15 and not isinstance(v, float):
+        return str(int(f))
+    return f"{f:.4g}"
+
+
+def render_summary_md(sources: list[Source], figures: list[Figure], warnings: list[str], title: str,
+                      created: str) -> str:
+    from probes import __version__
+
+    lines = [f"# {md_escape(title)}", "",
+             f"{len(sources)} input(s), written {created} by actsparse {__version__}. Open `index.html` for the "
+             "figures; tables are in `tables/<input>/` (Parquet and CSV).", ""]
+    for w in warnings:
+        lines += [f"> **WARNING:** {md_escape(w)}", ""]
+    for i, src in enumerate(sources, 1):
+        man = src.manifest
+        lines += [f"## {i}. {md_escape(src.command)}: {md_escape(checkpoint_of(man))}", "",
+                  f"Input `{src.label}` ({md_escape(src.path)}); git {md_escape(man.get('git_hash'))}; "
+                  f"created {md_escape(man.get('created_utc'))}.", ""]
+        counts = token_counts(man)
+        if counts:
+            lines += ["Tokens: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+        elif man.get("command") in _WEIGHT_COMMANDS:
+            lines += ["Weights only (no tokens).", ""]
+        sm = src.table_dir / "summary.md"
+        if sm.is_file():
+            body = sm.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            if body and body[0].startswith("# "):
+                body = body[1:]  # its title repeats the heading above
+            lines += [_escape_md_outside_code(_demote("\n".join(body).strip())), ""]
+        else:
+            brief = _brief_spectrum_md(src)
+            if brief:
+                lines += brief + [""]
+        figs = [f for f in figures if f.label == src.label]
+        if figs:
+            lines += ["Figures:", ""]
+            for f in figs:
+                lines.append(f"- `{f.png or f.svg}`: {md_escape(f.caption)}")
+            lines.append("")
+    across = [f for f in figures if not f.label]
+    if across:
+        lines += ["## Across inputs", ""] + [f"- `{f.png or f.svg}`: {md_escape(f.caption)}" for f in across] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------ index.html
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
+color:#222;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+nav ul{columns:2;padding-left:1.2em}code{background:#f4f4f4;padding:0 .2em;border-radius:3px;word-break:break-all}
+dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;font-size:.9em}
+dl.meta dt{font-weight:600;color:#555}dl.meta dd{margin:0;word-break:break-all}
+figure{margin:1.5em 0;border:1px solid #e4e4e4;border-radius:4px;padding:.6em;background:#fff}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
+figcaption{font-size:.9em;color:#333;margin-top:.5em}
+.tablewrap{overflow-x:auto;max-height:32em;overflow-y:auto;border:1px solid #eee}
+table{border-collapse:collapse;font-size:.8em}th,td{border:1px solid #e2e2e2;padding:.15em .45em;white-space:nowrap}
+th{background:#f6f6f6;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.5em 0}
+details{margin:.5em 0}summary{cursor:pointer}pre{background:#f8f8f8;padding:.6em;overflow-x:auto;font-size:.8em}
+.muted{color:#777;font-size:.85em}
+"""
+
+# No script, no network: images only from data: URIs, styles only inline.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def esc_text(s: Any) -> str:
+    """Escaped text in which markdown `code` spans (as in captions) become <code> elements."""
+    parts = esc(s).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: leave it as it is
+        return esc(s)
+    return "".join(p if i % 2 == 0 else f"<code>{p}</code>" for i, p in enumerate(parts))
+
+
+def _cell(v: Any) -> tuple[str, bool]:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "", True
+    if isinstance(v, bool):
+        return str(v), False
+    if isinstance(v, (int,)) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
+        return str(v), True
+    if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f"):
+        f = float(v)
+        if math.isinf(f):
+            return ("inf" if f > 0 else "-inf"), True
+        return f"{f:.5g}", True
+    try:
+        if pd.isna(v):
+            return "", True
+    except (TypeError, ValueError):
+        pass
+    return str(v), False
+
+
+def html_table(df: pd.DataFrame, max_rows: int = MAX_HTML_ROWS) -> str:
+    """An escaped HTML table of the first ``max_rows`` rows."""
+    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    body = []
+    for row in df.head(max_rows).itertuples(index=False, name=None):
+        cells = []
+        for v in row:
+            text, numeric = _cell(v)
+            cells.append(f'<td class="n">{esc(text)}</td>' if numeric else f"<td>{esc(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure_html(f: Figure, n: int, root: Path, embed: bool) -> str:
+    src_path = f.png or f.svg
+    mime = "image/png" if f.png else "image/svg+xml"
+    links = " ".join(f'<a href="{esc(p)}">{p.rsplit(".", 1)[1].upper()}</a>' for p in (f.png, f.svg) if p)
+    cap = f"<figcaption><b>Figure {n}.</b> {esc_text(f.caption)} <span class=\"muted\">[{links}]</span></figcaption>"
+    if embed:
+        img = f'<img src="{_data_uri(root / src_path, mime)}" alt="{esc(f.stem)}" loading="eager">'
+    else:
+        img = f'<p class="muted">Not embedded (too many figures): <a href="{esc(src_path)}">{esc(src_path)}</a></p>'
+    return f'<figure id="fig-{n}">{img}{cap}</figure>'
+
+
+def _meta_rows(src: Source) -> list[tuple[str, str]]:
+    man = src.manifest
+    model = man.get("model") or {}
+    rows = [("command", src.command), ("checkpoint", checkpoint_of(man)), ("input folder", str(src.path))]
+    if model:
+        rows.append(("model", f"{model.get('class')} ({model.get('family')}), "
+                              f"{model.get('n_parameters')} parameters, {model.get('dtype')} on {model.get('device')}"))
+    counts = token_counts(man)
+    if counts:
+        rows.append(("tokens", ", ".join(f"{k}: {v}" for k, v in counts.items())))
+    for sec in TOKEN_SECTIONS:
+        s = man.get(sec)
+        if isinstance(s, dict) and s.get("corpus"):
+            rows.append((f"corpus ({sec})", str(s["corpus"])))
+    rows += [("created (UTC)", str(man.get("created_utc"))), ("git", str(man.get("git_hash"))),
+             ("versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items() if v))]
+    argv = man.get("argv")
+    if argv:
+        rows.append(("command line", " ".join(str(a) for a in argv)))
+    return rows
+
+
+def render_html(sources: list[Source], figures: list[Figure], tables: list[dict[str, Any]], warnings: list[str],
+                title: str, created: str, root: Path) -> str:
+    from probes import __version__
+
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1>",
+             f'<p class="muted">{len(sources)} input(s); written {esc(created)} by actsparse {esc(__version__)}. '
+             "This page is self-contained (figures embedded, no network access); tables, figures (PNG and SVG) "
+             "and manifests are in the folders beside it.</p>"]
+    for w in warnings:
+        parts.append(f'<p class="warn">{esc(w)}</p>')
+    parts.append("<nav><ul>")
+    for i, src in enumerate(sources, 1):
+        parts.append(f'<li><a href="#input-{i}">{i}. {esc(src.command)}: {esc(short_name(checkpoint_of(src.manifest)))}'
+                     "</a></li>")
+    if any(not f.label for f in figures):
+        parts.append('<li><a href="#across">Across inputs</a></li>')
+    parts.append("</ul></nav>")
+    n = 0
+    for i, src in enumerate(sources, 1):
+        parts.append(f'<section id="input-{i}"><h2>{i}. {esc(src.command)}: {esc(checkpoint_of(src.manifest))}</h2>')
+        parts.append('<dl class="meta">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _meta_rows(src))
+                     + "</dl>")
+        figs = [f for f in figures if f.label == src.label]
+        main = [f for f in figs if not f.stem.startswith("esd/")]
+        esd = [f for f in figs if f.stem.startswith("esd/")]
+        for f in main:
+            n += 1
+            parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
+        if esd:
+            parts.append(f"<details><summary>Per-matrix spectra: {len(esd)} ESD figures</summary>")
+            for f in esd:
+                n += 1
+                parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
+            parts.append("</details>")
+        if src.command == "spectrum" and not esd:
+            parts.append('<p class="muted">Per-matrix ESD figures with the Marchenko-Pastur fit need the '
+                         "eigenvalues: run <code>actsparse spectrum --plot esd</code> and report that folder.</p>")
+        if not figs:
+            parts.append('<p class="muted">No figures for this input.</p>')
+        recs = [t for t in tables if t["input"] == src.label]
+        if recs:
+            parts.append("<h3>Tables</h3>")
+        for j, rec in enumerate(recs):
+            df = src.table(rec["name"])
+            more = f" (first {MAX_HTML_ROWS} shown)" if len(df) > MAX_HTML_ROWS else ""
+            parts.append(f"<details{' open' if j == 0 and len(df) <= 60 else ''}><summary><b>{esc(rec['name'])}</b>: "
+                         f"{len(df)} rows x {len(df.columns)} columns{more} "
+                         f'<span class="muted">[<a href="{esc(rec["csv"])}">CSV</a> '
+                         f'<a href="{esc(rec["parquet"])}">Parquet</a>]</span></summary>{html_table(df)}</details>')
+        sm = src.table_dir / "summary.md"
+        if sm.is_file():
+            parts.append("<details><summary>summary.md of this output</summary><pre>"
+                         f"{esc(sm.read_text(encoding='utf-8', errors='replace'))}</pre></details>")
+        parts.append("</section>")
+    across = [f for f in figures if not f.label]
+    if across:
+        parts.append('<section id="across"><h2>Across inputs</h2>')
+        for f in across:
+            n += 1
+            parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
