@@ -58,6 +58,27 @@ QuietArg = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar o
 DebugArg = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel=PANEL_OUT)]
 
 
+# ---- data options shared by the commands that run a model over a corpus
+CheckpointOpt = Annotated[Optional[str], typer.Argument(help="Model folder, hub id or weight file. Default: the "
+                                                        "project's bundled ReLU model.", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
+                                                "Default: the bundled calibration corpus.", rich_help_panel=PANEL_DATA)]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
+                                           rich_help_panel=PANEL_DATA)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
+                                        rich_help_panel=PANEL_DATA)]
+MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the model's "
+                                                  "limit, at most 2048.", rich_help_panel=PANEL_DATA)]
+MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted tokens.",
+                                                  rich_help_panel=PANEL_DATA)]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
+                                                  "--max-length, i.e. non-overlapping).", rich_help_panel=PANEL_DATA)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (torch.manual_seed before the first pass; "
+                                      "recorded in the manifest).", rich_help_panel=PANEL_DATA)]
+SkipOpt = Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
+                                      "each window (BOS / attention-sink tokens).",
+                                      rich_help_panel=PANEL_DATA)]
+
 def fail(message: str, code: int) -> None:
     typer.echo(f"actsparse: error: {message}", err=True)
     raise typer.Exit(code)

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, batch_progress,
+from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg, DeviceArg,
+                                  DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg, QuietArg, SeedOpt,
+                                  SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg, batch_progress,
                                   handle_errors, stderr_console, stdout_console)
 from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
 
@@ -44,27 +45,15 @@ def register(app: typer.Typer) -> None:
     @app.command("measure")
     @handle_errors
     def measure(
-        checkpoint: Annotated[Optional[str], typer.Argument(help="Model folder, hub id or weight file. Default: the "
-                                                            "project's bundled ReLU model.", show_default=False)] = None,
-        data: Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
-                                                    "Default: the bundled calibration corpus.",
-                                                    rich_help_panel=PANEL_DATA)] = None,
-        text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
-                                                rich_help_panel=PANEL_DATA)] = "text",
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
-                                                rich_help_panel=PANEL_DATA)] = 4,
-        max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the "
-                                                          "model's limit, at most 2048.", rich_help_panel=PANEL_DATA)] = None,
-        max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted "
-                                                          "tokens.", rich_help_panel=PANEL_DATA)] = None,
-        stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
-                                                      "--max-length, i.e. non-overlapping).",
-                                                      rich_help_panel=PANEL_DATA)] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Random seed (recorded in the manifest).",
-                                          rich_help_panel=PANEL_DATA)] = 0,
-        skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
-                                                "each window (BOS / attention-sink tokens).",
-                                                rich_help_panel=PANEL_DATA)] = 0,
+        checkpoint: CheckpointOpt = None,
+        data: DataOpt = None,
+        text_field: TextFieldOpt = "text",
+        batch_size: BatchOpt = 4,
+        max_length: MaxLenOpt = None,
+        max_tokens: MaxTokOpt = None,
+        stride: StrideOpt = None,
+        seed: SeedOpt = 0,
+        skip_first: SkipOpt = 0,
         eps: Annotated[Optional[list[float]], typer.Option("--eps", help="near_zero_frac thresholds (repeatable). "
                                                            "Default 1e-6, 1e-3, 1e-2.",
                                                            rich_help_panel=PANEL_PROBES)] = None,

@@ -9,8 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
+from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg,
+                                  DeviceArg, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg, QuietArg,
+                                  SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg, handle_errors,
                                   stderr_console, stdout_console)
 from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
 
@@ -23,24 +24,6 @@ class SearchChoice(str, Enum):
     bisection = "bisection"
 
 
-CheckpointOpt = Annotated[Optional[str], typer.Argument(help="Causal LM folder, hub id or weight file. Default: the "
-                                                        "project's bundled ReLU model.", show_default=False)]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .jsonl, or hf:NAME[:CONFIG][:SPLIT]. "
-                                                "Default: the bundled calibration corpus.", rich_help_panel=PANEL_DATA)]
-TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
-                                           rich_help_panel=PANEL_DATA)]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
-                                        rich_help_panel=PANEL_DATA)]
-MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the model's "
-                                                  "limit, at most 2048.", rich_help_panel=PANEL_DATA)]
-MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many counted tokens.",
-                                                  rich_help_panel=PANEL_DATA)]
-StrideOpt = Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
-                                                  "--max-length, non-overlapping).", rich_help_panel=PANEL_DATA)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="torch seed, set before the first pass.",
-                                       rich_help_panel=PANEL_DATA)]
-SkipOpt = Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of each window.",
-                                      rich_help_panel=PANEL_DATA)]
 GridOpt = Annotated[int, typer.Option("--cett-grid", min=8, help="Candidate thresholds per layer (quantiles of the "
                                       "first batch's neuron output norms; CETT is exact at each).",
                                       rich_help_panel=PANEL_PPLP)]

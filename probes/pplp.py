@@ -821,7 +821,6 @@ def token_loss_sum(logits, labels) -> tuple[float, int]:
 
     ``labels`` are already the next tokens (probes.corpus windows): no extra shift.
     """
-    import torch
     import torch.nn.functional as F
 
     total = 0.0
