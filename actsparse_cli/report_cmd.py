@@ -163,7 +163,8 @@ def register(app: typer.Typer) -> None:
         from actsparse_cli.loading_opts import resolve_kinds
         from probes.errors import CheckpointError
         from reports.bundle import check_output_dir
-        from reports.track import TrackOptions, expand_checkpoints, resolve_analyses, run_track, write_track_outputs
+        from probes.track import TrackOptions, expand_checkpoints, resolve_analyses, run_track
+        from reports.track import write_track_outputs
 
         check_output_dir(output, force)
         chosen = resolve_analyses(analyses)

@@ -33,6 +33,7 @@ import pandas as pd
 
 from probes.errors import EXIT_CHECKPOINT, ActsparseError, OutputError
 from reports.bundle import atomic_output_dir, check_output_dir
+from reports.figures import pyplot
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
 
@@ -314,11 +315,6 @@ def _figure_rank(stem: str) -> tuple[int, str]:
 
 
 # -------------------------------------------------------------------------------------- drawn figures
-def _plt():
-    from reports.figures import _plt as plt
-
-    return plt()
-
 
 def _save(fig, folder: Path, stem: str) -> list[str]:
     from reports.figures import save
@@ -346,7 +342,7 @@ def plot_sparsity_vs_threshold(df: pd.DataFrame, folder: Path, title: str) -> li
         return []
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     kinds = _kinds(df)
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1.6, 3.9), squeeze=False)
     eps = np.array([float(c.split("@")[1]) for c in near])
@@ -408,7 +404,7 @@ def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[s
     """Mean % non-zero per token per layer with the p05-p95 band, and dead / always-on shares."""
     if "nonzero_pct_per_token" not in df:
         return []
-    plt = _plt()
+    plt = pyplot()
     kinds = _kinds(df)
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -447,7 +443,7 @@ def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd
     has_trace = trace is not None and len(trace) and {"ppl_ratio", "mean_sparsity"} <= set(trace.columns)
     if not has_layers and not has_trace:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), squeeze=False)
     ax = axes[0][0]
     if has_layers:
@@ -492,7 +488,7 @@ def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd
 
 def plot_sparsity_compare(items: list[tuple[str, pd.DataFrame]], folder: Path) -> list[str]:
     """zero_frac per layer of several measure inputs on shared axes."""
-    plt = _plt()
+    plt = pyplot()
     kinds = list(dict.fromkeys(k for _, df in items for k in _kinds(df)))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.0, 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,13 +21,13 @@ def save(fig, folder: str | Path, stem: str) -> list[str]:
     folder = Path(folder)
     fig.savefig(folder / f"{stem}.png", dpi=120, bbox_inches="tight")
     fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return [f"{stem}.png", f"{stem}.svg"]
 
 
 def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens: int) -> list[str]:
     """Per-layer exact-zero and near-zero fractions, one panel per site kind."""
-    plt = _plt()
+    plt = pyplot()
     kinds = [k for k in ("mlp_post", "mlp_gate_act", "mlp_pre", "custom") if k in set(df.kind)]
     if not kinds:
         return []

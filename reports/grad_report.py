@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import _plt, save
+from reports.figures import pyplot, save
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
 
@@ -48,7 +48,7 @@ def grad_by_layer(df: pd.DataFrame, spikes: pd.DataFrame, folder: str | Path, ti
     down-projection input's spike_max."""
     if df.empty:
         return []
-    plt = _plt()
+    plt = pyplot()
     taus = sorted((c for c in df.columns if c.startswith("eff_grad_sparsity@")), key=lambda c: float(c.split("@")[1]))
     down = spikes[spikes.is_down_proj] if len(spikes) and "is_down_proj" in spikes else pd.DataFrame()
     n_panels = 3 if len(down) else 2
@@ -154,7 +154,7 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
     (one line per checkpoint)."""
     if df.empty:
         return []
-    plt = _plt()
+    plt = pyplot()
     lin = df[df.kind.isin(["linear", "conv"])]
     if lin.empty:
         lin = df

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import _plt, save
+from reports.figures import pyplot, save
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
 
@@ -36,7 +36,7 @@ def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str) -> list[st
     r = layers[layers.kind == "resid_post"] if not layers.empty else layers
     if r.empty:
         return []
-    plt = _plt()
+    plt = pyplot()
     stacks = list(dict.fromkeys(r.canonical_name.map(_stack)))
     fig, axes = plt.subplots(1, len(stacks), figsize=(6.5 * len(stacks), 4.0), squeeze=False)
     colors = ["cornflowerblue", "mediumseagreen", "C4", "dimgrey"]
@@ -76,7 +76,7 @@ def plot_heatmap(layers: pd.DataFrame, channel_max: dict[str, Any], folder: str 
     pos = mat[mat > 0]
     if pos.size == 0:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(names) + 2.0))
     vmin = max(float(pos.min()), float(pos.max()) * 1e-6)
     im = ax.imshow(np.where(mat > 0, mat, vmin), aspect="auto", interpolation="nearest", cmap="magma",
@@ -116,7 +116,7 @@ def plot_3d(capture, layer: int | None, folder: str | Path, title: str) -> list[
         return []
     z = np.abs(capture.tensors[name]).T  # [channels, tokens]
     C, T = z.shape
-    plt = _plt()
+    plt = pyplot()
     fig = plt.figure(figsize=(12, 6))
     ax = fig.add_subplot(1, 1, 1, projection="3d")
     xs = np.tile(np.arange(T), (C, 1))

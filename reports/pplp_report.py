@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reports.bundle import atomic_output_dir
-from reports.figures import _plt, save
+from reports.figures import pyplot, save
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
 
@@ -132,7 +132,7 @@ def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "c
     y is 100 * (PPL ratio - 1) on a symmetric log scale, linear within +-0.5 %, so that the
     1-10 % region PPL-p% is about stays readable next to ratios of 2 or more.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     dense = df[df.method == "dense"]
     for method, g in df[df.method != "dense"].groupby("method", sort=False):

@@ -1,4 +1,4 @@
-"""``reports.track``: training steps from names / trainer_state.json, and the emergence fit
+"""``probes.track``: training steps from names / trainer_state.json, and the emergence fit
 f(t) = A exp(-lambda x) log x + K, x = gamma t + t0 (converging on clean data, NaN + warning otherwise)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from probes.errors import CheckpointError
-from reports.track import EmergenceFitWarning, emergence_curve, expand_checkpoints, fit_emergence, parse_step
+from probes.track import EmergenceFitWarning, emergence_curve, expand_checkpoints, fit_emergence, parse_step
 
 
 @pytest.mark.parametrize("name, step, source", [
