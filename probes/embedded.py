@@ -16,6 +16,8 @@ DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "tiny-relu-lm"
 DEFAULT_CORPUS = DATA_DIR / "calibration.txt"
 TRAIN_CORPUS = DATA_DIR / "corpus_train.txt"
+# float16 snapshots of the same training run (ckpt-50 ... ckpt-400); the final model is step 650.
+STEPS_DIR = DATA_DIR / "tiny-relu-lm-steps"
 
 # What a usable checkpoint folder must hold; a partial copy should fail here, clearly,
 # rather than deep inside transformers.
@@ -44,3 +46,15 @@ def default_corpus() -> str:
             "(or pass --data with a corpus of your own)",
         )
     return str(DEFAULT_CORPUS)
+
+
+def default_track_checkpoints() -> list[str]:
+    """The embedded training run for ``actsparse track``: its snapshots by step, then the final model."""
+    import re
+
+    snaps = sorted((p for p in STEPS_DIR.glob("ckpt-*") if (p / "model.safetensors").is_file()),
+                   key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if STEPS_DIR.is_dir() else []
+    if not snaps:
+        raise DataError(f"the embedded training snapshots in {STEPS_DIR} are missing",
+                        "pass the checkpoints of a run, e.g. 'runs/ckpt-*/', or run python scripts/train_embedded.py")
+    return [str(p) for p in snaps] + [default_checkpoint()]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import platform
@@ -60,6 +61,7 @@ WEIGHT_DECAY = 0.1
 DROPOUT = 0.1
 ATTN_DROPOUT = 0.0
 DEFAULT_STEPS = 650
+SNAPSHOT_STEPS = (50, 100, 200, 400)  # training-run checkpoints for the `actsparse track` demo
 
 
 def read_documents(path: Path) -> list[str]:
@@ -139,12 +141,33 @@ def sha256_short(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def save_snapshot(model, tokenizer, folder: Path) -> None:
+    """A float16 copy of the weights mid-training (no RNG use, so the final model is unchanged)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tied = "lm_head.weight" if model.config.tie_word_embeddings else None
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if k != tied}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_step(folder, int(folder.name.split("-")[-1]))
+
+
+def write_step(folder: Path, step: int) -> None:
+    """``trainer_state.json`` with the step, as Hugging Face's Trainer writes it (read by ``actsparse track``)."""
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: only at the end)")
     ap.add_argument("--out", type=Path, default=DATA / "tiny-relu-lm")
+    ap.add_argument("--snapshot-steps", type=int, nargs="*", default=list(SNAPSHOT_STEPS),
+                    help="also save float16 snapshots ckpt-N at these steps (for `actsparse track`)")
+    ap.add_argument("--snapshot-dir", type=Path, default=DATA / "tiny-relu-lm-steps")
     args = ap.parse_args()
 
     # Whole documents are tokenized before windowing and nothing is padded, so the length and
@@ -198,6 +221,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         recent = (recent + [loss.item()])[-50:]
+        if step + 1 in args.snapshot_steps:
+            save_snapshot(model, tokenizer, args.snapshot_dir / f"ckpt-{step + 1}")
         if (step + 1) % 50 == 0 or step + 1 == args.steps:
             msg = f"step {step + 1}/{args.steps} loss {sum(recent) / len(recent):.3f} " \
                   f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - t_train:.0f}s"
@@ -217,6 +242,7 @@ def main() -> None:
     # transformers 5 always writes safetensors; weights are float32 as trained.
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    write_step(args.out, args.steps)
     total_seconds = time.time() - t0
     write_training_md(args.out, dict(
         steps=args.steps, threads=args.threads, n_params=n_params, vocab=len(tokenizer),
