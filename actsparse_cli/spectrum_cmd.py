@@ -25,6 +25,11 @@ from actsparse_cli.common import (
 PANEL_SPECTRUM = "Spectrum"
 
 
+class SvdMethod(str, Enum):
+    auto = "auto"  # Gram eigenvalues where they are accurate (kappa <= 1e3, N >= 1.2 M), else the SVD
+    exact = "exact"  # the SVD of every matrix
+
+
 class PlotKind(str, Enum):
     esd = "esd"  # one ESD figure per matrix, plus alpha by layer
     alpha = "alpha"  # alpha and sigma_mp by layer only
@@ -38,6 +43,12 @@ RandomizeArg = Annotated[bool, typer.Option("--randomize", help="Add WW's rand_*
                                             rich_help_panel=PANEL_SPECTRUM)]
 SeedArg = Annotated[int, typer.Option("--seed", help="Seed for --randomize (numpy's legacy RandomState, the "
                                       "stream WW uses after np.random.seed).", rich_help_panel=PANEL_SPECTRUM)]
+SvdArg = Annotated[SvdMethod, typer.Option("--svd", help="auto: eigenvalues of W^T W where that is as accurate "
+                                          "as the SVD (tall matrices, kappa <= 1e3; 3-5x faster), else the SVD; "
+                                          "exact: the SVD everywhere.", rich_help_panel=PANEL_SPECTRUM)]
+WorkersArg = Annotated[int, typer.Option("--workers", min=1, help="Processes computing spectra and fits in "
+                                         "parallel (CPU only; each with one BLAS thread).",
+                                         rich_help_panel=PANEL_SPECTRUM)]
 PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figures to write into -o (PNG + SVG): "
                                                           "esd (per matrix, slower) or alpha.",
                                                           rich_help_panel=PANEL_OUT, show_default=False)]
@@ -88,6 +99,8 @@ def register(app: typer.Typer) -> None:
         quiet: QuietArg = False,
         debug: DebugArg = False,
         unsafe_pickle: UnsafePickleArg = False,
+        svd: SvdArg = SvdMethod.auto,
+        workers: WorkersArg = 1,
     ) -> None:
         """WeightWatcher 0.7.7's spectral metrics for every 2-D/4-D weight, one tensor at a time.
 
@@ -96,11 +109,13 @@ def register(app: typer.Typer) -> None:
         if plot and output is None:
             raise typer.BadParameter("figures are written into the output folder; give -o", param_hint="--plot")
         _run(checkpoint=checkpoint, output=output, device=device, split_fused=split_fused, randomize=randomize,
-             seed=seed, plots=set(plot or ()), force=force, quiet=quiet, debug=debug, unsafe_pickle=unsafe_pickle)
+             seed=seed, plots=set(plot or ()), force=force, quiet=quiet, debug=debug, unsafe_pickle=unsafe_pickle,
+             svd=svd.value, workers=workers)
 
 
 @handle_errors
-def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle) -> None:
+def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle,
+         svd="auto", workers=1) -> None:
     from contextlib import nullcontext
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -135,7 +150,7 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
         with progress:
             df = sp.analyze_checkpoint(sn, device=str(dev), split_fused=split_fused, randomize=randomize,
                                        seed=seed, unsafe_pickle=unsafe_pickle, progress=on_tensor,
-                                       on_layer=on_layer)
+                                       on_layer=on_layer, svd=svd, workers=workers)
         summary = sp.summarize(df)
         if folder is not None:
             from reports.manifest import build_manifest, write_manifest
@@ -157,7 +172,8 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
             manifest = build_manifest(
                 "spectrum",
                 {"checkpoint": checkpoint, "device": device, "split_fused": split_fused, "randomize": randomize,
-                 "seed": seed, "plot": sorted(p.value for p in plots), "unsafe_pickle": unsafe_pickle},
+                 "seed": seed, "plot": sorted(p.value for p in plots), "unsafe_pickle": unsafe_pickle,
+                 "svd": svd, "workers": workers},
                 checkpoint={"path": sn.path, "format": sn.kind.value, "files": sn.files},
                 svd=df.attrs.get("svd"),
                 method={"reference": "WeightWatcher 0.7.7 analyze(mp_fit=True)",

@@ -58,7 +58,8 @@ def test_spectrum_writes_table_summary_manifest(ckpt, tmp_path):
     assert df.set_index("name")["alpha"].to_dict() == pytest.approx(ref["alpha"].to_dict(), rel=1e-12)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "spectrum" and manifest["options"]["device"] == "cpu"
-    assert manifest["svd"] == {"device": "cpu", "dtype": "float64"}
+    assert {k: manifest["svd"][k] for k in ("device", "dtype", "method")} == {"device": "cpu", "dtype": "float64",
+                                                                            "method": "auto"}
     assert manifest["checkpoint"]["format"] == "safetensors"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["means_over_ww_layers"]) == set(sp.WW_SUMMARY_METRICS)

