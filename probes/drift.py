@@ -158,7 +158,7 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
                  progress: Callable[[int | None, int], Any] | None = None, q: float = QUANTILE,
                  kinds: Iterable[str] | None = None) -> DriftResult:
     """Per-weight drift statistics of one or more checkpoints (same run at different steps)."""
-    from probes.formats import iter_tensors, safetensors_header, sniff
+    from probes.formats import Kind, is_safetensors, iter_tensors, safetensors_header, sniff
 
     cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not cks:
@@ -172,7 +172,7 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
         sn = sniff(ck)
         sources.append({"checkpoint": str(ck), "kind": sn.kind.value, "files": sn.files})
         total = None
-        if all(f.endswith(".safetensors") for f in sn.files) and sn.files:
+        if sn.files and sn.kind is not Kind.GGUF and all(is_safetensors(f) for f in sn.files):  # by content
             total = sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
         if progress:
             progress(total, 0)

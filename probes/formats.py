@@ -65,41 +65,101 @@ def _read_head(path: Path, n: int = 16) -> bytes:
         raise CheckpointError(f"cannot read {path}: {e.strerror}", "check the path") from e
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # torch's messages carry ANSI bold
+    return (lines[0] if lines else e.__class__.__name__)[:limit]
+
+
 def safetensors_header(path: str | Path) -> dict[str, Any]:
-    """Parse and validate a safetensors header; raise CheckpointError if truncated or corrupt."""
+    """Parse and validate a safetensors header; raise CheckpointError if truncated or corrupt.
+
+    Every entry is checked as the safetensors library checks it (dtype a string, shape a list of
+    non-negative ints, ``data_offsets`` two ints with 0 <= begin <= end, byte size matching shape x
+    dtype where the dtype is known, no two tensors overlapping), so a header that claims a huge
+    tensor is refused before anything is allocated.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated (only {size} bytes)", "re-download or re-save the file")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_ST_HEADER or 8 + n > size:
-            raise CheckpointError(
-                f"{path} is not a valid safetensors file (header length {n} vs file size {size}: truncated or corrupt)",
-                "re-download or re-save the file",
-            )
-        raw = f.read(n)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated (only {size} bytes)", "re-download or re-save the file")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_ST_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path} is not a valid safetensors file (header length {n} vs file size {size}: truncated or "
+                    "corrupt)", "re-download or re-save the file")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or _first_line(e)}", "check the path") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} has a corrupt safetensors header ({e.__class__.__name__})",
                               "re-download or re-save the file") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header", "re-download or re-save the file")
-    end = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or "data_offsets" not in info:
-            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}", "re-download or re-save the file")
-        end = max(end, int(info["data_offsets"][1]))
-    if 8 + n + end > size:
+        begin, end = _check_st_entry(path, name, info)
+        spans.append((begin, end, name))
+    data_size = size - 8 - n
+    end = max((e for _, e, _ in spans), default=0)
+    if end > data_size:
         raise CheckpointError(
             f"{path} is truncated: tensors need {8 + n + end} bytes, the file has {size}",
             "re-download or re-save the file",
         )
+    for begin, end, name in spans:
+        _check_st_size(path, name, header[name], end - begin)
+    spans.sort()
+    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensors {a!r} and {b!r} overlap)",
+                                  "re-download or re-save the file")
     return header
+
+
+# Bytes per element of the safetensors dtypes torch holds (sub-byte and other dtypes are not size-checked).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+
+
+def _check_st_entry(path: Path, name: str, info: Any) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry's bytes, after checking the types of dtype, shape, offsets."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} ({why})",
+                               "re-download or re-save the file")
+
+    if not isinstance(info, dict) or "data_offsets" not in info:
+        raise bad("no data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape", []), info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {str(shape)[:60]}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+            or not 0 <= offsets[0] <= offsets[1]:
+        raise bad(f"data_offsets {str(offsets)[:60]}")
+    return offsets[0], offsets[1]
+
+
+def _check_st_size(path: Path, name: str, info: dict, nbytes: int) -> None:
+    dtype, shape = info["dtype"], info.get("shape", [])
+    if dtype not in _ST_ITEMSIZE:
+        return
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel * _ST_ITEMSIZE[dtype] > nbytes:  # stop before a corrupt shape builds a giant integer
+            break
+    if numel * _ST_ITEMSIZE[dtype] != nbytes:
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} (shape "
+                              f"{str(shape)[:60]} of {dtype} does not fill the {nbytes} bytes its offsets give)",
+                              "re-download or re-save the file")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -107,6 +167,12 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return 0 < n <= _MAX_ST_HEADER and head[8:9] == b"{"
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether a file starts like safetensors (by content, not suffix); the header is not validated."""
+    p = Path(path)
+    return _looks_like_safetensors(_read_head(p), p.stat().st_size)
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -123,6 +189,93 @@ def _looks_like_text(path: Path) -> bool:
     return True
 
 
+# GGUF metadata value types (ggml's gguf.h): fixed sizes, STRING = 8, ARRAY = 9.
+_GGUF_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header_check(path: str | Path) -> None:
+    """Walk a GGUF header (metadata and tensor infos) with bounds checks; raise CheckpointError if it
+    is truncated or corrupt.
+
+    gguf's reader trusts the counts it reads: an array whose length runs past the end of the file
+    makes it loop on empty reads for as many iterations as the length says (2^40: a hang). Every
+    count here is checked against the bytes left before anything loops over it.
+    """
+    import mmap
+
+    path = Path(path)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid GGUF file ({why}: truncated or corrupt)",
+                               "re-download or re-convert the file")
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            size = len(buf)
+            if size < 24 or buf[:4] != GGUF_MAGIC:
+                raise bad("header shorter than 24 bytes" if size < 24 else "bad magic")
+            (version,) = struct.unpack_from("<I", buf, 4)
+            end = "<"
+            if version & 0xFFFF == 0:  # written big-endian (gguf's reader flips byte order the same way)
+                end, version = ">", struct.unpack_from(">I", buf, 4)[0]
+            if version not in (2, 3):
+                raise CheckpointError(f"{path} is GGUF version {version}; only versions 2 and 3 can be read",
+                                      "re-convert the file with a current llama.cpp / gguf")
+            u32, u64 = struct.Struct(end + "I"), struct.Struct(end + "Q")
+            pos = 8
+
+            def take(n: int, what: str) -> int:
+                nonlocal pos
+                if n < 0 or pos + n > size:
+                    raise bad(f"{what} runs past the end of the file")
+                start, pos = pos, pos + n
+                return start
+
+            def read_u32(what: str) -> int:
+                return u32.unpack_from(buf, take(4, what))[0]
+
+            def read_u64(what: str) -> int:
+                return u64.unpack_from(buf, take(8, what))[0]
+
+            def skip_string(what: str) -> None:
+                take(read_u64(what), what)
+
+            def skip_value(vtype: int, what: str, depth: int = 0) -> None:
+                if vtype in _GGUF_SCALAR_SIZE:
+                    take(_GGUF_SCALAR_SIZE[vtype], what)
+                elif vtype == _GGUF_STRING:
+                    skip_string(what)
+                elif vtype == _GGUF_ARRAY and depth < 4:
+                    itype, count = read_u32(what), read_u64(what)
+                    if itype in _GGUF_SCALAR_SIZE:
+                        take(count * _GGUF_SCALAR_SIZE[itype], what)
+                        return
+                    least = 8 if itype == _GGUF_STRING else 12  # a string's length / a nested array's header
+                    if count * least > size - pos:
+                        raise bad(f"{what}: array of {count} entries runs past the end of the file")
+                    for _ in range(count):
+                        skip_value(itype, what, depth + 1)
+                else:
+                    raise bad(f"{what}: unknown value type {vtype}")
+
+            n_tensors, n_kv = read_u64("tensor count"), read_u64("metadata count")
+            if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:  # smallest entries: 13 and 24 bytes
+                raise bad(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes")
+            for i in range(n_kv):
+                skip_string(f"metadata key {i}")
+                skip_value(read_u32(f"metadata entry {i}"), f"metadata entry {i}")
+            for i in range(n_tensors):
+                skip_string(f"tensor info {i}")
+                n_dims = read_u32(f"tensor info {i}")
+                take(8 * n_dims, f"tensor info {i}")
+                take(4 + 8, f"tensor info {i}")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or _first_line(e)}", "check the path") from e
+    except (ValueError, struct.error) as e:  # mmap of an empty file, unpack at a bad offset
+        raise bad(_first_line(e)) from e
+
+
 def sniff(path: str | os.PathLike) -> Sniffed:
     """Identify a checkpoint by content. Raises CheckpointError with a fix for anything else."""
     s = str(path)
@@ -135,12 +288,17 @@ def sniff(path: str | os.PathLike) -> Sniffed:
         raise CheckpointError(f"checkpoint path {s!r} does not exist",
                               "check the path, or give a Hugging Face hub id such as 'gpt2'")
     if p.is_dir():
-        return _sniff_dir(p)
+        try:
+            return _sniff_dir(p)
+        except OSError as e:  # an unreadable folder or index
+            raise CheckpointError(f"cannot read {s}: {e.strerror or _first_line(e)}",
+                                  "check the folder's permissions") from e
     size = p.stat().st_size
     if size == 0:
         raise CheckpointError(f"{s} is an empty file", "give a checkpoint file or a model folder")
     head = _read_head(p)
     if head.startswith(GGUF_MAGIC):
+        gguf_header_check(p)  # gguf's own reader can hang on a corrupt count
         return Sniffed(Kind.GGUF, str(p), files=[str(p)])
     if head.startswith(ZIP_MAGIC):
         return Sniffed(Kind.TORCH_ZIP, str(p), files=[str(p)])
@@ -152,7 +310,7 @@ def sniff(path: str | os.PathLike) -> Sniffed:
     if head[:1] == b"{" or head[:3] == b"\xef\xbb\xbf":
         try:
             obj = json.loads(p.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
             obj = None
         if isinstance(obj, dict) and "weight_map" in obj:
             return _sniff_index(p, obj)
@@ -169,8 +327,12 @@ def sniff(path: str | os.PathLike) -> Sniffed:
 
 
 def _sniff_index(p: Path, obj: dict) -> Sniffed:
+    weight_map = obj.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+        raise CheckpointError(f"{p} is not a valid shard index (weight_map must map tensor names to file names)",
+                              "re-download the index or fix it")
     shards = []
-    for f in dict.fromkeys(obj["weight_map"].values()):
+    for f in dict.fromkeys(weight_map.values()):
         fp = p.parent / f
         if not fp.exists():
             raise CheckpointError(f"shard {f} named in {p.name} is missing from {p.parent}",
@@ -189,7 +351,14 @@ def _sniff_dir(p: Path) -> Sniffed:
         fp = p / name
         if fp.exists():
             if name.endswith(".index.json"):
-                sub = _sniff_index(fp, json.loads(fp.read_text()))
+                try:
+                    obj = json.loads(fp.read_text(encoding="utf-8-sig"))
+                except (ValueError, RecursionError) as e:
+                    raise CheckpointError(f"{fp} is not valid JSON ({e.__class__.__name__})",
+                                          "re-download the index or fix it") from e
+                if not isinstance(obj, dict):
+                    raise CheckpointError(f"{fp} is not a valid shard index", "re-download the index or fix it")
+                sub = _sniff_index(fp, obj)
                 files, index = sub.files, str(fp)
             else:
                 files = [str(fp)]
@@ -229,7 +398,8 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict",
                               "save model.state_dict() with torch.save or safetensors")
-    if "model" in obj and "model_args" in obj:
+    if "model" in obj and "model_args" in obj and isinstance(obj["model"], dict) \
+            and isinstance(obj["model_args"], dict):
         info["container"] = "nanogpt"
         info["model_args"] = dict(obj["model_args"])
         obj = obj["model"]
@@ -243,6 +413,10 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 obj = obj[k]
                 break
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    unnamed = [k for k in sd if not isinstance(k, str)]
+    if unnamed:
+        raise CheckpointError(f"checkpoint holds tensors under keys that are not names (e.g. {str(unnamed[0])[:40]})",
+                              "save model.state_dict() with torch.save or safetensors")
     if not sd:
         raise CheckpointError("no tensors found in the checkpoint",
                               "save model.state_dict() with torch.save or safetensors")
@@ -273,6 +447,11 @@ def _torch_load(path: str, unsafe_pickle: bool, mmap: bool) -> Any:
     import torch
 
     try:
+        if str(path).endswith(".safetensors"):
+            # torch.load hands any path ending in .safetensors to safetensors; this one is a torch file
+            # (sniffed by content), so it goes in as an open file, which cannot be memory-mapped.
+            with open(path, "rb") as fh:
+                return torch.load(fh, map_location="cpu", weights_only=not unsafe_pickle)
         if unsafe_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
         try:
@@ -282,11 +461,20 @@ def _torch_load(path: str, unsafe_pickle: bool, mmap: bool) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
             raise
     except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler says "Unsupported global: GLOBAL posix.system ..." for code it
+        # refuses to run, and "Unsupported operand 237" (and the like) for a pickle that is simply corrupt.
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+        reason = m.group(1).strip()[:160] if m else _first_line(e)
+        if m and "Unsupported global" not in reason:
+            raise CheckpointError(f"{path} could not be read as a torch checkpoint: corrupt pickle ({reason})",
+                                  "the file is truncated or corrupt; re-download or re-save it") from e
         raise CheckpointError(
-            f"{path} contains pickled objects that are not plain tensors ({str(e).splitlines()[0][:160]})",
+            f"{path} contains pickled objects that are not plain tensors ({reason})",
             "re-save it as a state dict or safetensors, or pass --unsafe-pickle if you trust the file") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} could not be read as a torch checkpoint: {str(e).splitlines()[0][:160]}",
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle or zip fails anywhere in torch.load
+        # (EOFError, UnicodeDecodeError, struct.error, IndexError, KeyError, AssertionError, MemoryError, ...)
+        raise CheckpointError(f"{path} could not be read as a torch checkpoint: {_first_line(e)}",
                               "the file is truncated or corrupt; re-download or re-save it") from e
 
 
@@ -354,7 +542,12 @@ def _iter_safetensors(f: str) -> Iterator[tuple[str, Any]]:
             if t.numel() != numel:
                 raise CheckpointError(f"{f}: tensor {name!r} has {t.numel()} values for shape {shape}",
                                       "the file is corrupt; re-download or re-save it")
-            yield name, t.reshape(shape)
+            try:
+                t = t.reshape(shape)
+            except RuntimeError as e:  # e.g. more dimensions than torch holds
+                raise CheckpointError(f"{f}: tensor {name!r} cannot take shape {str(shape)[:60]}: {_first_line(e)}",
+                                      "the file is corrupt; re-download or re-save it") from e
+            yield name, t
 
 
 def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
@@ -366,16 +559,23 @@ def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
     import numpy as np
     import torch
 
+    gguf_header_check(path)
     try:
         reader = gguf.GGUFReader(path, "r")
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {e}", "re-download or re-convert the file") from e
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, KeyError, IndexError, ...
+        raise CheckpointError(f"{path} is not a readable GGUF file: {_first_line(e)}",
+                              "re-download or re-convert the file") from e
     for t in reader.tensors:
-        arr = dequantize(t.data, t.tensor_type)
-        # GGUF stores dims fastest-first; numpy data already has the row-major shape.
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        arr = np.asarray(arr).reshape(shape)
-        yield t.name, torch.from_numpy(np.array(arr, copy=True))  # the reader's memmap is read-only
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+            # GGUF stores dims fastest-first; numpy data already has the row-major shape.
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            arr = np.asarray(arr).reshape(shape)
+            tensor = torch.from_numpy(np.array(arr, copy=True))  # the reader's memmap is read-only
+        except Exception as e:  # noqa: BLE001 - an unknown quantisation, a size that does not match
+            raise CheckpointError(f"{path}: GGUF tensor {t.name!r} cannot be read: {_first_line(e)}",
+                                  "re-download or re-convert the file") from e
+        yield t.name, tensor
 
 
 def read_state_dict(sn: Sniffed, unsafe_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from probes.errors import DeviceError, ModelError
-from probes.formats import Kind, Sniffed, iter_tensors, safetensors_header, sniff
+from probes.arrays import iter_arrays
+from probes.formats import Kind, Sniffed, safetensors_header, sniff
 
 # WeightWatcher 0.7.7 constants (constants.py, WW_powerlaw.py, RMT_Util.py).
 EVALS_THRESH = 1e-5  # eigenvalues kept for the power-law fit
@@ -611,24 +612,33 @@ def _finish_in_worker(job: _Job, stacks: dict[str, np.ndarray], method: str, ran
     return job
 
 
+def _one_blas_thread() -> None:
+    """Pool worker start-up: one BLAS/OpenMP thread per worker process (no oversubscription)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return
+    threadpool_limits(1)
+
+
 class _PoolRunner:
     """The ``_SvdBatcher`` interface over a process pool: each row (its stacks' spectra and its
-    fits) is computed in a worker while the main process reads the next tensors. Workers are
-    spawned with one BLAS thread each, and at most two rows per worker are in flight, so memory
-    stays near a few tensors."""
-
-    _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    fits) is computed in a worker while the main process reads the next tensors. Workers use
+    one BLAS thread each, and at most two rows per worker are in flight, so memory stays near a
+    few tensors. Workers are forked where that is safe (POSIX, torch not loaded: the numpy path
+    for safetensors and GGUF), else spawned (which needs a ``__main__`` guard in scripts)."""
 
     def __init__(self, workers: int, method: str, randomize: bool):
         import multiprocessing
         import os
+        import sys
         from collections import deque
         from concurrent.futures import ProcessPoolExecutor
 
         self.workers, self.method, self.randomize = workers, method, randomize
-        self._saved = {k: os.environ.get(k) for k in self._THREAD_VARS}
-        os.environ.update({k: "1" for k in self._THREAD_VARS})  # read by the spawned workers at start-up
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        fork = os.name == "posix" and "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if fork else "spawn")
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_blas_thread)
         self.pending: dict[int, tuple[_Job, dict[str, np.ndarray]]] = {}
         self.futures = deque()
 
@@ -649,14 +659,7 @@ class _PoolRunner:
         return done
 
     def close(self) -> None:
-        import os
-
         self.pool.shutdown(wait=True, cancel_futures=True)
-        for k, v in self._saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class _SvdBatcher:
@@ -903,7 +906,9 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         seen += 1
         dtype = item[2] if len(item) > 2 else dtype_name(t)  # readers that upcast say what was stored
         # Scalars, norms, biases and integer buffers (position ids) are skipped silently, as WW does.
-        if t.ndim >= 2 and _is_float(t) and not _is_bias(name):
+        if t.ndim >= 2 and _is_float(t) and not _is_bias(name) and 0 in t.shape:  # a checkpoint can hold one
+            notes.setdefault("empty tensors (a dimension of 0) not analysed", []).append(name)
+        elif t.ndim >= 2 and _is_float(t) and not _is_bias(name):
             t = _to_numpy(t)
             parts = fused_parts(name, t, config) if split_fused and t.ndim in (2, 3) else []
             if isinstance(parts, str):
@@ -975,7 +980,8 @@ def analyze_checkpoint(
 ):
     """One row per weight matrix of a checkpoint, with WW's column names and ours.
 
-    Reads every tensor once through ``probes.formats.iter_tensors``. Rows WW would skip
+    Reads every tensor once through ``probes.arrays.iter_arrays`` (numpy, no torch, for
+    safetensors and GGUF). Rows WW would skip
     (size limits, names not ending in ``.weight``) are kept with ``ww_skipped``; those past
     WW's size limits are not computed (status ``skipped``). ``split_fused`` adds ``non_ww``
     rows for the parts of fused tensors. ``randomize`` adds WW's rand_* columns, seeded.
@@ -987,7 +993,7 @@ def analyze_checkpoint(
     """
     sn = source if isinstance(source, Sniffed) else sniff(source)
     return analyze_tensors(
-        iter_tensors(sn, unsafe_pickle=unsafe_pickle), device=device, split_fused=split_fused,
+        iter_arrays(sn, unsafe_pickle=unsafe_pickle), device=device, split_fused=split_fused,
         randomize=randomize, seed=seed, config=load_config(sn) if split_fused else None,
         total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
         workers=workers)

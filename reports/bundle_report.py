@@ -191,7 +191,8 @@ def tokens_phrase(manifest: dict[str, Any], section: str | None) -> str:
     if not isinstance(sec, dict):
         return "The manifest does not record which tokens were used."
     corpus = sec.get("corpus")
-    corpus_txt = f"`{Path(str(corpus)).name}`" if corpus else "an unrecorded corpus"
+    # a code span in captions (rendered by esc_text and markdown); a backtick in the name would end it early
+    corpus_txt = f"`{Path(str(corpus)).name.replace('`', chr(39))}`" if corpus else "an unrecorded corpus"
     n = sec.get("n_counted_tokens")
     parts = ["the bundled calibration corpus"] if sec.get("corpus_is_default") else []
     if section == "track" and part == "massive":  # the massive preset draws its own sequences
@@ -611,7 +612,7 @@ def _collect_figures(folder: Path) -> dict[str, dict[str, Path]]:
     # another actsparse output inside this one (e.g. `report out/ -o out/report`) is not part of it
     nested = [m.parent for m in folder.rglob("manifest.json") if m.parent != folder]
     for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() in (".png", ".svg") and p.is_file() and not any(
+        if p.suffix.lower() in (".png", ".svg") and p.is_file() and not p.is_symlink() and not any(
                 part.startswith(".") for part in p.relative_to(folder).parts) and not any(
                 n in p.parents for n in nested):
             stem = p.relative_to(folder).with_suffix("").as_posix()
@@ -672,7 +673,8 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
                                       "csv": f"tables/{src.label}/{name}.csv"})
                 files += [f"tables/{src.label}/{name}.parquet", f"tables/{src.label}/{name}.csv"]
             for p in sorted(src.table_dir.iterdir()):
-                if p.is_file() and p.suffix in _EXTRA_SUFFIXES:
+                # regular files only: a symbolic link in an input would copy whatever it points to
+                if p.is_file() and not p.is_symlink() and p.suffix in _EXTRA_SUFFIXES:
                     shutil.copy2(p, idir / p.name)
                     files.append(f"inputs/{src.label}/{p.name}")
             copied = _collect_figures(src.figure_dir) if src.figure_dir is not None else {}
@@ -723,9 +725,20 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
 
 # ------------------------------------------------------------------------------------------ summary.md
 def md_escape(s: Any) -> str:
-    """Text for a markdown table cell: no raw HTML, no cell-splitting pipes, one line."""
+    """Text for a markdown table cell: no raw HTML, no cell-splitting pipes, no links or images
+    (``[x](javascript:...)``, ``![](http://tracker)``), no backtick that could pair with a code span
+    written next to it (and expose that span's raw text), one line."""
     s = str(s).replace("\r", " ").replace("\n", " ")
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return s.replace("[", "\\[").replace("]", "\\]").replace("`", "\\`")
+
+
+def md_text(s: Any) -> str:
+    """``md_escape`` for text whose own `code spans` (as in captions) should stay code spans."""
+    parts = str(s).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: all of it is text
+        return md_escape(s)
+    return "".join(md_escape(p) if i % 2 == 0 else md_code(p) for i, p in enumerate(parts))
 
 
 def md_code(s: Any) -> str:
@@ -792,7 +805,7 @@ def render_summary_md(sources: list[Source], figures: list[Figure], warnings: li
     for i, src in enumerate(sources, 1):
         man = src.manifest
         lines += [f"## {i}. {md_escape(src.command)}: {md_escape(checkpoint_of(man))}", "",
-                  f"Input `{src.label}` ({md_escape(src.path)}); git {md_escape(man.get('git_hash'))}; "
+                  f"Input {md_code(src.label)} ({md_escape(src.path)}); git {md_escape(man.get('git_hash'))}; "
                   f"created {md_escape(man.get('created_utc'))}.", ""]
         counts = token_counts(man)
         if counts:
@@ -813,11 +826,12 @@ def render_summary_md(sources: list[Source], figures: list[Figure], warnings: li
         if figs:
             lines += ["Figures:", ""]
             for f in figs:
-                lines.append(f"- `{f.png or f.svg}`: {md_escape(f.caption)}")
+                lines.append(f"- {md_code(f.png or f.svg)}: {md_text(f.caption)}")
             lines.append("")
     across = [f for f in figures if not f.label]
     if across:
-        lines += ["## Across inputs", ""] + [f"- `{f.png or f.svg}`: {md_escape(f.caption)}" for f in across] + [""]
+        lines += ["## Across inputs", ""]
+        lines += [f"- {md_code(f.png or f.svg)}: {md_text(f.caption)}" for f in across] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -103,18 +103,24 @@ def write_grad_files(folder: str | Path, result, title: str) -> list[str]:
 
 
 def grad_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
+    from reports.bundle_report import md_code, md_escape
+
     info = result.info
     taus = [f"eff_grad_sparsity@{t:g}" for t in info.get("taus", [])]
-    lines = [f"# actsparse grad: {options.get('checkpoint')}", "",
+    lines = [f"# actsparse grad: {md_escape(options.get('checkpoint'))}", "",
              f"Loss: {info['loss']} ({info['loss_definition']}), reduction `{info['loss_reduction']}`, "
              f"{info['n_loss_targets']} loss targets, mean loss per target {_fmt(info.get('mean_loss_per_target'))}; "
-             f"data `{info.get('corpus') or info.get('data')}`; model dtype {info['model_dtype']}, "
+             f"data {md_code(info.get('corpus') or info.get('data'))}; model dtype {info['model_dtype']}, "
              f"device {info['device']}.", "",
              "| site | module | act | tokens | deriv_sparsity % | deriv_sq_mean | "
-             + " | ".join(f"|eta|<{t.split('@')[1]} %" for t in taus) + " | mean ||eta||_1 | mean ||eta||_2^2 |",
+             # the pipes of |eta| and ||eta|| escaped: bare, they split the header into more cells than the
+             # delimiter row has, and the table does not render at all
+             + " | ".join(md_escape(f"|eta|<{t.split('@')[1]} %") for t in taus)
+             + f" | {md_escape('mean ||eta||_1')} | {md_escape('mean ||eta||_2^2')} |",
              "|---|---|---|---:|---:|---:|" + "---:|" * len(taus) + "---:|---:|"]
     for r in result.rows:
-        lines.append(f"| {r['canonical_name']} | `{r['module_path']}` | {r['act']} | {r['n_tokens']} | "
+        lines.append(f"| {md_escape(r['canonical_name'])} | {md_code(r['module_path'])} | {md_escape(r['act'])} | "
+                     f"{r['n_tokens']} | "
                      f"{_pct(r['deriv_sparsity'])} | {_fmt(r['deriv_sq_mean'])} | "
                      + " | ".join(_pct(r.get(t)) for t in taus)
                      + f" | {_fmt(r['eta_l1_per_token'])} | {_fmt(r['eta_l2sq_per_token'])} |")
@@ -124,7 +130,8 @@ def grad_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
                   "| module | spike_max | median | max/median | median (non-zero) | max/median (non-zero) | zero % |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in down:
-            lines.append(f"| `{r['module_path']}` | {_fmt(r['spike_max'])} | {_fmt(r['median_abs_batchmean'])} | "
+            lines.append(f"| {md_code(r['module_path'])} | {_fmt(r['spike_max'])} | "
+                         f"{_fmt(r['median_abs_batchmean'])} | "
                          f"{_fmt(r['spike_ratio_batchmedian'])} | {_fmt(r['median_abs_nonzero_batchmean'])} | "
                          f"{_fmt(r['spike_ratio_nonzero_batchmedian'])} | {_pct(r['zero_frac'])} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
@@ -187,14 +194,16 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
 
 
 def drift_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
+    from reports.bundle_report import md_escape
+
     summ = result.summary()
-    lines = [f"# actsparse drift: {', '.join(str(c) for c in options.get('checkpoints', []))}", "",
+    lines = [f"# actsparse drift: {md_escape(', '.join(str(c) for c in options.get('checkpoints', [])))}", "",
              f"{result.info['n_tensors_measured']} weight tensors (2+ dims), {result.info['n_tensors_skipped']} "
              f"skipped (biases, norms, integer buffers). extreme = |w| >= exact 99.9th percentile of |W|.", "",
              "| checkpoint | kind | tensors | weights | mean (weighted) | % negative (weighted) | mean std | "
              "mean extreme frac |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, r in summ.iterrows():
-        lines.append(f"| {_short(r.checkpoint)} | {r.kind} | {r.n_tensors} | {r.n_weights} | "
+        lines.append(f"| {md_escape(_short(r.checkpoint))} | {md_escape(r.kind)} | {r.n_tensors} | {r.n_weights} | "
                      f"{_fmt(r.mean_weighted)} | {_fmt(r.neg_pct_weighted)} | {_fmt(r.std_mean)} | "
                      f"{_fmt(r.extreme_frac_mean)} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")

@@ -186,8 +186,10 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+    from reports.bundle_report import md_code, md_escape
+
     info = result.info
-    lines = [f"# actsparse massive: {options.get('checkpoint')}", "",
+    lines = [f"# actsparse massive: {md_escape(options.get('checkpoint'))}", "",
              f"Preset `{info['preset']}`: {info['n_sequences']} sequences, {info['n_counted_tokens']} counted tokens, "
              f"max_length {info.get('max_length')}, BOS {'yes' if info.get('bos') else 'no'}, model dtype "
              f"{info['model_dtype']}, device {info['device']}.", "",
@@ -200,18 +202,19 @@ def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
     for r in result.layers:
         if r["kind"] not in ("resid_post", "embed", "final_norm"):
             continue
-        lines.append(f"| {r['canonical_name']} | {_fmt(r['layer_1based'])} | {_fmt(r['top1_mean'])} | "
+        lines.append(f"| {md_escape(r['canonical_name'])} | {_fmt(r['layer_1based'])} | {_fmt(r['top1_mean'])} | "
                      f"{_fmt(r['top2_mean'])} | {_fmt(r['top3_mean'])} | {_fmt(r['median_mean'])} | "
                      f"{_fmt(r['ratio_top1_median'])} | {r['n_massive']} | {r['massive_channels'] or '-'} | "
                      f"{r['massive_positions'] or '-'} | {_fmt(r['token_ratio_max'])} | {r['n_massive_tokens']} |")
     g = result.global_max
     if g:
-        lines += ["", f"Global max: {_fmt(g['value'], 6)} at {g['canonical_name']} (`{g['module_path']}`), sample "
-                      f"{g['sample']}, position {g['position']}, channel {g['channel']}, token {g['token']!r}."]
+        lines += ["", f"Global max: {_fmt(g['value'], 6)} at {md_escape(g['canonical_name'])} "
+                      f"({md_code(g['module_path'])}), sample {g['sample']}, position {g['position']}, channel "
+                      f"{g['channel']}, token {md_code(repr(g['token']))}."]  # the token string comes from the corpus
     if info.get("overflow"):
-        lines += ["", f"**Overflow:** {info['overflow']}: {', '.join(info['nonfinite_sites'])}."]
+        lines += ["", f"**Overflow:** {md_escape(info['overflow'])}: {md_escape(', '.join(info['nonfinite_sites']))}."]
     if result.int8:
-        lines += ["", f"INT8 at {result.int8[0]['canonical_name']} (per-tensor symmetric, in-sample):", "",
+        lines += ["", f"INT8 at {md_escape(result.int8[0]['canonical_name'])} (per-tensor symmetric, in-sample):", "",
                   "| policy | threshold | rel_rmse | SQNR dB | clip rate |", "|---|---:|---:|---:|---:|"]
         for r in result.int8:
             lines.append(f"| {r['policy']} | {_fmt(r['threshold'])} | {_fmt(r['rel_rmse'])} | {_fmt(r['sqnr_db'])} | "

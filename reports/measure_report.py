@@ -58,15 +58,18 @@ def _short(checkpoint: Any) -> str:
 
 
 def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
-    """A short markdown summary for terminals and pull requests."""
+    """A short markdown summary for terminals and pull requests (checkpoint, corpus and module names escaped)."""
+    from reports.bundle_report import md_code, md_escape
+
     info = result.info
-    lines = [f"# actsparse measure: {options.get('checkpoint')}", "",
-             f"{info['n_counted_tokens']} counted tokens from `{info['corpus']}` ({info['window_scheme']}, "
+    lines = [f"# actsparse measure: {md_escape(options.get('checkpoint'))}", "",
+             f"{info['n_counted_tokens']} counted tokens from {md_code(info['corpus'])} ({info['window_scheme']}, "
              f"max_length {info['max_length']}, model dtype {info['model_dtype']}, device {info['device']}).", "",
              "| site | module | kind | width | zero % | nonzero/token % | dead | always on |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows:
-        lines.append(f"| {r['canonical_name']} | `{r['module_path']}` | {r['kind']} | {r['width']} | "
+        lines.append(f"| {md_escape(r['canonical_name'])} | {md_code(r['module_path'])} | {md_escape(r['kind'])} | "
+                     f"{r['width']} | "
                      f"{100 * r['zero_frac']:.2f} | {r['nonzero_pct_per_token']:.2f} | {r['dead_neurons']} | "
                      f"{r['always_on_neurons']} |")
     summ = result.summary()

@@ -74,11 +74,13 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def pplp_summary_lines(result) -> list[str]:
     """Markdown lines for a PPL-p% section (shared with other bundles' summary.md)."""
+    from reports.bundle_report import md_code, md_escape
+
     info, dense = result.info, result.dense
     lines = []
     for w in result.warnings:
-        lines += [f"> **WARNING:** {w}", ""]
-    lines += [f"{dense['n_tokens']} counted tokens from `{info['corpus']}`; dense PPL {dense['ppl']:.4f} "
+        lines += [f"> **WARNING:** {md_escape(w)}", ""]
+    lines += [f"{dense['n_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL {dense['ppl']:.4f} "
               f"(CE {dense['ce']:.6f}); search `{info['method']}`, tol {info['tol']:g} on the PPL ratio; "
               f"{info['full_passes']} full passes in all (calibration included).", "",
               "| p % | status | c* | achieved PPL ratio | mean sparsity % | activation ratio % | sparse passes |",
@@ -91,20 +93,23 @@ def pplp_summary_lines(result) -> list[str]:
         lines.append(f"| {r['p_pct']:g} | {r['status']} | {_fmt(r['c_star'], '.5f')} | {_fmt(r['achieved_ratio'], '.5f')}"
                      f" | {_fmt(100 * r['mean_sparsity'], '.2f')} | {_fmt(100 * r['mean_activation_ratio'], '.2f')} | "
                      f"{r['sparse_passes']} |")
-    notes = [f"- p = {r['p_pct']:g} %: {r['reason']}" for _, r in summ.iterrows() if r["reason"]]
+    notes = [f"- p = {r['p_pct']:g} %: {md_escape(r['reason'])}" for _, r in summ.iterrows() if r["reason"]]
     if notes:
         lines += [""] + notes
     table = result.table()
     if len(table):
         lines += ["", "| p % | layer | module | threshold | sparsity % | CETT in sparse run |", "|---:|---:|---|---:|---:|---:|"]
         for _, r in table.iterrows():
-            lines.append(f"| {r['p_pct']:g} | {r['layer']} | `{r['module_path']}` | {_fmt(r['threshold'], '.6g')} | "
+            lines.append(f"| {r['p_pct']:g} | {r['layer']} | {md_code(r['module_path'])} | "
+                         f"{_fmt(r['threshold'], '.6g')} | "
                          f"{_fmt(100 * r['sparsity'], '.2f')} | {_fmt(r['cett_in_sparse_run'], '.4f')} |")
     return lines
 
 
 def write_pplp_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
-    lines = [f"# actsparse pplp: {options.get('checkpoint')}", ""] + pplp_summary_lines(result)
+    from reports.bundle_report import md_escape
+
+    lines = [f"# actsparse pplp: {md_escape(options.get('checkpoint'))}", ""] + pplp_summary_lines(result)
     lines += ["", "Sparsity = fraction of the MLP output projection's input entries that are exactly 0 in the sparse run "
               "(natural zeros included), mean over layers (unweighted). Neuron i is inactive when "
               "|x_i| * ||W_down[:, i]||_2 < threshold; thresholds come from one CETT value c* shared by all layers."]
@@ -172,16 +177,18 @@ def write_curve_outputs(output: str | Path, result, lm, options: dict[str, Any],
 
 
 def write_curve_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+    from reports.bundle_report import md_code, md_escape
+
     info = result.info
-    lines = [f"# actsparse curve: {options.get('checkpoint')}", ""]
+    lines = [f"# actsparse curve: {md_escape(options.get('checkpoint'))}", ""]
     for w in result.warnings:
-        lines += [f"> **WARNING:** {w}", ""]
-    lines += [f"{info['n_counted_tokens']} counted tokens from `{info['corpus']}`; dense PPL {info['dense_ppl']:.4f}; "
+        lines += [f"> **WARNING:** {md_escape(w)}", ""]
+    lines += [f"{info['n_counted_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL "
+              f"{info['dense_ppl']:.4f}; "
               f"{info['full_passes']} full passes.", "",
               "| method | value | thresholded tensor | PPL ratio | mean sparsity % |", "|---|---:|---|---:|---:|"]
     for r in result.points:
-        tensor = r["thresholded_tensor"] if isinstance(r["thresholded_tensor"], str) else "-"
-        tensor = tensor.replace("|", "\\|")  # a bare pipe would split the markdown cell
+        tensor = md_escape(r["thresholded_tensor"]) if isinstance(r["thresholded_tensor"], str) else "-"
         lines.append(f"| {r['method']} | {_fmt(r['value'], 'g')} | {tensor} | "
                      f"{r['ppl_ratio']:.5f} | {100 * r['mean_sparsity']:.2f} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ canvas, so no pyplot state or GUI backend is involved.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -29,8 +30,13 @@ def _save(fig, folder: Path, stem: str) -> list[str]:
 
 
 def file_stem(name: str) -> str:
-    """A file-name-safe version of a tensor name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+    """A file-name-safe version of a tensor name: the name itself when it is safe; otherwise its safe
+    characters plus a short hash of the name, so that two tensors ("a/b", "a_b") never share a file and
+    no file is hidden (a leading dot) or leaves the folder ("../")."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "layer"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def _finite(x: Any) -> bool:

@@ -182,14 +182,14 @@ def run_title(cks: Sequence[CheckpointStep]) -> str:
 
 
 def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_escape
+    from reports.bundle_report import md_code, md_escape
 
     info = result.info
     lines = [f"# actsparse track: {md_escape(run_title(result.checkpoints))}", "",
              f"{info['n_checkpoints']} checkpoints, steps {', '.join(str(s) for s in info['steps'])}; analyses "
              f"{', '.join(info['analyses'])}."]
     if info.get("corpus"):
-        lines[-1] += (f" Corpus `{Path(str(info['corpus'])).name}`"
+        lines[-1] += (f" Corpus {md_code(Path(str(info['corpus'])).name)}"
                       + (f", {info['n_counted_tokens_per_checkpoint']} counted tokens per checkpoint"
                          if "n_counted_tokens_per_checkpoint" in info else "") + ".")
     lines.append("")
