@@ -17,11 +17,12 @@ KindArg = Annotated[Optional[list[str]], typer.Option("--kind", help="Site kinds
                                                       "mlp_pre, resid_post. Repeatable.", rich_help_panel="Sites")]
 
 
-def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer=None):
+def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer=None, device_map=None):
     from probes.loading import load_checkpoint
 
     return load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=getattr(dtype, "value", dtype),
-                           trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
+                           trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
+                           device_map=getattr(device_map, "value", device_map))
 
 
 def resolve_kinds(kind: list[str] | None, valid=None, default=None) -> tuple[str, ...]:

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DtypeArg,
-                                  DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, batch_progress,
-                                  handle_errors, stderr_console, stdout_console)
+from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DeviceMapOpt,
+                                  DtypeArg, DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg,
+                                  batch_progress, handle_errors, stderr_console, stdout_console)
 from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load, resolve_kinds
 
 PANEL_MASSIVE = "Massive activations"
@@ -126,6 +126,7 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None,
         tokenizer: TokenizerArg = None,
         device: DeviceArg = "auto",
+        device_map: DeviceMapOpt = None,
         dtype: DtypeArg = DtypeChoice.auto,
         trust_remote_code: TrustArg = False,
         unsafe_pickle: UnsafePickleArg = False,
@@ -162,13 +163,14 @@ def register(app: typer.Typer) -> None:
                               seed=seed, bos=bos, skip_first=skip_first, top_k=top_k, kinds=kinds,
                               sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
                               capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                  device_map=device_map)
         with batch_progress(quiet, "massive") as progress:
             result = run_massive(lm, opts, progress=progress)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
                    "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
                    "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
-                   "plot": plots, "layer": layer}
+                   "plot": plots, "layer": layer, "device_map": getattr(device_map, "value", None)}
         if output is not None:
             from reports.massive_report import write_massive_outputs
 

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg, DeviceArg,
-                                  DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg, QuietArg, SeedOpt,
-                                  SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg, batch_progress,
-                                  handle_errors, stderr_console, stdout_console)
+                                  DeviceMapOpt, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg,
+                                  QuietArg, SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg,
+                                  batch_progress, handle_errors, stderr_console, stdout_console)
 from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
 
 PANEL_PROBES = "Probes"
@@ -39,6 +39,20 @@ def print_sparsity_table(rows: list[dict], title: str) -> None:
                 cells.append(str(v))
         t.add_row(*cells)
     stdout_console().print(t)
+
+
+def _refuse_data_parallel(world_size: int, *, pplp: bool, massive: bool, device_map: bool) -> None:
+    """Options that do not split over torchrun ranks: a clear error instead of a wrong answer."""
+    from probes.errors import EXIT_DEVICE, ActsparseError
+
+    why = {"--pplp": "its threshold search makes several passes over all tokens" if pplp else None,
+           "--massive": "its per-sequence top entries and sample ids are not split over ranks" if massive else None,
+           "--device-map": "it spreads one model over the GPUs that the ranks use" if device_map else None}
+    for opt, reason in why.items():
+        if reason:
+            raise ActsparseError(f"{opt} does not run under torchrun ({world_size} ranks): {reason}",
+                                 f"run {opt} in a single process (python -m actsparse_cli measure ...)",
+                                 exit_code=EXIT_DEVICE)
 
 
 def register(app: typer.Typer) -> None:
@@ -78,6 +92,7 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None,
         tokenizer: TokenizerArg = None,
         device: DeviceArg = "auto",
+        device_map: DeviceMapOpt = None,
         dtype: DtypeArg = DtypeChoice.auto,
         trust_remote_code: TrustArg = False,
         unsafe_pickle: UnsafePickleArg = False,
@@ -86,14 +101,19 @@ def register(app: typer.Typer) -> None:
         quiet: QuietArg = False,
         debug: DebugArg = False,
     ) -> None:
-        """Measure per-layer activation sparsity (zero/near-zero fractions, dead neurons, chunk sparsity)."""
+        """Measure per-layer activation sparsity (zero/near-zero fractions, dead neurons, chunk sparsity).
+
+        Under `torchrun --nproc-per-node N -m actsparse_cli measure ...` the windows are split over the
+        ranks and the probes merged; rank 0 writes and prints."""
+        from probes import distributed
+        from probes.loading import resolve_device
         from probes.measure import MeasureOptions
         from probes.measure import measure as run_measure
         from probes.sparsity import DEFAULT_EPS_GRID
         from reports.bundle import check_output_dir
         from reports.measure_report import write_measure_outputs
 
-        if output is not None:
+        if output is not None and not distributed.launched():
             check_output_dir(output, force)  # fail before any model work
         kinds = resolve_kinds(kind)
         if checkpoint is None:
@@ -104,45 +124,63 @@ def register(app: typer.Typer) -> None:
                               max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
                               eps_grid=tuple(sorted(eps)) if eps else DEFAULT_EPS_GRID, chunk_k=chunk_k, kinds=kinds,
                               sites=tuple(site or ()))
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
         extras = {}
-        gopts = None
-        if grad:
-            from probes.gradients import GradOptions, check_loss
+        try:
+            # torchrun: join the process group first; from here on an error on one rank reaches the others
+            with distributed.session(resolve_device(device)) as ctx:
+                if output is not None and ctx.world_size > 1 and ctx.is_main:
+                    check_output_dir(output, force)
+                if ctx.world_size > 1:
+                    _refuse_data_parallel(ctx.world_size, pplp=bool(pplp), massive=massive,
+                                          device_map=device_map is not None)
+                quiet_here = quiet or not ctx.is_main  # other ranks: no progress bar, no table
+                lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                          device_map=device_map)
+                ctx.exchange()  # every rank has its model: a rank that failed to load stops them all here
+                gopts = None
+                if grad:
+                    from probes.gradients import GradOptions, check_loss
 
-            gopts = GradOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
-                                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
-                                sites=tuple(site or ()))
-            check_loss(lm, gopts)  # refuse a model without a loss before any work
-        with batch_progress(quiet, "measure") as progress:
-            result = run_measure(lm, opts, progress=progress)
-        if grad:
-            from probes.gradients import measure_gradients
+                    gopts = GradOptions(data=data, text_field=text_field, batch_size=batch_size,
+                                        max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
+                                        skip_first=skip_first, sites=tuple(site or ()))
+                    check_loss(lm, gopts)  # refuse a model without a loss before any work
+                with batch_progress(quiet_here, "measure") as progress:
+                    result = run_measure(lm, opts, progress=progress)
+                if grad:
+                    from probes.gradients import measure_gradients
 
-            with batch_progress(quiet, "grad") as progress:
-                extras["grad"] = measure_gradients(lm, gopts, progress=progress)
-        if pplp:
-            from probes.pplp import PplpOptions
-            from probes.pplp import pplp as run_pplp
+                    with batch_progress(quiet_here, "grad") as progress:
+                        extras["grad"] = measure_gradients(lm, gopts, progress=progress)
+                if pplp:
+                    from probes.pplp import PplpOptions
+                    from probes.pplp import pplp as run_pplp
 
-            popts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
-                                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
-                                sites=tuple(site or ()), p=tuple(pplp))
-            with batch_progress(quiet, "pplp") as progress:
-                extras["pplp"] = run_pplp(lm, popts, progress=progress)
-        if massive:
-            from probes.massive import MassiveOptions
-            from probes.massive import massive as run_massive
+                    popts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size,
+                                        max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
+                                        skip_first=skip_first, sites=tuple(site or ()), p=tuple(pplp))
+                    with batch_progress(quiet_here, "pplp") as progress:
+                        extras["pplp"] = run_pplp(lm, popts, progress=progress)
+                if massive:
+                    from probes.massive import MassiveOptions
+                    from probes.massive import massive as run_massive
 
-            # The preset draws its own sequences (no BOS, the family's length) so the numbers compare with the
-            # papers; the corpus, --max-length (when given), --max-tokens and --skip-first carry over.
-            mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field, max_length=max_length,
-                                   max_tokens=max_tokens, skip_first=skip_first)
-            with batch_progress(quiet, "massive") as progress:
-                extras["massive"] = run_massive(lm, mopts, progress=progress)
+                    # The preset draws its own sequences (no BOS, the family's length) so the numbers compare
+                    # with the papers; the corpus, --max-length (when given), --max-tokens and --skip-first
+                    # carry over.
+                    mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field,
+                                           max_length=max_length, max_tokens=max_tokens, skip_first=skip_first)
+                    with batch_progress(quiet_here, "massive") as progress:
+                        extras["massive"] = run_massive(lm, mopts, progress=progress)
+        except distributed.ReportedByRankZero as e:
+            raise typer.Exit(e.exit_code) from None  # reported by rank 0 or by the failing rank
+        if not ctx.is_main:
+            return  # rank 0 alone writes and prints
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
                    "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
-                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force}
+                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
+                   "device_map": device_map.value if device_map is not None else None,
+                   "world_size": ctx.world_size}
         if output is not None:
             write_measure_outputs(output, result, lm, options, force=force, extras=extras)
         if not quiet:

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg,
-                                  DeviceArg, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg, QuietArg,
-                                  SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg, handle_errors,
-                                  stderr_console, stdout_console)
+                                  DeviceArg, DeviceMapOpt, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt,
+                                  OutArg, QuietArg, SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg,
+                                  UnsafePickleArg, handle_errors, stderr_console, stdout_console)
 from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
 
 PANEL_PPLP = "PPL-p%"
@@ -167,6 +167,7 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None,
         tokenizer: TokenizerArg = None,
         device: DeviceArg = "auto",
+        device_map: DeviceMapOpt = None,
         dtype: DtypeArg = DtypeChoice.auto,
         trust_remote_code: TrustArg = False,
         unsafe_pickle: UnsafePickleArg = False,
@@ -184,13 +185,14 @@ def register(app: typer.Typer) -> None:
         _pplp(checkpoint=checkpoint, data=data, targets=targets, method=method, tol=tol, max_passes=max_passes,
               cett_grid=cett_grid, text_field=text_field, batch_size=batch_size, max_length=max_length,
               max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
-              arch=arch, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+              arch=arch, tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
+              trust_remote_code=trust_remote_code,
               unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
 
     @handle_errors
     def _pplp(*, checkpoint, data, targets, method, tol, max_passes, cett_grid, text_field, batch_size, max_length,
               max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
-              unsafe_pickle, output, force, quiet, debug) -> None:
+              unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
         from probes.pplp import PplpOptions
         from probes.pplp import pplp as run_pplp
         from reports.bundle import check_output_dir
@@ -206,13 +208,15 @@ def register(app: typer.Typer) -> None:
                            max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
                            sites=tuple(site or ()), p=targets, method=method.value, tol=tol, max_passes=max_passes,
                            cett_grid=cett_grid)
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                  device_map=device_map)
         with _progress(quiet, "pplp") as (progress, log):
             result = run_pplp(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force}
+                   "output": str(output) if output else None, "force": force,
+                   "device_map": getattr(device_map, "value", None)}
         if output is not None:
             write_pplp_outputs(output, result, lm, options, force=force)
         if not quiet:
@@ -248,6 +252,7 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None,
         tokenizer: TokenizerArg = None,
         device: DeviceArg = "auto",
+        device_map: DeviceMapOpt = None,
         dtype: DtypeArg = DtypeChoice.auto,
         trust_remote_code: TrustArg = False,
         unsafe_pickle: UnsafePickleArg = False,
@@ -264,13 +269,14 @@ def register(app: typer.Typer) -> None:
         _curve(checkpoint=checkpoint, data=data, methods=methods, grid=grid, plot=plot, cett_grid=cett_grid,
                text_field=text_field, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
                stride=stride, seed=seed, skip_first=skip_first, site=site, config=config, arch=arch,
-               tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+               tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
+               trust_remote_code=trust_remote_code,
                unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
 
     @handle_errors
     def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, batch_size, max_length, max_tokens,
                stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
-               unsafe_pickle, output, force, quiet, debug) -> None:
+               unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
         from probes.pplp import CurveOptions
         from probes.pplp import curve as run_curve
         from reports.bundle import check_output_dir
@@ -285,13 +291,15 @@ def register(app: typer.Typer) -> None:
         opts = CurveOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
                             max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
                             sites=tuple(site or ()), methods=methods, values=grid, cett_grid=cett_grid)
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                  device_map=device_map)
         with _progress(quiet, "curve") as (progress, log):
             result = run_curve(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force, "plot": plot is not False}
+                   "output": str(output) if output else None, "force": force, "plot": plot is not False,
+                   "device_map": getattr(device_map, "value", None)}
         if output is not None:
             write_curve_outputs(output, result, lm, options, force=force, plot=plot is not False)
         if not quiet:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from actsparse_cli.common import (ArchOpt, Checkpoint, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  TrustArg, UnsafePickleArg, handle_errors, stdout_console)
+from actsparse_cli.common import (ArchOpt, Checkpoint, ConfigOpt, DebugArg, DeviceArg, DeviceMapOpt, DtypeArg,
+                                  DtypeChoice, TrustArg, UnsafePickleArg, handle_errors, stdout_console)
 from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
 
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     def sites(checkpoint: Checkpoint, config: ConfigOpt = None, arch: ArchOpt = None, device: DeviceArg = "cpu",
               dtype: DtypeArg = DtypeChoice.auto, trust_remote_code: TrustArg = False,
               unsafe_pickle: UnsafePickleArg = False, tokenizer: TokenizerArg = None, site: SiteArg = None,
-              kind: KindArg = None,
+              kind: KindArg = None, device_map: DeviceMapOpt = None,
               all_modules: Annotated[bool, typer.Option("--all-modules", help="List every module path instead "
                                                         "(to write a --site glob).")] = False,
               fmt: Annotated[Format, typer.Option("--format", help="table, csv or json on stdout.")] = Format.table,
@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
         from probes.sites import find_sites, in_width, out_width
 
         kinds = resolve_kinds(kind)
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
+        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                  device_map=device_map)
         if all_modules:
             rows = [{"module_path": n, "class": type(m).__name__, "in": in_width(m), "out": out_width(m)}
                     for n, m in lm.model.named_modules() if n]

@@ -692,15 +692,17 @@ def _labeled_text_batches(opts: GradOptions, loaded, max_length: int):
 
 def measure_gradients(loaded, options: GradOptions | None = None,
                       progress: Callable[[int, int], Any] | None = None,
-                      site_list: Sequence[GradSite] | None = None) -> GradResult:
+                      site_list: Sequence[GradSite] | None = None, dist: Any = None) -> GradResult:
     """Gradient sparsity per activation site, plus linear-input spikes, over ``options.data``.
 
-    ``progress(total_batches, advance)`` as in ``probes.measure.measure``.
+    ``progress(total_batches, advance)`` and ``dist`` (data-parallel: windows split over the ranks,
+    probes merged) as in ``probes.measure.measure``; only token windows split (not images or
+    ``--labels`` examples).
     """
     import torch
 
     from probes import corpus as corpus_mod
-    from probes import vision
+    from probes import distributed, vision
     from probes.measure import DEFAULT_MAX_LENGTH_CAP, resolve_corpus
 
     opts = options or GradOptions()
@@ -712,6 +714,11 @@ def measure_gradients(loaded, options: GradOptions | None = None,
     info: dict[str, Any] = {}
     sites = list(site_list) if site_list is not None else find_grad_sites(model, loaded.family, loaded.config,
                                                                            opts.sites, opts.act)
+    dist = dist if dist is not None else distributed.current()
+    if dist is not None and dist.active and (image or opts.labels):
+        raise DeviceError(f"gradient sparsity on {'images' if image else '--labels examples'} does not run under "
+                          f"torchrun ({dist.world_size} ranks): only token windows are split over ranks",
+                          "run it in a single process")
     # ---- data
     if image:
         data = vision.open_image_data(opts.data, loaded.config, opts.n_images)
@@ -743,8 +750,9 @@ def measure_gradients(loaded, options: GradOptions | None = None,
             tok = loaded.tokenizer
             pad = getattr(tok, "pad_token_id", None)
             pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-            nb = math.ceil(len(windows) / opts.batch_size)
-            batches = ((b, None) for b in corpus_mod.batches(windows, opts.batch_size, pad, loaded.device))
+            local = dist.shard(windows, opts.batch_size) if dist is not None else windows
+            nb = math.ceil(len(local) / opts.batch_size)
+            batches = ((b, None) for b in corpus_mod.batches(local, opts.batch_size, pad, loaded.device))
             describe_data = lambda: {  # noqa: E731
                 "corpus": data_spec, "corpus_is_default": opts.data is None, "n_documents": len(docs),
                 "n_windows": len(windows), "n_counted_tokens": corpus_mod.n_counted(windows),
@@ -908,6 +916,26 @@ def measure_gradients(loaded, options: GradOptions | None = None,
         for h in handles:
             h.remove()
     elapsed = time.perf_counter() - t0
+    if dist is not None and dist.active:  # before the n_items check: a rank may have had no windows
+        cpu_spikes = {k: distributed.probe_to_cpu(p) for k, p in spikes.items()}
+        probes, per_rank = dist.merge_probes(probes, extra={
+            "spikes": cpu_spikes, "calls": calls, "dims": dims, "missing_grad": sorted(missing_grad),
+            "loss_sum": loss_sum, "n_loss_targets": n_loss_targets, "n_items": n_items, "seconds": elapsed})
+        spikes = distributed.merge_probe_dicts([e["spikes"] for e in per_rank])
+        calls, dims = {}, {}
+        for e in per_rank:
+            for name, k in e["calls"].items():
+                calls[name] = max(calls.get(name, 0), k)
+            dims.update(e["dims"])
+        missing_grad = {n for e in per_rank for n in e["missing_grad"]}
+        loss_sum = sum(e["loss_sum"] for e in per_rank)
+        n_loss_targets = sum(e["n_loss_targets"] for e in per_rank)
+        n_items = sum(e["n_items"] for e in per_rank)
+        elapsed = max(e["seconds"] for e in per_rank)
+        info.update({"world_size": dist.world_size, "backend": dist.backend, "shard": distributed.SHARD_SCHEME,
+                     "n_items_per_rank": [e["n_items"] for e in per_rank],
+                     "mlm_masks": "drawn per rank from --seed (not the single-process masks)"
+                     if loss_kind == "mlm" else None})
     if n_items == 0:
         raise DataError("no batches to measure", "check --data")
 

@@ -44,9 +44,19 @@ class LoadedModel:
 
 
 def resolve_device(device: str = "auto"):
+    """``auto``: CUDA when there is a GPU, else CPU. Under ``torchrun`` (``WORLD_SIZE`` > 1), ``auto``
+    and a bare ``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``; ``cuda:N`` is taken as given."""
     import torch
 
+    from probes import distributed
+
     d = (device or "auto").lower()
+    if d in ("auto", "cuda") and distributed.launched() and torch.cuda.is_available():
+        lr, n = distributed.local_rank(), torch.cuda.device_count()
+        if lr >= n:
+            raise DeviceError(f"torchrun rank with LOCAL_RANK {lr} but only {n} GPU(s) on this machine",
+                              f"use --nproc-per-node {n} or fewer, or --device cpu")
+        return torch.device("cuda", lr)
     if d == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -154,8 +164,14 @@ def _hub_offline_error(name: str, err: Exception) -> CheckpointError:
 
 def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None = None, arch: str | None = None,
                     device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                    unsafe_pickle: bool = False, tokenizer: str | None = None) -> LoadedModel:
-    """Load ``checkpoint`` (path, hub id or an ``nn.Module``) for measurement, in eval mode."""
+                    unsafe_pickle: bool = False, tokenizer: str | None = None,
+                    device_map: str | None = None) -> LoadedModel:
+    """Load ``checkpoint`` (path, hub id or an ``nn.Module``) for measurement, in eval mode.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential``, ``cpu``): accelerate's placement of a
+    Hugging Face model over the GPUs and CPU, for models that do not fit on one device; then
+    ``device`` only picks the ``auto`` dtype, and ``LoadedModel.device`` is the device of the input
+    embeddings (where batches go)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -163,6 +179,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
     dev = resolve_device(device)
     from probes.vision import load_vision_arch, parse_vision_arch
 
+    if device_map is not None:
+        _check_device_map(device_map, checkpoint, config, arch)
     if parse_vision_arch(arch):  # --arch timm:NAME / torchvision:NAME plus a local state dict
         return load_vision_arch(str(checkpoint), arch, device=device, dtype=dtype, unsafe_pickle=unsafe_pickle)
     if isinstance(checkpoint, torch.nn.Module):
@@ -171,7 +189,11 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
     sn = sniff(checkpoint)
     source: dict[str, Any] = {"kind": sn.kind.value, "path": str(checkpoint), "files": sn.files}
     if sn.kind in (Kind.HF_FOLDER, Kind.HUB_ID) and config is None and arch is None:
-        return _load_pretrained(sn, dev, dtype, trust_remote_code, source, tokenizer)
+        return _load_pretrained(sn, dev, dtype, trust_remote_code, source, tokenizer, device_map)
+    if device_map is not None:
+        raise CheckpointError(f"--device-map needs a Hugging Face model folder or hub id; {checkpoint} is a "
+                              f"{sn.kind.value}", "save it with save_pretrained() and pass that folder, or drop "
+                              "--device-map")
     if sn.kind is Kind.GGUF:
         return _load_gguf(sn, dev, dtype, trust_remote_code, source, tokenizer)
     if sn.kind is Kind.HUB_ID:
@@ -180,7 +202,25 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
     return _load_state_dict(sn, config, arch, dev, dtype, trust_remote_code, unsafe_pickle, source, tokenizer)
 
 
-def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src):
+DEVICE_MAPS = ("auto", "balanced", "sequential", "cpu")
+
+
+def _check_device_map(device_map: str, checkpoint, config, arch) -> None:
+    import importlib.util
+
+    if device_map not in DEVICE_MAPS:
+        raise DeviceError(f"unknown --device-map {device_map!r}", f"use one of {', '.join(DEVICE_MAPS)}")
+    if config is not None or arch is not None or not isinstance(checkpoint, (str, os.PathLike)):
+        what = "--config" if config is not None else "--arch" if arch is not None else "an nn.Module"
+        raise CheckpointError(f"--device-map needs a Hugging Face model folder or hub id, not a state dict with "
+                              f"{what}", "save the model with save_pretrained() and pass that folder, or drop "
+                              "--device-map")
+    if importlib.util.find_spec("accelerate") is None:
+        raise DeviceError("--device-map needs the accelerate package, which is not installed",
+                          "pip install accelerate, or drop --device-map")
+
+
+def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src, device_map=None):
     from transformers import AutoConfig
 
     name = sn.path
@@ -197,23 +237,35 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
             raise _hub_offline_error(name, e) from e
         raise CheckpointError(f"cannot read config in {name}: {str(e).splitlines()[0][:200]}",
                               "check config.json") from e
+    if device_map == "cpu":
+        import torch
+
+        dev = torch.device("cpu")  # dtype auto: float32, as for --device cpu
     td = resolve_dtype(dtype, dev, cfg)
     cls, causal = _auto_class(cfg)
     for f in sn.files:  # transformers picks a loader by file name; check the content first
         if f.endswith(".safetensors"):
             safetensors_header(f)
         if f.endswith(".bin") and sniff(f).kind is Kind.SAFETENSORS:
+            if device_map is not None:
+                raise CheckpointError(f"--device-map cannot place {f}: it is safetensors data under a .bin name",
+                                      "rename it to .safetensors, or drop --device-map")
             return _load_state_dict(sniff(f), sn.config_path, None, dev, dtype, trust_remote_code, False, source,
                                     tokenizer_src or name)
     try:
+        placement = {"device_map": device_map} if device_map is not None else {}
         model, info = cls.from_pretrained(name, config=cfg, trust_remote_code=trust_remote_code,
-                                          output_loading_info=True, **_transformers_dtype_kw(td))
+                                          output_loading_info=True, **placement, **_transformers_dtype_kw(td))
     except OSError as e:
         if sn.kind is Kind.HUB_ID:
             raise _hub_offline_error(name, e) from e
         raise CheckpointError(f"cannot load weights from {name}: {str(e).splitlines()[0][:200]}",
                               "check the weight files are complete") from e
     except (RuntimeError, ValueError) as e:
+        if device_map is not None and "offload" in str(e):
+            raise DeviceError(f"--device-map {device_map}: {name} does not fit in GPU and CPU memory "
+                              f"({_first_line(e)})", "use --dtype bfloat16/float16 or a machine with more "
+                              "memory") from e
         raise CheckpointError(f"config and weights in {name} do not match: {_first_line(e)}",
                               "check that config.json belongs to these weights") from e
     except pickle.UnpicklingError as e:
@@ -230,7 +282,21 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
                               f"(e.g. {sorted(missing)[:1]})", "check that config.json belongs to these weights")
     tok = _load_tokenizer(tokenizer_src or name, trust_remote_code)
     source["head"] = cls.__name__
-    return _finish(model, tok, cfg, cfg.model_type, dev, td, source, None, trust_remote_code, causal=causal)
+    if device_map is not None:
+        # accelerate placed every module; moving the model would undo it. Batches go where the tokens enter.
+        source["device_map"] = device_map
+        source["hf_device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+        dev = _input_device(model, dev)
+    return _finish(model, tok, cfg, cfg.model_type, dev, td, source, None, trust_remote_code, causal=causal,
+                   placed=device_map is not None)
+
+
+def _input_device(model, default):
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if w is not None and w.device.type != "meta":
+        return w.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), default)
 
 
 def _load_gguf(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src):
@@ -455,14 +521,16 @@ def _nanogpt_to_hf(sd: dict) -> dict:
     return out
 
 
-def _finish(model, tok, cfg, family, dev, td, source, tokenizer_src, trust_remote_code, causal=None) -> LoadedModel:
+def _finish(model, tok, cfg, family, dev, td, source, tokenizer_src, trust_remote_code, causal=None,
+            placed: bool = False) -> LoadedModel:
     import torch
 
     if tok is None and tokenizer_src:
         tok = _load_tokenizer(tokenizer_src, trust_remote_code)
     model.eval()
     try:
-        model.to(device=dev, dtype=td) if family == "module" else model.to(dev)
+        if not placed:  # placed: a device_map put the modules on their devices already
+            model.to(device=dev, dtype=td) if family == "module" else model.to(dev)
     except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
         raise DeviceError(f"the model does not fit on {dev}", "use --dtype bfloat16 or --device cpu") from e
     check_finite(model)
@@ -480,6 +548,7 @@ def check_finite(model) -> None:
     import torch
 
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+        # (meta: a --device-map module offloaded to CPU/disk; its weights load at call time)
+        if p.is_floating_point() and p.numel() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
             raise ModelError(f"weight {name} contains NaN or Inf values",
                              "the checkpoint is corrupt or diverged; load an earlier checkpoint")

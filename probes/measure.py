@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from probes import corpus as corpus_mod
+from probes import distributed
 from probes.loading import LoadedModel
 from probes.runner import forward_batch, run_probes
 from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
@@ -85,11 +86,16 @@ def resolve_corpus(data: str | None) -> str:
 
 def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
             progress: Callable[[int, int], Any] | None = None,
-            site_list: Sequence[Site] | None = None) -> MeasureResult:
+            site_list: Sequence[Site] | None = None,
+            dist: distributed.DistContext | None = None) -> MeasureResult:
     """Measure activation sparsity of ``loaded`` over ``opts.data``.
 
     ``progress(total_batches, advance)`` is called once with ``advance=0`` to announce the
-    total, then once per batch.
+    total (this rank's batches), then once per batch.
+
+    ``dist``: a data-parallel context (default: the ``probes.distributed.session`` in progress,
+    if any). Each rank measures its share of the windows and the probes are merged over the
+    ranks; every rank returns the merged result.
     """
     import torch
 
@@ -105,9 +111,11 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
     causal = loaded.is_causal_lm
     windows = corpus_mod.build_windows(docs_tokens, tok, max_length, opts.stride, causal=causal,
                                        max_tokens=opts.max_tokens, skip_first=opts.skip_first)
+    dist = dist if dist is not None else distributed.current()
+    local = dist.shard(windows, opts.batch_size) if dist is not None else windows
     pad = getattr(tok, "pad_token_id", None)
     pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-    n_batches = math.ceil(len(windows) / opts.batch_size)
+    n_batches = math.ceil(len(local) / opts.batch_size)
     if progress:
         progress(n_batches, 0)
 
@@ -115,10 +123,19 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
         return ActivationSparsityProbe(width, opts.eps_grid, opts.chunk_k, device=device)
 
     t0 = time.perf_counter()
-    probes = run_probes(model, corpus_mod.batches(windows, opts.batch_size, pad, loaded.device), sites, make_probe,
+    probes = run_probes(model, corpus_mod.batches(local, opts.batch_size, pad, loaded.device), sites, make_probe,
                         forward=lambda m, b: forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder),
                         progress=(lambda k: progress(n_batches, k)) if progress else None)
     elapsed = time.perf_counter() - t0
+    parallel: dict[str, Any] = {"world_size": 1}
+    if dist is not None and dist.active:
+        probes, seconds = dist.merge_probes(probes, extra=elapsed)
+        elapsed = max(seconds)
+        split = dist.split(windows, opts.batch_size)
+        parallel = {"world_size": dist.world_size, "backend": dist.backend, "shard": distributed.SHARD_SCHEME,
+                    "windows_per_rank": [len(w) for w in split],
+                    "counted_tokens_per_rank": [corpus_mod.n_counted(w) for w in split],
+                    "seconds_per_rank": [round(x, 3) for x in seconds]}
     dtype = str(loaded.dtype).replace("torch.", "")
     rows = []
     for s in sites:
@@ -144,6 +161,7 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
         "device": str(loaded.device),
         "n_sites": len(rows),
         "seconds": round(elapsed, 3),
+        **parallel,
         "means": "per layer: mean over counted tokens; summary: unweighted mean over layers and width-weighted mean",
         "quantiles": "nonzero_pct_per_token_p*_hist from a fixed 1000-bin histogram",
         "options": asdict(opts),
