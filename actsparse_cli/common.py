@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import re
 import sys
 import traceback
 from enum import Enum
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Callable, Optional
 import click
 import typer
 
-from probes.errors import EXIT_INTERRUPTED, ActsparseError
+from probes.errors import EXIT_INTERRUPTED, ActsparseError, DeviceError
 
 PANEL_LOAD = "Loading"
 PANEL_DATA = "Data"
@@ -41,6 +43,17 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Model family for
                                                 "models (needs that package).", rich_help_panel=PANEL_LOAD)]
 DeviceArg = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
                                         rich_help_panel=PANEL_LOAD)]
+class DeviceMapChoice(str, Enum):
+    auto = "auto"
+    balanced = "balanced"
+    sequential = "sequential"
+    cpu = "cpu"
+
+
+DeviceMapOpt = Annotated[Optional[DeviceMapChoice], typer.Option(
+    "--device-map", help="Spread a large Hugging Face model over the GPUs and CPU with accelerate "
+    "(from_pretrained's device_map); inputs go to the input embeddings' device. Needs `pip install accelerate`.",
+    rich_help_panel=PANEL_LOAD)]
 DtypeArg = Annotated[DtypeChoice, typer.Option("--dtype", help="Model dtype; statistics are always float32.",
                                                rich_help_panel=PANEL_LOAD)]
 TrustArg = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the checkpoint's repo to run.",
@@ -84,27 +97,154 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _is_oom(e: BaseException | None) -> bool:
+    """A torch out-of-memory error (CUDA's, or any backend's "out of memory" RuntimeError).
+
+    Looks torch up in ``sys.modules`` only: a command that never imported torch (``--help``) cannot
+    have run out of memory in it, and must not pay for importing it here."""
+    torch = sys.modules.get("torch")
+    if e is None or torch is None:
+        return False
+    types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                              getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if isinstance(t, type))
+    if types and isinstance(e, types):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _oom_fix(kwargs: dict) -> str:
+    """A concrete next step for an out-of-memory error, from the command's own options."""
+    bs, ml = kwargs.get("batch_size"), kwargs.get("max_length")
+    shorter = f"--max-length {ml // 2}" if isinstance(ml, int) and ml >= 4 else "a smaller --max-length"
+    if "batch_size" not in kwargs:
+        return "use --device cpu, or a GPU with more free memory"
+    if isinstance(bs, int) and bs > 1:
+        return f"retry with --batch-size {bs // 2} (or {shorter}, or --dtype bfloat16)"
+    if bs == 1:
+        return f"retry with {shorter} or --dtype bfloat16 (--batch-size is already 1), or use --device cpu"
+    return f"retry with --batch-size 1 (or {shorter}, or --dtype bfloat16)"
+
+
+def _out_of_memory(e: BaseException, kwargs: dict) -> ActsparseError | None:
+    """OOM, raw or already wrapped in a DeviceError by a batch loop, as a DeviceError naming a --batch-size."""
+    if isinstance(e, ActsparseError):
+        if not _is_oom(e.__cause__):
+            return None
+        problem = e.problem
+    elif _is_oom(e):
+        problem = "out of memory"
+    else:
+        return None
+    bs = kwargs.get("batch_size")
+    if isinstance(bs, int) and "batch" in problem and "--batch-size" not in problem:
+        problem += f" (--batch-size {bs})"
+    return DeviceError(problem, _oom_fix(kwargs))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _HeldLoadReports(logging.Filter):
+    """Holds back transformers' multi-line LOAD REPORT warning while a command runs.
+
+    A load that then fails prints one line (with --debug, the report too); a load that succeeds
+    gets its report re-emitted unchanged, so nothing is lost."""
+
+    LOGGERS = ("transformers.modeling_utils", "transformers.modeling_layers")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # pragma: no cover - a malformed record is not ours to judge
+            return True
+        if "LOAD REPORT" in msg:
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> "_HeldLoadReports":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+    def release(self) -> None:
+        for r in self.records:
+            logging.getLogger(r.name).handle(r)
+        self.records.clear()
+
+    def first_mismatch(self) -> str | None:
+        """``KEY is SHAPE in the weights, SHAPE for the config`` from the held report's first size mismatch."""
+        for r in self.records:
+            for line in _ANSI.sub("", r.getMessage()).splitlines():
+                m = re.match(r"\s*(\S[^|]*?)\s*\|.*ckpt:\s*(?:torch\.Size\()?(\[[^\]]*\])\)?\s*vs\s*model:\s*"
+                             r"(?:torch\.Size\()?(\[[^\]]*\])", line)
+                if m:
+                    return f"{m.group(1)} is {m.group(2)} in the weights but {m.group(3)} for the config"
+        return None
+
+
+def _explain_load_report(e: ActsparseError, held: _HeldLoadReports) -> ActsparseError:
+    """transformers 5 ends a size mismatch with 'look at the above report', a report we hold back: say it here."""
+    if "above report" not in e.problem:
+        return e
+    detail = held.first_mismatch() or "parameter shapes differ (--debug shows transformers' load report)"
+    problem = re.sub(r"(:\s*)?[^:]*above report.*$", lambda m: (m.group(1) or " ") + detail, e.problem, count=1,
+                     flags=re.S)
+    new = type(e)(problem, e.fix, e.exit_code)
+    new.__cause__ = e.__cause__
+    return new
+
+
+# typer >= 0.16 raises its own copy of click's exceptions (typer.BadParameter is not a
+# click.ClickException there); both kinds are usage errors that keep click's message and code.
+_CLICK_ERRORS = tuple({click.exceptions.ClickException,
+                       *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ActsparseError into a one-line message and its exit code; no traceback unless --debug."""
+    """Turn ActsparseError into a one-line message and its exit code; no traceback unless --debug.
+
+    Out-of-memory errors (torch's, raw or wrapped by a batch loop) become exit 6 with a
+    --batch-size to try, for every command."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug", False))
+        held = _HeldLoadReports()
         try:
-            return fn(*args, **kwargs)
+            with held:
+                result = fn(*args, **kwargs)
         except ActsparseError as e:
+            err = _out_of_memory(e, kwargs) or _explain_load_report(e, held)
+            if debug:
+                held.release()
+                traceback.print_exc()
+            fail(err.one_line(), err.exit_code)
+        except KeyboardInterrupt:
             if debug:
                 traceback.print_exc()
-            fail(e.one_line(), e.exit_code)
-        except KeyboardInterrupt:
             fail("interrupted; no output was written", EXIT_INTERRUPTED)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, *_CLICK_ERRORS):
             raise  # usage errors (typer.BadParameter) keep click's message and exit code 2
         except Exception as e:  # an internal error: still one line unless --debug
             if debug:
+                held.release()
                 traceback.print_exc()
+            oom = _out_of_memory(e, kwargs)
+            if oom is not None:
+                fail(oom.one_line(), oom.exit_code)
             fail(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                  "(rerun with --debug for the traceback and report it)", 1)
+        held.release()
+        return result
 
     return wrapper
 

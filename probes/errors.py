@@ -1,7 +1,7 @@
 """One error type for every bad input, with a one-line message, a fix and an exit code.
 
 Exit codes (documented in the README):
-  2  bad checkpoint or path (missing, unreadable, corrupt, wrong kind of file)
+  2  bad checkpoint or path (missing, unreadable, corrupt, wrong kind of file, config/weights mismatch)
   3  model problem (unknown architecture, no site found, NaN/Inf weights, no loss available)
   4  data problem (empty corpus, corpus shorter than one window, bad data spec)
   5  output problem (folder exists without --force, unwritable)

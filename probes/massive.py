@@ -584,6 +584,16 @@ def _tokenize(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def _ordinary(tokenizer, ids: Sequence[int]) -> bool:
+    """Whether ``ids`` hold at least one token that is not a special token (``<|endoftext|>`` ...)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return any(t not in special for t in ids)
+
+
+NO_ORDINARY_TOKENS = ("the corpus has no ordinary tokens (empty, or only special tokens)",
+                      "give a corpus with real text")
+
+
 def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sample], dict[str, Any]]:
     """The sequences a preset measures, and a description of how they were drawn (for the manifest)."""
     import numpy as np
@@ -621,6 +631,8 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
             docs = [docs[i] for i in pick]
             info["documents_sampled"] = len(pick)
         ids = _tokenize(tok, "\n\n".join(docs))
+        if not _ordinary(tok, ids):
+            raise DataError(*NO_ORDINARY_TOKENS)
         body = L - body_room
         if body < 1:
             raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
@@ -642,11 +654,11 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
             if len(samples) >= n_samples:
                 break
             ids = _tokenize(tok, d)
-            if not ids:
+            if not _ordinary(tok, ids):
                 continue
             samples.append(Sample((([prefix] if prefix is not None else []) + ids)[:L], i))
         if not samples:
-            raise DataError("the corpus has no ordinary tokens", "give a corpus with real text")
+            raise DataError(*NO_ORDINARY_TOKENS)
         info.update(sampling="one sample per document, truncated", max_length=L)
     if opts.max_tokens is not None:
         kept, total = [], 0

@@ -26,6 +26,8 @@ def forward_batch(model, batch: Batch, *, is_encoder_decoder: bool = False, need
         kwargs["decoder_input_ids"] = shift(batch.input_ids)
     if not need_logits and not is_encoder_decoder and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False  # a key/value cache nobody reads costs memory in every layer
     return model(**kwargs)
 
 
