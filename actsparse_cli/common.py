@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import re
 import sys
 import traceback
 from enum import Enum
@@ -141,7 +140,6 @@ def _out_of_memory(e: BaseException, kwargs: dict) -> ActsparseError | None:
     return DeviceError(problem, _oom_fix(kwargs))
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class _HeldLoadReports(logging.Filter):
@@ -180,28 +178,6 @@ class _HeldLoadReports(logging.Filter):
             logging.getLogger(r.name).handle(r)
         self.records.clear()
 
-    def first_mismatch(self) -> str | None:
-        """``KEY is SHAPE in the weights, SHAPE for the config`` from the held report's first size mismatch."""
-        for r in self.records:
-            for line in _ANSI.sub("", r.getMessage()).splitlines():
-                m = re.match(r"\s*(\S[^|]*?)\s*\|.*ckpt:\s*(?:torch\.Size\()?(\[[^\]]*\])\)?\s*vs\s*model:\s*"
-                             r"(?:torch\.Size\()?(\[[^\]]*\])", line)
-                if m:
-                    return f"{m.group(1)} is {m.group(2)} in the weights but {m.group(3)} for the config"
-        return None
-
-
-def _explain_load_report(e: ActsparseError, held: _HeldLoadReports) -> ActsparseError:
-    """transformers 5 ends a size mismatch with 'look at the above report', a report we hold back: say it here."""
-    if "above report" not in e.problem:
-        return e
-    detail = held.first_mismatch() or "parameter shapes differ (--debug shows transformers' load report)"
-    problem = re.sub(r"(:\s*)?[^:]*above report.*$", lambda m: (m.group(1) or " ") + detail, e.problem, count=1,
-                     flags=re.S)
-    new = type(e)(problem, e.fix, e.exit_code)
-    new.__cause__ = e.__cause__
-    return new
-
 
 # typer >= 0.16 raises its own copy of click's exceptions (typer.BadParameter is not a
 # click.ClickException there); both kinds are usage errors that keep click's message and code.
@@ -223,7 +199,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             with held:
                 result = fn(*args, **kwargs)
         except ActsparseError as e:
-            err = _out_of_memory(e, kwargs) or _explain_load_report(e, held)
+            err = _out_of_memory(e, kwargs) or e
             if debug:
                 held.release()
                 traceback.print_exc()

@@ -25,10 +25,25 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands that split their work over torchrun ranks; any other command started by torchrun
+# would run in full on every rank and race to write the same output folder.
+DATA_PARALLEL_COMMANDS = ("measure",)
+
+
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """actsparse: analyse trained checkpoints."""
+    from probes.distributed import launched
+
+    if launched() and ctx.invoked_subcommand not in DATA_PARALLEL_COMMANDS:
+        from probes.errors import EXIT_DEVICE
+
+        typer.echo(f"actsparse: error: `{ctx.invoked_subcommand}` does not run data-parallel under torchrun "
+                   f"(only {', '.join(DATA_PARALLEL_COMMANDS)} does) -- fix: run it as one process, without torchrun",
+                   err=True)
+        raise typer.Exit(EXIT_DEVICE)
 
 
 def _register() -> None:

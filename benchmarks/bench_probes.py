@@ -231,13 +231,13 @@ def memory(model, tok, corpus, sites, args, device) -> list[dict]:
         batches, counted = make_batches(tok, corpus, args.max_length, bs, tokens, device)
         with torch.inference_mode():
             forward_batch(model, batches[0])  # warm the allocator with this batch shape
-        bare_peak, _ = _peak_delta(lambda: time_bare(model, batches, device), device)
-        probed_peak, probes = _peak_delta(lambda: run_probes(model, batches, sites, make_probe), device)
+        bare_peak, _ = _peak_delta(lambda b=batches: time_bare(model, b, device), device)
+        probed_peak, probes = _peak_delta(lambda b=batches: run_probes(model, b, sites, make_probe), device)
         out.append({"tokens": counted, "n_batches": len(batches), "batch_size": bs, "n_probes": len(probes),
                     "probe_state_bytes": state_bytes(probes), "peak_delta_bare_bytes": bare_peak,
                     "peak_delta_probed_bytes": probed_peak, "peak_kind": "cuda allocator" if device.type == "cuda"
                     else "process RSS (VmHWM)" + (", glibc mmap threshold 128 KiB" if exact else "")})
-        del batches, probes
+        batches = probes = None  # free them before the 10x run
     return out
 
 

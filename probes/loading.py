@@ -254,8 +254,11 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
                                     tokenizer_src or name)
     try:
         placement = {"device_map": device_map} if device_map is not None else {}
+        # Mismatched shapes come back in the loading info (key, file shape, config shape) so the
+        # error can name them; the re-initialised weights are never used.
         model, info = cls.from_pretrained(name, config=cfg, trust_remote_code=trust_remote_code,
-                                          output_loading_info=True, **placement, **_transformers_dtype_kw(td))
+                                          output_loading_info=True, ignore_mismatched_sizes=True, **placement,
+                                          **_transformers_dtype_kw(td))
     except OSError as e:
         if sn.kind is Kind.HUB_ID:
             raise _hub_offline_error(name, e) from e
@@ -276,8 +279,16 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
             raise CheckpointError(f"cannot read weights in {name}: {_first_line(e)}",
                                   "the file is truncated or corrupt; re-download or re-save it") from e
         raise
+    mismatched = sorted((str(m[0]), *(list(x) for x in m[1:3])) if isinstance(m, (tuple, list)) and len(m) >= 3
+                        else (str(m), None, None) for m in info.get("mismatched_keys", ()))
+    if mismatched:
+        key, in_file, for_config = mismatched[0]
+        shapes = f": {key} is {in_file} in the weights but {for_config} for the config" if in_file is not None else \
+            f" (e.g. {key!r})"
+        raise CheckpointError(f"config and weights in {name} do not match: {len(mismatched)} parameter(s) of another "
+                              f"shape{shapes}", "check that config.json belongs to these weights")
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith(("position_ids", "masked_bias"))]
-    if missing or info.get("mismatched_keys"):
+    if missing:
         raise CheckpointError(f"config and weights in {name} do not match: {len(missing)} parameters missing "
                               f"(e.g. {sorted(missing)[:1]})", "check that config.json belongs to these weights")
     tok = _load_tokenizer(tokenizer_src or name, trust_remote_code)

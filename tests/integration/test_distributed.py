@@ -218,3 +218,19 @@ def test_device_map_without_accelerate_is_a_clear_error(monkeypatch):
     with pytest.raises(ActsparseError) as e:
         load_checkpoint(default_checkpoint(), device="cpu", device_map="auto")
     assert e.value.exit_code == EXIT_DEVICE and "pip install accelerate" in e.value.one_line()
+
+
+@pytest.mark.parametrize("command", ["grad", "spectrum", "massive"])
+def test_other_commands_refuse_torchrun(monkeypatch, tmp_path, command):
+    """Only measure splits its work over ranks; any other command under torchrun would run in full
+    on every rank and race for the output folder, so it stops at once with exit 6 and writes nothing."""
+    from typer.testing import CliRunner
+
+    from actsparse_cli.main import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(app, [command, str(tmp_path / "missing"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 6, r.output
+    assert "torchrun" in r.output and " -- fix: " in r.output
+    assert not (tmp_path / "out").exists()
