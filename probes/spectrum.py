@@ -279,9 +279,12 @@ def _pl_candidates(data: np.ndarray, block_elems: int = 1 << 19) -> tuple[np.nda
         rows = max(1, block_elems // n)
         for r0 in range(0, n - 1, rows):
             r1 = min(n - 1, r0 + rows)
-            ratio = data[None, r0:] / data[r0:r1, None]  # [rows, n - r0]
+            # (x_j / x_i)^(1 - alpha_i) as exp((1 - alpha_i)(ln x_j - ln x_i)): one exp, no pow
+            cdf = logs[None, r0:] - logs[r0:r1, None]  # [rows, n - r0]
+            cdf *= 1 - alphas[r0:r1, None]
+            np.exp(cdf, out=cdf)
             k = np.arange(n - r0)[None, :] - np.arange(r1 - r0)[:, None]  # offset j - i
-            dev = np.abs(1 - ratio ** (1 - alphas[r0:r1, None]) - k / n_i[r0:r1, None])
+            dev = np.abs(1 - cdf - k / n_i[r0:r1, None])
             dev[k < 0] = 0.0
             Ds[r0:r1] = np.where(alphas[r0:r1] > 1, dev.max(axis=1), 1.0)
     return alphas, Ds
