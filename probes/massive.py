@@ -65,6 +65,16 @@ class BatchContext:
 _SUM = ("n_seq", "n_tokens", "sum_top1", "sum_top2", "sum_top3", "sum_median", "n_massive", "n_massive_first_token",
         "n_massive_first_delim", "n_seq_with_massive", "n_nonfinite", "n_massive_tokens", "sum_token_ratio",
         "sum_token_median", "chan_massive", "chan_massive_first_token", "chan_massive_first_delim")
+
+
+def _wins(new_abs, new_sample, old_abs, old_sample):
+    """Where a new per-channel maximum replaces the old: larger |a|, or equal |a| from an earlier
+    sample (|a| = -1 marks no counted entry and never wins a tie), so the result does not depend
+    on the order in which batches or ranks are merged."""
+    tie = (new_abs == old_abs) & (new_abs >= 0) & ((old_sample < 0) | (new_sample < old_sample))
+    return (new_abs > old_abs) | tie
+
+
 _TOPK_FIELDS = ("abs", "value", "sample", "position", "channel", "token_id", "seq_median", "token_median")
 
 
@@ -184,9 +194,9 @@ class MassiveProbe:
 
         # Per channel: max |a| with the signed value and where it was.
         am = a.masked_fill(~m3, -1.0)  # [B, T, C]; -1 marks positions that do not count
-        cmax, cidx = am.reshape(B * T, C).max(0)  # [C]
+        cmax, cidx = am.reshape(B * T, C).max(0)  # [C]; ties: the first (sample, position)
         cval = x.reshape(B * T, C).gather(0, cidx.unsqueeze(0)).squeeze(0)
-        upd = cmax > s["chan_max_abs"]
+        upd = _wins(cmax, sample_ids[cidx // T], s["chan_max_abs"], s["chan_sample"])
         s["chan_max_abs"] = torch.where(upd, cmax, s["chan_max_abs"])
         s["chan_value"] = torch.where(upd, cval, s["chan_value"])
         s["chan_sample"] = torch.where(upd, sample_ids[cidx // T], s["chan_sample"])
@@ -196,6 +206,15 @@ class MassiveProbe:
         flat = am.reshape(-1)
         k = min(self.top_k, flat.numel())
         vals, idx = flat.topk(k)
+        if 0 < k < flat.numel():
+            # Entries tied with the k-th value: keep the first in (sample, position, channel) order,
+            # so the top-K does not depend on how the data was split into batches or ranks.
+            v = vals[-1]
+            above = flat > v
+            n_above = int(above.sum())
+            if n_above + int((flat == v).sum()) > k:
+                idx = torch.cat([above.nonzero().squeeze(1), (flat == v).nonzero().squeeze(1)[: k - n_above]])
+                vals = flat[idx]
         b, t, c = idx // (T * C), (idx // C) % T, idx % C
         new = {"abs": vals, "value": x.reshape(-1)[idx], "sample": sample_ids[b], "position": t, "channel": c,
                "token_id": token_ids[b, t], "seq_median": med[b], "token_median": tok_med[b, t]}
@@ -246,9 +265,15 @@ class MassiveProbe:
         import torch
 
         s = self.state
-        allabs = torch.cat([s["topk_abs"], new["abs"].to(s["topk_abs"].device)])
-        k = min(self.top_k, allabs.numel())
-        keep = allabs.topk(k).indices
+        dev = s["topk_abs"].device
+        cand = {f: torch.cat([s[f"topk_{f}"], new[f].to(dev, s[f"topk_{f}"].dtype)]) for f in ("abs", "sample",
+                                                                                            "position", "channel")}
+        # Largest |a| first; ties by (sample, position, channel): stable sorts, last key first.
+        order = torch.arange(cand["abs"].numel(), device=dev)
+        for f in ("channel", "position", "sample"):
+            order = order[torch.sort(cand[f][order], stable=True).indices]
+        order = order[torch.sort(cand["abs"][order], descending=True, stable=True).indices]
+        keep = order[: min(self.top_k, order.numel())]
         for f in _TOPK_FIELDS:
             s[f"topk_{f}"] = torch.cat([s[f"topk_{f}"], new[f].to(s[f"topk_{f}"].device, s[f"topk_{f}"].dtype)])[keep]
 
@@ -267,7 +292,7 @@ class MassiveProbe:
         better = o["max_token_ratio"] > s["max_token_ratio"]
         for k in ("max_token_ratio", "max_token_ratio_abs", "max_token_ratio_median"):
             s[k] = torch.where(better, o[k], s[k])
-        upd = o["chan_max_abs"] > s["chan_max_abs"]
+        upd = _wins(o["chan_max_abs"], o["chan_sample"], s["chan_max_abs"], s["chan_sample"])
         for k in ("chan_max_abs", "chan_value", "chan_sample", "chan_position"):
             s[k] = torch.where(upd, o[k], s[k])
         a, b = s["pos_massive"], o["pos_massive"]
