@@ -6,8 +6,12 @@ from typing import Annotated
 
 import typer
 
-from actsparse_cli.common import (DebugArg, ForceArg, OutArg, QuietArg, UnsafePickleArg, handle_errors,
-                                  stderr_console, stdout_console)
+from actsparse_cli.common import (
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import shared_options
 
 
 def print_drift_table(rows: list[dict], title: str, multi: bool) -> None:
@@ -28,16 +32,14 @@ def print_drift_table(rows: list[dict], title: str, multi: bool) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("drift")
+    @shared_options
     @handle_errors
     def drift(
         checkpoints: Annotated[list[str], typer.Argument(help="One or more checkpoints (folder, .safetensors, .bin, "
                                                          ".pt, .gguf, sharded index), e.g. the same run at several "
                                                          "steps, in order.", show_default=False)],
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """Weight drift per linear layer: mean, % negative, std, fraction with |w| >= its 99.9th percentile."""
         from actsparse_cli.measure_cmd import batch_progress

@@ -7,10 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, ConfigOpt, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors,
-                                  stderr_console, stdout_console)
-from actsparse_cli.loading_opts import SiteArg, TokenizerArg
+from actsparse_cli.common import (
+    PANEL_DATA,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import shared_options
 from actsparse_cli.measure_cmd import batch_progress
 
 PANEL_GRAD = "Gradients"
@@ -65,6 +68,7 @@ def print_grad_table(rows: list[dict], spike_rows: list[dict], title: str) -> No
 
 def register(app: typer.Typer) -> None:
     @app.command("grad")
+    @shared_options
     @handle_errors
     def grad(
         checkpoint: Annotated[Optional[str], typer.Argument(help="Model folder, hub id or weight file. Default: "
@@ -114,23 +118,19 @@ def register(app: typer.Typer) -> None:
                                                      "per-batch median, zeros) for every linear, only the MLP down "
                                                      "projections (cheaper), or none.",
                                                      rich_help_panel=PANEL_GRAD)] = SpikesChoice.all,
-        site: SiteArg = None,
-        config: ConfigOpt = None,
         arch: Annotated[Optional[str], typer.Option("--arch", help="Model family for a bare state dict (gpt2, nanogpt, "
                                                     "llama, mistral, qwen2), or timm:NAME / torchvision:NAME.",
                                                     rich_help_panel="Loading")] = None,
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        site, config, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """Gradient sparsity (act'(h) zeros, |dL/dh| < tau) per activation site, and linear-input spikes."""
-        from probes.gradients import DEFAULT_TAUS, GradOptions, check_loss, measure_gradients
+        from probes.gradients import (
+            DEFAULT_TAUS,
+            GradOptions,
+            check_loss,
+            measure_gradients,
+        )
         from probes.loading import load_checkpoint
         from reports.bundle import check_output_dir
         from reports.grad_report import write_grad_outputs

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from actsparse_cli import common as c
 from actsparse_cli.common import PANEL_LOAD
 
 TokenizerArg = Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder or hub id, when the "
@@ -15,6 +17,43 @@ SiteArg = Annotated[Optional[list[str]], typer.Option("--site", help="Glob over 
                                                       "replaces discovery.", rich_help_panel="Sites")]
 KindArg = Annotated[Optional[list[str]], typer.Option("--kind", help="Site kinds to use: mlp_post, mlp_gate_act, "
                                                       "mlp_pre, resid_post. Repeatable.", rich_help_panel="Sites")]
+
+
+# Every shared option, by parameter name: (annotated type, default). A command lists the ones it
+# takes as bare keyword-only parameters (``*, device, dtype, output, ...``) and ``shared_options``
+# gives them their type, help and default, so each option is declared once for every command.
+SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
+    # loading
+    "config": (c.ConfigOpt, None), "arch": (c.ArchOpt, None), "tokenizer": (TokenizerArg, None),
+    "device": (c.DeviceArg, "auto"), "device_map": (c.DeviceMapOpt, None), "dtype": (c.DtypeArg, c.DtypeChoice.auto),
+    "trust_remote_code": (c.TrustArg, False), "unsafe_pickle": (c.UnsafePickleArg, False),
+    # data
+    "data": (c.DataOpt, None), "text_field": (c.TextFieldOpt, "text"), "batch_size": (c.BatchOpt, 4),
+    "max_length": (c.MaxLenOpt, None), "max_tokens": (c.MaxTokOpt, None), "stride": (c.StrideOpt, None),
+    "seed": (c.SeedOpt, 0), "skip_first": (c.SkipOpt, 0),
+    # sites
+    "site": (SiteArg, None), "kind": (KindArg, None),
+    # output
+    "output": (c.OutArg, None), "force": (c.ForceArg, False), "quiet": (c.QuietArg, False),
+    "debug": (c.DebugArg, False),
+}
+
+
+def shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give each bare keyword-only parameter of a Typer command named in ``SHARED_OPTIONS`` its
+    annotated type and default (through ``__signature__``, which Typer reads)."""
+    sig = inspect.signature(fn, eval_str=True)  # real annotations: Typer reads them from __signature__ as given
+    params = []
+    for p in sig.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and p.annotation is p.empty and p.default is p.empty:
+            if p.name not in SHARED_OPTIONS:
+                raise TypeError(f"{fn.__name__}: bare parameter {p.name!r} is not a shared option")
+            annotation, default = SHARED_OPTIONS[p.name]
+            p = p.replace(annotation=annotation, default=default)
+            fn.__annotations__[p.name] = annotation
+        params.append(p)
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
 
 
 def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer=None, device_map=None):

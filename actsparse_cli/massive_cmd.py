@@ -7,10 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, ArchOpt, ConfigOpt, DebugArg, DeviceArg, DeviceMapOpt,
-                                  DtypeArg, DtypeChoice, ForceArg, OutArg, QuietArg, TrustArg, UnsafePickleArg,
-                                  batch_progress, handle_errors, stderr_console, stdout_console)
-from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load, resolve_kinds
+from actsparse_cli.common import (
+    PANEL_DATA,
+    PANEL_OUT,
+    batch_progress,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import (
+    load,
+    resolve_kinds,
+    shared_options,
+)
 
 PANEL_MASSIVE = "Massive activations"
 
@@ -69,6 +78,7 @@ def print_massive_table(result, title: str) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("massive")
+    @shared_options
     @handle_errors
     def massive_cmd(
         checkpoint: Annotated[Optional[str], typer.Argument(
@@ -121,19 +131,9 @@ def register(app: typer.Typer) -> None:
         kind: Annotated[Optional[list[str]], typer.Option("--kind", help="Residual site kinds: embed, attn_out, "
                                                           "mlp_pre, mlp_out, resid_post, final_norm. Repeatable.",
                                                           rich_help_panel="Sites")] = None,
-        site: SiteArg = None,
-        config: ConfigOpt = None,
-        arch: ArchOpt = None,
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        device_map: DeviceMapOpt = None,
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        site, config, arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output,
+        force, quiet, debug,
     ) -> None:
         """Massive activations: per-layer top-1/2/3 and median of |h|, massive channels and where they sit."""
         from probes.errors import ActsparseError

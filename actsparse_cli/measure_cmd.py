@@ -6,11 +6,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg, DeviceArg,
-                                  DeviceMapOpt, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt, OutArg,
-                                  QuietArg, SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg, UnsafePickleArg,
-                                  batch_progress, handle_errors, stderr_console, stdout_console)
-from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds
+from actsparse_cli.common import (
+    CheckpointOpt,
+    batch_progress,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import (
+    load,
+    resolve_kinds,
+    shared_options,
+)
 
 PANEL_PROBES = "Probes"
 
@@ -57,17 +64,10 @@ def _refuse_data_parallel(world_size: int, *, pplp: bool, massive: bool, device_
 
 def register(app: typer.Typer) -> None:
     @app.command("measure")
+    @shared_options
     @handle_errors
     def measure(
         checkpoint: CheckpointOpt = None,
-        data: DataOpt = None,
-        text_field: TextFieldOpt = "text",
-        batch_size: BatchOpt = 4,
-        max_length: MaxLenOpt = None,
-        max_tokens: MaxTokOpt = None,
-        stride: StrideOpt = None,
-        seed: SeedOpt = 0,
-        skip_first: SkipOpt = 0,
         eps: Annotated[Optional[list[float]], typer.Option("--eps", help="near_zero_frac thresholds (repeatable). "
                                                            "Default 1e-6, 1e-3, 1e-2.",
                                                            rich_help_panel=PANEL_PROBES)] = None,
@@ -86,20 +86,10 @@ def register(app: typer.Typer) -> None:
                                                             "(CETT) for these p in percent, e.g. --pplp 1 "
                                                             "(repeatable; as `actsparse pplp`).",
                                                             rich_help_panel=PANEL_PROBES)] = None,
-        site: SiteArg = None,
-        kind: KindArg = None,
-        config: ConfigOpt = None,
-        arch: ArchOpt = None,
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        device_map: DeviceMapOpt = None,
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, kind, config,
+        arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
+        debug,
     ) -> None:
         """Measure per-layer activation sparsity (zero/near-zero fractions, dead neurons, chunk sparsity).
 

@@ -9,11 +9,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from actsparse_cli.common import (ArchOpt, BatchOpt, CheckpointOpt, ConfigOpt, DataOpt, DebugArg,
-                                  DeviceArg, DeviceMapOpt, DtypeArg, DtypeChoice, ForceArg, MaxLenOpt, MaxTokOpt,
-                                  OutArg, QuietArg, SeedOpt, SkipOpt, StrideOpt, TextFieldOpt, TrustArg,
-                                  UnsafePickleArg, handle_errors, stderr_console, stdout_console)
-from actsparse_cli.loading_opts import SiteArg, TokenizerArg, load
+from actsparse_cli.common import (
+    CheckpointOpt,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import load, shared_options
 
 PANEL_PPLP = "PPL-p%"
 PANEL_CURVE = "Curve"
@@ -35,7 +37,13 @@ def _progress(quiet: bool, description: str):
     if quiet:
         yield None, None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=stderr_console(), transient=True) as prog:
@@ -141,9 +149,9 @@ def _parse_values(values: list[str] | None, methods) -> dict[str, tuple[float, .
 
 def register(app: typer.Typer) -> None:
     @app.command("pplp")
+    @shared_options
     def pplp(
         checkpoint: CheckpointOpt = None,
-        data: DataOpt = None,
         p: Annotated[Optional[list[float]], typer.Option("--p", help="Target PPL increase in percent (repeatable): "
                                                          "--p 1 finds the CETT where PPL rises by 1 %. Default 1.",
                                                          rich_help_panel=PANEL_PPLP)] = None,
@@ -155,26 +163,9 @@ def register(app: typer.Typer) -> None:
         max_passes: Annotated[int, typer.Option("--max-passes", min=1, help="Sparse passes per target before giving "
                                                 "up (status not_reached).", rich_help_panel=PANEL_PPLP)] = 40,
         cett_grid: GridOpt = 128,
-        text_field: TextFieldOpt = "text",
-        batch_size: BatchOpt = 4,
-        max_length: MaxLenOpt = None,
-        max_tokens: MaxTokOpt = None,
-        stride: StrideOpt = None,
-        seed: SeedOpt = 0,
-        skip_first: SkipOpt = 0,
-        site: SiteArg = None,
-        config: ConfigOpt = None,
-        arch: ArchOpt = None,
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        device_map: DeviceMapOpt = None,
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
+        tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """PPL-p% sparsity (Sparsing Law): the shared CETT at which PPL rises by p %, per-layer thresholds, sparsity."""
         # Usage errors are raised here, outside handle_errors, so click reports them (exit 2).
@@ -226,9 +217,9 @@ def register(app: typer.Typer) -> None:
                                        ".parquet/.csv, summary.md, manifest.json)")
 
     @app.command("curve")
+    @shared_options
     def curve(
         checkpoint: CheckpointOpt = None,
-        data: DataOpt = None,
         method: Annotated[Optional[list[str]], typer.Option("--method", help="Threshold families, comma-separated or "
                                                             "repeated: cett, topk, topk_global, teal, cats, chess, "
                                                             "fat. Default cett,topk,teal,cats,fat.",
@@ -240,26 +231,9 @@ def register(app: typer.Typer) -> None:
                                                      "folder (default: on with -o).", rich_help_panel=PANEL_CURVE)]
         = None,
         cett_grid: GridOpt = 128,
-        text_field: TextFieldOpt = "text",
-        batch_size: BatchOpt = 4,
-        max_length: MaxLenOpt = None,
-        max_tokens: MaxTokOpt = None,
-        stride: StrideOpt = None,
-        seed: SeedOpt = 0,
-        skip_first: SkipOpt = 0,
-        site: SiteArg = None,
-        config: ConfigOpt = None,
-        arch: ArchOpt = None,
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        device_map: DeviceMapOpt = None,
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        output: OutArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
+        tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens."""
         methods = _parse_methods(method)

@@ -12,10 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from actsparse_cli.common import (PANEL_DATA, PANEL_OUT, DebugArg, DeviceArg, DtypeArg, DtypeChoice,
-                                  ForceArg, QuietArg, TrustArg, UnsafePickleArg, handle_errors, stderr_console,
-                                  stdout_console)
-from actsparse_cli.loading_opts import KindArg, TokenizerArg
+from actsparse_cli.common import (
+    PANEL_DATA,
+    PANEL_OUT,
+    handle_errors,
+    stderr_console,
+    stdout_console,
+)
+from actsparse_cli.loading_opts import shared_options
 from probes.errors import EXIT_RULE_BROKEN
 
 PANEL_GATE = "Gate"
@@ -43,6 +47,7 @@ def _print_changes(res, top: int) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("report")
+    @shared_options
     @handle_errors
     def report(
         inputs: Annotated[list[Path], typer.Argument(help="actsparse output folders (measure, spectrum, massive, "
@@ -50,9 +55,8 @@ def register(app: typer.Typer) -> None:
         output: RequiredOut,
         title: Annotated[Optional[str], typer.Option("--title", help="Title of index.html and summary.md.",
                                                      rich_help_panel=PANEL_OUT)] = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        force, quiet, debug,
     ) -> None:
         """Bundle outputs into one report folder: tables, figures (PNG + SVG), summary.md and an offline index.html."""
         from reports.bundle_report import build_report
@@ -68,6 +72,7 @@ def register(app: typer.Typer) -> None:
                 stderr_console().print(f"warning: {w}", markup=False)
 
     @app.command("compare")
+    @shared_options
     @handle_errors
     def compare(
         baseline: Annotated[Path, typer.Argument(help="Baseline output folder or report bundle.", show_default=False)],
@@ -85,16 +90,16 @@ def register(app: typer.Typer) -> None:
                                                          rich_help_panel=PANEL_OUT, show_default=False)] = None,
         top: Annotated[int, typer.Option("--top", min=0, help="Changed values to list, largest relative change "
                                          "first.", rich_help_panel=PANEL_OUT)] = 20,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        quiet, debug,
     ) -> None:
         """Line up two result sets by table/site/layer/metric and gate on --fail-on rules.
 
         Exit code 0: every rule holds; 7: a rule is broken (or, with --strict, the sides measured different things);
         2: an input is not an actsparse output, or a rule cannot be read or matches no metric.
         """
-        from reports.compare import compare as run_compare
         from reports.compare import _layer, fmt, parse_rule
+        from reports.compare import compare as run_compare
 
         rules = [parse_rule(r) for r in fail_on or []]  # a typo fails before any table is read
         res = run_compare(baseline, candidate, rules, strict=strict)
@@ -123,6 +128,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_RULE_BROKEN)
 
     @app.command("track")
+    @shared_options
     @handle_errors
     def track(
         output: RequiredOut,
@@ -146,24 +152,22 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
                                                 rich_help_panel=PANEL_DATA)] = 4,
         seed: Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=PANEL_DATA)] = 0,
-        kind: KindArg = None,
         massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol of the massive analysis: "
                                                     "sun2024 or maxact2026.", rich_help_panel=PANEL_TRACK)] = "sun2024",
-        tokenizer: TokenizerArg = None,
-        device: DeviceArg = "auto",
-        dtype: DtypeArg = DtypeChoice.auto,
-        trust_remote_code: TrustArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
+        *,
+        kind, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, force, quiet, debug,
     ) -> None:
         """Trends over a run's checkpoints: sparsity per layer, weight drift, top-1/median (with the emergence fit)
         and alpha against the training step."""
         from actsparse_cli.loading_opts import resolve_kinds
         from probes.errors import CheckpointError
+        from probes.track import (
+            TrackOptions,
+            expand_checkpoints,
+            resolve_analyses,
+            run_track,
+        )
         from reports.bundle import check_output_dir
-        from probes.track import TrackOptions, expand_checkpoints, resolve_analyses, run_track
         from reports.track import write_track_outputs
 
         check_output_dir(output, force)

@@ -11,16 +11,12 @@ import typer
 from actsparse_cli.common import (
     PANEL_OUT,
     Checkpoint,
-    DebugArg,
     DeviceArg,
-    ForceArg,
-    OutArg,
-    QuietArg,
-    UnsafePickleArg,
     handle_errors,
     stderr_console,
     stdout_console,
 )
+from actsparse_cli.loading_opts import shared_options
 
 PANEL_SPECTRUM = "Spectrum"
 
@@ -87,20 +83,18 @@ def _print_results(df, summary: dict, n_ww: int) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("spectrum")
+    @shared_options
     def spectrum(
         checkpoint: Checkpoint,
-        output: OutArg = None,
         device: DeviceArg = "cpu",
         split_fused: SplitArg = False,
         randomize: RandomizeArg = False,
         seed: SeedArg = 0,
         plot: PlotArg = None,
-        force: ForceArg = False,
-        quiet: QuietArg = False,
-        debug: DebugArg = False,
-        unsafe_pickle: UnsafePickleArg = False,
         svd: SvdArg = SvdMethod.auto,
         workers: WorkersArg = 1,
+        *,
+        output, force, quiet, debug, unsafe_pickle,
     ) -> None:
         """WeightWatcher 0.7.7's spectral metrics for every 2-D/4-D weight, one tensor at a time.
 
@@ -118,7 +112,13 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
          svd="auto", workers=1) -> None:
     from contextlib import nullcontext
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from probes import spectrum as sp
     from probes.formats import sniff
