@@ -616,7 +616,11 @@ def _finish_in_worker(job: _Job, stacks: dict[str, np.ndarray], method: str, ran
 
 
 def _one_blas_thread() -> None:
-    """Pool worker start-up: one BLAS/OpenMP thread per worker process (no oversubscription)."""
+    """Pool worker start-up: one BLAS/OpenMP thread per worker process (no oversubscription), and
+    Ctrl-C left to the main process, which stops the pool (no traceback from every worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
@@ -661,7 +665,12 @@ class _PoolRunner:
         self.futures.clear()
         return done
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Shut the pool down; ``abort`` (an error or Ctrl-C in the main process) stops the workers
+        at once instead of letting running rows finish."""
+        if abort:
+            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                proc.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -836,11 +845,15 @@ def analyze_tensors(
                           "use --workers 1 with --device cuda")
     runner = _PoolRunner(workers, svd, randomize) if workers > 1 else None
     try:
-        return _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd,
-                        runner)
-    finally:
+        df = _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd,
+                      runner)
+    except BaseException:
         if runner is not None:
-            runner.close()
+            runner.close(abort=True)
+        raise
+    if runner is not None:
+        runner.close()
+    return df
 
 
 def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd, runner):

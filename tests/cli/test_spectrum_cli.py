@@ -156,3 +156,52 @@ def test_bad_device_and_plot_without_output(ckpt, tmp_path):
     assert r.exit_code == EXIT_DEVICE and "cpu or cuda" in r.output
     r = runner.invoke(app, ["spectrum", str(ckpt), "--plot", "esd", "-q"])
     assert r.exit_code == 2 and "-o" in r.output
+
+
+def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the main process stops them,
+    exits 130 with one line, and leaves no output folder and no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({f"l{i}.weight": torch.randn(64, 32, generator=g) for i in range(6)}, str(tmp_path / "model.safetensors"))
+    out = tmp_path / "out"
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import sys, time
+        import probes.spectrum as sp
+        real = sp.svals_cpu
+        def slow(*a, **k):
+            print("in-worker", flush=True)
+            time.sleep(60)
+            return real(*a, **k)
+        sp.svals_cpu = slow  # forked workers inherit the patch
+        from actsparse_cli.main import app
+        app(["spectrum", {str(tmp_path)!r}, "--workers", "2", "-o", {str(out)!r}, "--quiet"])
+    """))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "in-worker" in proc.stdout.readline()  # two workers may print on one line
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["actsparse: error: interrupted; no output was written"]
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("worker processes outlived the main process")
