@@ -470,9 +470,12 @@ def config_from_shapes(arch: str, sd: dict, info: dict):
         inter = _get(sd, "layers.0.mlp.gate_proj.weight").shape[0]
         q = _get(sd, "layers.0.self_attn.q_proj.weight")
         k = _get(sd, "layers.0.self_attn.k_proj.weight")
-        head_dim = next((d for d in (128, 64, 32, 16, 8) if d <= 64 + 64 * (hidden % 128 == 0)
-                         and q.shape[0] % d == 0 and k.shape[0] % d == 0), None)
-        if head_dim is None:
+        # head_dim is not in the q/k shapes (heads x head_dim); some checkpoints carry it exactly:
+        # a rotary inv_freq buffer has head_dim / 2 entries, a per-head q_norm (Qwen3-style) head_dim.
+        exact = _head_dim_from_buffers(sd)
+        head_dim = exact or next((d for d in (128, 64, 32, 16, 8) if d <= 64 + 64 * (hidden % 128 == 0)
+                                  and q.shape[0] % d == 0 and k.shape[0] % d == 0), None)
+        if head_dim is None or q.shape[0] % head_dim or k.shape[0] % head_dim:
             raise ModelError("cannot infer attention heads from shapes", "pass --config")
         n_heads = q.shape[0] // head_dim
         n_kv = k.shape[0] // head_dim
@@ -482,7 +485,8 @@ def config_from_shapes(arch: str, sd: dict, info: dict):
                   tie_word_embeddings=not any(k.endswith("lm_head.weight") for k in sd))
         cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                               "qwen2": "Qwen2ForCausalLM"}[a]]
-        info["assumed"] = f"head_dim={head_dim}, rope defaults; pass --config for the exact values"
+        info["assumed"] = (f"head_dim={head_dim}" + (" (read from the checkpoint)" if exact else " (a guess)")
+                           + ", rope and norm-eps defaults; pass --config for the exact values")
         return cfg, sd
     raise ModelError(f"--arch {arch!r} cannot be built from shapes alone",
                      f"use one of {', '.join(SHAPE_ARCHS)}, or pass --config with the model's config.json")
@@ -500,6 +504,15 @@ def _fill_zero_biases(sd: dict) -> None:
             sd[bias] = sd[k].new_zeros(sd[k].shape[-1])
         elif "ln_" in k:
             sd[bias] = sd[k].new_zeros(sd[k].shape[0])
+
+
+def _head_dim_from_buffers(sd: dict) -> int | None:
+    for k, v in sd.items():
+        if k.endswith("rotary_emb.inv_freq") and getattr(v, "ndim", 0) == 1:
+            return 2 * int(v.shape[0])
+        if k.endswith("self_attn.q_norm.weight") and getattr(v, "ndim", 0) == 1:
+            return int(v.shape[0])
+    return None
 
 
 def _get(sd: dict, suffix: str):

@@ -900,3 +900,19 @@ def test_dtype_option(tmp_path, gpt2):
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     torch.testing.assert_close(lm.model.transformer.wte.weight.float(),
                                gpt2.transformer.wte.weight.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_arch_llama_reads_head_dim_from_a_rotary_buffer(tmp_path):
+    """hidden 64 with 2 heads of 32: the shape guess would say head_dim 64; a checkpoint that kept
+    rotary_emb.inv_freq (head_dim / 2 entries) gives the exact value, and the model matches."""
+    ref = tiny_llama(hidden=64, heads=2, kv=2, inter=96)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(16)
+    f = tmp_path / "llama.safetensors"
+    save_file(sd, str(f))
+    lm = load(f, arch="llama")
+    assert lm.config.head_dim == 32 and lm.config.num_attention_heads == 2
+    assert "read from the checkpoint" in lm.source["assumed"]
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, ref(ids).logits, atol=1e-5)
