@@ -129,7 +129,11 @@ def emergence_curve(t, A, lam, gamma, t0, K):
     return A * np.exp(-lam * x) * np.log(x) + K
 
 
-_NAN_FIT = {"A": math.nan, "lambda": math.nan, "gamma": math.nan, "t0": math.nan, "K": math.nan, "r2": math.nan}
+_NAN_FIT = {"A": math.nan, "lambda": math.nan, "gamma": math.nan, "t0": math.nan, "K": math.nan, "r2": math.nan,
+            "max_rel_se": math.nan, "determined": False}
+# A converged fit whose largest parameter standard error exceeds this fraction of the parameter
+# is reported as not determined: the data fit it, but many parameter sets would fit as well.
+MAX_REL_SE = 0.5
 
 
 def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int = 20000) -> dict[str, Any]:
@@ -139,7 +143,11 @@ def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int =
     start values come from a small grid over (lambda, gamma, t0) with A, K solved exactly; then
     ``curve_fit`` (trf, lambda >= 0, gamma > 0, t0 > 0 so x > 0) refines all five. A fit that cannot
     run or does not converge returns NaN parameters, ``converged=False`` and a message, and warns
-    with EmergenceFitWarning.
+    with EmergenceFitWarning. A converged fit also reports the largest relative standard error of
+    its parameters (from the Jacobian at the optimum, ``max_rel_se``; infinite with 5 points, i.e.
+    no degrees of freedom) and ``determined`` = max_rel_se <= MAX_REL_SE: an exact fit through
+    few points, or a near-degenerate one (lambda -> 0 with gamma and A trading off), can converge
+    to large, meaningless parameters, and ``determined`` says so instead of hiding it.
     """
     from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -175,10 +183,12 @@ def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int =
     lo, hi = [-np.inf, 0.0, 1e-9, 1e-9, -np.inf], [np.inf] * 5
     p0 = np.clip(best[1], np.array(lo) + 1e-12, hi)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", OptimizeWarning)
-            popt, _ = curve_fit(emergence_curve, s, y, p0=p0, bounds=(lo, hi), method="trf", maxfev=maxfev)
-    except (RuntimeError, OptimizeWarning, ValueError, FloatingPointError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OptimizeWarning)
+            popt, pcov = curve_fit(emergence_curve, s, y, p0=p0, bounds=(lo, hi), method="trf", maxfev=maxfev)
+        if any(issubclass(w.category, OptimizeWarning) for w in caught):
+            pcov = np.full((5, 5), np.inf)  # converged, but the covariance is not estimable: not determined
+    except (RuntimeError, ValueError, FloatingPointError) as e:
         return fail(f"curve_fit did not converge ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})")
     if not np.all(np.isfinite(popt)):
         return fail("non-finite parameters")
@@ -186,8 +196,17 @@ def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int =
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((pred - y) ** 2)) / ss_tot if ss_tot > 0 else math.nan
     A, lam, g, t0, K = (float(v) for v in popt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.sqrt(np.abs(np.diag(np.asarray(pcov, dtype=float))))
+        rel = np.where(popt != 0, se / np.abs(popt), np.where(se == 0, 0.0, np.inf))
+    max_rel = float(np.nanmax(rel)) if np.isfinite(rel).any() or np.isinf(rel).any() else math.inf
+    if len(t) <= 5:
+        max_rel = math.inf  # five parameters through five points: no degrees of freedom left
+    determined = bool(max_rel <= MAX_REL_SE)
+    msg = "" if determined else (f"parameters not determined by the data (largest relative standard error "
+                                 f"{max_rel:.3g}); read the curve, not the parameters")
     return {"A": A, "lambda": lam, "gamma": g / scale, "t0": t0, "K": K, "r2": r2, "n_points": int(len(t)),
-            "converged": True, "message": ""}
+            "converged": True, "message": msg, "max_rel_se": max_rel, "determined": determined}
 
 
 # ------------------------------------------------------------------------------------------ running

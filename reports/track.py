@@ -208,8 +208,18 @@ def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
         for r in fits.to_dict("records"):
             lines.append(f"| {r['series']} | {_fmt(r['A'])} | {_fmt(r['lambda'])} | {_fmt(r['gamma'])} | "
                          f"{_fmt(r['t0'])} | {_fmt(r['K'])} | {_fmt(r['r2'])} | {r['n_points']} | "
-                         f"{'yes' if r['converged'] else 'no: ' + md_escape(r['message'])} |")
+                         f"{_fit_status(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _fit_status(r: dict[str, Any]) -> str:
+    from reports.bundle_report import md_escape
+
+    if not r["converged"]:
+        return "no: " + md_escape(r["message"])
+    if not r.get("determined", True):
+        return "yes, parameters not determined: " + md_escape(r["message"])
+    return "yes"
 
 
 def write_track_outputs(output: str | Path, result: TrackResult, options: dict[str, Any], force: bool = False) -> Path:

@@ -84,3 +84,19 @@ def test_emergence_fit_fails_gracefully_with_a_warning():
     with pytest.warns(EmergenceFitWarning):
         fit = fit_emergence([1, 2, 3, 4, 5, 6], [np.nan] * 6)  # nothing finite to fit
     assert fit["n_points"] == 0
+
+
+def test_fit_through_five_points_is_flagged_not_determined():
+    t = np.array([0.0, 100, 200, 400, 800])
+    y = emergence_curve(t / 800, 2.0, 1.0, 5.0, 1.5, 0.3)
+    fit = fit_emergence(t, y)
+    assert fit["converged"] and not fit["determined"] and math.isinf(fit["max_rel_se"])
+    assert "not determined" in fit["message"]
+
+
+def test_well_sampled_noiseless_curve_is_determined_and_recovered():
+    t = np.linspace(0, 1000, 40)
+    y = emergence_curve(t / 1000, 2.0, 1.0, 5.0, 1.5, 0.3)
+    fit = fit_emergence(t, y)
+    assert fit["converged"] and fit["determined"] and fit["max_rel_se"] < 0.5
+    assert fit["A"] == pytest.approx(2.0, rel=1e-3) and fit["gamma"] * 1000 == pytest.approx(5.0, rel=1e-3)
