@@ -449,3 +449,20 @@ def test_worker_processes_give_the_same_table():
     num = one.select_dtypes("number").columns
     assert two[num].astype(float).to_numpy() == pytest.approx(one[num].astype(float).to_numpy(), rel=1e-12, nan_ok=True)
     assert two["status"].tolist() == one["status"].tolist()
+
+
+def test_the_cuda_code_path_runs_end_to_end_on_a_cpu_torch_device():
+    """No GPU here: drive the CUDA branch (float32 torch svdvals, R factors of tall matrices,
+    float64 fits) with torch's "cpu:0" device, and compare with the float64 numpy path."""
+    w = _weights(7)
+    w["big.weight"] = torch.randn(700, 30, generator=torch.Generator().manual_seed(2))  # tall: R factor path
+    args = dict(split_fused=False, randomize=False, seed=0, config=None, total=None, progress=None, on_layer=None,
+                svd="auto", runner=None)
+    gpu_like = sp._analyze(list(w.items()), "cpu:0", batch_bytes=4096, **args)
+    exact = sp._analyze(list(w.items()), "cpu", batch_bytes=4096, **args)
+    assert gpu_like.attrs["svd"]["dtype"] == "float32" and gpu_like["name"].tolist() == exact["name"].tolist()
+    ok = exact["status"] == "success"
+    assert (gpu_like.loc[ok, "status"] == "success").all()
+    for col in ("lambda_max", "norm", "stable_rank", "sv_max"):
+        assert gpu_like.loc[ok, col].astype(float).to_numpy() == pytest.approx(
+            exact.loc[ok, col].astype(float).to_numpy(), rel=1e-4), col
