@@ -10,7 +10,7 @@ column can be put next to WW's; see docs METRICS.md section 7. The code is our o
   distances in vectorised row blocks;
 * the Marchenko-Pastur fit computes its kernel density once per layer, not once per sigma.
 
-``analyze_checkpoint`` reads each tensor once (memory-mapped where the format allows),
+``analyze_checkpoint`` reads each tensor once (safetensors and GGUF straight into numpy, no torch),
 upcasts it alone, and batches same-shape matrices into one batched eigenvalue or SVD call
 under a byte budget, so peak memory follows the largest tensor rather than the model.
 Failed fits are NaN (WW writes -1).
