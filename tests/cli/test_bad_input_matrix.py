@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import struct
 import subprocess
@@ -55,31 +54,13 @@ def invoke(*args):
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-relu-gpt2")
-    vocab = {EOT: 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=EOT, eos_token=EOT, pad_token=EOT,
-                                  unk_token="[UNK]", model_max_length=64)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=2, n_head=2, n_inner=64,
-                     activation_function="relu", bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.architectures = ["GPT2LMHeadModel"]
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def model_dir(tmp_path_factory, word_lm) -> Path:
+    return word_lm.save_gpt2(tmp_path_factory.mktemp("tiny-relu-gpt2"), WORDS, n_inner=64)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(320)))
-    return p
+def corpus(tmp_path_factory, word_lm) -> Path:
+    return word_lm.corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", WORDS, 320)
 
 
 @pytest.fixture(autouse=True)

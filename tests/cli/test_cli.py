@@ -7,7 +7,6 @@ built offline and saved with ``save_pretrained`` into a temporary folder.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
@@ -32,31 +31,13 @@ def invoke(*args: str):
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-relu-gpt2")
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", unk_token="[UNK]", model_max_length=64)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=16, n_layer=N_LAYER, n_head=2, n_inner=WIDTH,
-                     activation_function="relu", bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.architectures = ["GPT2LMHeadModel"]
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def model_dir(tmp_path_factory, word_lm) -> Path:
+    return word_lm.save_gpt2(tmp_path_factory.mktemp("tiny-relu-gpt2"), WORDS, n_layer=N_LAYER, n_inner=WIDTH)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(N_TOKENS)))
-    return p
+def corpus(tmp_path_factory, word_lm) -> Path:
+    return word_lm.corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", WORDS, N_TOKENS)
 
 
 @pytest.fixture(scope="module")

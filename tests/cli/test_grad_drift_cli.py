@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
@@ -23,38 +22,14 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="[UNK]", model_max_length=MAX_LEN), len(vocab)
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, word_lm) -> Path:
+    return word_lm.save_gpt2(tmp_path_factory.mktemp("tiny-relu-gpt2"), WORDS, max_len=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    d = tmp_path_factory.mktemp("tiny-relu-gpt2")
-    tok, V = _tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=MAX_LEN, n_embd=16, n_layer=2, n_head=2, activation_function="relu",
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.architectures = ["GPT2LMHeadModel"]
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    p = tmp_path_factory.mktemp("corpus") / "c.txt"
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(120)))
-    return p
+def corpus(tmp_path_factory, word_lm) -> Path:
+    return word_lm.corpus(tmp_path_factory.mktemp("corpus") / "c.txt", WORDS, 120, seed=1)
 
 
 def test_grad_writes_tables_figure_and_manifest(gpt2_dir, corpus, tmp_path):
@@ -87,10 +62,10 @@ def test_grad_writes_tables_figure_and_manifest(gpt2_dir, corpus, tmp_path):
     assert list(sp.module_path) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
 
 
-def test_grad_refuses_a_model_without_a_loss(tmp_path, corpus):
+def test_grad_refuses_a_model_without_a_loss(tmp_path, corpus, word_lm):
     from transformers import BertConfig, BertModel
 
-    tok, V = _tokenizer()
+    tok, V = word_lm.tokenizer(WORDS, MAX_LEN)
     cfg = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                      max_position_embeddings=MAX_LEN)
     cfg.architectures = ["BertModel"]

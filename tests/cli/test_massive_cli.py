@@ -8,12 +8,10 @@ the first position, so every layer's residual stream carries a known massive act
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from actsparse_cli.main import app
@@ -32,35 +30,18 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-spiky-gpt2")
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", unk_token="[UNK]", model_max_length=MAX_LEN)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(vocab), n_positions=MAX_LEN, n_embd=16, n_layer=N_LAYER, n_head=2,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.architectures = ["GPT2LMHeadModel"]
-    model = GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # embedding output at (position 0, channel 3) is exactly 500 for every token
+def model_dir(tmp_path_factory, word_lm) -> Path:
+    def spike(model):  # embedding output at (position 0, channel 3) is exactly 500 for every token
         model.transformer.wte.weight[:, SPIKE_CHANNEL] = 0.0
         model.transformer.wpe.weight[0, SPIKE_CHANNEL] = SPIKE
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+
+    return word_lm.save_gpt2(tmp_path_factory.mktemp("tiny-spiky-gpt2"), WORDS, max_len=MAX_LEN, n_layer=N_LAYER,
+                             activation="gelu_new", edit=spike)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(20 * MAX_LEN)))
-    return p
+def corpus(tmp_path_factory, word_lm) -> Path:
+    return word_lm.corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", WORDS, 20 * MAX_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -101,14 +101,9 @@ MAX_LEN = 12
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import word_tokenizer  # tests/conftest.py
 
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="[UNK]", model_max_length=MAX_LEN), len(vocab)
+    return word_tokenizer(WORDS, MAX_LEN)
 
 
 @pytest.fixture(scope="module")
