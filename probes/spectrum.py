@@ -735,18 +735,10 @@ def resolve_device(device: str | None) -> str:
         return "cpu"
     if d != "auto" and not d.startswith("cuda"):
         raise DeviceError(f"spectrum runs on cpu or cuda, not {device!r}", "use --device cpu or --device cuda")
-    import torch
+    from probes.loading import resolve_device as resolve_model_device  # the same CUDA checks as model loading
 
-    if d == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise DeviceError(f"--device {device} asked for CUDA but no GPU is available",
-                          "use --device cpu (float64, WW-identical numbers)")
-    dev = torch.device(d)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) present",
-                          "pick an existing index, e.g. --device cuda:0")
-    return f"cuda:{dev.index or 0}"
+    dev = resolve_model_device(d)
+    return "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
 
 
 def _is_bias(name: str) -> bool:

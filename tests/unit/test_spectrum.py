@@ -399,7 +399,7 @@ def test_resolve_device():
     with pytest.raises(DeviceError, match="cpu or cuda"):
         sp.resolve_device("mps")
     if not torch.cuda.is_available():
-        with pytest.raises(DeviceError, match="no GPU"):
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
             sp.resolve_device("cuda")
 
 
