@@ -100,12 +100,6 @@ WORDS = "the cat sat on a mat dog ran in park sun is warm today we measure spars
 MAX_LEN = 12
 
 
-def _tokenizer():
-    from conftest import word_tokenizer  # tests/conftest.py
-
-    return word_tokenizer(WORDS, MAX_LEN)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     rng = random.Random(0)
@@ -115,11 +109,11 @@ def corpus(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
+def gpt2_dir(tmp_path_factory, word_lm) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("tiny-relu-gpt2")
-    tok, V = _tokenizer()
+    tok, V = word_lm.tokenizer(WORDS, MAX_LEN)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=V, n_positions=MAX_LEN, n_embd=16, n_layer=2, n_head=2, activation_function="relu",
                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -233,10 +227,10 @@ def test_dl_dh_fallback_site_and_mean_reduction(gpt2_dir, corpus, spy):
     assert res.spike_rows == [] and res.rows[0]["eta_method"] == "dL/dh"
 
 
-def test_glu_gate_eta_equals_autograd(tmp_path, corpus, spy):
+def test_glu_gate_eta_equals_autograd(tmp_path, corpus, spy, word_lm):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok, V = _tokenizer()
+    tok, V = word_lm.tokenizer(WORDS, MAX_LEN)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=MAX_LEN, hidden_act="silu", bos_token_id=0,
@@ -284,14 +278,14 @@ def test_refused_without_a_loss(tmp_path, corpus):
         measure_gradients(bare, GradOptions(data=corpus, loss_reduction="avg"))
 
 
-def test_sequence_classifier_labels_from_jsonl(tmp_path):
+def test_sequence_classifier_labels_from_jsonl(tmp_path, word_lm):
     import json
 
     from transformers import BertConfig, BertForSequenceClassification
 
     from probes.loading import LoadedModel
 
-    tok, V = _tokenizer()
+    tok, V = word_lm.tokenizer(WORDS, MAX_LEN)
     cfg = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                      num_labels=3, max_position_embeddings=MAX_LEN, hidden_act="relu")
     torch.manual_seed(0)
