@@ -50,6 +50,25 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+TIMEOUT_ENV = "ACTSPARSE_DIST_TIMEOUT_S"
+
+
+def collective_timeout():
+    """How long a rank waits at a merge for the others (a rank that hangs, rather than fails, holds
+    the rest this long): ``ACTSPARSE_DIST_TIMEOUT_S`` seconds, default 1800 (torch's own default).
+    Ranks finish their shares at different times, so keep it above the longest share's run time."""
+    from datetime import timedelta
+
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw.strip() else 1800.0
+    except ValueError:
+        raise DeviceError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds", f"e.g. {TIMEOUT_ENV}=600") from None
+    if not seconds > 0:
+        raise DeviceError(f"{TIMEOUT_ENV}={raw!r} must be positive", f"e.g. {TIMEOUT_ENV}=600")
+    return timedelta(seconds=seconds)
+
+
 def backend_for(device) -> str:
     """nccl for CUDA devices, gloo for everything else (CPU)."""
     return "nccl" if getattr(device, "type", str(device).split(":")[0]) == "cuda" else "gloo"
@@ -228,7 +247,7 @@ def init(device=None) -> DistContext:
                                   "run with --device cpu (gloo) or install a CUDA build of torch")
             torch.cuda.set_device(device if getattr(device, "index", None) is not None else local_rank())
         try:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=collective_timeout())
         except Exception as e:
             raise DeviceError(f"cannot join the torchrun process group ({backend}): {_first_line(e)}",
                               "check the torchrun rendezvous (--standalone, or a free --master-port)") from e

@@ -234,3 +234,19 @@ def test_other_commands_refuse_torchrun(monkeypatch, tmp_path, command):
     assert r.exit_code == 6, r.output
     assert "torchrun" in r.output and " -- fix: " in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_collective_timeout_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from probes.distributed import TIMEOUT_ENV, collective_timeout
+    from probes.errors import DeviceError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() == timedelta(seconds=1800)
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(DeviceError, match=TIMEOUT_ENV):
+            collective_timeout()
