@@ -10,14 +10,13 @@ widened to float32 (exact), and ``stored_dtype`` says what the file held.
 
 from __future__ import annotations
 
-import struct
 from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
 
 from probes.errors import CheckpointError
-from probes.formats import Kind, Sniffed, iter_tensors, safetensors_header
+from probes.formats import Kind, Sniffed, gguf_arrays, iter_tensors, safetensors_raw_tensors
 
 _ST_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
@@ -74,46 +73,10 @@ def _decode(raw: bytearray, st_dtype: str, shape: list[int], where: str) -> np.n
 
 
 def iter_safetensors_arrays(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    """A safetensors file's tensors in file order, each read with one plain ``read`` (no memory
-    map, so resident memory stays near one tensor rather than growing with the file)."""
-    header = safetensors_header(path)
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                     key=lambda kv: kv[1]["data_offsets"][0])
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        base = 8 + n
-        for name, info in entries:
-            start, end = (int(x) for x in info["data_offsets"])
-            st_dtype = str(info.get("dtype", ""))
-            fh.seek(base + start)
-            raw = bytearray(end - start)
-            if fh.readinto(raw) != end - start:
-                raise CheckpointError(f"{path} is truncated inside tensor {name!r}", "re-download or re-save the file")
-            label = _ST_WIDENED.get(st_dtype) or np.dtype(_ST_NUMPY.get(st_dtype, np.uint8)).name
-            yield name, _decode(raw, st_dtype, [int(x) for x in info.get("shape", [])], f"{path}: tensor {name!r}"), label
-
-
-def iter_gguf_arrays(path: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    """A GGUF file's tensors, dequantised by the ``gguf`` package into float32 numpy arrays."""
-    try:
-        import gguf
-        from gguf.quants import dequantize
-    except ImportError as e:
-        raise CheckpointError("reading GGUF needs the 'gguf' package", "pip install 'actsparse[gguf]'") from e
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {str(e).splitlines()[0][:160] if str(e) else e!r}",
-                              "re-download or re-convert the file") from e
-    for t in reader.tensors:
-        try:
-            arr = np.asarray(dequantize(t.data, t.tensor_type))
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
-            arr = arr.reshape(shape)
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {t.name!r} cannot be read ({e.__class__.__name__})",
-                                  "re-download or re-convert the file") from e
-        yield t.name, arr, t.tensor_type.name.lower()
+    """A safetensors file's tensors in file order as numpy arrays (``probes.formats`` reads them)."""
+    for name, st_dtype, shape, raw in safetensors_raw_tensors(path):
+        label = _ST_WIDENED.get(st_dtype) or np.dtype(_ST_NUMPY.get(st_dtype, np.uint8)).name
+        yield name, _decode(raw, st_dtype, shape, f"{path}: tensor {name!r}"), label
 
 
 def iter_arrays(sn: Sniffed, unsafe_pickle: bool = False) -> Iterator[tuple[str, Any, str]]:
@@ -125,7 +88,7 @@ def iter_arrays(sn: Sniffed, unsafe_pickle: bool = False) -> Iterator[tuple[str,
     from probes.formats import is_safetensors
 
     if sn.kind is Kind.GGUF:
-        yield from iter_gguf_arrays(sn.path)
+        yield from gguf_arrays(sn.path)
         return
     if sn.kind is Kind.HUB_ID or not sn.files or not all(is_safetensors(f) for f in sn.files):
         for name, t in iter_tensors(sn, unsafe_pickle):

@@ -509,55 +509,61 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 
-def _iter_safetensors(f: str) -> Iterator[tuple[str, Any]]:
-    """Tensors of a safetensors file in file order, each read with one plain ``read``.
+def safetensors_raw_tensors(f: str) -> Iterator[tuple[str, str, list[int], bytearray]]:
+    """``(name, safetensors dtype, shape, bytes)`` of each tensor in file order, each read with one
+    plain ``read`` after the header is validated; truncation is a CheckpointError.
 
     No memory map: a mapped file's touched pages count as resident for the whole walk, so peak
     memory would grow with the file instead of staying near the largest tensor.
     """
-    import torch
-
     header = safetensors_header(f)
     with open(f, "rb") as fh:
-        fh.seek(0)
         (n,) = struct.unpack("<Q", fh.read(8))
         base = 8 + n
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in entries:
             start, end = (int(x) for x in info["data_offsets"])
-            dt = getattr(torch, _ST_DTYPES.get(info.get("dtype", ""), ""), None)
-            if dt is None:
-                raise CheckpointError(f"{f}: tensor {name!r} has dtype {info.get('dtype')!r} that torch cannot hold",
-                                      "convert the checkpoint to a float dtype")
-            shape = [int(x) for x in info.get("shape", [])]
             fh.seek(base + start)
             buf = bytearray(end - start)
             if fh.readinto(buf) != end - start:
                 raise CheckpointError(f"{f} is truncated inside tensor {name!r}", "re-download or re-save the file")
-            t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
-            numel = 1
-            for d in shape:
-                numel *= d
-            if t.numel() != numel:
-                raise CheckpointError(f"{f}: tensor {name!r} has {t.numel()} values for shape {shape}",
-                                      "the file is corrupt; re-download or re-save it")
-            try:
-                t = t.reshape(shape)
-            except RuntimeError as e:  # e.g. more dimensions than torch holds
-                raise CheckpointError(f"{f}: tensor {name!r} cannot take shape {str(shape)[:60]}: {_first_line(e)}",
-                                      "the file is corrupt; re-download or re-save it") from e
-            yield name, t
+            yield name, str(info.get("dtype", "")), [int(x) for x in info.get("shape", [])], buf
 
 
-def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
+def _iter_safetensors(f: str) -> Iterator[tuple[str, Any]]:
+    """Tensors of a safetensors file in file order, as torch tensors of their stored dtype."""
+    import torch
+
+    for name, st_dtype, shape, buf in safetensors_raw_tensors(f):
+        dt = getattr(torch, _ST_DTYPES.get(st_dtype, ""), None)
+        if dt is None:
+            raise CheckpointError(f"{f}: tensor {name!r} has dtype {st_dtype!r} that torch cannot hold",
+                                  "convert the checkpoint to a float dtype")
+        t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if t.numel() != numel:
+            raise CheckpointError(f"{f}: tensor {name!r} has {t.numel()} values for shape {shape}",
+                                  "the file is corrupt; re-download or re-save it")
+        try:
+            t = t.reshape(shape)
+        except RuntimeError as e:  # e.g. more dimensions than torch holds
+            raise CheckpointError(f"{f}: tensor {name!r} cannot take shape {str(shape)[:60]}: {_first_line(e)}",
+                                  "the file is corrupt; re-download or re-save it") from e
+        yield name, t
+
+
+def gguf_arrays(path: str) -> Iterator[tuple[str, Any, str]]:
+    """``(name, float numpy array, GGML type name)`` of each GGUF tensor, dequantised by the ``gguf``
+    package after our bounds-checked header walk (the reader itself can loop on a corrupt header)."""
     try:
         import gguf
         from gguf.quants import dequantize
     except ImportError as e:
         raise CheckpointError("reading GGUF needs the 'gguf' package", "pip install 'actsparse[gguf]'") from e
     import numpy as np
-    import torch
 
     gguf_header_check(path)
     try:
@@ -571,11 +577,18 @@ def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
             # GGUF stores dims fastest-first; numpy data already has the row-major shape.
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             arr = np.asarray(arr).reshape(shape)
-            tensor = torch.from_numpy(np.array(arr, copy=True))  # the reader's memmap is read-only
         except Exception as e:  # noqa: BLE001 - an unknown quantisation, a size that does not match
             raise CheckpointError(f"{path}: GGUF tensor {t.name!r} cannot be read: {_first_line(e)}",
                                   "re-download or re-convert the file") from e
-        yield t.name, tensor
+        yield t.name, arr, t.tensor_type.name.lower()
+
+
+def _iter_gguf(path: str) -> Iterator[tuple[str, Any]]:
+    import numpy as np
+    import torch
+
+    for name, arr, _ in gguf_arrays(path):
+        yield name, torch.from_numpy(np.array(arr, copy=True))  # the reader's memmap is read-only
 
 
 def read_state_dict(sn: Sniffed, unsafe_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -33,8 +33,17 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from actsparse_cli.main import app
+from probes.arrays import iter_arrays
 from probes.errors import EXIT_CHECKPOINT, ActsparseError, CheckpointError
-from probes.formats import Kind, Sniffed, gguf_header_check, iter_tensors, read_state_dict, safetensors_header, sniff
+from probes.formats import (
+    Kind,
+    Sniffed,
+    gguf_header_check,
+    iter_tensors,
+    read_state_dict,
+    safetensors_header,
+    sniff,
+)
 from probes.spectrum import count_tensors
 
 gguf = pytest.importorskip("gguf")
@@ -356,6 +365,8 @@ def test_gguf_array_length_past_the_end_does_not_hang(seeds, work):
     past_sniff = Sniffed(Kind.GGUF, str(path), files=[str(path)])  # straight into the reader
     with alarm(HANG_S), pytest.raises(CheckpointError, match="runs past the end of the file"):
         list(iter_tensors(past_sniff))
+    with alarm(HANG_S), pytest.raises(CheckpointError, match="runs past the end of the file"):
+        list(iter_arrays(past_sniff))  # spectrum's numpy reader takes the same checked path
 
 
 def test_gguf_header_check_accepts_the_seed_and_counts_that_cannot_fit(seeds, work):
