@@ -106,6 +106,18 @@ def _trim() -> None:
             pass
 
 
+def _after_imports(t0: float, spec: dict) -> tuple[float, float]:
+    """A child's set-up once its imports are done: their time since ``t0``, the collector settled,
+    the thread count applied, and the RSS at that point."""
+    import torch
+
+    import_s = time.perf_counter() - t0
+    _settle()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return import_s, _status_mb("VmRSS")
+
+
 def _settle() -> None:
     """After the imports: move every object alive now out of the collector's reach (``gc.freeze``), so the
     ``gc.collect`` before each phase takes milliseconds instead of ~0.2 s with transformers imported."""
@@ -231,11 +243,7 @@ def child_measure(spec: dict) -> dict:
     from probes.measure import MeasureOptions, measure
     from probes.runner import forward_batch
 
-    import_s = time.perf_counter() - t0
-    _settle()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    rss_imports = _status_mb("VmRSS")
+    import_s, rss_imports = _after_imports(t0, spec)
     t0 = time.perf_counter()
     lm = load_checkpoint(spec["model"], device="cpu", dtype="float32")
     load_s = time.perf_counter() - t0
@@ -297,11 +305,7 @@ def child_spectrum(spec: dict) -> dict:
 
     from probes.spectrum import analyze_checkpoint
 
-    import_s = time.perf_counter() - t0
-    _settle()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    rss_imports = _status_mb("VmRSS")
+    import_s, rss_imports = _after_imports(t0, spec)
     path = spec["path"]
 
     def svd_only():

@@ -914,9 +914,10 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         seen += 1
         dtype = item[2] if len(item) > 2 else dtype_name(t)  # readers that upcast say what was stored
         # Scalars, norms, biases and integer buffers (position ids) are skipped silently, as WW does.
-        if t.ndim >= 2 and _is_float(t) and not _is_bias(name) and 0 in t.shape:  # a checkpoint can hold one
+        weight = t.ndim >= 2 and _is_float(t) and not _is_bias(name)
+        if weight and 0 in t.shape:  # a checkpoint can hold an empty one
             notes.setdefault("empty tensors (a dimension of 0) not analysed", []).append(name)
-        elif t.ndim >= 2 and _is_float(t) and not _is_bias(name):
+        elif weight:
             t = _to_numpy(t)
             parts = fused_parts(name, t, config) if split_fused and t.ndim in (2, 3) else []
             if isinstance(parts, str):
