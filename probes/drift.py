@@ -158,7 +158,7 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
                  progress: Callable[[int | None, int], Any] | None = None, q: float = QUANTILE,
                  kinds: Iterable[str] | None = None) -> DriftResult:
     """Per-weight drift statistics of one or more checkpoints (same run at different steps)."""
-    from probes.formats import Kind, is_safetensors, iter_tensors, safetensors_header, sniff
+    from probes.formats import count_tensors, iter_tensors, sniff
 
     cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not cks:
@@ -171,9 +171,7 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
     for ci, ck in enumerate(cks):
         sn = sniff(ck)
         sources.append({"checkpoint": str(ck), "kind": sn.kind.value, "files": sn.files})
-        total = None
-        if sn.files and sn.kind is not Kind.GGUF and all(is_safetensors(f) for f in sn.files):  # by content
-            total = sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
+        total = count_tensors(sn)
         if progress:
             progress(total, 0)
         n_seen = 0

@@ -509,6 +509,14 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 
+def count_tensors(sn: Sniffed) -> int | None:
+    """Number of tensors when the headers say it cheaply (safetensors, judged by content: a torch
+    zip named .safetensors is not one), else None."""
+    if sn.kind is Kind.GGUF or not sn.files or not all(is_safetensors(f) for f in sn.files):
+        return None
+    return sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
+
+
 def safetensors_raw_tensors(f: str) -> Iterator[tuple[str, str, list[int], bytearray]]:
     """``(name, safetensors dtype, shape, bytes)`` of each tensor in file order, each read with one
     plain ``read`` after the header is validated; truncation is a CheckpointError.

@@ -28,7 +28,7 @@ import numpy as np
 
 from probes.errors import DeviceError, ModelError
 from probes.arrays import iter_arrays
-from probes.formats import Kind, Sniffed, safetensors_header, sniff
+from probes.formats import Sniffed, count_tensors, sniff
 
 # WeightWatcher 0.7.7 constants (constants.py, WW_powerlaw.py, RMT_Util.py).
 EVALS_THRESH = 1e-5  # eigenvalues kept for the power-law fit
@@ -950,16 +950,6 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
                                "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
                        else "SVD"}
     return df
-
-
-def count_tensors(sn: Sniffed) -> int | None:
-    """Number of tensors when the headers say it cheaply (safetensors), else None."""
-    from probes.formats import is_safetensors
-
-    # by content, as sniff: a torch zip named .safetensors is read fine by iter_tensors
-    if sn.kind is Kind.GGUF or not sn.files or not all(is_safetensors(f) for f in sn.files):
-        return None
-    return sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
 
 
 def load_config(sn: Sniffed) -> dict[str, Any] | None:

@@ -38,13 +38,13 @@ from probes.errors import EXIT_CHECKPOINT, ActsparseError, CheckpointError
 from probes.formats import (
     Kind,
     Sniffed,
+    count_tensors,
     gguf_header_check,
     iter_tensors,
     read_state_dict,
     safetensors_header,
     sniff,
 )
-from probes.spectrum import count_tensors
 
 gguf = pytest.importorskip("gguf")
 
