@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 import click
 import typer
 
-from probes.errors import EXIT_INTERRUPTED, ActsparseError, DeviceError
+from probes.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ActsparseError, DeviceError, Terminated
 
 PANEL_LOAD = "Loading"
 PANEL_DATA = "Data"
@@ -77,6 +77,10 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", help="Corpus: .txt, .j
                                                 "Default: the bundled calibration corpus.", rich_help_panel=PANEL_DATA)]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Text field of .jsonl / hf: corpora.",
                                            rich_help_panel=PANEL_DATA)]
+EncodingOpt = Annotated[str, typer.Option("--encoding", help="Text encoding of a .txt / .jsonl corpus (a Python "
+                                          "codec name: utf-8, latin-1, cp1252, utf-16, ...). Decoding is strict: a "
+                                          "byte that does not decode is an error naming its offset. A leading "
+                                          "byte-order mark is dropped.", rich_help_panel=PANEL_DATA)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
                                         rich_help_panel=PANEL_DATA)]
 MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", min=2, help="Window length. Default: the model's "
@@ -85,11 +89,54 @@ MaxTokOpt = Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="S
                                                   rich_help_panel=PANEL_DATA)]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
                                                   "--max-length, i.e. non-overlapping).", rich_help_panel=PANEL_DATA)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (torch.manual_seed before the first pass; "
-                                      "recorded in the manifest).", rich_help_panel=PANEL_DATA)]
+# numpy's RandomState (massive's document sampling, spectrum's --randomize) takes 0..2**32-1; torch takes more.
+SEED_MAX = 2**32 - 1
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed, 0 to 2**32-1 "
+                                      "(torch.manual_seed before the first pass; recorded in the manifest).",
+                                      rich_help_panel=PANEL_DATA)]
 SkipOpt = Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
                                       "each window (BOS / attention-sink tokens).",
                                       rich_help_panel=PANEL_DATA)]
+
+def run_inputs(checkpoint=None, data=None, config=None, tokenizer=None, *more) -> list[str]:
+    """Every path a model-running command reads, with the embedded defaults for what was not given,
+    for the output guard (``reports.bundle.check_output_dir``: ``-o`` may not be, hold or lie
+    inside any of them)."""
+    from probes.embedded import DEFAULT_CHECKPOINT, DEFAULT_CORPUS
+
+    paths = [checkpoint if checkpoint is not None else DEFAULT_CHECKPOINT,
+             data if data is not None else DEFAULT_CORPUS, config, tokenizer, *more]
+    return [str(p) for p in paths if p is not None and str(p) != ""]
+
+
+def float_check(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False) -> Callable[[Any], Any]:
+    """A Typer callback refusing (exit 2, usage error) a float option, or any value of a repeatable
+    one, that is NaN, infinite or outside [lo, hi] (``lo_open``/``hi_open``: that end excluded).
+
+    Click's own ``min``/``max`` let NaN through (every comparison with NaN is false)."""
+    import math
+
+    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+    allowed = ("a finite number" if lo is None and hi is None else
+               f"a number > {lo:g}" if hi is None and lo_open else
+               f"a number >= {lo:g}" if hi is None else
+               f"a number in {left}{lo:g}, {hi:g}{right}" if lo is not None else
+               f"a number {'<' if hi_open else '<='} {hi:g}")
+
+    def check(value: Any) -> Any:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is None:
+                continue
+            ok = math.isfinite(v) and not (
+                lo is not None and (v <= lo if lo_open else v < lo)) and not (
+                hi is not None and (v >= hi if hi_open else v > hi))
+            if not ok:
+                raise typer.BadParameter(f"{v:g} is not allowed; give {allowed}")
+        return value
+
+    return check
+
 
 def fail(message: str, code: int) -> None:
     typer.echo(f"actsparse: error: {message}", err=True)
@@ -108,7 +155,9 @@ def _is_oom(e: BaseException | None) -> bool:
                               getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if isinstance(t, type))
     if types and isinstance(e, types):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    # CPU allocations that fail say "can't allocate memory" / "not enough memory" instead
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in
+                                               ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def _oom_fix(kwargs: dict) -> str:
@@ -185,18 +234,83 @@ _CLICK_ERRORS = tuple({click.exceptions.ClickException,
                        *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
 
 
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+_DEPTH = [0]  # handle_errors nesting: the outermost call owns the SIGTERM handler and the output locks
+
+
+@contextlib.contextmanager
+def _command_scope():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread for the command's
+    duration; at the end, every output folder the command locked is released."""
+    import signal
+    import threading
+
+    outer = _DEPTH[0] == 0
+    prev = None
+    if outer and threading.current_thread() is threading.main_thread():
+        prev = signal.signal(signal.SIGTERM, _raise_terminated)
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+        if outer:
+            guard = sys.modules.get("reports.bundle")
+            if guard is not None:
+                guard.release()
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """Under ``-q``, transformers' warnings and progress bars stay off stderr while the command runs
+    (errors still show). transformers sets its logger's level from TRANSFORMERS_VERBOSITY when it is
+    first imported, which is inside the command; if it is already imported, its own switches."""
+    if not quiet:
+        yield
+        return
+    import os
+
+    env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    tf_logger = logging.getLogger("transformers")
+    level = tf_logger.level
+    hf = sys.modules.get("transformers.utils.logging")
+    bars = hf.is_progress_bar_enabled() if hf is not None else False
+    if hf is not None:
+        hf.set_verbosity_error()
+        hf.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tf_logger.setLevel(level)
+        if bars and hf is not None:
+            hf.enable_progress_bar()
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn ActsparseError into a one-line message and its exit code; no traceback unless --debug.
 
     Out-of-memory errors (torch's, raw or wrapped by a batch loop) become exit 6 with a
-    --batch-size to try, for every command."""
+    --batch-size to try, for every command. SIGTERM is handled like Ctrl-C (exit 143)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug", False))
+        quiet = bool(kwargs.get("quiet", False))
         held = _HeldLoadReports()
         try:
-            with held:
+            with _command_scope(), held, _quiet_libraries(quiet):
                 result = fn(*args, **kwargs)
         except ActsparseError as e:
             err = _out_of_memory(e, kwargs) or e
@@ -204,9 +318,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 held.release()
                 traceback.print_exc()
             fail(err.one_line(), err.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug:
                 traceback.print_exc()
+            if isinstance(e, Terminated):
+                fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED)
             fail("interrupted; no output was written", EXIT_INTERRUPTED)
         except (typer.Exit, typer.Abort, *_CLICK_ERRORS):
             raise  # usage errors (typer.BadParameter) keep click's message and exit code 2
@@ -219,7 +335,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 fail(oom.one_line(), oom.exit_code)
             fail(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                  "(rerun with --debug for the traceback and report it)", 1)
-        held.release()
+        if not quiet:  # -q: transformers' load report is dropped with the rest of its chatter
+            held.release()
         return result
 
     return wrapper
@@ -229,6 +346,14 @@ def stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def warn_notes(info: dict, quiet: bool) -> None:
+    """One ``warning:`` line on stderr per note a run recorded in its manifest (e.g. a clamped --stride)."""
+    if quiet:
+        return
+    for note in info.get("notes") or ():
+        typer.echo(f"warning: {note}", err=True)
 
 
 def stdout_console():

@@ -42,13 +42,13 @@ def register(app: typer.Typer) -> None:
         unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """Weight drift per linear layer: mean, % negative, std, fraction with |w| >= its 99.9th percentile."""
-        from actsparse_cli.measure_cmd import batch_progress
+        from actsparse_cli.common import batch_progress
         from probes.drift import weight_drift
         from reports.bundle import check_output_dir
         from reports.grad_report import write_drift_outputs
 
         if output is not None:
-            check_output_dir(output, force)
+            check_output_dir(output, force, inputs=checkpoints)
         with batch_progress(quiet, "drift") as progress:
             result = weight_drift(checkpoints, unsafe_pickle=unsafe_pickle,
                                   progress=(lambda total, adv: progress(total, adv)) if progress else None)

@@ -9,12 +9,15 @@ import typer
 
 from actsparse_cli.common import (
     PANEL_DATA,
+    SEED_MAX,
+    float_check,
     handle_errors,
     stderr_console,
     stdout_console,
+    warn_notes,
 )
 from actsparse_cli.loading_opts import shared_options
-from actsparse_cli.measure_cmd import batch_progress
+from actsparse_cli.common import batch_progress
 
 PANEL_GRAD = "Gradients"
 
@@ -95,8 +98,8 @@ def register(app: typer.Typer) -> None:
         stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="New tokens per window (default: "
                                                       "--max-length, i.e. non-overlapping).",
                                                       rich_help_panel=PANEL_DATA)] = None,
-        seed: Annotated[int, typer.Option("--seed", help="Seed for random: inputs and masked-LM masking.",
-                                        rich_help_panel=PANEL_DATA)] = 0,
+        seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed for random: inputs and "
+                                          "masked-LM masking, 0 to 2**32-1.", rich_help_panel=PANEL_DATA)] = 0,
         skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions "
                                                 "of each window.", rich_help_panel=PANEL_DATA)] = 0,
         loss: Annotated[LossChoice, typer.Option("--loss", help="auto: causal LM loss for causal LMs, masked-LM for "
@@ -106,11 +109,13 @@ def register(app: typer.Typer) -> None:
         loss_reduction: Annotated[ReductionChoice, typer.Option("--loss-reduction", help="sum: each target weighs 1 "
                                                                 "(batch-size independent); mean: training convention.",
                                                                 rich_help_panel=PANEL_GRAD)] = ReductionChoice.sum,
-        tau: Annotated[Optional[list[float]], typer.Option("--tau", help="eff_grad_sparsity thresholds (repeatable). "
-                                                           "Default 1e-9, 1e-6, 1e-3.",
+        tau: Annotated[Optional[list[float]], typer.Option("--tau", help="eff_grad_sparsity thresholds, finite and "
+                                                           "> 0 (repeatable). Default 1e-9, 1e-6, 1e-3.",
+                                                           callback=float_check(0.0, lo_open=True),
                                                            rich_help_panel=PANEL_GRAD)] = None,
         eps_d: Annotated[float, typer.Option("--eps-d", help="|act'(h)| <= eps_d counts as zero for smooth "
-                                             "activations.", rich_help_panel=PANEL_GRAD)] = 1e-6,
+                                             "activations (finite, >= 0).", callback=float_check(0.0),
+                                             rich_help_panel=PANEL_GRAD)] = 1e-6,
         act: Annotated[Optional[str], typer.Option("--act", help="Override the activation (relu, gelu, gelu_tanh, "
                                                    "silu, relu2, gelu2, jsrelu, ...).",
                                                    rich_help_panel=PANEL_GRAD)] = None,
@@ -122,7 +127,8 @@ def register(app: typer.Typer) -> None:
                                                     "llama, mistral, qwen2), or timm:NAME / torchvision:NAME.",
                                                     rich_help_panel="Loading")] = None,
         *,
-        site, config, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
+        encoding, site, config, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
+        debug,
     ) -> None:
         """Gradient sparsity (act'(h) zeros, |dL/dh| < tau) per activation site, and linear-input spikes."""
         from probes.gradients import (
@@ -136,21 +142,29 @@ def register(app: typer.Typer) -> None:
         from reports.grad_report import write_grad_outputs
 
         if output is not None:
-            check_output_dir(output, force)
+            from actsparse_cli.common import run_inputs
+
+            check_output_dir(output, force, inputs=run_inputs(checkpoint, data, config, tokenizer))
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
             checkpoint = default_checkpoint()
-        opts = GradOptions(data=data, text_field=text_field, labels=labels, batch_size=batch_size,
+        opts = GradOptions(data=data, text_field=text_field, encoding=encoding, labels=labels, batch_size=batch_size,
                            max_length=max_length, max_tokens=max_tokens, n_images=n_images, stride=stride, seed=seed,
-                           skip_first=skip_first, taus=tuple(sorted(tau)) if tau else DEFAULT_TAUS, eps_d=eps_d,
+                           skip_first=skip_first, taus=tuple(sorted(set(tau))) if tau else DEFAULT_TAUS, eps_d=eps_d,
                            loss=loss.value, loss_reduction=loss_reduction.value, act=act, sites=tuple(site or ()),
                            spikes=spikes.value)
+        from probes.corpus import check_corpus_spec
+        from probes.vision import is_image_spec
+
+        if not is_image_spec(data):
+            check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
                              trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
         check_loss(lm, opts)  # a model without a loss fails here, before the progress bar
         with batch_progress(quiet, "grad") as progress:
             result = measure_gradients(lm, opts, progress=progress)
+        warn_notes(result.info, quiet)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
                    "output": str(output) if output else None, "force": force}

@@ -28,7 +28,8 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (c.DeviceArg, "auto"), "device_map": (c.DeviceMapOpt, None), "dtype": (c.DtypeArg, c.DtypeChoice.auto),
     "trust_remote_code": (c.TrustArg, False), "unsafe_pickle": (c.UnsafePickleArg, False),
     # data
-    "data": (c.DataOpt, None), "text_field": (c.TextFieldOpt, "text"), "batch_size": (c.BatchOpt, 4),
+    "data": (c.DataOpt, None), "text_field": (c.TextFieldOpt, "text"), "encoding": (c.EncodingOpt, "utf-8"),
+    "batch_size": (c.BatchOpt, 4),
     "max_length": (c.MaxLenOpt, None), "max_tokens": (c.MaxTokOpt, None), "stride": (c.StrideOpt, None),
     "seed": (c.SeedOpt, 0), "skip_first": (c.SkipOpt, 0),
     # sites

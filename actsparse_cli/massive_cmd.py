@@ -10,7 +10,9 @@ import typer
 from actsparse_cli.common import (
     PANEL_DATA,
     PANEL_OUT,
+    SEED_MAX,
     batch_progress,
+    float_check,
     handle_errors,
     stderr_console,
     stdout_console,
@@ -22,6 +24,8 @@ from actsparse_cli.loading_opts import (
 )
 
 PANEL_MASSIVE = "Massive activations"
+# Every site keeps its own top-K with 8 coordinates per entry, and the massive_topk table gets K rows a site.
+MAX_TOP_K = 10_000
 
 
 class PresetChoice(str, Enum):
@@ -100,10 +104,11 @@ def register(app: typer.Typer) -> None:
         int8: Annotated[bool, typer.Option("--int8", help="INT8 sanity check at the peak site: per-tensor symmetric "
                                            "scale from max|x| and from the --clip-quantile (two extra passes).",
                                            rich_help_panel=PANEL_MASSIVE)] = False,
-        clip_quantile: Annotated[float, typer.Option("--clip-quantile", min=0.5, max=0.999999,
+        clip_quantile: Annotated[float, typer.Option("--clip-quantile", callback=float_check(0.5, 0.999999),
                                                      help="Quantile of |x| for the clipped INT8 scale.",
                                                      rich_help_panel=PANEL_MASSIVE)] = 0.999,
-        top_k: Annotated[int, typer.Option("--top-k", min=1, help="Largest entries kept per site, with coordinates.",
+        top_k: Annotated[int, typer.Option("--top-k", min=1, max=MAX_TOP_K, help="Largest entries kept per site, with "
+                                           "coordinates, 1 to 10000 (held per site: at most what was measured).",
                                            rich_help_panel=PANEL_MASSIVE)] = 100,
         bos: Annotated[bool, typer.Option("--bos", help="Prepend BOS (or the prefix token) to every sequence; both "
                                           "reference protocols add none.", rich_help_panel=PANEL_DATA)] = False,
@@ -123,7 +128,8 @@ def register(app: typer.Typer) -> None:
                                                          rich_help_panel=PANEL_DATA)] = None,
         max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Stop after this many tokens.",
                                                           rich_help_panel=PANEL_DATA)] = None,
-        seed: Annotated[Optional[int], typer.Option("--seed", help="Document sampling seed (default: the preset's).",
+        seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=SEED_MAX, help="Document sampling seed, "
+                                                    "0 to 2**32-1 (default: the preset's).",
                                                     rich_help_panel=PANEL_DATA)] = None,
         skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
                                                 "each sequence (where massive activations usually sit).",
@@ -132,7 +138,7 @@ def register(app: typer.Typer) -> None:
                                                           "mlp_pre, mlp_out, resid_post, final_norm. Repeatable.",
                                                           rich_help_panel="Sites")] = None,
         *,
-        site, config, arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output,
+        encoding, site, config, arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output,
         force, quiet, debug,
     ) -> None:
         """Massive activations: per-layer top-1/2/3 and median of |h|, massive channels and where they sit."""
@@ -149,7 +155,9 @@ def register(app: typer.Typer) -> None:
             raise ActsparseError("--layer picks the layer of the 3D plot", "use it with --prompt or --plot 3d",
                                  exit_code=2)
         if output is not None:
-            check_output_dir(output, force)  # fail before any model work
+            from actsparse_cli.common import run_inputs
+
+            check_output_dir(output, force, inputs=run_inputs(checkpoint, data, config, tokenizer))
         from probes.residual import RESIDUAL_KINDS
 
         kinds = resolve_kinds(kind, RESIDUAL_KINDS, RESIDUAL_KINDS)
@@ -158,13 +166,27 @@ def register(app: typer.Typer) -> None:
 
             checkpoint = default_checkpoint()
         want_3d = output is not None and (prompt is not None or (plots is not None and "3d" in plots))
-        opts = MassiveOptions(preset=preset.value, data=data, text_field=text_field, prompt=prompt,
+        opts = MassiveOptions(preset=preset.value, data=data, text_field=text_field, encoding=encoding, prompt=prompt,
                               batch_size=batch_size, max_length=max_length, n_samples=n_samples, max_tokens=max_tokens,
                               seed=seed, bos=bos, skip_first=skip_first, top_k=top_k, kinds=kinds,
                               sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
                               capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
+        if prompt is None:
+            from probes.corpus import check_corpus_spec
+
+            check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
+        if layer is not None and want_3d:  # a --layer the model does not have would draw no 3D plot, silently
+            from probes.residual import find_residual_sites
+
+            found = find_residual_sites(lm.model, lm.family, kinds, tuple(site or ()))
+            drawn = [s for s in found if s.kind == "resid_post"] or found  # what the 3D capture keeps
+            have = sorted({s.layer for s in drawn if s.layer is not None})
+            if have and layer not in have:
+                raise ActsparseError(f"--layer {layer} is not a layer of this model (its layers are {have[0]} to "
+                                     f"{have[-1]})", f"use --layer {have[0]} to {have[-1]}, or leave it out "
+                                     "(the layer with the largest |h|)", exit_code=2)
         with batch_progress(quiet, "massive") as progress:
             result = run_massive(lm, opts, progress=progress)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,

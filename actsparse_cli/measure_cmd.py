@@ -9,9 +9,11 @@ import typer
 from actsparse_cli.common import (
     CheckpointOpt,
     batch_progress,
+    float_check,
     handle_errors,
     stderr_console,
     stdout_console,
+    warn_notes,
 )
 from actsparse_cli.loading_opts import (
     load,
@@ -68,8 +70,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def measure(
         checkpoint: CheckpointOpt = None,
-        eps: Annotated[Optional[list[float]], typer.Option("--eps", help="near_zero_frac thresholds (repeatable). "
-                                                           "Default 1e-6, 1e-3, 1e-2.",
+        eps: Annotated[Optional[list[float]], typer.Option("--eps", help="near_zero_frac thresholds, finite and "
+                                                           ">= 0 (repeatable). Default 1e-6, 1e-3, 1e-2.",
+                                                           callback=float_check(0.0),
                                                            rich_help_panel=PANEL_PROBES)] = None,
         chunk_k: Annotated[int, typer.Option("--chunk-k", min=1, help="Tokens per chunk for chunk_sparsity.",
                                              rich_help_panel=PANEL_PROBES)] = 8,
@@ -82,12 +85,13 @@ def register(app: typer.Typer) -> None:
                                               rich_help_panel=PANEL_PROBES)] = False,
         massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol for --massive: sun2024 or "
                                                     "maxact2026.", rich_help_panel=PANEL_PROBES)] = "sun2024",
-        pplp: Annotated[Optional[list[float]], typer.Option("--pplp", min=0.0, help="Also find PPL-p% sparsity "
+        pplp: Annotated[Optional[list[float]], typer.Option("--pplp", callback=float_check(0.0, lo_open=True),
+                                                            help="Also find PPL-p% sparsity "
                                                             "(CETT) for these p in percent, e.g. --pplp 1 "
                                                             "(repeatable; as `actsparse pplp`).",
                                                             rich_help_panel=PANEL_PROBES)] = None,
         *,
-        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, kind, config,
+        data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, kind, config,
         arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
         debug,
     ) -> None:
@@ -103,23 +107,33 @@ def register(app: typer.Typer) -> None:
         from reports.bundle import check_output_dir
         from reports.measure_report import write_measure_outputs
 
+        from actsparse_cli.common import run_inputs
+
+        guarded = run_inputs(checkpoint, data, config, tokenizer)
         if output is not None and not distributed.launched():
-            check_output_dir(output, force)  # fail before any model work
+            check_output_dir(output, force, inputs=guarded)  # fail before any model work
         kinds = resolve_kinds(kind)
+        if massive:
+            from probes.massive import resolve_preset
+
+            resolve_preset(massive_preset)  # a typo fails before the model is loaded
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
             checkpoint = default_checkpoint()
-        opts = MeasureOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
-                              max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
-                              eps_grid=tuple(sorted(eps)) if eps else DEFAULT_EPS_GRID, chunk_k=chunk_k, kinds=kinds,
-                              sites=tuple(site or ()))
+        opts = MeasureOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
+                              max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
+                              skip_first=skip_first, eps_grid=tuple(sorted(set(eps))) if eps else DEFAULT_EPS_GRID,
+                              chunk_k=chunk_k, kinds=kinds, sites=tuple(site or ()))
+        from probes.corpus import check_corpus_spec
+
+        check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         extras = {}
         try:
             # torchrun: join the process group first; from here on an error on one rank reaches the others
             with distributed.session(resolve_device(device)) as ctx:
                 if output is not None and ctx.world_size > 1 and ctx.is_main:
-                    check_output_dir(output, force)
+                    check_output_dir(output, force, inputs=guarded)
                 if ctx.world_size > 1:
                     _refuse_data_parallel(ctx.world_size, pplp=bool(pplp), massive=massive,
                                           device_map=device_map is not None)
@@ -131,7 +145,7 @@ def register(app: typer.Typer) -> None:
                 if grad:
                     from probes.gradients import GradOptions, check_loss
 
-                    gopts = GradOptions(data=data, text_field=text_field, batch_size=batch_size,
+                    gopts = GradOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
                                         max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
                                         skip_first=skip_first, sites=tuple(site or ()))
                     check_loss(lm, gopts)  # refuse a model without a loss before any work
@@ -146,7 +160,7 @@ def register(app: typer.Typer) -> None:
                     from probes.pplp import PplpOptions
                     from probes.pplp import pplp as run_pplp
 
-                    popts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size,
+                    popts = PplpOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
                                         max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
                                         skip_first=skip_first, sites=tuple(site or ()), p=tuple(pplp))
                     with batch_progress(quiet_here, "pplp") as progress:
@@ -158,7 +172,7 @@ def register(app: typer.Typer) -> None:
                     # The preset draws its own sequences (no BOS, the family's length) so the numbers compare
                     # with the papers; the corpus, --max-length (when given), --max-tokens and --skip-first
                     # carry over.
-                    mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field,
+                    mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field, encoding=encoding,
                                            max_length=max_length, max_tokens=max_tokens, skip_first=skip_first)
                     with batch_progress(quiet_here, "massive") as progress:
                         extras["massive"] = run_massive(lm, mopts, progress=progress)
@@ -166,6 +180,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(e.exit_code) from None  # reported by rank 0 or by the failing rank
         if not ctx.is_main:
             return  # rank 0 alone writes and prints
+        warn_notes(result.info, quiet)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
                    "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
                    "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,

@@ -11,9 +11,11 @@ import typer
 
 from actsparse_cli.common import (
     CheckpointOpt,
+    float_check,
     handle_errors,
     stderr_console,
     stdout_console,
+    warn_notes,
 )
 from actsparse_cli.loading_opts import load, shared_options
 
@@ -26,9 +28,12 @@ class SearchChoice(str, Enum):
     bisection = "bisection"
 
 
-GridOpt = Annotated[int, typer.Option("--cett-grid", min=8, help="Candidate thresholds per layer (quantiles of the "
-                                      "first batch's neuron output norms; CETT is exact at each).",
-                                      rich_help_panel=PANEL_PPLP)]
+# Each CETT chunk holds (grid x d_model) floats per token, so the grid is bounded: 4096 candidates are far finer
+# than the search needs (default 128) and keep a chunk near 130 MB at d_model 8192.
+MAX_CETT_GRID = 4096
+GridOpt = Annotated[int, typer.Option("--cett-grid", min=8, max=MAX_CETT_GRID, help="Candidate thresholds per layer "
+                                      "(quantiles of the first batch's neuron output norms, at most one per value; "
+                                      "CETT is exact at each), 8 to 4096.", rich_help_panel=PANEL_PPLP)]
 
 
 @contextlib.contextmanager
@@ -143,6 +148,9 @@ def _parse_values(values: list[str] | None, methods) -> dict[str, tuple[float, .
             raise typer.BadParameter(f"{item!r}: values must be numbers", param_hint="--values") from e
         if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
             raise typer.BadParameter(f"{item!r}: give one or more finite values >= 0", param_hint="--values")
+        if name != "fat" and any(v > 1 for v in vals):  # c, r_kept and the quantile s are fractions
+            raise typer.BadParameter(f"{item!r}: {name} values are fractions; give values in [0, 1]",
+                                     param_hint="--values")
         out[name] = vals
     return out
 
@@ -158,13 +166,13 @@ def register(app: typer.Typer) -> None:
         method: Annotated[SearchChoice, typer.Option("--method", help="secant (safeguarded, fewer passes) or "
                                                      "bisection (the reference).", rich_help_panel=PANEL_PPLP)]
         = SearchChoice.secant,
-        tol: Annotated[float, typer.Option("--tol", min=1e-9, help="Absolute tolerance on the PPL ratio.",
-                                           rich_help_panel=PANEL_PPLP)] = 1e-3,
+        tol: Annotated[float, typer.Option("--tol", callback=float_check(1e-9, 1.0), help="Absolute tolerance on "
+                                           "the PPL ratio, 1e-9 to 1.", rich_help_panel=PANEL_PPLP)] = 1e-3,
         max_passes: Annotated[int, typer.Option("--max-passes", min=1, help="Sparse passes per target before giving "
                                                 "up (status not_reached).", rich_help_panel=PANEL_PPLP)] = 40,
         cett_grid: GridOpt = 128,
         *,
-        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
+        data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
         tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """PPL-p% sparsity (Sparsing Law): the shared CETT at which PPL rises by p %, per-layer thresholds, sparsity."""
@@ -174,36 +182,42 @@ def register(app: typer.Typer) -> None:
         if bad:
             raise typer.BadParameter(f"{bad[0]:g}: p must be a positive percentage, e.g. --p 1", param_hint="--p")
         _pplp(checkpoint=checkpoint, data=data, targets=targets, method=method, tol=tol, max_passes=max_passes,
-              cett_grid=cett_grid, text_field=text_field, batch_size=batch_size, max_length=max_length,
-              max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
-              arch=arch, tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
-              trust_remote_code=trust_remote_code,
-              unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
+              cett_grid=cett_grid, text_field=text_field, encoding=encoding, batch_size=batch_size,
+              max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
+              site=site, config=config, arch=arch, tokenizer=tokenizer, device=device, device_map=device_map,
+              dtype=dtype, trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, output=output,
+              force=force, quiet=quiet, debug=debug)
 
     @handle_errors
-    def _pplp(*, checkpoint, data, targets, method, tol, max_passes, cett_grid, text_field, batch_size, max_length,
-              max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
-              unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
+    def _pplp(*, checkpoint, data, targets, method, tol, max_passes, cett_grid, text_field, encoding, batch_size,
+              max_length, max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype,
+              trust_remote_code, unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
         from probes.pplp import PplpOptions
         from probes.pplp import pplp as run_pplp
         from reports.bundle import check_output_dir
         from reports.pplp_report import write_pplp_outputs
 
         if output is not None:
-            check_output_dir(output, force)
+            from actsparse_cli.common import run_inputs
+
+            check_output_dir(output, force, inputs=run_inputs(checkpoint, data, config, tokenizer))
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
             checkpoint = default_checkpoint()
-        opts = PplpOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
-                           max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
-                           sites=tuple(site or ()), p=targets, method=method.value, tol=tol, max_passes=max_passes,
-                           cett_grid=cett_grid)
+        opts = PplpOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
+                           max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
+                           skip_first=skip_first, sites=tuple(site or ()), p=targets, method=method.value, tol=tol,
+                           max_passes=max_passes, cett_grid=cett_grid)
+        from probes.corpus import check_corpus_spec
+
+        check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         with _progress(quiet, "pplp") as (progress, log):
             result = run_pplp(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
+        warn_notes(result.info, quiet)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
                    "output": str(output) if output else None, "force": force,
@@ -232,7 +246,7 @@ def register(app: typer.Typer) -> None:
         = None,
         cett_grid: GridOpt = 128,
         *,
-        data, text_field, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
+        data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
         tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
     ) -> None:
         """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens."""
@@ -241,15 +255,15 @@ def register(app: typer.Typer) -> None:
         if plot and output is None:
             raise typer.BadParameter("--plot writes into the output folder: add -o FOLDER", param_hint="--plot")
         _curve(checkpoint=checkpoint, data=data, methods=methods, grid=grid, plot=plot, cett_grid=cett_grid,
-               text_field=text_field, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
-               stride=stride, seed=seed, skip_first=skip_first, site=site, config=config, arch=arch,
-               tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
+               text_field=text_field, encoding=encoding, batch_size=batch_size, max_length=max_length,
+               max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
+               arch=arch, tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
                trust_remote_code=trust_remote_code,
                unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
 
     @handle_errors
-    def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, batch_size, max_length, max_tokens,
-               stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
+    def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, encoding, batch_size, max_length,
+               max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
                unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
         from probes.pplp import CurveOptions
         from probes.pplp import curve as run_curve
@@ -257,19 +271,26 @@ def register(app: typer.Typer) -> None:
         from reports.pplp_report import write_curve_outputs
 
         if output is not None:
-            check_output_dir(output, force)
+            from actsparse_cli.common import run_inputs
+
+            check_output_dir(output, force, inputs=run_inputs(checkpoint, data, config, tokenizer))
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
             checkpoint = default_checkpoint()
-        opts = CurveOptions(data=data, text_field=text_field, batch_size=batch_size, max_length=max_length,
-                            max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
-                            sites=tuple(site or ()), methods=methods, values=grid, cett_grid=cett_grid)
+        opts = CurveOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
+                            max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
+                            skip_first=skip_first, sites=tuple(site or ()), methods=methods, values=grid,
+                            cett_grid=cett_grid)
+        from probes.corpus import check_corpus_spec
+
+        check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         with _progress(quiet, "curve") as (progress, log):
             result = run_curve(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
+        warn_notes(result.info, quiet)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
                    "output": str(output) if output else None, "force": force, "plot": plot is not False,

@@ -15,6 +15,7 @@ import typer
 from actsparse_cli.common import (
     PANEL_DATA,
     PANEL_OUT,
+    SEED_MAX,
     handle_errors,
     stderr_console,
     stdout_console,
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option("--top", min=0, help="Changed values to list, largest relative change "
                                          "first.", rich_help_panel=PANEL_OUT)] = 20,
         *,
-        quiet, debug,
+        force, quiet, debug,
     ) -> None:
         """Line up two result sets by table/site/layer/metric and gate on --fail-on rules.
 
@@ -102,10 +103,18 @@ def register(app: typer.Typer) -> None:
         from reports.compare import compare as run_compare
 
         rules = [parse_rule(r) for r in fail_on or []]  # a typo fails before any table is read
+        if markdown is not None:
+            from reports.bundle import check_output_file
+
+            # an existing empty file (GitHub's $GITHUB_STEP_SUMMARY) holds nothing to lose
+            md_force = force or (markdown.is_file() and not markdown.is_symlink() and markdown.stat().st_size == 0)
+            check_output_file(markdown, md_force, inputs=[baseline, candidate])  # before any table is read
         res = run_compare(baseline, candidate, rules, strict=strict)
         if markdown is not None:
+            from reports.bundle import write_output_file
+
             markdown.parent.mkdir(parents=True, exist_ok=True)
-            markdown.write_text(res.to_markdown(top=max(top, 1)), encoding="utf-8")
+            write_output_file(markdown, res.to_markdown(top=max(top, 1)), md_force, inputs=[baseline, candidate])
         if not quiet:
             _print_changes(res, top)
             for i in res.issues:
@@ -151,11 +160,12 @@ def register(app: typer.Typer) -> None:
                                                           rich_help_panel=PANEL_DATA)] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.",
                                                 rich_help_panel=PANEL_DATA)] = 4,
-        seed: Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=PANEL_DATA)] = 0,
+        seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed, 0 to 2**32-1.",
+                                          rich_help_panel=PANEL_DATA)] = 0,
         massive_preset: Annotated[str, typer.Option("--massive-preset", help="Protocol of the massive analysis: "
                                                     "sun2024 or maxact2026.", rich_help_panel=PANEL_TRACK)] = "sun2024",
         *,
-        kind, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, force, quiet, debug,
+        encoding, kind, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, force, quiet, debug,
     ) -> None:
         """Trends over a run's checkpoints: sparsity per layer, weight drift, top-1/median (with the emergence fit)
         and alpha against the training step."""
@@ -170,8 +180,12 @@ def register(app: typer.Typer) -> None:
         from reports.bundle import check_output_dir
         from reports.track import write_track_outputs
 
-        check_output_dir(output, force)
         chosen = resolve_analyses(analyses)
+        check_output_dir(output, force, inputs=[*(checkpoints or ()), data, tokenizer])
+        if "massive" in chosen:
+            from probes.massive import resolve_preset
+
+            resolve_preset(massive_preset)  # a typo fails before any checkpoint is loaded
         kinds = resolve_kinds(kind) if kind else None
         if not checkpoints:
             import probes.embedded as embedded
@@ -185,10 +199,13 @@ def register(app: typer.Typer) -> None:
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             cks = expand_checkpoints(checkpoints)
+        from actsparse_cli.common import run_inputs
+
+        check_output_dir(output, force, inputs=run_inputs(None, data, None, tokenizer, *(ck.path for ck in cks)))
         err = stderr_console()
         for w in wlist:
             err.print(f"warning: {w.message}", markup=False)
-        opts = TrackOptions(analyses=chosen, data=data, text_field=text_field, batch_size=batch_size,
+        opts = TrackOptions(analyses=chosen, data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
                             max_length=max_length, max_tokens=max_tokens, seed=seed, kinds=kinds,
                             massive_preset=massive_preset, device=device, dtype=dtype.value,
                             trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)

@@ -37,13 +37,16 @@ SplitArg = Annotated[bool, typer.Option("--split-fused", help="Also analyse the 
 RandomizeArg = Annotated[bool, typer.Option("--randomize", help="Add WW's rand_* columns: the ESD of each W "
                                             "with its entries shuffled (correlation traps).",
                                             rich_help_panel=PANEL_SPECTRUM)]
-SeedArg = Annotated[int, typer.Option("--seed", help="Seed for --randomize (numpy's legacy RandomState, the "
-                                      "stream WW uses after np.random.seed).", rich_help_panel=PANEL_SPECTRUM)]
+# numpy's RandomState takes 0..2**32-1, and --randomize seeds two streams, seed and seed + 1.
+SeedArg = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 2, help="Seed for --randomize, 0 to 2**32-2 "
+                                      "(numpy's legacy RandomState, the stream WW uses after np.random.seed).",
+                                      rich_help_panel=PANEL_SPECTRUM)]
 SvdArg = Annotated[SvdMethod, typer.Option("--svd", help="auto: eigenvalues of W^T W where that is as accurate "
                                           "as the SVD (tall matrices, kappa <= 1e3; 3-5x faster), else the SVD; "
                                           "exact: the SVD everywhere.", rich_help_panel=PANEL_SPECTRUM)]
 WorkersArg = Annotated[int, typer.Option("--workers", min=1, help="Processes computing spectra and fits in "
-                                         "parallel (CPU only; each with one BLAS thread).",
+                                         "parallel (CPU only; each with one BLAS thread; at most the CPUs "
+                                         "available, more is capped with a note).",
                                          rich_help_panel=PANEL_SPECTRUM)]
 PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figures to write into -o (PNG + SVG): "
                                                           "esd (per matrix, slower) or alpha.",
@@ -107,6 +110,20 @@ def register(app: typer.Typer) -> None:
              svd=svd.value, workers=workers)
 
 
+def _cap_workers(workers: int) -> tuple[int, str | None]:
+    """--workers capped at the CPUs this process may use: each worker is a process with its own
+    queue of matrices, so the option's value must not decide how many processes start."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if workers <= cpus:
+        return workers, None
+    return cpus, f"--workers {workers} capped at {cpus}, the CPUs available to this process"
+
+
 @handle_errors
 def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle,
          svd="auto", workers=1) -> None:
@@ -125,7 +142,8 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
     from reports.bundle import atomic_output_dir, check_output_dir
 
     if output is not None:
-        check_output_dir(output, force)
+        check_output_dir(output, force, inputs=[checkpoint])
+    workers, workers_note = _cap_workers(workers)  # the note goes to the manifest and the terminal with the rest
     dev = sp.resolve_device(device)
     sn = sniff(checkpoint)
 
@@ -138,7 +156,7 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
         progress.update(task, completed=done, total=total, description=name)
 
     figures: list[str] = []
-    with (atomic_output_dir(output, force) if output is not None else nullcontext()) as folder:
+    with (atomic_output_dir(output, force, inputs=[checkpoint]) if output is not None else nullcontext()) as folder:
         on_layer = None
         if PlotKind.esd in plots:
             from reports.spectrum_plots import plot_esd
@@ -151,6 +169,8 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
             df = sp.analyze_checkpoint(sn, device=str(dev), split_fused=split_fused, randomize=randomize,
                                        seed=seed, unsafe_pickle=unsafe_pickle, progress=on_tensor,
                                        on_layer=on_layer, svd=svd, workers=workers)
+        if workers_note:
+            df.attrs["notes"] = [*df.attrs.get("notes", []), workers_note]
         summary = sp.summarize(df)
         if folder is not None:
             from reports.manifest import build_manifest, write_manifest

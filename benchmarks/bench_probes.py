@@ -95,8 +95,7 @@ def load_model(spec: str, n_layer: int, corpus: str, device):
 
 
 def make_batches(tok, corpus: str, max_length: int, batch_size: int, n_tokens: int, device):
-    docs = corpus_mod.tokenize_documents(corpus_mod.read_documents(corpus), tok)
-    wins = corpus_mod.build_windows(docs, tok, max_length, max_tokens=n_tokens)
+    wins = corpus_mod.corpus_windows(corpus, tok, max_length, max_tokens=n_tokens).windows
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return list(corpus_mod.batches(wins, batch_size, pad, device)), corpus_mod.n_counted(wins)
 

@@ -254,8 +254,8 @@ def child_measure(spec: dict) -> dict:
 
     # The forward-only baseline: the same windows and batches as measure builds (same corpus functions).
     tok = lm.tokenizer
-    docs = corpus_mod.tokenize_documents(corpus_mod.read_documents(spec["corpus"]), tok)
-    windows = corpus_mod.build_windows(docs, tok, ml, None, causal=lm.is_causal_lm, max_tokens=spec["tokens"])
+    windows = corpus_mod.corpus_windows(spec["corpus"], tok, ml, None, causal=lm.is_causal_lm,
+                                        max_tokens=spec["tokens"]).windows
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     batches = list(corpus_mod.batches(windows, bs, pad, lm.device))
     counted = corpus_mod.n_counted(windows)

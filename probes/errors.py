@@ -3,11 +3,13 @@
 Exit codes (documented in the README):
   2  bad checkpoint or path (missing, unreadable, corrupt, wrong kind of file, config/weights mismatch)
   3  model problem (unknown architecture, no site found, NaN/Inf weights, no loss available)
-  4  data problem (empty corpus, corpus shorter than one window, bad data spec)
+  4  data problem (empty corpus, corpus shorter than one window, bad data spec, --max-length above the
+     model's position limit)
   5  output problem (folder exists without --force, unwritable)
   6  device problem (CUDA requested with no GPU, out of memory)
   7  a `compare --fail-on` rule is broken (or a `--strict` mismatch)
   130 interrupted (Ctrl-C); nothing is left half written
+  143 terminated (SIGTERM: `timeout`, CI cancellation); nothing is left half written
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ EXIT_OUTPUT = 5
 EXIT_DEVICE = 6
 EXIT_RULE_BROKEN = 7
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every cleanup path for Ctrl-C runs for it too."""
 
 
 class ActsparseError(Exception):

@@ -5,6 +5,11 @@
 ``(name, tensor)`` one tensor at a time (memory-mapped where the format allows), which is
 what weight-only analyses (spectrum, drift) need; ``read_state_dict`` gathers them for
 model loading.
+
+Nothing is opened that is not a regular file (``require_regular``: a FIFO would block, a link to
+``/dev/zero`` never end), a model folder holding any other kind of entry is refused
+(``check_folder_files``), and a shard index may only name files inside its own folder
+(``_shard_path``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
@@ -55,7 +61,91 @@ WEIGHT_NAMES = (
 )
 
 
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def require_regular(path: str | os.PathLike, what: str = "checkpoint file") -> os.stat_result:
+    """``os.stat`` of ``path`` (symlinks followed), refusing anything but a regular file before it is
+    opened: a FIFO blocks the reader forever, ``/dev/zero`` never ends, a socket cannot be read."""
+    p = str(path)
+    try:
+        st = os.stat(p)
+    except ValueError:  # a NUL byte in the path
+        raise CheckpointError(f"{what} {p[:120]!r} is not a valid path", "check the path") from None
+    except FileNotFoundError:
+        broken = os.path.islink(p)
+        raise CheckpointError(f"{what} {p} does not exist" + (f" (a broken symbolic link to {os.readlink(p)})"
+                                                               if broken else ""),
+                              "check the path, or re-download the file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {p}: {e.strerror or e}", "check the path and its permissions") from e
+    if not stat.S_ISREG(st.st_mode):
+        via = f" (a symbolic link to {os.path.realpath(p)})" if os.path.islink(p) else ""
+        raise CheckpointError(f"{what} {p} is {_file_kind(st.st_mode)}{via}, not a regular file",
+                              "replace it with the real file; actsparse reads models only from regular files")
+    return st
+
+
+def check_folder_files(folder: str | os.PathLike, what: str = "model folder") -> None:
+    """Refuse a model folder whose top-level entries include something other than regular files and
+    folders (after following symlinks, so an HF cache's links to its blobs are fine): transformers
+    opens config, weight and tokenizer files by name, and a FIFO among them would block it."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {folder}: {e.strerror or e}",
+                              "check the folder's permissions") from e
+    for e in entries:
+        try:
+            mode = os.stat(e.path).st_mode
+        except OSError:
+            if e.name in _READ_BY_NAME:  # a broken link where a file we open should be
+                require_regular(e.path, "file")
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            require_regular(e.path, "file")
+
+
+# Files that loading opens by name from a model folder.
+_READ_BY_NAME = frozenset(("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                           "vocab.txt", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                           "generation_config.json", "spiece.model", "sentencepiece.bpe.model", *WEIGHT_NAMES))
+# Largest JSON file (config, shard index) read whole; real ones are kilobytes to a few megabytes.
+_MAX_JSON_BYTES = 256 << 20
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a small JSON file (config.json, a shard index) with every failure a CheckpointError
+    naming the file: not a regular file, too large, not UTF-8, not JSON, nested too deeply."""
+    st = require_regular(path, what)
+    label = str(path) if what in Path(path).name else f"{what} {path}"
+    if st.st_size > _MAX_JSON_BYTES:
+        raise CheckpointError(f"{label} is {st.st_size} bytes, too large to be a {what}",
+                              "check that this is the right file")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{label} is not UTF-8 text (byte {e.start})", "re-download the file or fix it") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {label}: {e.strerror or e}", "check the path and its permissions") from e
+    try:
+        return json.loads(text)
+    except RecursionError as e:
+        raise CheckpointError(f"{label} nests JSON arrays/objects too deeply to parse",
+                              "re-download the file or fix it") from e
+    except ValueError as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{label} is not valid JSON ({getattr(e, 'msg', e)}{where})",
+                              "re-download the file or fix it") from e
+
+
 def _read_head(path: Path, n: int = 16) -> bytes:
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             return f.read(n)
@@ -79,6 +169,7 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
     tensor is refused before anything is allocated.
     """
     path = Path(path)
+    require_regular(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -205,6 +296,7 @@ def gguf_header_check(path: str | Path) -> None:
     import mmap
 
     path = Path(path)
+    require_regular(path)
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a valid GGUF file ({why}: truncated or corrupt)",
@@ -262,18 +354,51 @@ def gguf_header_check(path: str | Path) -> None:
             n_tensors, n_kv = read_u64("tensor count"), read_u64("metadata count")
             if n_kv * 13 > size - pos or n_tensors * 24 > size - pos:  # smallest entries: 13 and 24 bytes
                 raise bad(f"{n_kv} metadata entries and {n_tensors} tensors cannot fit in {size} bytes")
+            alignment = 32  # GGUF's default; general.alignment may change it
             for i in range(n_kv):
-                skip_string(f"metadata key {i}")
-                skip_value(read_u32(f"metadata entry {i}"), f"metadata entry {i}")
+                klen = read_u64(f"metadata key {i}")
+                key = bytes(buf[take(klen, f"metadata key {i}"):pos])
+                vtype = read_u32(f"metadata entry {i}")
+                if key == b"general.alignment" and vtype == 4:  # UINT32
+                    alignment = read_u32(f"metadata entry {i}")
+                else:
+                    skip_value(vtype, f"metadata entry {i}")
+            infos = []
             for i in range(n_tensors):
-                skip_string(f"tensor info {i}")
+                nlen = read_u64(f"tensor info {i}")
+                name = bytes(buf[take(nlen, f"tensor info {i}"):pos]).decode("utf-8", "replace")
                 n_dims = read_u32(f"tensor info {i}")
-                take(8 * n_dims, f"tensor info {i}")
-                take(4 + 8, f"tensor info {i}")
+                if n_dims > 8:  # ggml has at most 4
+                    raise bad(f"tensor {name[:60]!r} claims {n_dims} dimensions")
+                dims = struct.unpack_from(f"{end}{n_dims}Q", buf, take(8 * n_dims, f"tensor info {i}"))
+                ttype, offset = read_u32(f"tensor info {i}"), read_u64(f"tensor info {i}")
+                infos.append((name, dims, ttype, offset))
+            if alignment == 0 or alignment & (alignment - 1):
+                raise bad(f"general.alignment {alignment} is not a power of two")
+            _check_gguf_data(infos, -(-pos // alignment) * alignment, size, bad)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or _first_line(e)}", "check the path") from e
     except (ValueError, struct.error) as e:  # mmap of an empty file, unpack at a bad offset
         raise bad(_first_line(e)) from e
+
+
+def _check_gguf_data(infos: list, data_start: int, size: int, bad) -> None:
+    """Every tensor's bytes (by its ggml type's block size, where the ``gguf`` package knows the
+    type) must lie inside the file: a GGUF cut short in its data passes the header walk."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:  # without gguf nothing reads the data anyway
+        return
+    for name, dims, ttype, offset in infos:
+        if ttype not in GGML_QUANT_SIZES:
+            continue
+        block, type_size = GGML_QUANT_SIZES[ttype]
+        n = 1
+        for d in dims:
+            n *= d
+        need = data_start + offset + n // block * type_size
+        if need > size:
+            raise bad(f"tensor {name[:60]!r} needs bytes up to {need}, the file has {size}")
 
 
 def sniff(path: str | os.PathLike) -> Sniffed:
@@ -293,7 +418,7 @@ def sniff(path: str | os.PathLike) -> Sniffed:
         except OSError as e:  # an unreadable folder or index
             raise CheckpointError(f"cannot read {s}: {e.strerror or _first_line(e)}",
                                   "check the folder's permissions") from e
-    size = p.stat().st_size
+    size = require_regular(p).st_size
     if size == 0:
         raise CheckpointError(f"{s} is an empty file", "give a checkpoint file or a model folder")
     head = _read_head(p)
@@ -309,10 +434,13 @@ def sniff(path: str | os.PathLike) -> Sniffed:
         return Sniffed(Kind.TORCH_LEGACY, str(p), files=[str(p)])
     if head[:1] == b"{" or head[:3] == b"\xef\xbb\xbf":
         try:
-            obj = json.loads(p.read_text(encoding="utf-8-sig"))
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+            obj = read_json(p, "JSON file")
+        except CheckpointError as e:  # not JSON or not UTF-8: judged as text below; nested too deep: say so
+            if isinstance(e.__cause__, RecursionError):
+                raise
             obj = None
         if isinstance(obj, dict) and "weight_map" in obj:
+            check_folder_files(p.parent)  # its config and tokenizer files are read too
             return _sniff_index(p, obj)
         if isinstance(obj, dict) and "model_type" in obj:
             return _sniff_dir(p.parent) if p.name == "config.json" else Sniffed(
@@ -333,17 +461,38 @@ def _sniff_index(p: Path, obj: dict) -> Sniffed:
                               "re-download the index or fix it")
     shards = []
     for f in dict.fromkeys(weight_map.values()):
-        fp = p.parent / f
-        if not fp.exists():
+        fp = _shard_path(p, f)
+        if not os.path.lexists(fp):
             raise CheckpointError(f"shard {f} named in {p.name} is missing from {p.parent}",
                                   "download the missing shard or fix the index")
+        require_regular(fp, f"shard {f!r} named in {p.name}")
         shards.append(str(fp))
     cfg = p.parent / "config.json"
     return Sniffed(Kind.SAFETENSORS_INDEX, str(p), files=shards, index_path=str(p),
                    config_path=str(cfg) if cfg.exists() else None)
 
 
+def _shard_path(index: Path, entry: str) -> Path:
+    """Where a shard index entry points, refused unless it stays inside the index's folder: judged on
+    the path as written (no ``..`` out, not absolute), and with the folders on the way resolved (no
+    symlinked folder out). The shard file itself may be a symlink (an HF cache links to its blobs);
+    ``require_regular`` then checks what it points at."""
+    folder = os.path.normpath(os.path.abspath(index.parent))
+    joined = os.path.normpath(os.path.join(folder, entry))
+    outside = CheckpointError(
+        f"shard {entry[:120]!r} named in {index} lies outside the index's folder {index.parent}",
+        "an index may only name shard files in its own folder; re-download the index or fix it")
+    if "\0" in entry or os.path.isabs(entry) or not joined.startswith(folder + os.sep):
+        raise outside
+    real_folder = os.path.realpath(folder)
+    real_parent = os.path.realpath(os.path.dirname(joined))
+    if real_parent != real_folder and not real_parent.startswith(real_folder.rstrip(os.sep) + os.sep):
+        raise outside
+    return index.parent / os.path.relpath(joined, folder)
+
+
 def _sniff_dir(p: Path) -> Sniffed:
+    check_folder_files(p)
     cfg = p / "config.json"
     files: list[str] = []
     index = None
@@ -351,11 +500,7 @@ def _sniff_dir(p: Path) -> Sniffed:
         fp = p / name
         if fp.exists():
             if name.endswith(".index.json"):
-                try:
-                    obj = json.loads(fp.read_text(encoding="utf-8-sig"))
-                except (ValueError, RecursionError) as e:
-                    raise CheckpointError(f"{fp} is not valid JSON ({e.__class__.__name__})",
-                                          "re-download the index or fix it") from e
+                obj = read_json(fp, "shard index")
                 if not isinstance(obj, dict):
                     raise CheckpointError(f"{fp} is not a valid shard index", "re-download the index or fix it")
                 sub = _sniff_index(fp, obj)
@@ -498,6 +643,15 @@ def _iter_file(f: str, unsafe_pickle: bool) -> Iterator[tuple[str, Any]]:
     if head.startswith(GGUF_MAGIC):
         yield from _iter_gguf(f)
         return
+    if not (head.startswith(ZIP_MAGIC) or head[:1] == b"\x80"):
+        # Not a torch file either: never hand it to the pickle reader. A .safetensors name or a
+        # plausible header length gets the safetensors reader's own message (truncated, corrupt header).
+        if f.endswith(".safetensors") or (len(head) >= 8 and 0 < struct.unpack("<Q", head[:8])[0] <= _MAX_ST_HEADER):
+            safetensors_header(f)  # raises unless the header is sound after all
+            yield from _iter_safetensors(f)
+            return
+        raise CheckpointError(f"{f} is not a checkpoint format actsparse knows (first bytes {head[:8]!r})",
+                              "re-download the file, or give safetensors, a torch .bin/.pt/.pth or GGUF")
     obj = _torch_load(f, unsafe_pickle, mmap=True)
     sd, _ = unwrap_state_dict(obj)
     for k in list(sd):

@@ -537,6 +537,7 @@ def activation_grads_only(model, hook_embeddings: bool = True):
 class GradOptions:
     data: str | None = None  # corpus, or imagefolder:DIR / random:SHAPE; None = the bundled corpus
     text_field: str = "text"
+    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
     labels: str | None = None  # .jsonl label field for sequence classifiers
     batch_size: int = 4
     max_length: int | None = None
@@ -638,19 +639,17 @@ def mlm_mask(batch, tokenizer, prob: float, gen):
     return ids, labels
 
 
-def _labeled_text_batches(opts: GradOptions, loaded, max_length: int):
-    """A .jsonl of labeled documents for a sequence classifier: one example per line, truncated."""
-    import json
+def _labeled_examples(opts: GradOptions, loaded) -> list[tuple[str, int]]:
+    """``(text, label id)`` per line of a .jsonl of labeled documents for a sequence classifier
+    (read with the corpus reader: line by line, strict encoding, regular files only)."""
     from pathlib import Path
 
-    import torch
+    from probes.corpus import corpus_path, iter_jsonl_records, text_value
 
-    from probes.corpus import Batch
-
-    p = Path(opts.data)
-    if p.suffix != ".jsonl" or not p.is_file():
+    if opts.data is None or Path(opts.data).suffix != ".jsonl":
         raise DataError(f"--labels needs a .jsonl corpus with a label field; got {opts.data!r}",
                         "give --data FILE.jsonl with one {\"text\": ..., \"label\": ...} per line")
+    p = corpus_path(opts.data)
     tok = loaded.tokenizer
     if tok is None:
         raise DataError("this checkpoint has no tokenizer", "pass --tokenizer")
@@ -658,16 +657,13 @@ def _labeled_text_batches(opts: GradOptions, loaded, max_length: int):
     l2i = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
     n_labels = getattr(cfg, "num_labels", None)
     ex = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p} line {i} is not valid JSON ({e.msg})", "fix or remove that line") from e
-        if opts.text_field not in obj or opts.labels not in obj:
+    for i, obj in iter_jsonl_records(opts.data, opts.encoding):
+        if not isinstance(obj, dict) or opts.text_field not in obj or opts.labels not in obj:
             raise DataError(f"{p} line {i} lacks {opts.text_field!r} or {opts.labels!r}",
                             "pass --text-field / --labels with the right keys")
+        text = text_value(obj[opts.text_field], f"{p} line {i}", opts.text_field)
+        if text is None:
+            raise DataError(f"{p} line {i}: {opts.text_field!r} is null", "give every labeled example a text")
         lab = obj[opts.labels]
         if isinstance(lab, str) and lab in l2i:
             lab = l2i[lab]
@@ -679,9 +675,19 @@ def _labeled_text_batches(opts: GradOptions, loaded, max_length: int):
         if lab < 0 or (isinstance(n_labels, int) and lab >= n_labels):
             raise DataError(f"{p} line {i}: label {lab} is out of range for a model with {n_labels} classes",
                             f"labels must be 0..{(n_labels or 1) - 1}")
-        ex.append((str(obj[opts.text_field]), lab))
+        ex.append((text, lab))
     if not ex:
         raise DataError(f"{p} has no labeled examples", "give a .jsonl with text and label fields")
+    return ex
+
+
+def _labeled_text_batches(ex: list[tuple[str, int]], opts: GradOptions, loaded, max_length: int):
+    """Batches of labeled examples for a sequence classifier: one example per row, truncated."""
+    import torch
+
+    from probes.corpus import Batch
+
+    tok = loaded.tokenizer
     for i in range(0, len(ex), opts.batch_size):
         group = ex[i:i + opts.batch_size]
         enc = tok([t for t, _ in group], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
@@ -703,7 +709,7 @@ def measure_gradients(loaded, options: GradOptions | None = None,
 
     from probes import corpus as corpus_mod
     from probes import distributed, vision
-    from probes.measure import DEFAULT_MAX_LENGTH_CAP, resolve_corpus
+    from probes.measure import DEFAULT_MAX_LENGTH_CAP, resolve_corpus, resolve_stride
 
     opts = options or GradOptions()
     if opts.loss_reduction not in REDUCTIONS:
@@ -732,21 +738,26 @@ def measure_gradients(loaded, options: GradOptions | None = None,
     else:
         data_spec = resolve_corpus(opts.data)
         loss_kind = resolve_loss(loaded, opts.loss, False, bool(opts.labels))
+        from probes.loading import check_max_length
+        check_max_length(opts.max_length, loaded)  # above the model's position limit: exit 4, before any batch
         model_max = loaded.max_length or DEFAULT_MAX_LENGTH_CAP
         max_length = opts.max_length or min(model_max, DEFAULT_MAX_LENGTH_CAP)
         if loss_kind == "classification":
-            n_lines = sum(1 for ln in open(data_spec, encoding="utf-8") if ln.strip()) if opts.labels else 0
-            nb = math.ceil(n_lines / opts.batch_size)
-            batches = _labeled_text_batches(opts, loaded, max_length)
+            examples = _labeled_examples(opts, loaded)
+            nb = math.ceil(len(examples) / opts.batch_size)
+            batches = _labeled_text_batches(examples, opts, loaded, max_length)
             describe_data = lambda: {  # noqa: E731
                 "corpus": data_spec, "labels_field": opts.labels, "max_length": max_length,
                 "window_scheme": "one truncated example per line"}
         else:
-            docs = corpus_mod.read_documents(data_spec, opts.text_field)
-            docs_tokens = corpus_mod.tokenize_documents(docs, loaded.tokenizer)
             causal = loss_kind == "causal_lm" or (loss_kind == "none" and loaded.is_causal_lm)
-            windows = corpus_mod.build_windows(docs_tokens, loaded.tokenizer, max_length, opts.stride, causal=causal,
-                                               max_tokens=opts.max_tokens, skip_first=opts.skip_first)
+            stride, stride_note = resolve_stride(opts.stride, max_length)
+            if stride_note:
+                info["notes"] = [stride_note]  # the CLI prints it unless -q
+            corpus = corpus_mod.corpus_windows(data_spec, loaded.tokenizer, max_length, stride, causal=causal,
+                                               max_tokens=opts.max_tokens, skip_first=opts.skip_first,
+                                               text_field=opts.text_field, encoding=opts.encoding)
+            windows = corpus.windows
             tok = loaded.tokenizer
             pad = getattr(tok, "pad_token_id", None)
             pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
@@ -754,9 +765,10 @@ def measure_gradients(loaded, options: GradOptions | None = None,
             nb = math.ceil(len(local) / opts.batch_size)
             batches = ((b, None) for b in corpus_mod.batches(local, opts.batch_size, pad, loaded.device))
             describe_data = lambda: {  # noqa: E731
-                "corpus": data_spec, "corpus_is_default": opts.data is None, "n_documents": len(docs),
+                "corpus": data_spec, "corpus_is_default": opts.data is None, "n_documents": corpus.n_documents,
+                **corpus.read_note(),
                 "n_windows": len(windows), "n_counted_tokens": corpus_mod.n_counted(windows),
-                "max_length": max_length, "stride": opts.stride or max_length,
+                "max_length": max_length, "stride": stride,
                 "window_scheme": "lm-eval rolling (context length 1)" if causal else "encoder [CLS] chunk [SEP]",
                 "skip_first": opts.skip_first}
     if progress:
@@ -988,6 +1000,7 @@ def measure_gradients(loaded, options: GradOptions | None = None,
         "sites_without_gradient": sorted(missing_grad),
         "seconds": round(elapsed, 3),
         "per_call": "a module called several times per forward gives one row per call (.call{k})",
-        "options": asdict(opts),
+        "options": {**asdict(opts), **({"stride": info["stride"]} if opts.stride is not None and "stride" in info
+                                       else {})},
     })
     return GradResult(rows, spike_rows, info, {f"{n}#{k}": p for (n, k), p in probes.items()})

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probes.errors import CheckpointError, DeviceError, ModelError
-from probes.formats import Kind, Sniffed, read_state_dict, safetensors_header, sniff
+from probes.errors import CheckpointError, DataError, DeviceError, ModelError
+from probes.formats import (Kind, Sniffed, check_folder_files, read_json, read_state_dict, require_regular,
+                            safetensors_header, sniff)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}
@@ -108,6 +110,115 @@ def resolve_max_length(config: Any | None, tokenizer: Any | None, default: int =
     return default
 
 
+_POSITION_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(config: Any | None) -> tuple[str, int] | None:
+    """``(config attribute, value)`` of the model's position limit, when its config states one."""
+    for attr in _POSITION_ATTRS:
+        v = getattr(config, attr, None) if config is not None else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return attr, v
+    return None
+
+
+def check_max_length(requested: int | None, loaded: Any) -> None:
+    """Refuse (exit 4, before any corpus is read or batch run) a ``--max-length`` above the position
+    limit the model's config states: learned position tables index out of range there, and rotary
+    models run outside what they were trained on. No clamp: the user asked for that length."""
+    lim = position_limit(getattr(loaded, "config", None))
+    if requested is not None and lim is not None and requested > lim[1]:
+        raise DataError(f"--max-length {requested} is above the model's position limit of {lim[1]} tokens "
+                        f"({lim[0]} in its config)", f"use --max-length {lim[1]} or less")
+
+
+# Config sizes that must be positive where a config gives them as integers.
+_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "ffn_dim", "d_ff",
+              "num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "head_dim", "num_hidden_layers",
+              "n_layer", "num_layers", "vocab_size", "n_positions", "max_position_embeddings")
+_ACTIVATION_KEYS = ("activation_function", "hidden_act", "hidden_activation")
+
+
+def _config_dict(cfg: Any) -> dict:
+    try:
+        return cfg.to_dict()
+    except Exception:  # noqa: BLE001 - a custom config (trust_remote_code) may not serialise: nothing to judge
+        return {}
+
+
+def check_config(cfg: Any, where: str) -> None:
+    """Refuse (exit 2) a config size of 0 or below, which transformers crashes on while building
+    the model (ZeroDivisionError and the like, exit 1 before)."""
+    raw = _config_dict(cfg)
+    for key in _SIZE_KEYS:
+        v = raw.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
+            raise CheckpointError(f"{where} sets {key} to {v}; sizes must be positive",
+                                  "give the model's real size there, or use the config.json these weights were "
+                                  "saved with")
+
+
+def unknown_activation(cfg: Any, err: KeyError, where: str) -> ModelError | None:
+    """The KeyError transformers raises while building a model whose config names an activation
+    its ``ACT2FN`` does not have, as a ModelError (exit 3); None for any other KeyError. Judged
+    from the error, not beforehand: some families read their activation key their own way."""
+    raw = _config_dict(cfg)
+    for key in _ACTIVATION_KEYS:
+        v = raw.get(key)
+        if isinstance(v, str) and err.args and err.args[0] == v:
+            from transformers.activations import ACT2FN
+
+            known = ", ".join(k for k in ("relu", "gelu", "gelu_new", "silu", "gelu_pytorch_tanh") if k in ACT2FN)
+            return ModelError(f"{where} sets {key} to {v[:60]!r}, an activation transformers does not know",
+                              f"use one it knows ({known}, ...), or the config.json these weights were saved with")
+    return None
+
+
+def check_vocab(lm: "LoadedModel", tokenizer_src: str | None = None) -> None:
+    """Refuse a tokenizer whose token ids run past the model's input embedding (every such token
+    would index out of range in the first forward pass)."""
+    tok = lm.tokenizer
+    if tok is None:
+        return
+    try:
+        rows = lm.model.get_input_embeddings().num_embeddings
+        top = max(tok.get_vocab().values(), default=-1) + 1
+    except Exception:  # noqa: BLE001 - no embedding table (vision, custom modules): nothing to compare
+        return
+    if isinstance(rows, int) and top > rows:
+        who = f"--tokenizer {tokenizer_src}" if tokenizer_src else "the checkpoint's tokenizer"
+        raise CheckpointError(f"{who} has {top} token ids but the model's input embedding has only {rows} rows",
+                              "give the tokenizer these weights were trained with"
+                              + ("" if tokenizer_src else " (--tokenizer)"))
+
+
+def _span(ids: set[int]) -> str:
+    ids_s = sorted(ids)
+    if ids_s == list(range(ids_s[0], ids_s[-1] + 1)):
+        return str(ids_s[0]) if len(ids_s) == 1 else f"{ids_s[0]}-{ids_s[-1]}"
+    return ", ".join(map(str, ids_s[:8])) + (", ..." if len(ids_s) > 8 else "")
+
+
+def unbuilt_layers(model: Any, keys: Any, config_name: str) -> str | None:
+    """What the weights hold beyond the model the config builds: numbered layers (``transformer.h.3``)
+    past the end of a layer list, as a phrase for an error; None if there are none."""
+    import torch
+
+    lists = {n: len(m) for n, m in model.named_modules() if n and isinstance(m, torch.nn.ModuleList)}
+    extra: dict[str, set[int]] = {}
+    for k in keys:
+        for n, size in lists.items():
+            if str(k).startswith(n + "."):
+                head = str(k)[len(n) + 1:].split(".", 1)[0]
+                if head.isdigit() and int(head) >= size:
+                    extra.setdefault(n, set()).add(int(head))
+    if not extra:
+        return None
+    n, ids = max(extra.items(), key=lambda kv: len(kv[1]))
+    return (f"the weights have {'layer' if len(ids) == 1 else 'layers'} {_span(ids)} ({n}.*) that {config_name} "
+            f"does not build (it builds {lists[n]})")
+
+
 def _transformers_dtype_kw(dtype) -> dict[str, Any]:
     import transformers
     from packaging.version import Version
@@ -140,15 +251,56 @@ def _auto_class(config):
     return tf.AutoModel, False
 
 
-def _load_tokenizer(source: str, trust_remote_code: bool, **kw):
+# Files that hold a tokenizer's vocabulary (a folder with none of them has no tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool, *, explicit: bool = False, **kw):
+    """The tokenizer at ``source``, or None where there is none.
+
+    ``explicit`` (the user's ``--tokenizer``): every failure is an error naming it (missing path,
+    unreadable files, a hub id that cannot be fetched, no vocabulary). Otherwise (the checkpoint's
+    own folder): no tokenizer files is None, but tokenizer files that fail to load are an error
+    naming them, not "no tokenizer"."""
     from transformers import AutoTokenizer
 
+    src = str(source)
+    p = Path(src).expanduser()
+    what = f"--tokenizer {src}" if explicit else f"the tokenizer in {src}"
+    present: list[str] = []
+    if explicit and not p.exists():
+        if os.path.lexists(p):
+            require_regular(p, "--tokenizer")  # a broken symbolic link
+        hub_like = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?", src) is not None
+        if not hub_like or src.startswith((".", "~")) or Path(src.split("/")[0]).exists():
+            raise CheckpointError(f"--tokenizer {src} does not exist",
+                                  "give the folder that holds the model's tokenizer files, or a hub id")
+    elif p.is_dir():
+        check_folder_files(p, "tokenizer folder")
+        present = [f for f in TOKENIZER_FILES if (p / f).exists()]
+    elif p.exists():
+        require_regular(p, "--tokenizer" if explicit else "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
-    except Exception:
-        return None
+        tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else src, trust_remote_code=trust_remote_code, **kw)
+    except Exception as e:  # noqa: BLE001 - tokenizers, sentencepiece, json, hub errors alike
+        if not (explicit or present):
+            return None
+        if not p.exists():
+            offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+            raise CheckpointError(f"--tokenizer {src!r} is no local path, and as a hub id it cannot be loaded: "
+                                  + ("offline mode (HF_HUB_OFFLINE=1)" if offline else _first_line(e)),
+                                  f"download it (huggingface-cli download {src} --local-dir DIR) and pass DIR") from e
+        files = f" ({', '.join(present)})" if present else ""
+        raise CheckpointError(f"{what} cannot be loaded{files}: {_first_line(e)}",
+                              "give a folder with the model's working tokenizer files" if explicit else
+                              "re-download the tokenizer files, or pass --tokenizer with the model's tokenizer") from e
     # transformers 5 builds an empty tokenizer from a folder that has no vocabulary files.
     if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):
+        if explicit:
+            raise CheckpointError(f"--tokenizer {src} holds no tokenizer vocabulary (looked for "
+                                  f"{', '.join(TOKENIZER_FILES)})", "give the folder that holds the model's "
+                                  "tokenizer files, or a hub id")
         return None
     return tok
 
@@ -172,12 +324,20 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
     Hugging Face model over the GPUs and CPU, for models that do not fit on one device; then
     ``device`` only picks the ``auto`` dtype, and ``LoadedModel.device`` is the device of the input
     embeddings (where batches go)."""
+    lm = _load_any(checkpoint, config=config, arch=arch, device=device, dtype=dtype,
+                   trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
+                   device_map=device_map)
+    check_vocab(lm, tokenizer)
+    return lm
+
+
+def _load_any(checkpoint, *, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+              device_map) -> LoadedModel:
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI draws its own progress bar
     dev = resolve_device(device)
-    from probes.vision import load_vision_arch, parse_vision_arch
 
     if device_map is not None:
         _check_device_map(device_map, checkpoint, config, arch)
@@ -224,8 +384,12 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     from transformers import AutoConfig
 
     name = sn.path
+    if sn.config_path:  # our own parse first: a config.json that is no JSON, or nested too deep, named as such
+        read_json(sn.config_path, "config.json")
     try:
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except RecursionError as e:
+        raise CheckpointError(f"config.json in {name} nests JSON too deeply to parse", "fix config.json") from e
     except ValueError as e:
         msg = str(e).splitlines()[0][:200]
         if "trust_remote_code" in msg or "custom code" in msg:
@@ -237,6 +401,7 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
             raise _hub_offline_error(name, e) from e
         raise CheckpointError(f"cannot read config in {name}: {str(e).splitlines()[0][:200]}",
                               "check config.json") from e
+    check_config(cfg, f"config.json in {name}" if sn.kind is Kind.HF_FOLDER else f"the config of {name}")
     if device_map == "cpu":
         import torch
 
@@ -251,7 +416,7 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
                 raise CheckpointError(f"--device-map cannot place {f}: it is safetensors data under a .bin name",
                                       "rename it to .safetensors, or drop --device-map")
             return _load_state_dict(sniff(f), sn.config_path, None, dev, dtype, trust_remote_code, False, source,
-                                    tokenizer_src or name)
+                                    tokenizer_src)  # None: the tokenizer next to config.json, as here
     try:
         placement = {"device_map": device_map} if device_map is not None else {}
         # Mismatched shapes come back in the loading info (key, file shape, config shape) so the
@@ -274,6 +439,8 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{name} holds pickled objects that are not plain tensors",
                               "re-save it as safetensors") from e
+    except KeyError as e:
+        raise unknown_activation(cfg, e, f"config.json in {name}") or e
     except Exception as e:
         if type(e).__name__ == "SafetensorError":
             raise CheckpointError(f"cannot read weights in {name}: {_first_line(e)}",
@@ -291,7 +458,11 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     if missing:
         raise CheckpointError(f"config and weights in {name} do not match: {len(missing)} parameters missing "
                               f"(e.g. {sorted(missing)[:1]})", "check that config.json belongs to these weights")
-    tok = _load_tokenizer(tokenizer_src or name, trust_remote_code)
+    unbuilt = unbuilt_layers(model, info.get("unexpected_keys", ()), "config.json")
+    if unbuilt:  # a config with fewer layers would measure only some of them
+        raise CheckpointError(f"config and weights in {name} do not match: {unbuilt}",
+                              "use the config.json these weights were saved with")
+    tok = _load_tokenizer(tokenizer_src or name, trust_remote_code, explicit=bool(tokenizer_src))
     source["head"] = cls.__name__
     if device_map is not None:
         # accelerate placed every module; moving the model would undo it. Batches go where the tokens enter.
@@ -319,16 +490,35 @@ def _load_gguf(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src
     except ImportError as e:
         raise CheckpointError("loading GGUF needs the 'gguf' package", "pip install 'actsparse[gguf]'") from e
     try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - another transformers layout: its bar, if any, stays
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    try:
         cfg = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        check_config(cfg, f"the GGUF metadata of {sn.path}")
         td = resolve_dtype(dtype, dev, cfg)
+        if bar is not None:  # its own tqdm bar, which disable_progress_bar does not reach; the CLI draws one
+            gguf_utils.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **_transformers_dtype_kw(td))
+    except (CheckpointError, ModelError):
+        raise
     except Exception as e:
-        raise CheckpointError(f"transformers could not load GGUF {sn.path}: {_first_line(e)}",
+        # sniff walked the header and checked every tensor's bytes are in the file, so what is left is
+        # mostly an architecture transformers cannot map; say both when the message does not tell.
+        msg = _first_line(e)
+        arch = "architecture" in msg.lower() or "not supported" in msg.lower()
+        raise CheckpointError(f"transformers could not load GGUF {sn.path}: {msg}",
                               "check the GGUF architecture is one transformers supports (llama, mistral, qwen2, "
-                              "gpt2, ...); `actsparse spectrum` reads any GGUF's tensors") from e
+                              "gpt2, ...); `actsparse spectrum` reads any GGUF's tensors" if arch else
+                              "re-download or re-convert the file (it may be corrupt), or check its architecture "
+                              "is one transformers supports; `actsparse spectrum` reads any GGUF's tensors") from e
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     tok = None
     if tokenizer_src:
-        tok = _load_tokenizer(tokenizer_src, trust_remote_code)
+        tok = _load_tokenizer(tokenizer_src, trust_remote_code, explicit=True)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -347,15 +537,22 @@ def _config_from(config: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     p = Path(config)
+    if p.is_dir():
+        check_folder_files(p, "--config folder")
+        if (p / "config.json").exists():
+            read_json(p / "config.json", "--config config.json")  # no JSON, nested too deep: named as such
     try:
-        if p.is_file():
-            data = json.loads(p.read_text())
-            if "model_type" not in data:
+        if p.exists() and not p.is_dir():
+            data = read_json(p, "--config")
+            if not isinstance(data, dict) or "model_type" not in data:
                 raise ModelError(f"{config} has no model_type", "give a Hugging Face config.json")
             return AutoConfig.for_model(**data) if not trust_remote_code else AutoConfig.from_pretrained(p.parent, trust_remote_code=True)
         return AutoConfig.from_pretrained(config, trust_remote_code=trust_remote_code)
-    except ModelError:
+    except (ModelError, CheckpointError):
         raise
+    except RecursionError as e:
+        raise CheckpointError(f"--config {config} nests JSON too deeply to parse",
+                              "give a Hugging Face config.json") from e
     except json.JSONDecodeError as e:
         raise ModelError(f"--config {config} is not valid JSON", "give a Hugging Face config.json") from e
     except OSError as e:
@@ -377,10 +574,12 @@ def _load_state_dict(sn: Sniffed, config, arch, dev, dtype, trust_remote_code, u
                        tokenizer_src, trust_remote_code)
     if info.get("container") == "nanogpt" and arch is None and config is None:
         arch = "nanogpt"
+    config_name = f"--config {config}" if config is not None else f"config.json in {Path(sn.path).parent}"
     if config is None and sn.config_path:
         config = sn.config_path
     if config is not None:
         cfg = _config_from(config, trust_remote_code)
+        check_config(cfg, config_name)
     elif arch is not None:
         cfg, sd = config_from_shapes(arch, sd, info)
         source["config_inferred_from"] = f"--arch {arch} and tensor shapes"
@@ -392,10 +591,13 @@ def _load_state_dict(sn: Sniffed, config, arch, dev, dtype, trust_remote_code, u
                          f"({', '.join(SHAPE_ARCHS)}); `actsparse spectrum` needs neither")
     td = resolve_dtype(dtype, dev, cfg)
     cls, causal = _auto_class(cfg)
-    model = cls.from_config(cfg, trust_remote_code=trust_remote_code, **_transformers_dtype_kw(torch.float32))
-    _load_into(model, sd, sn.path)
+    try:
+        model = cls.from_config(cfg, trust_remote_code=trust_remote_code, **_transformers_dtype_kw(torch.float32))
+    except KeyError as e:
+        raise unknown_activation(cfg, e, config_name if config is not None else f"--arch {arch}") or e
+    _load_into(model, sd, sn.path, config_name if config is not None else f"--arch {arch}")
     model.to(td)
-    tok = _load_tokenizer(tokenizer_src, trust_remote_code) if tokenizer_src else None
+    tok = _load_tokenizer(tokenizer_src, trust_remote_code, explicit=True) if tokenizer_src else None
     if tok is None and config is not None and not tokenizer_src:
         tok = _load_tokenizer(config if Path(config).is_dir() or not Path(config).exists() else str(Path(config).parent),
                               trust_remote_code)
@@ -403,7 +605,7 @@ def _load_state_dict(sn: Sniffed, config, arch, dev, dtype, trust_remote_code, u
     return _finish(model, tok, cfg, cfg.model_type, dev, td, source, None, trust_remote_code, causal=causal)
 
 
-def _load_into(model, sd: dict, path: str) -> None:
+def _load_into(model, sd: dict, path: str, config_name: str = "the config") -> None:
     """Load ``sd`` into ``model``, adding or removing the base-model prefix if that makes keys match."""
     want = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -418,6 +620,10 @@ def _load_into(model, sd: dict, path: str) -> None:
             or k.endswith("position_ids")}
     missing = [k for k in missing if k not in tied]
     unexpected = sorted(set(best) - want)
+    unbuilt = unbuilt_layers(model, unexpected, config_name)
+    if unbuilt:  # a config with fewer layers would measure only some of them
+        raise CheckpointError(f"config/weights mismatch for {path}: {unbuilt}",
+                              "pass the --config or --arch that these weights were trained with")
     if not (want & set(best)):
         raise CheckpointError(
             f"config/weights mismatch for {path}: none of the {len(sd)} tensors match the model's parameter names "
@@ -550,7 +756,7 @@ def _finish(model, tok, cfg, family, dev, td, source, tokenizer_src, trust_remot
     import torch
 
     if tok is None and tokenizer_src:
-        tok = _load_tokenizer(tokenizer_src, trust_remote_code)
+        tok = _load_tokenizer(tokenizer_src, trust_remote_code, explicit=True)
     model.eval()
     try:
         if not placed:  # placed: a device_map put the modules on their devices already
@@ -576,3 +782,86 @@ def check_finite(model) -> None:
         if p.is_floating_point() and p.numel() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
             raise ModelError(f"weight {name} contains NaN or Inf values",
                              "the checkpoint is corrupt or diverged; load an earlier checkpoint")
+
+
+# ----------------------------------------------------------------------------- timm / torchvision
+
+_HEAD_KEYS = ("head.fc.weight", "head.weight", "fc.weight", "classifier.weight", "heads.head.weight",
+              "classifier.1.weight", "classifier.3.weight", "classifier.6.weight", "last_linear.weight")
+
+
+def parse_vision_arch(arch: str | None) -> tuple[str, str] | None:
+    if not arch or ":" not in arch:
+        return None
+    lib, _, name = arch.partition(":")
+    if lib not in ("timm", "torchvision"):
+        return None
+    if not name:
+        raise ModelError(f"--arch {arch!r} names no model", f"use --arch {lib}:MODEL_NAME")
+    return lib, name
+
+
+def _import_lib(lib: str):
+    import importlib
+
+    try:
+        return importlib.import_module("timm" if lib == "timm" else "torchvision.models")
+    except Exception as e:  # ImportError, or a torchvision build that does not match torch
+        why = "is not installed" if isinstance(e, ImportError) else f"failed to import ({type(e).__name__})"
+        fix = ("pip install timm (it needs a torchvision that matches your torch)" if lib == "timm"
+               else "pip install a torchvision build that matches your torch version")
+        raise ModelError(f"--arch {lib}:... needs the '{lib}' package, which {why}", fix) from e
+
+
+def num_classes_from(sd: dict) -> int | None:
+    for k in _HEAD_KEYS:
+        v = sd.get(k)
+        if v is not None and getattr(v, "dim", lambda: 0)() == 2:
+            return int(v.shape[0])
+    return None
+
+
+def load_vision_arch(checkpoint: str, arch: str, device: str = "auto", dtype: str = "auto",
+                     unsafe_pickle: bool = False):
+    """Build ``timm:NAME`` / ``torchvision:NAME`` without weights and load a local state dict."""
+    from probes.formats import read_state_dict, sniff
+
+    lib, name = parse_vision_arch(arch) or (None, None)
+    if lib is None:
+        raise ModelError(f"--arch {arch!r} is not a timm:/torchvision: name",
+                         "use --arch timm:NAME or torchvision:NAME")
+    mod = _import_lib(lib)
+    sn = sniff(checkpoint)
+    sd, info = read_state_dict(sn, unsafe_pickle=unsafe_pickle)
+    kw: dict[str, Any] = {}
+    nc = num_classes_from(sd)
+    if nc is not None:
+        kw["num_classes"] = nc
+    try:
+        if lib == "timm":
+            model = mod.create_model(name, pretrained=False, **kw)
+        else:
+            model = mod.get_model(name, weights=None, **kw)
+    except Exception as e:
+        raise ModelError(f"{lib} cannot build {name!r}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+                         f"check the model name ({lib} lists them: "
+                         f"{'timm.list_models()' if lib == 'timm' else 'torchvision.models.list_models()'})") from e
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {checkpoint} do not fit {arch}: {str(e).splitlines()[0][:200]}",
+                              "check --arch names the architecture these weights were trained with") from e
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise CheckpointError(f"weights in {checkpoint} do not fit {arch}: {len(missing)} parameters missing "
+                              f"(e.g. {missing[0]!r})", "check --arch names the architecture of these weights")
+    dev = resolve_device(device)
+    td = resolve_dtype(dtype, dev)
+    model.eval().to(device=dev, dtype=td)
+    check_finite(model)
+    source = {"kind": lib, "path": str(checkpoint), "arch": arch, "container": info.get("container"),
+              "num_classes": nc}
+    if unexpected:
+        source["unexpected_keys"] = list(unexpected)[:20]
+    return LoadedModel(model=model, tokenizer=None, config=None, family=lib, device=dev, dtype=td,
+                       is_causal_lm=False, is_encoder_decoder=False, source=source)

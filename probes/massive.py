@@ -90,7 +90,7 @@ class MassiveProbe:
         f64 = dict(dtype=torch.float64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
-        C, K = self.width, self.top_k
+        C = self.width
         self.state: dict[str, Any] = {
             "n_seq": torch.zeros((), **i64), "n_tokens": torch.zeros((), **i64),
             "sum_top1": torch.zeros((), **f64), "sum_top2": torch.zeros((), **f64),
@@ -112,11 +112,12 @@ class MassiveProbe:
             "chan_massive_first_delim": torch.zeros(C, **i64),
             # per position (bounded by the longest sequence, not by the number of sequences)
             "pos_massive": torch.zeros(0, **i64),
-            # top-K entries with coordinates; abs = -1 marks an empty slot
-            "topk_abs": torch.full((K,), -1.0, **f32), "topk_value": torch.zeros(K, **f32),
-            "topk_sample": torch.full((K,), -1, **i64), "topk_position": torch.full((K,), -1, **i64),
-            "topk_channel": torch.full((K,), -1, **i64), "topk_token_id": torch.full((K,), -1, **i64),
-            "topk_seq_median": torch.zeros(K, **f32), "topk_token_median": torch.zeros(K, **f32),
+            # top-K entries with coordinates; they start empty and grow to min(K, entries seen), so memory
+            # follows the data measured, not the --top-k given (abs = -1 would mark an empty slot)
+            "topk_abs": torch.zeros(0, **f32), "topk_value": torch.zeros(0, **f32),
+            "topk_sample": torch.zeros(0, **i64), "topk_position": torch.zeros(0, **i64),
+            "topk_channel": torch.zeros(0, **i64), "topk_token_id": torch.zeros(0, **i64),
+            "topk_seq_median": torch.zeros(0, **f32), "topk_token_median": torch.zeros(0, **f32),
         }
         self._n_rows_seen = 0  # fallback sample ids when no BatchContext is given
 
@@ -533,6 +534,7 @@ class MassiveOptions:
     preset: str = "sun2024"
     data: str | None = None  # corpus spec; None = the bundled calibration corpus
     text_field: str = "text"
+    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
     prompt: str | None = None  # analyse this one text instead of a corpus
     batch_size: int | None = None  # None: the preset's
     max_length: int | None = None  # None: the preset's rule
@@ -621,6 +623,8 @@ NO_ORDINARY_TOKENS = ("the corpus has no ordinary tokens (empty, or only special
 
 def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sample], dict[str, Any]]:
     """The sequences a preset measures, and a description of how they were drawn (for the manifest)."""
+    from pathlib import Path
+
     import numpy as np
 
     from probes import corpus as corpus_mod
@@ -631,6 +635,8 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
     if opts.bos and prefix is None:
         raise DataError("--bos asked for, but the tokenizer has no BOS, EOS or CLS token", "drop --bos")
     seed = preset.seed if opts.seed is None else opts.seed
+    from probes.loading import check_max_length
+    check_max_length(opts.max_length, loaded)  # above the model's position limit: exit 4, before any batch
     model_max = loaded.max_length
     info: dict[str, Any] = {"bos": opts.bos, "prefix_token": prefix, "special_tokens": "none added"
                             + (" except the prefix token" if prefix is not None else ""), "seed": seed}
@@ -643,22 +649,36 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
         info.update(sampling="prompt", prompt=opts.prompt, max_length=L)
         return [Sample(seq[:L], 0)], info
     data = resolve_corpus(opts.data)
-    docs = corpus_mod.read_documents(data, opts.text_field)
-    info.update(corpus=data, corpus_is_default=opts.data is None, n_documents=len(docs))
     n_samples = opts.n_samples or preset.n_samples
     body_room = 1 if prefix is not None else 0
     samples: list[Sample] = []
+    # One continuous text (.txt) under --max-tokens: read and tokenize only the chunks that the cap keeps
+    # (the text's first tokens, as the whole text gives them); otherwise the whole corpus, as before.
+    chunks_from_text = (preset.sampling == "chunks" and opts.max_tokens is not None and not data.startswith("hf:")
+                        and Path(data).suffix != ".jsonl")
+    docs: list[str] = [] if chunks_from_text else corpus_mod.read_documents(data, opts.text_field,
+                                                                             encoding=opts.encoding)
+    info.update(corpus=data, corpus_is_default=opts.data is None, n_documents=1 if chunks_from_text else len(docs))
     if preset.sampling == "chunks":
         L = opts.max_length or family_seq_len(loaded.family, model_max)
-        if len(docs) > 1:
-            rng = np.random.RandomState(seed)
-            pick = rng.choice(len(docs), min(MAX_DOCS_SUN, len(docs)), replace=False).tolist()
-            docs = [docs[i] for i in pick]
-            info["documents_sampled"] = len(pick)
-        ids = _tokenize(tok, "\n\n".join(docs))
+        body = L - body_room
+        if chunks_from_text:
+            if body < 1:
+                raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
+            need = min(n_samples, -(-opts.max_tokens // L)) * body
+            ids, complete, n_bytes = corpus_mod.text_tokens(data, tok, need, opts.encoding)
+            if not complete:
+                info["corpus_read"] = (f"first {n_bytes} bytes: enough for --max-tokens; n_corpus_tokens and "
+                                       "n_full_chunks_available count what was read")
+        else:
+            if len(docs) > 1:
+                rng = np.random.RandomState(seed)
+                pick = rng.choice(len(docs), min(MAX_DOCS_SUN, len(docs)), replace=False).tolist()
+                docs = [docs[i] for i in pick]
+                info["documents_sampled"] = len(pick)
+            ids = _tokenize(tok, "\n\n".join(docs))
         if not _ordinary(tok, ids):
             raise DataError(*NO_ORDINARY_TOKENS)
-        body = L - body_room
         if body < 1:
             raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
         n_full = len(ids) // body
@@ -678,7 +698,7 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
         for i, d in enumerate(docs):
             if len(samples) >= n_samples:
                 break
-            ids = _tokenize(tok, d)
+            ids = corpus_mod.string_tokens(d, tok, L - body_room)  # the sample's tokens; not the whole document's
             if not _ordinary(tok, ids):
                 continue
             samples.append(Sample((([prefix] if prefix is not None else []) + ids)[:L], i))

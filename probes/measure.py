@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from probes import corpus as corpus_mod
 from probes import distributed
-from probes.loading import LoadedModel
+from probes.loading import LoadedModel, check_max_length
 from probes.runner import forward_batch, run_probes
 from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
 from probes.sparsity import DEFAULT_CHUNK_K, DEFAULT_EPS_GRID, ActivationSparsityProbe
@@ -24,6 +24,7 @@ DEFAULT_KINDS = (MLP_POST, MLP_GATE_ACT)
 class MeasureOptions:
     data: str | None = None  # corpus spec; None = the bundled calibration corpus
     text_field: str = "text"
+    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
     batch_size: int = 4
     max_length: int | None = None  # None: the model's limit, capped at 2048
     max_tokens: int | None = None
@@ -76,6 +77,14 @@ def summarize(rows: list[dict[str, Any]]):
     return pd.DataFrame(out)
 
 
+def resolve_stride(stride: int | None, max_length: int) -> tuple[int, str | None]:
+    """The stride the windows use (at most ``max_length``), and a note when a larger one was asked for."""
+    used = min(stride or max_length, max_length)
+    if stride is not None and stride > max_length:
+        return used, f"--stride {stride} is above --max-length {max_length}; clamped to {used}"
+    return used, None
+
+
 def resolve_corpus(data: str | None) -> str:
     if data:
         return data
@@ -104,13 +113,14 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
     model, tok = loaded.model, loaded.tokenizer
     sites = list(site_list) if site_list is not None else find_sites(model, loaded.family, opts.kinds, opts.sites)
     data = resolve_corpus(opts.data)
-    docs = corpus_mod.read_documents(data, opts.text_field)
-    docs_tokens = corpus_mod.tokenize_documents(docs, tok)
+    check_max_length(opts.max_length, loaded)  # above the model's position limit: exit 4, before any batch
     model_max = loaded.max_length or DEFAULT_MAX_LENGTH_CAP
     max_length = opts.max_length or min(model_max, DEFAULT_MAX_LENGTH_CAP)
     causal = loaded.is_causal_lm
-    windows = corpus_mod.build_windows(docs_tokens, tok, max_length, opts.stride, causal=causal,
-                                       max_tokens=opts.max_tokens, skip_first=opts.skip_first)
+    stride, stride_note = resolve_stride(opts.stride, max_length)
+    corpus = corpus_mod.corpus_windows(data, tok, max_length, stride, causal=causal, max_tokens=opts.max_tokens,
+                                       skip_first=opts.skip_first, text_field=opts.text_field, encoding=opts.encoding)
+    windows = corpus.windows
     dist = dist if dist is not None else distributed.current()
     local = dist.shard(windows, opts.batch_size) if dist is not None else windows
     pad = getattr(tok, "pad_token_id", None)
@@ -146,12 +156,13 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
     info = {
         "corpus": data,
         "corpus_is_default": opts.data is None,
-        "n_documents": len(docs),
-        "n_corpus_tokens": sum(len(d) for d in docs_tokens),
+        "n_documents": corpus.n_documents,
+        "n_corpus_tokens": corpus.n_corpus_tokens,
+        **corpus.read_note(),
         "n_windows": len(windows),
         "n_counted_tokens": corpus_mod.n_counted(windows),
         "max_length": max_length,
-        "stride": opts.stride or max_length,
+        "stride": stride,
         "window_scheme": "lm-eval rolling (context length 1)" if causal else "encoder [CLS] chunk [SEP]",
         "prefix_token": corpus_mod.prefix_token(tok) if causal else None,
         "skip_first": opts.skip_first,
@@ -164,6 +175,12 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
         **parallel,
         "means": "per layer: mean over counted tokens; summary: unweighted mean over layers and width-weighted mean",
         "quantiles": "nonzero_pct_per_token_p*_hist from a fixed 1000-bin histogram",
-        "options": asdict(opts),
+        "options": {**asdict(opts), "stride": stride if opts.stride is not None else None},
     }
+    notes = [stride_note] if stride_note else []
+    if opts.chunk_k > max_length:
+        notes.append(f"--chunk-k {opts.chunk_k} is longer than a window (--max-length {max_length}): no full "
+                     f"chunk fits, so chunk_sparsity@{opts.chunk_k} is NaN")
+    if notes:
+        info["notes"] = notes  # the CLI prints them unless -q
     return MeasureResult(rows, info, probes)

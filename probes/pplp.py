@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 from probes import corpus as corpus_mod
 from probes.errors import DataError, ModelError
 from probes.hooks import attach_sites
-from probes.loading import LoadedModel
+from probes.loading import LoadedModel, check_max_length
 from probes.runner import forward_batch
 from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
 
@@ -167,9 +167,9 @@ def ppl_ratio(ce_sparse: float, ce_dense: float) -> float:
 class CettGrid:
     """Exact per-token CETT at a fixed grid of candidate thresholds, summed over tokens (one layer).
 
-    The grid is fixed by the first batch (``n_quantiles`` quantiles of its positive n_i, log
-    extensions 4 decades below and 3 above, and 0). State: the grid and a float64 sum per grid
-    point, O(grid) whatever the number of tokens.
+    The grid is fixed by the first batch (``n_quantiles`` quantiles of its positive n_i, at most one
+    per positive value, log extensions 4 decades below and 3 above, and 0). State: the grid and a
+    float64 sum per grid point, O(grid) whatever the number of tokens.
     """
 
     def __init__(self, n_quantiles: int = DEFAULT_CETT_GRID):
@@ -185,11 +185,13 @@ class CettGrid:
         if pos.numel() > (1 << 24):  # torch.quantile's input limit; an even subsample is plenty
             pos = pos[:: math.ceil(pos.numel() / (1 << 24))]
         if pos.numel() == 0:
-            body = torch.logspace(-8, 4, self.n_quantiles, dtype=torch.float64)
+            body = torch.logspace(-8, 4, min(self.n_quantiles, DEFAULT_CETT_GRID), dtype=torch.float64)
         else:
             p64 = pos.double()
             lo, hi = float(p64.min()), float(p64.max())
-            q = torch.quantile(p64, torch.linspace(0, 1, self.n_quantiles, dtype=torch.float64))
+            # No more quantiles than positive values to take them from: the grid follows the data, not the option.
+            n_q = min(self.n_quantiles, pos.numel())
+            q = torch.quantile(p64, torch.linspace(0, 1, n_q, dtype=torch.float64))
             below = torch.logspace(math.log10(lo) - 4, math.log10(lo), 9, dtype=torch.float64)[:-1]
             above = torch.logspace(math.log10(hi), math.log10(hi) + 3, 7, dtype=torch.float64)[1:]
             body = torch.cat([below, q, above])
@@ -351,6 +353,7 @@ class LogHistogram:
 class DataOptions:
     data: str | None = None  # corpus spec; None = the bundled calibration corpus
     text_field: str = "text"
+    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
     batch_size: int = 4
     max_length: int | None = None  # None: the model's limit, capped at 2048
     max_tokens: int | None = None
@@ -502,23 +505,27 @@ class PplpSession:
         torch.manual_seed(self.opts.seed)
         self.layers = resolve_layers(loaded, self.opts.sites)
         tok = loaded.tokenizer
-        if docs_tokens is None:
-            from probes.measure import resolve_corpus
+        from probes.measure import DEFAULT_MAX_LENGTH_CAP, resolve_corpus, resolve_stride
 
+        check_max_length(self.opts.max_length, loaded)  # above the model's position limit: exit 4, before any batch
+        model_max = loaded.max_length or DEFAULT_MAX_LENGTH_CAP
+        self.max_length = self.opts.max_length or min(model_max, DEFAULT_MAX_LENGTH_CAP)
+        self.stride, stride_note = resolve_stride(self.opts.stride, self.max_length)
+        self.notes: list[str] = [stride_note] if stride_note else []  # the CLI prints these unless -q
+        self.read_note: dict[str, Any] = {}
+        if docs_tokens is None:
             self.corpus = resolve_corpus(self.opts.data)
-            docs = corpus_mod.read_documents(self.corpus, self.opts.text_field)
-            docs_tokens = corpus_mod.tokenize_documents(docs, tok)
-            self.n_documents = len(docs)
+            cw = corpus_mod.corpus_windows(self.corpus, tok, self.max_length, self.stride, causal=True,
+                                           max_tokens=self.opts.max_tokens, skip_first=self.opts.skip_first,
+                                           text_field=self.opts.text_field, encoding=self.opts.encoding)
+            self.windows = cw.windows
+            self.n_documents, self.n_corpus_tokens, self.read_note = cw.n_documents, cw.n_corpus_tokens, cw.read_note()
         else:
             self.corpus = "<token ids>"
             self.n_documents = len(docs_tokens)
-        self.n_corpus_tokens = sum(len(d) for d in docs_tokens)
-        from probes.measure import DEFAULT_MAX_LENGTH_CAP
-
-        model_max = loaded.max_length or DEFAULT_MAX_LENGTH_CAP
-        self.max_length = self.opts.max_length or min(model_max, DEFAULT_MAX_LENGTH_CAP)
-        self.windows = corpus_mod.build_windows(docs_tokens, tok, self.max_length, self.opts.stride, causal=True,
-                                                max_tokens=self.opts.max_tokens, skip_first=self.opts.skip_first)
+            self.n_corpus_tokens = sum(len(d) for d in docs_tokens)
+            self.windows = corpus_mod.build_windows(docs_tokens, tok, self.max_length, self.stride, causal=True,
+                                                    max_tokens=self.opts.max_tokens, skip_first=self.opts.skip_first)
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         pad = pad if pad is not None else ((getattr(tok, "eos_token_id", None) if tok is not None else None) or 0)
         self.batches = list(corpus_mod.batches(self.windows, self.opts.batch_size, pad, loaded.device))
@@ -1098,11 +1105,13 @@ def _session_info(s: PplpSession) -> dict[str, Any]:
         "corpus_is_default": s.opts.data is None and s.corpus != "<token ids>",
         "n_documents": s.n_documents,
         "n_corpus_tokens": s.n_corpus_tokens,
+        **s.read_note,
         "n_windows": len(s.windows),
         "n_counted_tokens": s.n_tokens,
         "min_tokens": MIN_TOKENS,
         "max_length": s.max_length,
-        "stride": s.opts.stride or s.max_length,
+        "stride": s.stride,
+        **({"notes": list(s.notes)} if s.notes else {}),
         "window_scheme": "lm-eval rolling (context length 1)",
         "prefix_token": corpus_mod.prefix_token(s.loaded.tokenizer) if s.loaded.tokenizer is not None else None,
         "skip_first": s.opts.skip_first,
@@ -1149,12 +1158,13 @@ def pplp(loaded: LoadedModel, opts: PplpOptions | None = None, *,
     info = {**_session_info(s),
             "method": opts.method, "tol": opts.tol, "max_passes": opts.max_passes,
             "p_pct": list(opts.p),
-            "cett_calibration": f"exact per-token CETT on a {opts.cett_grid}-quantile grid (first batch) + log "
+            "cett_calibration": f"exact per-token CETT on a {opts.cett_grid}-quantile grid (first batch; at most one "
+                                f"quantile per positive n_i, grid_points in cett_calibration) + log "
                                 f"extensions, float64 sums over all counted tokens; t linearly interpolated",
             "threshold_rule": "largest t with CETT(t) <= c; neuron inactive when n_i < t",
             "full_passes": s.passes,
             "seconds": round(time.perf_counter() - t0, 3),
-            "options": asdict(opts)}
+            "options": {**asdict(opts), "stride": s.stride if opts.stride is not None else None}}
     trace = [{"pass": e.pass_index, "method": e.method, "value": e.value, "ppl_ratio": e.ratio,
               "mean_sparsity": e.mean_sparsity, "seconds": round(e.seconds, 3)} for e in s.trace]
     return PplpResult(targets, layers, _dense_section(s), calib, info, list(s.warnings), trace)
@@ -1265,5 +1275,5 @@ def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
             "quantile_histograms": {"per_layer": {"lo": LAYER_HIST[0], "hi": LAYER_HIST[1], "bins": LAYER_HIST[2]},
                                     "per_channel": {"lo": CHANNEL_HIST[0], "hi": CHANNEL_HIST[1],
                                                     "bins": CHANNEL_HIST[2]}},
-            "options": asdict(opts)}
+            "options": {**asdict(opts), "stride": s.stride if opts.stride is not None else None}}
     return CurveResult(points, layer_rows, info, list(s.warnings))

@@ -617,10 +617,12 @@ def _finish_in_worker(job: _Job, stacks: dict[str, np.ndarray], method: str, ran
 
 def _one_blas_thread() -> None:
     """Pool worker start-up: one BLAS/OpenMP thread per worker process (no oversubscription), and
-    Ctrl-C left to the main process, which stops the pool (no traceback from every worker)."""
+    Ctrl-C left to the main process, which stops the pool (no traceback from every worker); SIGTERM
+    ends a worker at once."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (fork copies it): just end
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
@@ -958,7 +960,7 @@ def load_config(sn: Sniffed) -> dict[str, Any] | None:
         return None
     try:
         cfg = json.loads(Path(sn.config_path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 / JSON, nested too deep: no split
         return None
     return cfg if isinstance(cfg, dict) else None
 

@@ -122,6 +122,100 @@ def expand_checkpoints(patterns: Sequence[str | Path]) -> list[CheckpointStep]:
     return [CheckpointStep(p, int(s), src) for p, s, src in sorted(parsed, key=lambda x: x[1])]
 
 
+# ------------------------------------------------------------------------------------- architecture
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_FIX_ONE_RUN = ("track one run at a time: give only checkpoints of one architecture (run track once per "
+                "architecture)")
+
+
+def _config_signature(cfg: Any) -> dict[str, Any] | None:
+    """model_type, width and depth of a config (a dict or a transformers config), as far as it says."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    sig = {"model_type": get("model_type"),
+           "width": next((get(k) for k in _WIDTH_KEYS if isinstance(get(k), int)), None),
+           "layers": next((get(k) for k in _LAYER_KEYS if isinstance(get(k), int)), None)}
+    return sig if any(v is not None for v in sig.values()) else None
+
+
+def architecture_of(path: str | Path) -> dict[str, Any]:
+    """What can be learnt cheaply about a checkpoint's architecture, without reading weights:
+    ``config`` (model_type, width, layers from config.json) and ``shapes`` (tensor name -> shape
+    from safetensors headers); either may be None (hub ids, pickles, GGUF)."""
+    from probes.formats import is_safetensors, safetensors_header, sniff
+
+    out: dict[str, Any] = {"config": None, "shapes": None}
+    try:
+        sn = sniff(path)
+    except ActsparseError:
+        return out  # loading it reports the real problem
+    if sn.config_path:
+        try:
+            cfg = json.loads(Path(sn.config_path).read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError, RecursionError):
+            cfg = None
+        if isinstance(cfg, dict):
+            out["config"] = _config_signature(cfg)
+    try:
+        if sn.files and all(is_safetensors(f) for f in sn.files):
+            out["shapes"] = {k: tuple(v.get("shape") or ()) for f in sn.files
+                             for k, v in safetensors_header(f).items() if k != "__metadata__"}
+    except (ActsparseError, OSError):
+        out["shapes"] = None
+    return out
+
+
+def _describe_config(sig: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sig.items() if v is not None)
+
+
+def _config_difference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str | None:
+    if not a or not b:
+        return None
+    diff = [k for k in a if a[k] is not None and b.get(k) is not None and a[k] != b[k]]
+    return f"{_describe_config(a)} vs {_describe_config(b)}" if diff else None
+
+
+def _shape_difference(a: dict[str, tuple] | None, b: dict[str, tuple] | None) -> str | None:
+    if a is None or b is None or a == b:
+        return None
+    for name in a:
+        if name in b and a[name] != b[name]:
+            return f"tensor {name} has shape {list(a[name])} vs {list(b[name])}"
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        return (f"different tensors ({len(a)} vs {len(b)}; e.g. "
+                f"{(only_a or only_b)[0]} only in the {'first' if only_a else 'second'})")
+    return None
+
+
+def check_same_architecture(cks: Sequence[CheckpointStep]) -> None:
+    """Refuse (exit 2) a series whose checkpoints differ in model_type, width or depth (config.json)
+    or in tensor names and shapes (safetensors headers): one trend across two architectures means
+    nothing. Checked from headers before any model is loaded; checkpoints with neither (pickles,
+    GGUF, hub ids) are compared after loading (``check_loaded_architecture``)."""
+    if len(cks) < 2:
+        return
+    first = cks[0]
+    ref = architecture_of(first.path)
+    for ck in cks[1:]:
+        cur = architecture_of(ck.path)
+        why = _config_difference(ref["config"], cur["config"]) or _shape_difference(ref["shapes"], cur["shapes"])
+        if why:
+            raise CheckpointError(f"checkpoints of different architectures: {first.path} (step {first.step}) and "
+                                  f"{ck.path} (step {ck.step}) differ: {why}", _FIX_ONE_RUN)
+
+
+def check_loaded_architecture(first: tuple[CheckpointStep, Any], ck: CheckpointStep, lm: Any) -> None:
+    """The same check on loaded models' configs (for formats without a cheap header)."""
+    a = _config_signature(first[1]) if first[1] is not None else None
+    b = _config_signature(getattr(lm, "config", None)) if getattr(lm, "config", None) is not None else None
+    why = _config_difference(a, b)
+    if why:
+        raise CheckpointError(f"checkpoints of different architectures: {first[0].path} (step {first[0].step}) and "
+                              f"{ck.path} (step {ck.step}) differ: {why}", _FIX_ONE_RUN)
+
+
 # ------------------------------------------------------------------------------------ emergence fit
 def emergence_curve(t, A, lam, gamma, t0, K):
     """f(t) = A exp(-lambda x) log x + K with x = gamma t + t0 (Hidden Dynamics of Massive Activations)."""
@@ -215,6 +309,7 @@ class TrackOptions:
     analyses: Sequence[str] = DEFAULT_ANALYSES
     data: str | None = None  # corpus spec; None = the bundled calibration corpus
     text_field: str = "text"
+    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
     batch_size: int = 4
     max_length: int | None = None
     max_tokens: int | None = None
@@ -251,25 +346,28 @@ def resolve_analyses(analyses: Sequence[str] | str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(flat))
 
 
-def _prepare_corpus(spec: str | None, text_field: str, workdir: Path) -> tuple[str, dict[str, Any]]:
-    """Read and check the corpus once; a ``hf:`` corpus is written to a local .jsonl used by every checkpoint."""
+def _prepare_corpus(spec: str | None, text_field: str, workdir: Path,
+                    encoding: str = "utf-8") -> tuple[str, dict[str, Any]]:
+    """Check the whole corpus once, in constant memory (path, encoding, JSON); a ``hf:`` corpus is streamed
+    into a local UTF-8 .jsonl used by every checkpoint."""
     from probes import corpus as corpus_mod
     from probes.measure import resolve_corpus
 
     resolved = resolve_corpus(spec)
-    docs = corpus_mod.read_documents(resolved, text_field)
-    if not docs or not any(d.strip() for d in docs):
-        raise DataError(f"corpus {resolved} is empty", "give a corpus with text in it")
-    info = {"corpus": resolved, "corpus_is_default": spec is None, "n_documents": len(docs),
-            "n_characters": int(sum(len(d) for d in docs))}
     if resolved.startswith("hf:"):
         local = workdir / "corpus.jsonl"
+        n_docs = n_chars = 0
         with local.open("w", encoding="utf-8") as f:
-            for d in docs:
+            for d in corpus_mod.iter_documents(resolved, text_field):
                 f.write(json.dumps({"text": d}) + "\n")
-        info["materialised"] = "read once from the hub dataset into a local .jsonl for all checkpoints"
+                n_docs, n_chars = n_docs + 1, n_chars + len(d)
+        if not n_docs:
+            raise DataError(f"corpus {resolved} is empty", "give a corpus with text in it")
+        info = {"corpus": resolved, "corpus_is_default": False, "n_documents": n_docs, "n_characters": n_chars,
+                "materialised": "read once from the hub dataset into a local .jsonl for all checkpoints"}
         return str(local), info
-    return resolved, info
+    counts = corpus_mod.scan_corpus(resolved, text_field, encoding)
+    return resolved, {"corpus": resolved, "corpus_is_default": spec is None, **counts}
 
 
 def _mean(v: pd.Series) -> float:
@@ -289,6 +387,7 @@ def run_track(checkpoints: Sequence[str | Path] | Sequence[CheckpointStep], opts
         cks = (list(checkpoints) if checkpoints and isinstance(checkpoints[0], CheckpointStep)
                else expand_checkpoints(checkpoints))  # type: ignore[arg-type]
     caught += [str(w.message) for w in wlist]
+    check_same_architecture(cks)  # before the corpus is read or any model loaded
     n = len(cks)
     rows: dict[str, list[dict[str, Any]]] = {"sparsity": [], "massive": [], "spectrum": []}
     tokens: dict[int, int] = {}
@@ -296,12 +395,13 @@ def run_track(checkpoints: Sequence[str | Path] | Sequence[CheckpointStep], opts
     corpus_info: dict[str, Any] = {}
     measure_info: dict[str, Any] = {}
     needs_model = any(a in analyses for a in ("measure", "massive"))
+    first_config: tuple[CheckpointStep, Any] | None = None  # the first loaded model's config
     with tempfile.TemporaryDirectory(prefix="actsparse-track-") as work:
-        data, text_field = None, opts.text_field
+        data, text_field, encoding = None, opts.text_field, opts.encoding
         if needs_model:
-            data, corpus_info = _prepare_corpus(opts.data, opts.text_field, Path(work))
+            data, corpus_info = _prepare_corpus(opts.data, opts.text_field, Path(work), opts.encoding)
             if data != corpus_info["corpus"]:
-                text_field = "text"  # the materialised .jsonl
+                text_field, encoding = "text", "utf-8"  # the materialised .jsonl
         for i, ck in enumerate(cks):
             base = {"step": ck.step, "checkpoint_index": i, "checkpoint": ck.path}
             if needs_model:
@@ -312,12 +412,17 @@ def run_track(checkpoints: Sequence[str | Path] | Sequence[CheckpointStep], opts
                 lm = load_checkpoint(ck.path, device=opts.device, dtype=opts.dtype,
                                      trust_remote_code=opts.trust_remote_code, unsafe_pickle=opts.unsafe_pickle,
                                      tokenizer=opts.tokenizer)
+                if first_config is None:
+                    first_config = (ck, getattr(lm, "config", None))
+                else:
+                    check_loaded_architecture(first_config, ck, lm)
                 if "measure" in analyses:
                     from probes.measure import DEFAULT_KINDS, MeasureOptions, measure
 
                     if on_stage:
                         on_stage(i, n, ck, "measure")
-                    res = measure(lm, MeasureOptions(data=data, text_field=text_field, batch_size=opts.batch_size,
+                    res = measure(lm, MeasureOptions(data=data, text_field=text_field, encoding=encoding,
+                                                     batch_size=opts.batch_size,
                                                      max_length=opts.max_length, max_tokens=opts.max_tokens,
                                                      seed=opts.seed, kinds=tuple(opts.kinds or DEFAULT_KINDS)))
                     tokens[i] = int(res.info["n_counted_tokens"])
@@ -329,6 +434,7 @@ def run_track(checkpoints: Sequence[str | Path] | Sequence[CheckpointStep], opts
                     if on_stage:
                         on_stage(i, n, ck, "massive")
                     mres = massive(lm, MassiveOptions(preset=opts.massive_preset, data=data, text_field=text_field,
+                                                      encoding=encoding,
                                                       max_length=opts.max_length, max_tokens=opts.max_tokens))
                     massive_tokens[i] = int(mres.info.get("n_counted_tokens") or 0)
                     rows["massive"] += [{**base, **r} for r in mres.layers]

@@ -33,6 +33,8 @@ import pandas as pd
 
 from probes.errors import EXIT_CHECKPOINT, ActsparseError, OutputError
 from reports.bundle import atomic_output_dir, check_output_dir
+from reports.figures import layer_key
+from reports.markdown import md_code, md_escape, md_text
 from reports.figures import pyplot
 from reports.manifest import build_manifest, write_manifest
 from reports.tables import write_table
@@ -379,19 +381,6 @@ def _kinds_rows(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     return df if kind == "all" else df[df["kind"].astype(str) == kind]
 
 
-def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer") -> None:
-    """A legend beside the panels for a few lines; a 'layer' colour bar (viridis order) for many."""
-    if n_lines <= max_legend:
-        handles, labels = axes[-1].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-        return
-    import matplotlib as mpl
-
-    sm = mpl.cm.ScalarMappable(cmap="viridis", norm=mpl.colors.Normalize(0, n_lines - 1))
-    fig.colorbar(sm, ax=list(axes), label=label, fraction=0.03, pad=0.02)
-
-
 def _tick_labels(ax, labels: list[str]) -> None:
     long = len(labels) > 16 or max((len(x) for x in labels), default=0) > 4
     ax.set_xticks(range(len(labels)), labels, rotation=90 if long else 0, fontsize=7 if long else 9)
@@ -633,7 +622,11 @@ def _check_inputs(inputs: Sequence[str | Path], out: Path) -> list[Source]:
                                    "pass the output folders it was built from (listed in its manifest.json)")
         if p.resolve() == out_r or out_r in p.resolve().parents:
             raise OutputError(f"the output folder {out} is also an input", "choose another -o folder")
-        sources.extend(read_sources(p))
+        found = read_sources(p)
+        if not any(s.tables for s in found):  # a report of it would hold nothing
+            raise NotAnOutputError(f"{p} has no tables (no .parquet or .csv beside its manifest.json)",
+                                   "re-run the command that wrote it with -o, or leave this folder out")
+        sources.extend(found)
     seen: dict[str, int] = {}
     for s in sources:  # unique labels: m1, m1-2, ...
         base = s.label
@@ -648,7 +641,7 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
     """Write a report bundle for ``inputs`` (actsparse output folders) into ``out``, atomically."""
     out = Path(out)
     sources = _check_inputs(inputs, out)  # every input is checked before anything is written
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=inputs)
     warnings: list[str] = []
     figures: list[Figure] = []
     table_records: list[dict[str, Any]] = []
@@ -724,29 +717,6 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------ summary.md
-def md_escape(s: Any) -> str:
-    """Text for a markdown table cell: no raw HTML, no cell-splitting pipes, no links or images
-    (``[x](javascript:...)``, ``![](http://tracker)``), no backtick that could pair with a code span
-    written next to it (and expose that span's raw text), one line."""
-    s = str(s).replace("\r", " ").replace("\n", " ")
-    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-    return s.replace("[", "\\[").replace("]", "\\]").replace("`", "\\`")
-
-
-def md_text(s: Any) -> str:
-    """``md_escape`` for text whose own `code spans` (as in captions) should stay code spans."""
-    parts = str(s).split("`")
-    if len(parts) % 2 == 0:  # an unpaired backtick: all of it is text
-        return md_escape(s)
-    return "".join(md_escape(p) if i % 2 == 0 else md_code(p) for i, p in enumerate(parts))
-
-
-def md_code(s: Any) -> str:
-    """A markdown code span: raw text is safe inside one (no HTML, no entities); only ` and | need care."""
-    s = str(s).replace("\r", " ").replace("\n", " ").replace("`", "'").replace("|", "\\|")
-    return f"`{s}`"
-
-
 def _escape_md_outside_code(text: str) -> str:
     """Neutralise raw HTML in a markdown text (angle brackets outside `code`), keep the rest as written."""
     out = []

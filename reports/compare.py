@@ -284,6 +284,9 @@ def parse_rule(text: str) -> Rule:
                         "direction fails; none means either)")
     sign, number, pct = m.groups()
     value = float(number) / (100.0 if pct else 1.0)
+    if not math.isfinite(value):  # 1e999 reads as inf: a rule no change can break
+        raise RuleError(f"--fail-on {text!r}: the delta {delta!r} is not a finite number",
+                        "write a finite DELTA, e.g. -0.02, +0.5 or +10%")
     table = None
     if "/" in metric:
         table, metric = metric.rsplit("/", 1)

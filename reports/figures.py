@@ -51,3 +51,16 @@ def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens
     fig.suptitle(f"{title}: activation sparsity per layer over {n_tokens} counted tokens", fontsize=10)
     fig.tight_layout()
     return save(fig, folder, "sparsity_by_layer")
+
+
+def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer") -> None:
+    """A legend beside the panels for a few lines; a 'layer' colour bar (viridis order) for many."""
+    if n_lines <= max_legend:
+        handles, labels = axes[-1].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+        return
+    import matplotlib as mpl
+
+    sm = mpl.cm.ScalarMappable(cmap="viridis", norm=mpl.colors.Normalize(0, n_lines - 1))
+    fig.colorbar(sm, ax=list(axes), label=label, fraction=0.03, pad=0.02)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from reports.bundle import atomic_output_dir
 from reports.figures import pyplot, save
-from reports.manifest import build_manifest, write_manifest
+from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.tables import write_table
 
 
@@ -27,11 +27,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def _pct(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.2f}"
-
-
-def _short(checkpoint: Any) -> str:
-    p = Path(str(checkpoint))
-    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
 
 
 def _xlabels(g: pd.DataFrame) -> list[str]:
@@ -103,7 +98,7 @@ def write_grad_files(folder: str | Path, result, title: str) -> list[str]:
 
 
 def grad_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info = result.info
     taus = [f"eff_grad_sparsity@{t:g}" for t in info.get("taus", [])]
@@ -138,15 +133,9 @@ def grad_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
     return "summary.md"
 
 
-def model_section(lm) -> dict[str, Any]:
-    from reports.measure_report import model_section as ms
-
-    return ms(lm)
-
-
 def write_grad_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False) -> Path:
     with atomic_output_dir(output, force) as tmp:
-        files = write_grad_files(tmp, result, _short(options.get("checkpoint")))
+        files = write_grad_files(tmp, result, short_name(options.get("checkpoint")))
         files.append(grad_summary_md(tmp, result, options))
         manifest = build_manifest("grad", options, model=model_section(lm), gradients=result.info,
                                   files=files + ["manifest.json"])
@@ -170,7 +159,7 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ci, g in lin.groupby("checkpoint_index", sort=True):
         g = g.reset_index(drop=True)
-        label = _short(g.checkpoint.iloc[0])
+        label = short_name(g.checkpoint.iloc[0])
         for ax, (col, _) in zip(axes[0], panels):
             ax.plot(range(len(g)), g[col].astype(float), ".-", markersize=3, linewidth=0.8, label=label)
     first = lin[lin.checkpoint_index == lin.checkpoint_index.min()].reset_index(drop=True)
@@ -194,7 +183,7 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
 
 
 def drift_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_escape
+    from reports.markdown import md_escape
 
     summ = result.summary()
     lines = [f"# actsparse drift: {md_escape(', '.join(str(c) for c in options.get('checkpoints', [])))}", "",
@@ -203,7 +192,7 @@ def drift_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str
              "| checkpoint | kind | tensors | weights | mean (weighted) | % negative (weighted) | mean std | "
              "mean extreme frac |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for _, r in summ.iterrows():
-        lines.append(f"| {md_escape(_short(r.checkpoint))} | {md_escape(r.kind)} | {r.n_tensors} | {r.n_weights} | "
+        lines.append(f"| {md_escape(short_name(r.checkpoint))} | {md_escape(r.kind)} | {r.n_tensors} | {r.n_weights} | "
                      f"{_fmt(r.mean_weighted)} | {_fmt(r.neg_pct_weighted)} | {_fmt(r.std_mean)} | "
                      f"{_fmt(r.extreme_frac_mean)} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
@@ -215,7 +204,7 @@ def write_drift_outputs(output: str | Path, result, options: dict[str, Any], for
         files = write_table(result.table(), tmp, "drift")
         files += write_table(result.summary(), tmp, "drift_summary")
         cks = options.get("checkpoints") or []
-        files += drift_by_layer(result.table(), tmp, f"{', '.join(_short(c) for c in cks)}: weight drift per tensor")
+        files += drift_by_layer(result.table(), tmp, f"{', '.join(short_name(c) for c in cks)}: weight drift per tensor")
         files.append(drift_summary_md(tmp, result, options))
         manifest = build_manifest("drift", options, drift=result.info, skipped=result.skipped[:200],
                                   files=files + ["manifest.json"])

@@ -52,6 +52,21 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def model_section(lm) -> dict[str, Any]:
+    """The manifest's ``model`` section: what was loaded, how, and where it ran."""
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return {"family": lm.family, "class": type(lm.model).__name__, "n_parameters": n_params,
+            "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+            "is_causal_lm": lm.is_causal_lm, "source": lm.source,
+            "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
+
+
+def short_name(checkpoint: Any) -> str:
+    """A checkpoint's label for titles: its folder name, with the parent's when the name says nothing."""
+    p = Path(str(checkpoint))
+    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
+
+
 def build_manifest(command: str, options: dict[str, Any], **sections: Any) -> dict[str, Any]:
     return _jsonable({
         "tool": "actsparse",

@@ -16,7 +16,7 @@ import pandas as pd
 
 from reports.bundle import atomic_output_dir
 from reports.figures import pyplot, save
-from reports.manifest import build_manifest, write_manifest
+from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.tables import write_table
 
 PLOTS = ("layers", "heatmap", "3d")
@@ -164,10 +164,9 @@ def massive_manifest_section(result) -> dict[str, Any]:
 
 def write_massive_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
                           plots: Iterable[str] | None = None, layer: int | None = None) -> Path:
-    from reports.measure_report import _short, model_section
 
     with atomic_output_dir(output, force) as tmp:
-        files = write_massive_files(tmp, result, _short(options.get("checkpoint")), plots, layer)
+        files = write_massive_files(tmp, result, short_name(options.get("checkpoint")), plots, layer)
         files.append(write_summary_md(tmp, result, options))
         manifest = build_manifest("massive", options, model=model_section(lm),
                                   massive=massive_manifest_section(result), files=files + ["manifest.json"])
@@ -186,7 +185,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info = result.info
     lines = [f"# actsparse massive: {md_escape(options.get('checkpoint'))}", "",

@@ -7,23 +7,15 @@ from typing import Any
 
 from reports.bundle import atomic_output_dir
 from reports.figures import sparsity_by_layer
-from reports.manifest import build_manifest, write_manifest
+from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.tables import write_table
-
-
-def model_section(lm) -> dict[str, Any]:
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    return {"family": lm.family, "class": type(lm.model).__name__, "n_parameters": n_params,
-            "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
-            "is_causal_lm": lm.is_causal_lm, "source": lm.source,
-            "tokenizer": type(lm.tokenizer).__name__ if lm.tokenizer is not None else None}
 
 
 def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
                           extras: dict[str, Any] | None = None) -> Path:
     """One bundle: the sparsity tables, plus the ``grad`` and ``massive`` results when measured too."""
     extras = extras or {}
-    title = _short(options.get("checkpoint"))
+    title = short_name(options.get("checkpoint"))
     with atomic_output_dir(output, force) as tmp:
         files = write_table(result.table(), tmp, "sparsity")
         files += write_table(result.summary(), tmp, "summary")
@@ -52,14 +44,9 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
     return Path(output)
 
 
-def _short(checkpoint: Any) -> str:
-    p = Path(str(checkpoint))
-    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
-
-
 def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
     """A short markdown summary for terminals and pull requests (checkpoint, corpus and module names escaped)."""
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info = result.info
     lines = [f"# actsparse measure: {md_escape(options.get('checkpoint'))}", "",

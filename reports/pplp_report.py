@@ -12,19 +12,8 @@ from typing import Any
 
 from reports.bundle import atomic_output_dir
 from reports.figures import pyplot, save
-from reports.manifest import build_manifest, write_manifest
+from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.tables import write_table
-
-
-def _model_section(lm) -> dict[str, Any]:
-    from reports.measure_report import model_section
-
-    return model_section(lm)
-
-
-def _short(checkpoint: Any) -> str:
-    p = Path(str(checkpoint))
-    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
 
 
 # ----------------------------------------------------------------------------------------------- pplp
@@ -58,7 +47,7 @@ def write_pplp_outputs(output: str | Path, result, lm, options: dict[str, Any], 
     with atomic_output_dir(output, force) as tmp:
         files = write_pplp_tables(tmp, result)
         files.append(write_pplp_summary_md(tmp, result, options))
-        manifest = build_manifest("pplp", options, model=_model_section(lm), pplp=pplp_manifest_section(result),
+        manifest = build_manifest("pplp", options, model=model_section(lm), pplp=pplp_manifest_section(result),
                                   warnings=list(result.warnings), files=files + ["manifest.json"])
         write_manifest(tmp, manifest)
     return Path(output)
@@ -74,7 +63,7 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def pplp_summary_lines(result) -> list[str]:
     """Markdown lines for a PPL-p% section (shared with other bundles' summary.md)."""
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info, dense = result.info, result.dense
     lines = []
@@ -107,7 +96,7 @@ def pplp_summary_lines(result) -> list[str]:
 
 
 def write_pplp_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_escape
+    from reports.markdown import md_escape
 
     lines = [f"# actsparse pplp: {md_escape(options.get('checkpoint'))}", ""] + pplp_summary_lines(result)
     lines += ["", "Sparsity = fraction of the MLP output projection's input entries that are exactly 0 in the sparse run "
@@ -168,16 +157,16 @@ def write_curve_outputs(output: str | Path, result, lm, options: dict[str, Any],
     with atomic_output_dir(output, force) as tmp:
         files = write_curve_tables(tmp, result)
         if plot:
-            files += plot_curve(result.table(), tmp, _short(options.get("checkpoint")), result.info["n_counted_tokens"])
+            files += plot_curve(result.table(), tmp, short_name(options.get("checkpoint")), result.info["n_counted_tokens"])
         files.append(write_curve_summary_md(tmp, result, options))
-        manifest = build_manifest("curve", options, model=_model_section(lm), curve=curve_manifest_section(result),
+        manifest = build_manifest("curve", options, model=model_section(lm), curve=curve_manifest_section(result),
                                   warnings=list(result.warnings), files=files + ["manifest.json"])
         write_manifest(tmp, manifest)
     return Path(output)
 
 
 def write_curve_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info = result.info
     lines = [f"# actsparse curve: {md_escape(options.get('checkpoint'))}", ""]

@@ -27,7 +27,7 @@ def _step_axis(ax, steps: Sequence[float]) -> None:
 
 def _legend_outside(fig, ax, max_items: int = 12, n_layers: int | None = None) -> None:
     """A legend beside the axes, or for many layer lines a 'layer' colour bar (viridis order)."""
-    from reports.bundle_report import layer_key
+    from reports.figures import layer_key
 
     if n_layers is not None and n_layers > max_items:
         layer_key(fig, [ax], n_layers, max_items)
@@ -58,7 +58,7 @@ def plot_trend_sparsity(sp: pd.DataFrame, folder: Path, title: str) -> list[str]
     fig.suptitle(f"{title}: activation sparsity per layer vs training step", fontsize=10)
     fig.tight_layout()
     n_layers = int(sp.groupby("kind")["layer"].nunique().max())
-    from reports.bundle_report import layer_key
+    from reports.figures import layer_key
 
     layer_key(fig, list(axes[0]), n_layers)
     return save(fig, folder, "trend_sparsity")
@@ -182,7 +182,7 @@ def run_title(cks: Sequence[CheckpointStep]) -> str:
 
 
 def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
-    from reports.bundle_report import md_code, md_escape
+    from reports.markdown import md_code, md_escape
 
     info = result.info
     lines = [f"# actsparse track: {md_escape(run_title(result.checkpoints))}", "",
@@ -213,7 +213,7 @@ def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
 
 
 def _fit_status(r: dict[str, Any]) -> str:
-    from reports.bundle_report import md_escape
+    from reports.markdown import md_escape
 
     if not r["converged"]:
         return "no: " + md_escape(r["message"])

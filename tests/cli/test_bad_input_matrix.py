@@ -390,11 +390,19 @@ def test_nan_weights_are_marked_by_the_weight_commands(cmd, model_dir, tmp_path)
 
 @pytest.mark.parametrize("cmd", ["measure", "spectrum"])
 def test_force_replaces_an_existing_output(cmd, model_dir, corpus, tmp_path):
+    """--force replaces a folder actsparse wrote, whole; a folder holding anything else stays untouched."""
     case = _existing_output(tmp_path, model_dir)
+    r = invoke(*_argv(cmd, case, corpus, case.out), "--force")
+    assert r.exit_code == EXIT_OUTPUT and "actsparse did not write" in r.stderr and "keep.txt" in r.stderr
+    assert (case.out / "keep.txt").read_text() == "precious"
+    (case.out / "keep.txt").unlink()
+    case.out.rmdir()
+    assert invoke(*_argv(cmd, case, corpus, case.out)).exit_code == 0
+    (case.out / "manifest.json").write_text((case.out / "manifest.json").read_text().replace('"tool"', '"tool" ', 1))
     r = invoke(*_argv(cmd, case, corpus, case.out), "--force")
     assert r.exit_code == 0, r.stderr
     names = {p.name for p in case.out.iterdir()}
-    assert "keep.txt" not in names and "manifest.json" in names  # replaced, not merged
+    assert "manifest.json" in names and '"tool" ' not in (case.out / "manifest.json").read_text()  # replaced
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 

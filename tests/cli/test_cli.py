@@ -376,10 +376,14 @@ def test_existing_output_needs_force(model_dir, corpus, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched
     assert (out / "keep.txt").read_text() == "precious"
 
+    r = invoke(*base, "--force")  # --force replaces only a folder actsparse wrote
+    assert r.exit_code == EXIT_OUTPUT and "keep.txt" in r.stderr and (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert invoke(*base).exit_code == 0  # an empty folder is used as it is
     r = invoke(*base, "--force")
     assert r.exit_code == 0, r.stderr
     names = {p.name for p in out.iterdir()}
-    assert "keep.txt" not in names and {"manifest.json", "sparsity.parquet"} <= names  # replaced, not merged
+    assert {"manifest.json", "sparsity.parquet"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 

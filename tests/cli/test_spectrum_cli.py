@@ -74,8 +74,12 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     assert r.exit_code == EXIT_OUTPUT
     assert "--force" in r.output and (out / "keep.txt").exists()
     r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--force"])
+    assert r.exit_code == EXIT_OUTPUT and "did not write" in r.output and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q"]).exit_code == 0
+    r = runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--force"])
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "spectrum.parquet").exists()
+    assert (out / "spectrum.parquet").exists()
 
 
 def test_split_fused_rows(ckpt, tmp_path):
@@ -172,7 +176,9 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    save_file({f"l{i}.weight": torch.randn(64, 32, generator=g) for i in range(6)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model").mkdir()
+    save_file({f"l{i}.weight": torch.randn(64, 32, generator=g) for i in range(6)},
+              str(tmp_path / "model" / "model.safetensors"))
     out = tmp_path / "out"
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
@@ -185,7 +191,7 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
             return real(*a, **k)
         sp.svals_cpu = slow  # forked workers inherit the patch
         from actsparse_cli.main import app
-        app(["spectrum", {str(tmp_path)!r}, "--workers", "2", "-o", {str(out)!r}, "--quiet"])
+        app(["spectrum", {str(tmp_path / "model")!r}, "--workers", "2", "-o", {str(out)!r}, "--quiet"])
     """))
     proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

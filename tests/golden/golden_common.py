@@ -41,9 +41,9 @@ REPO = HERE.parents[1]
 
 RTOL, ATOL = 1e-6, 1e-9
 GZIP_OVER = 64 * 1024  # expected CSVs larger than this are stored as .csv.gz
-# Counted tokens and windows per batch for the forward-pass commands: 1000 tokens are 3 full windows of
-# 256 and one cut short, so with 3 windows a batch there are two batches, the second one partial and
-# padded: the goldens cover merging over batches and masking, and the whole test stays quick.
+# Counted tokens and windows per batch for the forward-pass commands: 1000 tokens are 4 windows of 256
+# (the last counts only 232 positions), so with 3 windows a batch there are two batches, the second
+# one partial: the goldens cover merging over batches and uncounted positions, and stay quick.
 MAX_TOKENS, BATCH = "1000", "3"
 # One CPU thread (torch and BLAS) in regen.py and in the test: float sums do not depend on the
 # machine's core count, and on a busy 2-core machine one thread is twice as fast as two.

@@ -233,9 +233,21 @@ def test_force_replaces_links_inside_the_output_folder_without_following_them(ho
     (out / "figures").symlink_to(victim_dir, target_is_directory=True)
     outside_before = {k: v for k, v in _tree(tmp_path).items() if not k.startswith("report")}
     r = invoke("report", hostile_measure, "-o", out, "--force")
-    assert r.exit_code == 0, r.output
+    # a folder of links is not one actsparse wrote: --force refuses it (exit 5), following nothing
+    assert r.exit_code == 5 and "did not write" in r.output, r.output
     outside_after = {k: v for k, v in _tree(tmp_path).items() if not k.startswith("report")}
     assert outside_after == outside_before  # the victims are untouched, no temporary or .old folder left
+    # one of ours whose listed files were swapped for links: replaced whole, the links' targets untouched
+    (out / "summary.md").unlink()
+    (out / "index.html").unlink()
+    (out / "tables").unlink()
+    (out / "figures").unlink()
+    assert invoke("report", hostile_measure, "-o", out, "--force").exit_code == 0
+    (out / "summary.md").unlink()
+    (out / "summary.md").symlink_to(victim_file)
+    r = invoke("report", hostile_measure, "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith("report")} == outside_before
     for p in out.rglob("*"):
         assert not p.is_symlink(), p
         assert out.resolve() in p.resolve().parents, p
