@@ -165,7 +165,9 @@ def _oom_fix(kwargs: dict) -> str:
     bs, ml = kwargs.get("batch_size"), kwargs.get("max_length")
     shorter = f"--max-length {ml // 2}" if isinstance(ml, int) and ml >= 4 else "a smaller --max-length"
     if "batch_size" not in kwargs:
-        return "use --device cpu, or a GPU with more free memory"
+        if "device" in kwargs:
+            return "use --device cpu, or a GPU with more free memory"
+        return "free some memory (other programs, a smaller checkpoint shard) or use a machine with more"
     if isinstance(bs, int) and bs > 1:
         return f"retry with --batch-size {bs // 2} (or {shorter}, or --dtype bfloat16)"
     if bs == 1:

@@ -17,6 +17,8 @@ from actsparse_cli.loading_opts import shared_options
 def print_drift_table(rows: list[dict], title: str, multi: bool) -> None:
     from rich.table import Table
 
+    from reports.numbers import fixed, fmt
+
     t = Table(title=title)
     cols = (["ckpt"] if multi else []) + ["weight", "kind", "role", "shape", "mean", "neg %", "std",
                                           "q99.9 |w|", "extreme frac", "max |w|"]
@@ -24,8 +26,8 @@ def print_drift_table(rows: list[dict], title: str, multi: bool) -> None:
         t.add_column(c, justify="left" if c in ("weight", "kind", "role", "shape") else "right", overflow="fold")
     for r in rows:
         cells = ([str(r["checkpoint_index"])] if multi else []) + [
-            r["name"], r["kind"], r["role"], r["shape"], f"{r['mean']:.3e}", f"{r['neg_pct']:.2f}", f"{r['std']:.4g}",
-            f"{r['extreme_threshold']:.4g}", f"{r['extreme_frac']:.5f}", f"{r['max_abs']:.4g}"]
+            r["name"], r["kind"], r["role"], r["shape"], fmt(r["mean"]), fixed(r["neg_pct"], 2), fmt(r["std"]),
+            fmt(r["extreme_threshold"]), fmt(r["extreme_frac"]), fmt(r["max_abs"])]
         t.add_row(*cells)
     stdout_console().print(t)
 
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
         from actsparse_cli.common import batch_progress
         from probes.drift import weight_drift
         from reports.bundle import check_output_dir
-        from reports.grad_report import write_drift_outputs
+        from reports.sections.drift import write_drift_outputs
 
         if output is not None:
             check_output_dir(output, force, inputs=checkpoints)

@@ -44,6 +44,8 @@ class ReductionChoice(str, Enum):
 def print_grad_table(rows: list[dict], spike_rows: list[dict], title: str) -> None:
     from rich.table import Table
 
+    from reports.numbers import fmt, pct
+
     taus = [k for k in (rows[0] if rows else {}) if k.startswith("eff_grad_sparsity@")]
     t = Table(title=title)
     cols = ["site", "module", "act", "tokens", "deriv sparsity %", "deriv^2 mean",
@@ -52,9 +54,8 @@ def print_grad_table(rows: list[dict], spike_rows: list[dict], title: str) -> No
         t.add_column(c, justify="left" if c in ("site", "module", "act") else "right", overflow="fold")
     for r in rows:
         t.add_row(r["canonical_name"], r["module_path"], r["act"], str(r["n_tokens"]),
-                  f"{100 * r['deriv_sparsity']:.2f}", f"{r['deriv_sq_mean']:.4g}",
-                  *[f"{100 * r[k]:.2f}" for k in taus], f"{r['eta_l1_per_token']:.4g}",
-                  f"{r['eta_l2sq_per_token']:.4g}")
+                  pct(r["deriv_sparsity"]), fmt(r["deriv_sq_mean"]),
+                  *[pct(r[k]) for k in taus], fmt(r["eta_l1_per_token"]), fmt(r["eta_l2sq_per_token"]))
     con = stdout_console()
     con.print(t)
     down = [r for r in spike_rows if r.get("is_down_proj")]
@@ -63,9 +64,9 @@ def print_grad_table(rows: list[dict], spike_rows: list[dict], title: str) -> No
         for c in ("module", "spike_max", "median |x|", "max/median", "max/median(non-zero)", "zero %"):
             s.add_column(c, justify="left" if c == "module" else "right", overflow="fold")
         for r in down:
-            s.add_row(r["module_path"], f"{r['spike_max']:.4g}", f"{r['median_abs_batchmean']:.4g}",
-                      f"{r['spike_ratio_batchmedian']:.4g}", f"{r['spike_ratio_nonzero_batchmedian']:.4g}",
-                      f"{100 * r['zero_frac']:.2f}")
+            s.add_row(r["module_path"], fmt(r["spike_max"]), fmt(r["median_abs_batchmean"]),
+                      fmt(r["spike_ratio_batchmedian"]), fmt(r["spike_ratio_nonzero_batchmedian"]),
+                      pct(r["zero_frac"]))
         con.print(s)
 
 

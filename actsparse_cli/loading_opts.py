@@ -70,9 +70,7 @@ def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pick
 
 def resolve_kinds(kind: list[str] | None, valid=None, default=None) -> tuple[str, ...]:
     """``--kind`` values (repeatable, comma-separated) checked against ``valid``; ``default`` when none given."""
-    import difflib
-
-    from probes.errors import ActsparseError
+    from probes.errors import unknown_name
     from probes.measure import DEFAULT_KINDS
     from probes.sites import MLP_KINDS, RESID_POST
 
@@ -82,7 +80,5 @@ def resolve_kinds(kind: list[str] | None, valid=None, default=None) -> tuple[str
     flat = [k.strip() for item in kind for k in item.split(",") if k.strip()]
     bad = [k for k in flat if k not in valid]
     if bad:
-        close = difflib.get_close_matches(bad[0], valid, n=1)
-        raise ActsparseError(f"unknown site kind {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
-                             f"use one of {', '.join(valid)}", exit_code=3)
+        raise unknown_name("site kind", bad[0], valid, exit_code=3)
     return tuple(flat)

@@ -39,18 +39,13 @@ class PlotChoice(str, Enum):
     heatmap = "heatmap"
 
 
-def _fmt(v, digits: int = 4) -> str:
-    import math
-
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.{digits}g}"
-    return str(v)
-
-
-def print_massive_table(result, title: str) -> None:
+def print_massive_table(result, title: str, kinds=None) -> None:
+    """The per-site table of the kinds the user asked for (``kinds``; None: the default kinds, see
+    ``reports.massive_report.shown_kinds``), the global max and the INT8 check."""
     from rich.table import Table
+
+    from reports.massive_report import shown_kinds
+    from reports.numbers import fmt
 
     t = Table(title=title)
     cols = [("site", "canonical_name"), ("module", "module_path"), ("layer", "layer"),
@@ -61,22 +56,23 @@ def print_massive_table(result, title: str) -> None:
     for head, _ in cols:
         t.add_column(head, justify="left" if head in ("site", "module", "channels", "positions") else "right",
                      overflow="fold", no_wrap=head in ("site", "module"))
+    show = shown_kinds((r["kind"] for r in result.layers), kinds)
     for r in result.layers:
-        if r["kind"] not in ("embed", "resid_post", "final_norm", "custom"):
+        if r["kind"] not in show:
             continue
-        t.add_row(*[_fmt(r.get(k)) if k != "massive_channels" else (r.get(k) or "-") for _, k in cols])
+        t.add_row(*[fmt(r.get(k)) if k != "massive_channels" else (r.get(k) or "-") for _, k in cols])
     con = stdout_console()
     con.print(t)
     g = result.global_max
     if g:
-        con.print(f"global max {_fmt(g['value'], 6)} at {g['canonical_name']} ({g['module_path']}): "
+        con.print(f"global max {fmt(g['value'], 6)} at {g['canonical_name']} ({g['module_path']}): "
                   f"sample {g['sample']}, position {g['position']}, channel {g['channel']}, token {g['token']!r}")
     if result.int8:
         t8 = Table(title=f"INT8 at {result.int8[0]['canonical_name']} (per-tensor symmetric)")
         for c in ("policy", "threshold", "rel_rmse", "SQNR dB", "clip rate"):
             t8.add_column(c, justify="right")
         for r in result.int8:
-            t8.add_row(r["policy"], _fmt(r["threshold"]), _fmt(r["rel_rmse"]), _fmt(r["sqnr_db"]), _fmt(r["clip_rate"]))
+            t8.add_row(r["policy"], fmt(r["threshold"]), fmt(r["rel_rmse"]), fmt(r["sqnr_db"]), fmt(r["clip_rate"]))
         con.print(t8)
 
 
@@ -161,6 +157,7 @@ def register(app: typer.Typer) -> None:
         from probes.residual import RESIDUAL_KINDS
 
         kinds = resolve_kinds(kind, RESIDUAL_KINDS, RESIDUAL_KINDS)
+        shown = kinds if kind else None  # what the table, summary and figures show: every kind asked for
         if checkpoint is None:
             from probes.embedded import default_checkpoint
 
@@ -196,14 +193,14 @@ def register(app: typer.Typer) -> None:
         if output is not None:
             from reports.massive_report import write_massive_outputs
 
-            write_massive_outputs(output, result, lm, options, force=force, plots=plots, layer=layer)
+            write_massive_outputs(output, result, lm, options, force=force, plots=plots, layer=layer, kinds=shown)
         if result.info.get("overflow"):
             stderr_console().print(f"[yellow]warning:[/] {result.info['overflow']}: "
                                    f"{', '.join(result.info['nonfinite_sites'][:6])}")
         if not quiet:
             print_massive_table(result, f"massive activations: {checkpoint} ({result.info['preset']}, "
                                         f"{result.info['n_sequences']} sequences, {result.info['n_counted_tokens']} "
-                                        f"tokens, {lm.dtype})")
+                                        f"tokens, {lm.dtype})", kinds=shown)
             if output is not None:
                 stderr_console().print(f"wrote {output}/ (massive_layers, massive_topk, massive_channels"
                                        f"{', massive_int8' if result.int8 else ''} .parquet/.csv, figures, summary.md, "

@@ -27,6 +27,8 @@ PANEL_PROBES = "Probes"
 def print_sparsity_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
+    from reports.numbers import fixed, fmt, pct
+
     t = Table(title=title)
     cols = [("site", "canonical_name"), ("module", "module_path"), ("kind", "kind"), ("width", "width"),
             ("tokens", "n_tokens"), ("zero %", "zero_frac"), ("|a|<=1e-2 %", "near_zero_frac@0.01"),
@@ -41,11 +43,11 @@ def print_sparsity_table(rows: list[dict], title: str) -> None:
         for _, key in cols:
             v = r.get(key)
             if key in ("zero_frac", "near_zero_frac@0.01") or key == chunk:
-                cells.append(f"{100 * v:.2f}")
+                cells.append(pct(v))
             elif key == "nonzero_pct_per_token":
-                cells.append(f"{v:.2f}")
+                cells.append(fixed(v, 2))
             else:
-                cells.append(str(v))
+                cells.append(fmt(v))
         t.add_row(*cells)
     stdout_console().print(t)
 
@@ -125,6 +127,7 @@ def register(app: typer.Typer) -> None:
                               max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
                               skip_first=skip_first, eps_grid=tuple(sorted(set(eps))) if eps else DEFAULT_EPS_GRID,
                               chunk_k=chunk_k, kinds=kinds, sites=tuple(site or ()))
+        shared = opts.data_fields()  # the data options every analysis of this bundle reads (probes.data)
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
@@ -145,9 +148,7 @@ def register(app: typer.Typer) -> None:
                 if grad:
                     from probes.gradients import GradOptions, check_loss
 
-                    gopts = GradOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
-                                        max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
-                                        skip_first=skip_first, sites=tuple(site or ()))
+                    gopts = GradOptions(**shared, sites=tuple(site or ()))
                     check_loss(lm, gopts)  # refuse a model without a loss before any work
                 with batch_progress(quiet_here, "measure") as progress:
                     result = run_measure(lm, opts, progress=progress)
@@ -155,14 +156,12 @@ def register(app: typer.Typer) -> None:
                     from probes.gradients import measure_gradients
 
                     with batch_progress(quiet_here, "grad") as progress:
-                        extras["grad"] = measure_gradients(lm, gopts, progress=progress)
+                        extras["gradients"] = measure_gradients(lm, gopts, progress=progress)
                 if pplp:
                     from probes.pplp import PplpOptions
                     from probes.pplp import pplp as run_pplp
 
-                    popts = PplpOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
-                                        max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
-                                        skip_first=skip_first, sites=tuple(site or ()), p=tuple(pplp))
+                    popts = PplpOptions(**shared, sites=tuple(site or ()), p=tuple(pplp))
                     with batch_progress(quiet_here, "pplp") as progress:
                         extras["pplp"] = run_pplp(lm, popts, progress=progress)
                 if massive:
@@ -172,8 +171,8 @@ def register(app: typer.Typer) -> None:
                     # The preset draws its own sequences (no BOS, the family's length) so the numbers compare
                     # with the papers; the corpus, --max-length (when given), --max-tokens and --skip-first
                     # carry over.
-                    mopts = MassiveOptions(preset=massive_preset, data=data, text_field=text_field, encoding=encoding,
-                                           max_length=max_length, max_tokens=max_tokens, skip_first=skip_first)
+                    mopts = MassiveOptions(preset=massive_preset,  # the preset's own batch size and seed
+                                           **opts.data_fields(exclude=("batch_size", "seed", "stride")))
                     with batch_progress(quiet_here, "massive") as progress:
                         extras["massive"] = run_massive(lm, mopts, progress=progress)
         except distributed.ReportedByRankZero as e:
@@ -191,10 +190,10 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             print_sparsity_table(result.rows, f"activation sparsity: {checkpoint} "
                                               f"({result.info['n_counted_tokens']} tokens, {lm.dtype})")
-            if "grad" in extras:
+            if "gradients" in extras:
                 from actsparse_cli.grad_cmd import print_grad_table
 
-                print_grad_table(extras["grad"].rows, extras["grad"].spike_rows, "gradient sparsity")
+                print_grad_table(extras["gradients"].rows, extras["gradients"].spike_rows, "gradient sparsity")
             if "pplp" in extras:
                 from actsparse_cli.pplp_cmd import print_pplp
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -69,16 +69,10 @@ def _warn(warnings: list[str]) -> None:
         con.print(f"[bold red]WARNING:[/bold red] [red]{w}[/red]", highlight=False)
 
 
-def _num(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return format(v, spec)
-
-
 def print_pplp(result, title: str) -> None:
     from rich.table import Table
+
+    from reports.numbers import fixed, fmt, pct
 
     con = stdout_console()
     t = Table(title=title)
@@ -86,9 +80,9 @@ def print_pplp(result, title: str) -> None:
         t.add_column(head, justify="left" if head == "status" else "right")
     for _, r in result.summary().iterrows():
         un = r["status"] == "unreachable"
-        t.add_row(f"{r['p_pct']:g}", r["status"], "-" if un else _num(r["c_star"], ".5f"),
-                  "-" if un else _num(r["achieved_ratio"], ".5f"), "-" if un else _num(100 * r["mean_sparsity"], ".2f"),
-                  "-" if un else _num(100 * r["mean_activation_ratio"], ".2f"), str(r["sparse_passes"]))
+        t.add_row(f"{r['p_pct']:g}", r["status"], "-" if un else fixed(r["c_star"], 5),
+                  "-" if un else fixed(r["achieved_ratio"], 5), "-" if un else pct(r["mean_sparsity"]),
+                  "-" if un else pct(r["mean_activation_ratio"]), str(r["sparse_passes"]))
     con.print(t)
     for tg in result.targets:
         if tg.reason:
@@ -99,22 +93,24 @@ def print_pplp(result, title: str) -> None:
         for head in ("p %", "layer", "module", "threshold", "sparsity %", "CETT in sparse run"):
             lt.add_column(head, justify="left" if head == "module" else "right", overflow="fold")
         for _, r in table.iterrows():
-            lt.add_row(f"{r['p_pct']:g}", str(r["layer"]), r["module_path"], _num(r["threshold"], ".6g"),
-                       _num(100 * r["sparsity"], ".2f"), _num(r["cett_in_sparse_run"], ".4f"))
+            lt.add_row(f"{r['p_pct']:g}", str(r["layer"]), r["module_path"], fmt(r["threshold"], 6),
+                       pct(r["sparsity"]), fixed(r["cett_in_sparse_run"], 4))
         con.print(lt)
-    con.print(f"dense PPL {result.dense['ppl']:.4f} over {result.dense['n_tokens']} tokens; "
+    con.print(f"dense PPL {fixed(result.dense['ppl'], 4)} over {result.dense['n_tokens']} tokens; "
               f"{result.info['full_passes']} full passes ({result.info['method']})", highlight=False)
 
 
 def print_curve(result, title: str) -> None:
     from rich.table import Table
 
+    from reports.numbers import fixed, fmt, pct
+
     t = Table(title=title)
     for head in ("method", "value", "thresholded tensor", "PPL ratio", "mean sparsity %"):
         t.add_column(head, justify="left" if head in ("method", "thresholded tensor") else "right", overflow="fold")
     for r in result.points:
-        t.add_row(r["method"], _num(r["value"], "g"), r["thresholded_tensor"] or "-", f"{r['ppl_ratio']:.5f}",
-                  f"{100 * r['mean_sparsity']:.2f}")
+        t.add_row(r["method"], fmt(r["value"], 6), r["thresholded_tensor"] or "-", fixed(r["ppl_ratio"], 5),
+                  pct(r["mean_sparsity"]))
     stdout_console().print(t)
 
 
@@ -126,11 +122,9 @@ def _parse_methods(method: list[str] | None):
     flat = [m.strip().lower() for item in method for m in item.split(",") if m.strip()]
     bad = [m for m in flat if m not in CURVE_METHODS]
     if bad:
-        import difflib
+        from probes.errors import unknown_name
 
-        close = difflib.get_close_matches(bad[0], CURVE_METHODS, n=1)
-        raise typer.BadParameter(f"unknown method {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                                 + f" (valid: {', '.join(CURVE_METHODS)})", param_hint="--method")
+        raise typer.BadParameter(unknown_name("method", bad[0], CURVE_METHODS).one_line(), param_hint="--method")
     return tuple(dict.fromkeys(flat))
 
 

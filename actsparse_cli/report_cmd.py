@@ -33,7 +33,8 @@ RequiredOut = Annotated[Path, typer.Option("-o", "--output", help="Output folder
 def _print_changes(res, top: int) -> None:
     from rich.table import Table
 
-    from reports.compare import _layer, fmt, fmt_rel
+    from reports.compare import _layer
+    from reports.numbers import fmt, pct
 
     ch = res.changed()
     t = Table(title=f"largest changes ({min(top, len(ch))} of {len(ch)} changed values)")
@@ -42,7 +43,8 @@ def _print_changes(res, top: int) -> None:
                      overflow="fold")
     for r in ch.head(top).itertuples(index=False):
         t.add_row(str(r.table), str(r.name), _layer(r.layer),
-                  str(r.kind), str(r.metric), fmt(r.baseline), fmt(r.candidate), fmt(r.delta), fmt_rel(r.rel_delta))
+                  str(r.kind), str(r.metric), fmt(r.baseline, 6), fmt(r.candidate, 6), fmt(r.delta, 6),
+                  pct(r.rel_delta, signed=True, suffix=" %"))
     stdout_console().print(t)
 
 
@@ -99,7 +101,8 @@ def register(app: typer.Typer) -> None:
         Exit code 0: every rule holds; 7: a rule is broken (or, with --strict, the sides measured different things);
         2: an input is not an actsparse output, or a rule cannot be read or matches no metric.
         """
-        from reports.compare import _layer, fmt, parse_rule
+        from reports.compare import _layer, parse_rule
+        from reports.numbers import fmt
         from reports.compare import compare as run_compare
 
         rules = [parse_rule(r) for r in fail_on or []]  # a typo fails before any table is read
@@ -127,8 +130,8 @@ def register(app: typer.Typer) -> None:
             b = r.broken.iloc[0]
             layer = f" layer {_layer(b['layer'])}" if _layer(b["layer"]) else ""
             typer.echo(f"rule {r.rule.text} BROKEN by {len(r.broken)} of {r.n_checked} values ({r.rule.describe()}); "
-                       f"e.g. {b['table']} {b['name']}{layer} {b['metric']}: {fmt(b['baseline'])} -> "
-                       f"{fmt(b['candidate'])} ({b['why']})", err=True)
+                       f"e.g. {b['table']} {b['name']}{layer} {b['metric']}: {fmt(b['baseline'], 6)} -> "
+                       f"{fmt(b['candidate'], 6)} ({b['why']})", err=True)
         if markdown is not None and not quiet:
             typer.echo(f"wrote {markdown}", err=True)
         if res.failed:
@@ -226,12 +229,14 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             from rich.table import Table
 
+            from reports.numbers import fmt
+
             tr = result.tables["trends"]
             cols = [c for c in tr.columns if c not in ("checkpoint_index", "checkpoint", "step_source")]
             t = Table(title=f"trends over {len(cks)} checkpoints")
             for c in cols:
                 t.add_column(c, justify="right", overflow="fold")
             for r in tr.to_dict("records"):
-                t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+                t.add_row(*[fmt(r[c]) for c in cols])
             stdout_console().print(t)
             err.print(f"wrote {output}/", markup=False)

@@ -57,18 +57,10 @@ _TABLE_COLUMNS = (("name", "name"), ("N", "N"), ("M", "M"), ("alpha", "alpha"), 
                   ("kappa_ratio", "kappa/kappa_mp"), ("status", "status"))
 
 
-def _fmt(v) -> str:
-    import pandas as pd
-
-    if pd.isna(v):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _print_results(df, summary: dict, n_ww: int) -> None:
     from rich.table import Table
+
+    from reports.numbers import fmt
 
     table = Table(title="spectrum", show_lines=False)
     for _, label in _TABLE_COLUMNS:
@@ -77,10 +69,10 @@ def _print_results(df, summary: dict, n_ww: int) -> None:
         status = row["status"] + (" (not WW)" if row["non_ww"] else " (WW skips)" if row["ww_skipped"] else "")
         if row["warning"]:
             status += f": {row['warning']}"
-        table.add_row(*[_fmt(row[c]) if c != "status" else status for c, _ in _TABLE_COLUMNS])
+        table.add_row(*[fmt(row[c]) if c != "status" else status for c, _ in _TABLE_COLUMNS])
     console = stdout_console()
     console.print(table)
-    means = ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items())
+    means = ", ".join(f"{k}={fmt(v)}" for k, v in summary.items())
     console.print(f"WW summary (mean over {n_ww} layers): {means}")
 
 

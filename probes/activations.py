@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from probes.errors import ModelError
+from probes.errors import ModelError, did_you_mean
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -341,10 +341,7 @@ def from_name(name: str) -> Activation:
         key = key[len("gated-"):]
     if key in BY_NAME:
         return BY_NAME[key]
-    import difflib
-
-    close = difflib.get_close_matches(key, list(BY_NAME), n=3)
-    raise ModelError(f"unknown activation {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
+    raise ModelError(f"unknown activation {name!r}{did_you_mean(key, BY_NAME, n=3)}",
                      f"use one of {', '.join(sorted(BY_NAME))}")
 
 

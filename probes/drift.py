@@ -133,6 +133,10 @@ class DriftResult:
     def summary(self):
         return summarize(self.rows)
 
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``)."""
+        return {"drift": self.table(), "drift_summary": self.summary()}
+
 
 def summarize(rows: list[dict[str, Any]]):
     """Per checkpoint and kind: unweighted means over tensors, and element-weighted mean weight / % negative."""
@@ -152,6 +156,17 @@ def summarize(rows: list[dict[str, Any]]):
                     "std_mean": float(g["std"].mean()), "extreme_frac_mean": float(g["extreme_frac"].mean()),
                     "max_abs": float(g["max_abs"].max())})
     return pd.DataFrame(out)
+
+
+@dataclass
+class DriftOptions:
+    checkpoints: Sequence[str] = ()  # one or more checkpoints, in training order
+    unsafe_pickle: bool = False
+
+
+def run_drift(loaded: Any, options: DriftOptions, progress: Callable[[int, int], Any] | None = None) -> DriftResult:
+    """The registered analysis (``probes.analysis``): ``loaded`` is unused, drift reads the weights itself."""
+    return weight_drift(list(options.checkpoints), unsafe_pickle=options.unsafe_pickle, progress=progress)
 
 
 def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,

@@ -14,6 +14,8 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+from typing import Iterable
+
 EXIT_CHECKPOINT = 2
 EXIT_MODEL = 3
 EXIT_DATA = 4
@@ -68,3 +70,24 @@ class OutputError(ActsparseError):
 
 class DeviceError(ActsparseError):
     exit_code = EXIT_DEVICE
+
+
+def did_you_mean(name: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` (up to ``n`` names: ``'x' or 'y'``) for the ``choices`` closest to ``name``
+    (``difflib.get_close_matches``), or ``""`` when none is close: to append to a problem text."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=cutoff)
+    if not close:
+        return ""
+    names = [repr(c) for c in close]
+    return "; did you mean " + (names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}") + "?"
+
+
+def unknown_name(what: str, name: str, choices: Iterable[str], *, error: type[ActsparseError] = ActsparseError,
+                 exit_code: int | None = None, n: int = 1) -> ActsparseError:
+    """The error for a ``name`` that is not one of ``choices``, to ``raise``: "unknown WHAT 'name'; did you
+    mean 'x'? -- fix: use one of a, b, c" (the valid names in the order given)."""
+    choices = [str(c) for c in choices]
+    return error(f"unknown {what} {name!r}{did_you_mean(name, choices, n=n)}", f"use one of {', '.join(choices)}",
+                 exit_code=exit_code)

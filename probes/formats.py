@@ -448,7 +448,7 @@ def sniff(path: str | os.PathLike) -> Sniffed:
     if _looks_like_text(p):
         raise CheckpointError(
             f"{s} is a text file, not a checkpoint",
-            "give a model folder, a .safetensors/.bin/.pt/.gguf file, or a hub id (corpora go to --data)")
+            "give a model folder, a .safetensors/.bin/.pt/.gguf file, or a hub id (a text corpus goes to `actsparse measure --data`)")
     raise CheckpointError(
         f"{s} is not a checkpoint format actsparse knows (first bytes {head[:8]!r})",
         "give safetensors, a torch .bin/.pt/.pth, GGUF, or a Hugging Face model folder")

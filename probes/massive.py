@@ -15,6 +15,10 @@ Two anchors, two medians, kept apart in column names:
 
 Nothing is stored across sequences: state is O(channels + top_k + max positions), and two
 probes of the same site ``merge`` into the state of one run over both inputs.
+
+Layout (one module of ~970 lines, for now): the probe, the INT8 check (Max_act_llm
+quant_sanity_check.py), the presets that draw each paper's sequences (its data set-up, on
+``probes.data``), and the run. The presets and the INT8 check are the parts to move out next.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from probes.errors import DataError, ModelError
+from probes.data import CorpusOptions, TokenData, pad_id, sequence_windows
+from probes.errors import DataError, ModelError, unknown_name
 
 SUN_ABS_THRESHOLD = 100.0  # |a| > 100 (Sun et al. 2024, section 2)
 SUN_RATIO_THRESHOLD = 1000.0  # |a| >= 1000 x whole-tensor median
@@ -530,19 +535,16 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass
-class MassiveOptions:
-    preset: str = "sun2024"
-    data: str | None = None  # corpus spec; None = the bundled calibration corpus
-    text_field: str = "text"
-    encoding: str = "utf-8"  # of a local corpus file; a byte-order mark is dropped
-    prompt: str | None = None  # analyse this one text instead of a corpus
+class MassiveOptions(CorpusOptions):
+    """``CorpusOptions`` (no stride: a preset cuts its own sequences) plus the massive-activation settings."""
+
     batch_size: int | None = None  # None: the preset's
     max_length: int | None = None  # None: the preset's rule
-    n_samples: int | None = None  # None: the preset's
-    max_tokens: int | None = None
     seed: int | None = None  # None: the preset's
+    preset: str = "sun2024"
+    prompt: str | None = None  # analyse this one text instead of a corpus
+    n_samples: int | None = None  # None: the preset's
     bos: bool = False  # prepend BOS (or the prefix token) to every sequence; both anchors add none
-    skip_first: int = 0
     top_k: int = DEFAULT_TOP_K
     kinds: Sequence[str] | None = None  # None: every residual kind
     sites: Sequence[str] = field(default_factory=tuple)  # glob overrides
@@ -585,17 +587,9 @@ class MassiveResult:
                              "int8": self.int8}[name])
 
 
-def _did_you_mean(name: str, valid: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def resolve_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise DataError(f"unknown preset {name!r}{_did_you_mean(name, list(PRESETS))}",
-                        f"use one of {', '.join(PRESETS)}")
+        raise unknown_name("preset", name, PRESETS, error=DataError)
     return PRESETS[name]
 
 
@@ -628,7 +622,7 @@ def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sa
     import numpy as np
 
     from probes import corpus as corpus_mod
-    from probes.measure import resolve_corpus
+    from probes.data import resolve_corpus
 
     tok = loaded.tokenizer
     prefix = corpus_mod.prefix_token(tok) if opts.bos and tok is not None else None
@@ -778,17 +772,12 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     samples, sinfo = build_samples(loaded, opts, preset)
     if opts.prompt is None and preset.sampling == "per_sample":
         samples.sort(key=lambda s: len(s.input_ids))  # as Max_act_llm: batches of similar length, less padding
-    windows = []
-    for smp in samples:
-        count = [True] * len(smp.input_ids)
-        count[:opts.skip_first] = [False] * min(opts.skip_first, len(count))
-        windows.append(corpus_mod.Window(list(smp.input_ids), list(smp.input_ids), count))
+    windows = sequence_windows([smp.input_ids for smp in samples], opts.skip_first)
     if not any(any(w.count) for w in windows):
         raise DataError("no token positions left to measure (check --skip-first)", "lower --skip-first")
     bs = opts.batch_size or preset.batch_size
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-    n_batches = math.ceil(len(windows) / bs)
+    td = TokenData(windows, bs, pad_id(tok), loaded.device)
+    n_batches = td.n_batches()
     passes = 3 if opts.int8 else 1
     if progress:
         progress(n_batches * passes, 0)
@@ -812,8 +801,7 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
         return MassiveProbe(width, device=device, top_k=opts.top_k, ctx=ctx)
 
     t0 = time.perf_counter()
-    probes = run_probes(model, corpus_mod.batches(windows, bs, pad, loaded.device), sites, make_probe,
-                        forward=forward, progress=tick)
+    probes = run_probes(model, td.batches(), sites, make_probe, forward=forward, progress=tick)
     dtype = str(loaded.dtype).replace("torch.", "")
     rows, topk_rows, chan_rows, channel_max = [], [], [], {}
     for s in sites:
@@ -841,7 +829,7 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     int8_rows: list[dict[str, Any]] = []
     int8_info: dict[str, Any] | None = None
     if opts.int8:
-        int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts, tick)
+        int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, td, opts, tick)
     capture = None
     cap_prompt = opts.capture_prompt
     if cap_prompt:
@@ -920,9 +908,8 @@ def _global_max(rows: list[dict[str, Any]], kinds: Sequence[str], tok) -> dict[s
             "token_id": r["peak_token_id"], "token": decode_token(tok, r["peak_token_id"])}
 
 
-def _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts: MassiveOptions, tick):
+def _int8_check(loaded, sites, gmax, rows, td: TokenData, opts: MassiveOptions, tick):
     """Max_act_llm quant_sanity_check.py at the peak site: scales from max |x| and from the clip quantile."""
-    from probes import corpus as corpus_mod
     from probes.runner import forward_batch, run_probes
 
     if not gmax:
@@ -936,12 +923,12 @@ def _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts: MassiveOption
     def fwd(m, b):
         return forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder)
 
-    hist = run_probes(loaded.model, corpus_mod.batches(windows, bs, pad, loaded.device), [site],
+    hist = run_probes(loaded.model, td.batches(), [site],
                       lambda s, w, d: AbsLogHistogram(w, upper, device=d), forward=fwd, progress=tick)
     clip = hist[site.canonical_name].quantile(opts.clip_quantile)
     qname = f"p{100 * opts.clip_quantile:g}"
     thresholds = {"max_abs": upper, qname: clip}
-    err = run_probes(loaded.model, corpus_mod.batches(windows, bs, pad, loaded.device), [site],
+    err = run_probes(loaded.model, td.batches(), [site],
                      lambda s, w, d: Int8ErrorProbe(w, thresholds, device=d), forward=fwd, progress=tick)
     out = []
     for r in err[site.canonical_name].rows():
@@ -960,11 +947,8 @@ def _int8_check(loaded, sites, gmax, rows, windows, bs, pad, opts: MassiveOption
 
 def capture_prompt(loaded, sites, prompt: str, bos: bool = False, kinds: Sequence[str] = ("resid_post",)):
     """One forward on ``prompt``; keeps the full ``[tokens, channels]`` tensor of each site of ``kinds``."""
-    import torch
-
     from probes import corpus as corpus_mod
-    from probes.hooks import attach_sites
-    from probes.runner import forward_batch
+    from probes.runner import TokenBatches, run
 
     tok = loaded.tokenizer
     ids = _tokenize(tok, prompt)
@@ -976,13 +960,13 @@ def capture_prompt(loaded, sites, prompt: str, bos: bool = False, kinds: Sequenc
     chosen = [s for s in sites if s.kind in kinds] or [s for s in sites]
     tensors: dict[str, Any] = {}
 
-    def keep(site, x):
-        if x is not None and torch.is_tensor(x) and x.dim() == 3 and site.canonical_name not in tensors:
-            tensors[site.canonical_name] = x[0].detach().float().cpu().numpy()
+    def keep(x, hc) -> None:  # x: [1, tokens, channels]
+        if x.dim() == 3 and hc.site.canonical_name not in tensors:
+            tensors[hc.site.canonical_name] = x[0].detach().float().cpu().numpy()
 
-    batch = next(corpus_mod.batches([corpus_mod.Window(ids, ids, [True] * len(ids))], 1, 0, loaded.device))
-    with torch.inference_mode(), attach_sites(chosen, keep):
-        forward_batch(loaded.model, batch, is_encoder_decoder=loaded.is_encoder_decoder)
+    batch = next(corpus_mod.batches(sequence_windows([ids]), 1, 0, loaded.device))
+    run(loaded.model, [batch], fwd_hooks=[(s, keep) for s in chosen],
+        adapter=TokenBatches(is_encoder_decoder=loaded.is_encoder_decoder))
     if not tensors:
         raise ModelError("no residual tensor was seen on the prompt", "check the sites with `actsparse sites`")
     return PromptCapture(prompt, ids, [decode_token(tok, t) for t in ids], tensors,

@@ -1,21 +1,37 @@
-"""The one loop over batches: forward passes with probes attached to sites.
+"""The one loop over batches: forward (and backward) passes with hooks attached to sites.
 
-Probes are created lazily per site (their width comes from the first tensor they see) and
-updated on the device the site lives on. Positions outside a batch's ``count_mask``
-(padding, uncounted context, ``--skip-first``) never reach a probe.
+``Runner`` is a context manager: on entry it attaches forward and backward hooks (``probes.hooks``)
+and enters inference mode (or no-grad, or grad mode for backward passes); on exit it removes every
+handle.
+``Runner.run(batches, step)`` streams the batches: for each one it sets the count mask the hooks
+see, runs the forward, calls ``step(batch, output)`` (a loss, a backward pass), and reports progress.
+Text batches (``probes.corpus.Batch``) and image batches (``probes.vision.ImageBatch``) go through
+the same loop; a ``BatchAdapter`` says how to run the model on one and which positions count.
+Out of memory, anywhere in the loop, becomes one ``DeviceError`` (the CLI adds the --batch-size
+to try). Data-parallel runs give the runner only this rank's batches (``probes.data.TokenData.local``).
+
+``run_probes`` is the common case on top: one streaming probe per site, created lazily (its width
+comes from the first tensor it sees) and updated on the device the site lives on. Positions
+outside a batch's ``count_mask`` (padding, uncounted context, ``--skip-first``) never reach a probe.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from probes.corpus import Batch
 from probes.errors import DeviceError, ModelError
-from probes.hooks import attach_sites
-from probes.sites import Site
+from probes.hooks import HookCall, HookState, hooks
+
+OOM_PROBLEM = "out of memory on a batch"
+OOM_FIX = "lower --batch-size or --max-length, or use --dtype bfloat16"
+MODES = ("inference", "no_grad", "grad")
 
 
-def forward_batch(model, batch: Batch, *, is_encoder_decoder: bool = False, need_logits: bool = False):
+# ----------------------------------------------------------------------------------------------- forwards
+def forward_batch(model, batch, *, is_encoder_decoder: bool = False, need_logits: bool = False):
     """Run ``model`` on a token batch. Causal LMs skip most of the LM head unless logits are needed."""
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if is_encoder_decoder:
@@ -31,6 +47,11 @@ def forward_batch(model, batch: Batch, *, is_encoder_decoder: bool = False, need
     return model(**kwargs)
 
 
+def forward_images(model, x):
+    """``model(pixel_values=x)`` for Hugging Face vision models, ``model(x)`` for plain modules."""
+    return model(pixel_values=x) if _accepts(model, "pixel_values") else model(x)
+
+
 def _accepts(model, name: str) -> bool:
     # Checked from the signature, never by retrying: a retried forward would run the hooks twice.
     import inspect
@@ -41,44 +62,186 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
-def run_probes(model, batches: Iterable[Batch], sites: Sequence[Site], make_probe: Callable[[Site, int, Any], Any],
-               *, forward: Callable[[Any, Batch], Any] | None = None,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Attach ``make_probe(site, width, device)`` probes to ``sites`` and stream ``batches`` through ``model``."""
+# ----------------------------------------------------------------------------------------------- batches
+class BatchAdapter:
+    """How the runner treats one kind of batch: run the model on it, its count mask, its size."""
+
+    def forward(self, model, batch):
+        raise NotImplementedError
+
+    def mask(self, batch):
+        """``[batch, pos]`` bool, the positions whose statistics count; None: every position counts."""
+        return getattr(batch, "count_mask", None)
+
+    def size(self, batch) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class TokenBatches(BatchAdapter):
+    """``probes.corpus.Batch``: ``input_ids`` / ``attention_mask`` / ``count_mask`` / ``labels``."""
+
+    is_encoder_decoder: bool = False
+    need_logits: bool = False
+
+    def forward(self, model, batch):
+        return forward_batch(model, batch, is_encoder_decoder=self.is_encoder_decoder, need_logits=self.need_logits)
+
+    def size(self, batch) -> int:
+        return int(batch.input_ids.shape[0])
+
+
+@dataclass
+class ImageBatches(BatchAdapter):
+    """``probes.vision.ImageBatch``: ``pixel_values`` ``[B, C, H, W]`` (every position counts)."""
+
+    def forward(self, model, batch):
+        return forward_images(model, batch.pixel_values)
+
+    def size(self, batch) -> int:
+        return int(batch.pixel_values.shape[0])
+
+
+def adapter_for(batch) -> BatchAdapter:
+    return ImageBatches() if hasattr(batch, "pixel_values") else TokenBatches()
+
+
+@contextlib.contextmanager
+def out_of_memory_as_device_error() -> Iterator[None]:
+    """The one out-of-memory handler of the batch loops: a ``DeviceError`` whose cause is torch's error
+    (the CLI recognises it by that cause and names a smaller --batch-size)."""
     import torch
 
-    forward = forward or (lambda m, b: forward_batch(m, b))
-    probes: dict[str, Any] = {}
-    current: dict[str, Any] = {"mask": None}
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError since torch 2.5: the same class
+        raise DeviceError(OOM_PROBLEM, OOM_FIX) from e
 
-    def observe(site: Site, x) -> None:
-        if x is None or not torch.is_tensor(x) or not x.is_floating_point():
-            return
-        mask = current["mask"]
-        if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
-            m = mask
-        elif x.dim() == 2 and mask is not None and x.shape[0] == mask.numel():
-            x, m = x.view(*mask.shape, x.shape[-1]), mask  # flattened [batch*pos, channels]
-        elif x.dim() == 2:
-            m = None  # plain MLP: [batch, channels], one token per sample
-        elif x.dim() == 3:
-            m = None  # a sequence of another length (e.g. a vision model): count every position
-        else:
-            raise ModelError(f"site {site.where} gives a {x.dim()}-D tensor {tuple(x.shape)}",
-                             "pick a site with [batch, pos, channels] activations via --site")
-        p = probes.get(site.canonical_name)
+
+# ----------------------------------------------------------------------------------------------- the runner
+class Runner:
+    """Hooks attached for the ``with`` body, and the loop over batches.
+
+    ``fwd_hooks`` / ``bwd_hooks``: ``(site, fn)`` or ``(site, where, fn)`` as in ``probes.hooks.hooks``.
+    ``adapter``: how to run a batch (default: picked from the first batch). ``forward(model, batch)``
+    overrides the adapter's forward (a loss built in the forward, say). ``mode``: ``inference``
+    (``torch.inference_mode``), ``no_grad``, or ``grad`` (for backward passes).
+    ``progress(advance)``: called with 1 after each batch.
+
+    After the run: ``calls`` (the most calls per site in one forward), ``missing_grad``, ``n_batches``,
+    ``n_items`` (samples), ``seconds``.
+    """
+
+    def __init__(self, model, *, fwd_hooks: Sequence[Sequence] = (), bwd_hooks: Sequence[Sequence] = (),
+                 adapter: BatchAdapter | None = None, forward: Callable[[Any, Any], Any] | None = None,
+                 mode: str = "inference", progress: Callable[[int], Any] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown runner mode {mode!r}; use one of {', '.join(MODES)}")
+        self.model = model
+        self.fwd_hooks, self.bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        self.adapter = adapter
+        self._forward = forward
+        self.mode = mode
+        self.progress = progress
+        self.state = HookState()
+        self.n_batches = 0
+        self.n_items = 0
+        self.seconds = 0.0
+        self._stack: contextlib.ExitStack | None = None
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return self.state.calls
+
+    @property
+    def missing_grad(self) -> set[str]:
+        return self.state.missing_grad
+
+    def __enter__(self) -> "Runner":
+        import torch
+
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context({"inference": torch.inference_mode, "no_grad": torch.no_grad,
+                                 "grad": torch.enable_grad}[self.mode]())
+            stack.enter_context(hooks(self.fwd_hooks, self.bwd_hooks, self.state))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()  # removes every hook handle, whatever happened in the body
+
+    def forward(self, batch):
+        """One forward of ``batch`` with the hooks seeing its count mask."""
+        adapter = self.adapter = self.adapter or adapter_for(batch)
+        self.state.begin(adapter.mask(batch))
+        out = (self._forward or adapter.forward)(self.model, batch)
+        self.state.end()
+        self.n_batches += 1
+        self.n_items += adapter.size(batch)
+        return out
+
+    def run(self, batches: Iterable[Any], step: Callable[[Any, Any], Any] | None = None) -> "Runner":
+        """Forward every batch, then ``step(batch, output)``; progress after each."""
+        if self._stack is None:
+            with self:
+                return self.run(batches, step)
+        t0 = time.perf_counter()
+        try:
+            with out_of_memory_as_device_error():
+                for batch in batches:
+                    out = self.forward(batch)
+                    if step is not None:
+                        step(batch, out)
+                    del out
+                    if self.progress is not None:
+                        self.progress(1)
+        finally:
+            self.seconds += time.perf_counter() - t0
+        return self
+
+
+def run(model, batches: Iterable[Any], *, step: Callable[[Any, Any], Any] | None = None, **kw) -> Runner:
+    """``Runner(model, **kw).run(batches, step)``: hooks attached for the loop only."""
+    with Runner(model, **kw) as r:
+        return r.run(batches, step)
+
+
+# ----------------------------------------------------------------------------------------------- probes
+def token_layout(site, x, mask):
+    """``x`` of a text site as ``[batch, pos, channels]`` with the mask that applies to it (or None)."""
+    if x.dim() == 3 and mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x, mask
+    if x.dim() == 2 and mask is not None and x.shape[0] == mask.numel():
+        return x.view(*mask.shape, x.shape[-1]), mask  # flattened [batch*pos, channels]
+    if x.dim() == 2:
+        return x, None  # plain MLP: [batch, channels], one token per sample
+    if x.dim() == 3:
+        return x, None  # a sequence of another length (e.g. a vision model): count every position
+    raise ModelError(f"site {site.where} gives a {x.dim()}-D tensor {tuple(x.shape)}",
+                     "pick a site with [batch, pos, channels] activations via --site")
+
+
+def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Callable[[Any, int, Any], Any],
+               *, forward: Callable[[Any, Any], Any] | None = None,
+               progress: Callable[[int], None] | None = None, adapter: BatchAdapter | None = None) -> dict[str, Any]:
+    """Attach ``make_probe(site, width, device)`` probes to ``sites`` and stream ``batches`` through ``model``.
+
+    Returns the probes by canonical name (a site never called has none)."""
+    probes: dict[str, Any] = {}
+
+    def observe(x, hc: HookCall) -> None:
+        x, m = token_layout(hc.site, x, hc.mask)
+        p = probes.get(hc.site.canonical_name)
         if p is None:
-            p = probes[site.canonical_name] = make_probe(site, int(x.shape[-1]), x.device)
+            p = probes[hc.site.canonical_name] = make_probe(hc.site, int(x.shape[-1]), x.device)
         p.update(x.detach(), m)
 
-    try:
-        with torch.inference_mode(), attach_sites(sites, observe):
-            for batch in batches:
-                current["mask"] = batch.count_mask
-                forward(model, batch)
-                if progress is not None:
-                    progress(1)
-    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
-        raise DeviceError("out of memory on a batch", "lower --batch-size or --max-length, or use --dtype bfloat16") \
-            from e
+    run(model, batches, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(),
+        forward=forward, progress=progress)
     return probes

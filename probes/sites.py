@@ -9,14 +9,13 @@ through a structural fallback; users can override with globs (``--site``).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from probes.errors import ModelError
+from probes.errors import ModelError, did_you_mean
 
 # Site kinds.
 MLP_POST = "mlp_post"  # input of the output projection (the activation of METRICS.md section 1)
@@ -279,8 +278,8 @@ def sites_from_globs(model, globs: Iterable[str]) -> list[Site]:
         pattern, io = parse_site_glob(g)
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            close = difflib.get_close_matches(pattern.replace("*", "0"), names, n=3, cutoff=0.4)
-            raise ModelError(f"--site {g!r} matches no module" + (f"; did you mean {', '.join(close)}?" if close else ""),
+            raise ModelError(f"--site {g!r} matches no module"
+                             + did_you_mean(pattern.replace("*", "0"), names, n=3, cutoff=0.4),
                              "list module paths with `actsparse sites CHECKPOINT --all-modules`")
         for n in hits:
             if (n, io) in seen:  # two globs naming one module: one site, not two feeding one probe

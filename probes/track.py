@@ -22,7 +22,6 @@ them (tables, figures, summary.md, manifest with ``"command": "track"``) atomica
 
 from __future__ import annotations
 
-import difflib
 import gc
 import glob
 import json
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from probes.errors import ActsparseError, CheckpointError, DataError
+from probes.errors import ActsparseError, CheckpointError, DataError, unknown_name
 
 ANALYSES = ("measure", "drift", "massive", "spectrum")
 DEFAULT_ANALYSES = ANALYSES
@@ -338,9 +337,7 @@ def resolve_analyses(analyses: Sequence[str] | str | None) -> tuple[str, ...]:
     flat = [a.strip().lower() for item in items for a in str(item).split(",") if a.strip()]
     for a in flat:
         if a not in ANALYSES:
-            close = difflib.get_close_matches(a, ANALYSES, n=1)
-            raise ActsparseError(f"unknown analysis {a!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
-                                 f"use any of {', '.join(ANALYSES)}")
+            raise unknown_name("analysis", a, ANALYSES)
     if not flat:
         raise ActsparseError("no analysis chosen", f"use any of {', '.join(ANALYSES)}")
     return tuple(dict.fromkeys(flat))
@@ -351,7 +348,7 @@ def _prepare_corpus(spec: str | None, text_field: str, workdir: Path,
     """Check the whole corpus once, in constant memory (path, encoding, JSON); a ``hf:`` corpus is streamed
     into a local UTF-8 .jsonl used by every checkpoint."""
     from probes import corpus as corpus_mod
-    from probes.measure import resolve_corpus
+    from probes.data import resolve_corpus
 
     resolved = resolve_corpus(spec)
     if resolved.startswith("hf:"):

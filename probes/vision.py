@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from probes.errors import CheckpointError, DataError, ModelError
+from probes.hooks import HookCall
+from probes.runner import ImageBatches, forward_images, run  # noqa: F401  (forward_images: re-exported)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -371,19 +373,6 @@ def is_vision_model(loaded) -> bool:
     return "pixel_values" in params
 
 
-def forward_images(model, x):
-    """``model(pixel_values=x)`` for Hugging Face vision models, ``model(x)`` for plain modules."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "pixel_values" in params:
-        return model(pixel_values=x)
-    return model(x)
-
-
 def logits_of(out):
     import torch
 
@@ -453,45 +442,22 @@ def run_site_probes(model, batches: Iterator[ImageBatch], sites: Sequence, make_
     calls seen in one forward, ``dims[(canonical, call)]`` = the tensor's rank (4: conv). Conv
     activations go in as ``[B, H*W, C]``.
     """
-    import torch
-
-    from probes.hooks import attach_sites
-
-    forward = forward or (lambda m, b: forward_images(m, b.pixel_values))
     probes: dict[tuple[str, int], Any] = {}
-    calls: dict[str, int] = {}
-    counter: dict[str, int] = {}
-    current: dict[str, Any] = {"mask": None}
     dims: dict[tuple[str, int], int] = {}
 
-    def observe(site, x) -> None:
-        if x is None or not torch.is_tensor(x) or not x.is_floating_point():
-            return
-        k = counter.get(site.canonical_name, 0)
-        counter[site.canonical_name] = k + 1
-        xt, m = as_tokens(x, current["mask"])
-        key = (site.canonical_name, k)
+    def observe(x, hc: HookCall) -> None:
+        xt, m = as_tokens(x, hc.mask)  # [B, C, H, W] -> [B, H*W, C]
+        key = (hc.site.canonical_name, hc.call)
         p = probes.get(key)
         if p is None:
-            p = probes[key] = make_probe(site, int(xt.shape[-1]), xt.device)
+            p = probes[key] = make_probe(hc.site, int(xt.shape[-1]), xt.device)
             dims[key] = x.dim()
         p.update(xt.detach(), m)
 
-    try:
-        with torch.inference_mode(), attach_sites(sites, observe):
-            for batch in batches:
-                counter.clear()
-                current["mask"] = getattr(batch, "count_mask", None)
-                forward(model, batch)
-                for name, k in counter.items():
-                    calls[name] = max(calls.get(name, 0), k)
-                if progress is not None:
-                    progress(1)
-    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
-        from probes.errors import DeviceError
-
-        raise DeviceError("out of memory on a batch", "lower --batch-size") from e
-    return probes, calls, dims
+    r = run(model, batches, fwd_hooks=[(s, observe) for s in sites], adapter=ImageBatches(), forward=forward,
+            progress=progress)
+    seen = {name for name, _ in probes}
+    return probes, {name: k for name, k in r.calls.items() if name in seen}, dims
 
 
 @dataclass

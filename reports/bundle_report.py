@@ -32,11 +32,14 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from probes.errors import EXIT_CHECKPOINT, ActsparseError, OutputError
+from reports import sections
+from reports.sections.sparsity import eps_list
 from reports.bundle import atomic_output_dir, check_output_dir
-from reports.figures import layer_key
+from reports.figures import site_kinds
 from reports.markdown import md_code, md_escape, md_text
 from reports.figures import pyplot
 from reports.manifest import build_manifest, write_manifest
+from reports.numbers import fmt
 from reports.tables import write_table
 
 MAX_HTML_ROWS = 200  # rows of one table shown in index.html (the full table is beside it)
@@ -133,13 +136,10 @@ def _safe_label(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- manifest info
-TOKEN_SECTIONS = ("measurement", "massive", "gradients", "pplp", "curve", "track")
-# Which manifest section describes the tokens behind a figure or table, by name prefix. None: weights only.
-_SECTION_BY_PREFIX = (("grad", "gradients"), ("spikes", "gradients"), ("massive", "massive"), ("curve", "curve"),
-                      ("pplp", "pplp"), ("cett", "pplp"), ("sparsity", "measurement"), ("nonzero", "measurement"),
-                      ("summary", "measurement"), ("trend_sparsity", "track"), ("trend_massive", "track:massive"),
-                      ("trend_", None), ("trends", "track"), ("emergence", "track:massive"), ("drift", None),
-                      ("alpha", None), ("esd", None), ("spectrum", None))
+# Which manifest section describes the tokens behind a figure or table, by name prefix (None: weights
+# only), and the sections that measure tokens: both read from the registered report sections.
+TOKEN_SECTIONS = sections.token_sections()
+_SECTION_BY_PREFIX = sections.stem_prefixes()
 _WEIGHT_COMMANDS = ("spectrum", "drift")
 
 
@@ -236,58 +236,12 @@ def tokens_phrase(manifest: dict[str, Any], section: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- captions
-def _eps_list(df: pd.DataFrame | None) -> str:
-    if df is None:
-        return "the eps grid"
-    eps = sorted((float(c.split("@")[1]) for c in df.columns if c.startswith("near_zero_frac@")))
-    return "{" + ", ".join(f"{e:g}" for e in eps) + "}" if eps else "the eps grid"
-
-
+_SPARSITY_COMPARE = ("Exact-zero activation fraction (zero_frac) per layer of every measured input side by side, "
+                     "one line per input and site kind.")
+# Every registered figure's caption, and the display order of figures: the sections' order, then theirs.
 _CAPTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "sparsity_by_layer": lambda c: "Activation sparsity per layer at each MLP activation site (the input of the "
-                                   "output projection; one panel per site kind): % of entries exactly 0 and with "
-                                   f"|a| <= eps for eps in {c.get('eps', 'the eps grid')}.",
-    "sparsity_vs_threshold": lambda c: "Sparsity against the threshold: % of activation entries with |a| <= eps for "
-                                       f"eps in {c.get('eps', 'the eps grid')} (log x axis), one line per layer; the "
-                                       "open marker on the left axis is the exact-zero fraction.",
-    "nonzero_per_token": lambda c: "Per-token activation density (Lazy Neuron): mean % of non-zero entries per "
-                                   "token at each layer, with the 5th-95th percentile range over tokens (from a "
-                                   "fixed 1000-bin histogram), and the dead / always-on neuron shares.",
-    "sparsity_compare": lambda c: "Exact-zero activation fraction (zero_frac) per layer of every measured input "
-                                  "side by side, one line per input and site kind.",
-    "massive_layers": lambda c: "Top-1, top-2, top-3 and median of |h| on the residual stream after each block "
-                                "(Sun et al. 2024, Fig. 2 style): per sequence over the whole token x channel "
-                                "tensor, then the mean over sequences; log scale, dotted line at 100.",
-    "massive_heatmap": lambda c: "Max |a| per layer and channel of the residual stream after each block over the "
-                                 "run (log colour scale); thin lines mark the 5 strongest channels.",
-    "massive_3d": lambda c: "|h| of one layer over tokens x channels for one prompt (Sun et al. 2024, Fig. 1 "
-                            "style).",
-    "grad_by_layer": lambda c: "Gradient sparsity per site: derivative sparsity (act'(h) = 0) and effective-"
-                               "gradient sparsity |dL/dh| < tau, the mean ||dL/dh||_2^2 per token, and spike_max "
-                               "(max |x|) at each down-projection input.",
-    "curve": lambda c: "Sparsity-vs-PPL curves: mean activation sparsity of the sparse run (x) against the PPL "
-                       "increase (y, symmetric log) for each threshold family, labelled with the tensor it "
-                       "thresholds; dense and sparse runs on the same tokens.",
-    "pplp_by_layer": lambda c: "PPL-p% sparsity: per-layer sparsity at the shared CETT value c* for each target "
-                               "p (left), and every pass of the search, mean sparsity against the PPL ratio, with "
-                               "the targets as dashed lines (right).",
-    "alpha_by_layer": lambda c: "WeightWatcher power-law exponent alpha (top) and Marchenko-Pastur sigma_mp "
-                                "(bottom) of every weight matrix in checkpoint order; dotted lines at alpha = 2 and "
-                                "6 (WW's over-/under-trained marks).",
-    "drift_by_layer": lambda c: "Weight statistics per weight tensor in file order: mean, % negative, std, "
-                                "fraction with |w| >= the 99.9th percentile of |W| and that percentile; one line "
-                                "per checkpoint.",
-    "trend_sparsity": lambda c: "Activation sparsity (zero_frac, % of entries exactly 0) of each layer against "
-                                "the training step, one panel per site kind.",
-    "trend_drift": lambda c: "Weight drift against the training step (Bug-or-Feature^2): element-weighted mean "
-                             "weight and % negative weights of the linear layers, one line per role.",
-    "trend_massive": lambda c: "Massive-activation emergence: top-1 / median of |h| on the residual stream of "
-                               "each layer against the training step (log y), with the fit f(t) = A exp(-lambda x) "
-                               "log x + K, x = gamma t + t0 (Hidden Dynamics of Massive Activations) where it "
-                               "converged.",
-    "trend_alpha": lambda c: "WeightWatcher alpha against the training step: mean over the analysed matrices of "
-                             "each role, with the min-max range over all matrices shaded.",
-}
+    f.stem: f.caption for _, f in sections.figure_specs() if "*" not in f.stem}
+_CAPTIONS["sparsity_compare"] = lambda c: _SPARSITY_COMPARE
 
 
 def caption_for(stem: str, manifest: dict[str, Any], context: dict[str, Any] | None = None) -> str:
@@ -304,9 +258,7 @@ def caption_for(stem: str, manifest: dict[str, Any], context: dict[str, Any] | N
     return f"{what} {tokens_phrase(manifest, section_for(stem, manifest))}"
 
 
-_FIGURE_ORDER = ("sparsity_by_layer", "sparsity_vs_threshold", "nonzero_per_token", "sparsity_compare",
-                 "massive_layers", "massive_heatmap", "massive_3d", "grad_by_layer", "curve", "pplp_by_layer",
-                 "alpha_by_layer", "drift_by_layer", "trend_sparsity", "trend_drift", "trend_massive", "trend_alpha")
+_FIGURE_ORDER = tuple(f.stem for _, f in sections.figure_specs() if "*" not in f.stem)
 
 
 def _figure_rank(stem: str) -> tuple[int, str]:
@@ -320,166 +272,15 @@ def _figure_rank(stem: str) -> tuple[int, str]:
 # -------------------------------------------------------------------------------------- drawn figures
 
 def _save(fig, folder: Path, stem: str) -> list[str]:
-    from reports.figures import save
+    from reports.figures import save_into
 
-    folder.mkdir(parents=True, exist_ok=True)
-    return save(fig, folder, stem)
-
-
-def _layer_labels(g: pd.DataFrame) -> list[str]:
-    if "layer" in g and g["layer"].notna().all():
-        return [str(int(v)) for v in g["layer"]]
-    return [str(n) for n in g.get("canonical_name", pd.Series(range(len(g))))]
-
-
-def _kinds(df: pd.DataFrame) -> list[str]:
-    if "kind" not in df:
-        return ["all"]
-    return list(dict.fromkeys(str(k) for k in df["kind"]))
-
-
-def plot_sparsity_vs_threshold(df: pd.DataFrame, folder: Path, title: str) -> list[str]:
-    """% of entries with |a| <= eps against eps (log), one line per layer; exact zeros at the left."""
-    near = sorted((c for c in df.columns if c.startswith("near_zero_frac@")), key=lambda c: float(c.split("@")[1]))
-    if not near or "zero_frac" not in df:
-        return []
-    import numpy as np
-
-    plt = pyplot()
-    kinds = _kinds(df)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1.6, 3.9), squeeze=False)
-    eps = np.array([float(c.split("@")[1]) for c in near])
-    x0 = eps.min() / 10  # where the exact-zero marker sits
-    cmap = plt.get_cmap("viridis")
-    for ax, kind in zip(axes[0], kinds):
-        g = df if kind == "all" else df[df["kind"].astype(str) == kind]
-        g = g.reset_index(drop=True)
-        labels = _layer_labels(g)
-        for i, r in g.iterrows():
-            col = cmap(i / max(1, len(g) - 1))
-            y = 100 * np.array([float(r[c]) for c in near])
-            ax.plot(eps, y, "o-", color=col, ms=3.5, lw=1.2, label=f"layer {labels[i]}")
-            ax.plot([x0], [100 * float(r["zero_frac"])], "o", mfc="none", color=col, ms=5)
-            ax.plot([x0, eps[0]], [100 * float(r["zero_frac"]), y[0]], ":", color=col, lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlim(x0 / 2, eps.max() * 2)
-        ticks = [x0, *eps]
-        ax.set_xticks(ticks, ["= 0"] + [f"{e:g}" for e in eps], fontsize=8)
-        ax.minorticks_off()
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("threshold eps on |a|")
-        ax.set_ylabel("% of entries with |a| <= eps")
-        ax.set_title(kind, fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: sparsity vs threshold", fontsize=10)
-    fig.tight_layout()
-    layer_key(fig, axes[0], max(len(_kinds_rows(df, k)) for k in kinds))
-    return _save(fig, folder, "sparsity_vs_threshold")
-
-
-def _kinds_rows(df: pd.DataFrame, kind: str) -> pd.DataFrame:
-    return df if kind == "all" else df[df["kind"].astype(str) == kind]
-
-
-def _tick_labels(ax, labels: list[str]) -> None:
-    long = len(labels) > 16 or max((len(x) for x in labels), default=0) > 4
-    ax.set_xticks(range(len(labels)), labels, rotation=90 if long else 0, fontsize=7 if long else 9)
-    if len(labels) > 40:  # keep every k-th label readable
-        k = -(-len(labels) // 40)
-        for i, t in enumerate(ax.get_xticklabels()):
-            t.set_visible(i % k == 0)
-
-
-def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[str]:
-    """Mean % non-zero per token per layer with the p05-p95 band, and dead / always-on shares."""
-    if "nonzero_pct_per_token" not in df:
-        return []
-    plt = pyplot()
-    kinds = _kinds(df)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        g = (df if kind == "all" else df[df["kind"].astype(str) == kind]).reset_index(drop=True)
-        x = list(range(len(g)))
-        y = g["nonzero_pct_per_token"].astype(float)
-        ax.plot(x, y, "o-", color="C0", label="mean % non-zero per token")
-        lo, hi = "nonzero_pct_per_token_p05_hist", "nonzero_pct_per_token_p95_hist"
-        if lo in g and hi in g:
-            ax.fill_between(x, g[lo].astype(float), g[hi].astype(float), color="C0", alpha=0.2,
-                            label="5th-95th percentile over tokens")
-        if "dead_frac" in g:
-            ax.bar([i - 0.15 for i in x], 100 * g["dead_frac"].astype(float), 0.3, color="C3", alpha=0.7,
-                   label="dead neurons %")
-        if "always_on_frac" in g:
-            ax.bar([i + 0.15 for i in x], 100 * g["always_on_frac"].astype(float), 0.3, color="C2", alpha=0.7,
-                   label="always-on neurons %")
-        _tick_labels(ax, _layer_labels(g))
-        ax.set_xlabel("layer")
-        ax.set_ylabel("%")
-        ax.set_ylim(0, 100)
-        ax.set_title(kind, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{title}: non-zero activations per token", fontsize=10)
-    fig.tight_layout()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=7,
-               frameon=False)
-    return _save(fig, folder, "nonzero_per_token")
-
-
-def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd.DataFrame | None, folder: Path,
-              title: str) -> list[str]:
-    """Per-layer sparsity at each target p, and the search's passes as a sparsity-vs-PPL scatter."""
-    has_layers = pplp is not None and len(pplp) and {"p_pct", "sparsity"} <= set(pplp.columns)
-    has_trace = trace is not None and len(trace) and {"ppl_ratio", "mean_sparsity"} <= set(trace.columns)
-    if not has_layers and not has_trace:
-        return []
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), squeeze=False)
-    ax = axes[0][0]
-    if has_layers:
-        ps = sorted(pplp["p_pct"].dropna().unique())
-        layers = sorted(pplp["layer"].dropna().unique()) if "layer" in pplp else []
-        w = 0.8 / max(1, len(ps))
-        for j, p in enumerate(ps):
-            g = pplp[pplp["p_pct"] == p].sort_values("layer") if "layer" in pplp else pplp[pplp["p_pct"] == p]
-            xs = [layers.index(v) - 0.4 + w * (j + 0.5) for v in g["layer"]] if layers else list(range(len(g)))
-            ax.bar(xs, 100 * g["sparsity"].astype(float), w, label=f"p = {p:g} %")
-        if layers:
-            ax.set_xticks(range(len(layers)), [str(int(v)) for v in layers])
-        ax.set_xlabel("layer")
-        ax.set_ylabel("sparsity at c*, %")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    else:
-        ax.text(0.5, 0.5, "no per-layer table", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("per-layer sparsity at the shared CETT c*", fontsize=9)
-    ax = axes[0][1]
-    if has_trace:
-        ax.plot(100 * trace["mean_sparsity"].astype(float), 100 * (trace["ppl_ratio"].astype(float) - 1), "o",
-                ms=4, color="C0", label="search passes")
-        if summary is not None and {"p_pct", "achieved_ratio", "mean_sparsity"} <= set(summary.columns):
-            ok = summary[summary["achieved_ratio"].notna()]
-            ax.plot(100 * ok["mean_sparsity"].astype(float), 100 * (ok["achieved_ratio"].astype(float) - 1), "*",
-                    ms=12, color="C3", label="reported c*")
-            for p in summary["p_pct"].dropna().unique():
-                ax.axhline(float(p), color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("mean sparsity of the sparse run, %")
-        ax.set_ylabel("PPL increase, %")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    else:
-        ax.text(0.5, 0.5, "no search trace", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("search passes: sparsity vs PPL", fontsize=9)
-    fig.suptitle(f"{title}: PPL-p% sparsity", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, folder, "pplp_by_layer")
+    return save_into(fig, folder, stem)
 
 
 def plot_sparsity_compare(items: list[tuple[str, pd.DataFrame]], folder: Path) -> list[str]:
     """zero_frac per layer of several measure inputs on shared axes."""
     plt = pyplot()
-    kinds = list(dict.fromkeys(k for _, df in items for k in _kinds(df)))
+    kinds = list(dict.fromkeys(k for _, df in items for k in site_kinds(df)))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 2.0, 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for j, (label, df) in enumerate(items):
@@ -503,12 +304,11 @@ def plot_sparsity_compare(items: list[tuple[str, pd.DataFrame]], folder: Path) -
     return _save(fig, folder, "sparsity_compare")
 
 
-def _n_tokens(manifest: dict[str, Any], section: str) -> int:
-    return int(token_counts(manifest).get(section, 0))
-
-
 def standard_figures(src: Source, folder: Path, present: set[str], warnings: list[str]) -> list[str]:
-    """Draw the standard figures of ``src``'s tables that its folder does not already hold."""
+    """Draw the registered figures of ``src``'s tables that its folder does not already hold.
+
+    A figure that cannot be drawn (a broken table, or a broken section) costs only itself, and the
+    report says so in its warnings: nothing is dropped silently."""
     title = short_name(checkpoint_of(src.manifest))
     tables = set(src.tables)
     drawn: list[str] = []
@@ -521,66 +321,18 @@ def standard_figures(src: Source, folder: Path, present: set[str], warnings: lis
             cache[name] = src.table(name)
         return cache[name]
 
-    def attempt(stem: str, needs: Sequence[str], fn: Callable[[], list[str]]) -> None:
-        if stem in present or not all(n in tables for n in needs):
-            return
-        try:
-            drawn.extend(fn() or [])
-        except ImportError:
-            pass  # the module that draws it is not there (yet): the copied figures still show
-        except Exception as e:  # one bad table must not cost the whole bundle: say so in the report
-            warnings.append(f"{src.label}: figure {stem} could not be drawn ({e.__class__.__name__}: {e})")
-
-    def sparsity_by_layer():
-        from reports.figures import sparsity_by_layer as fn
-
-        return fn(t("sparsity"), folder, title, _n_tokens(src.manifest, "measurement"))
-
-    def massive_layers():
-        from reports.massive_report import plot_layers
-
-        return plot_layers(t("massive_layers"), folder, title)
-
-    def grad_by_layer():
-        from reports.grad_report import grad_by_layer as fn
-
-        spikes = t("spikes") if "spikes" in tables else pd.DataFrame()
-        return fn(t("gradients"), spikes, folder, f"{title}: gradient sparsity")
-
-    def curve():
-        from reports.pplp_report import plot_curve
-
-        return plot_curve(t("curve"), folder, title, _n_tokens(src.manifest, "curve"))
-
-    def alpha_by_layer():
-        from reports.spectrum_plots import plot_alpha_by_layer
-
-        return plot_alpha_by_layer(t("spectrum"), folder)
-
-    def drift_by_layer():
-        from reports.grad_report import drift_by_layer as fn
-
-        return fn(t("drift"), folder, f"{title}: weight drift per tensor")
-
-    def trends():
-        from reports.track import plot_trends
-
-        return plot_trends({n: t(n) for n in tables if n.startswith("trend")} | {"emergence_fit": t("emergence_fit")},
-                           folder, title, skip=present)
-
     folder.mkdir(parents=True, exist_ok=True)
-    attempt("sparsity_by_layer", ["sparsity"], sparsity_by_layer)
-    attempt("sparsity_vs_threshold", ["sparsity"], lambda: plot_sparsity_vs_threshold(t("sparsity"), folder, title))
-    attempt("nonzero_per_token", ["sparsity"], lambda: plot_nonzero_per_token(t("sparsity"), folder, title))
-    attempt("massive_layers", ["massive_layers"], massive_layers)
-    attempt("grad_by_layer", ["gradients"], grad_by_layer)
-    attempt("curve", ["curve"], curve)
-    if "pplp" in tables or "pplp_trace" in tables:
-        attempt("pplp_by_layer", [], lambda: plot_pplp(t("pplp"), t("pplp_trace"), t("pplp_summary"), folder, title))
-    attempt("alpha_by_layer", ["spectrum"], alpha_by_layer)
-    attempt("drift_by_layer", ["drift"], drift_by_layer)
-    if any(n.startswith("trend") for n in tables):
-        attempt("trend_*", [], trends)
+    for _, spec in sections.figure_specs():
+        if spec.draw is None or spec.stem in present or not all(n in tables for n in spec.needs):
+            continue
+        if spec.needs_any and not any(n in tables for n in spec.needs_any):
+            continue
+        try:
+            draw = sections.load(spec.draw)
+            kw = {"present": present} if "*" in spec.stem else {}
+            drawn.extend(draw(t, folder, title, src.manifest, **kw) or [])
+        except Exception as e:  # one bad table must not cost the whole bundle: say so in the report
+            warnings.append(f"{src.label}: figure {spec.stem} could not be drawn ({e.__class__.__name__}: {e})")
     return drawn
 
 
@@ -677,7 +429,7 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(p, dest)
             standard_figures(src, fdir, set(copied), warnings)
-            ctx = {"eps": _eps_list(src.table("sparsity")) if "sparsity" in src.tables else "the eps grid"}
+            ctx = {"eps": eps_list(src.table("sparsity")) if "sparsity" in src.tables else "the eps grid"}
             for stem, kinds in _collect_figures(fdir).items():
                 figures.append(Figure(src.label, stem,
                                       f"figures/{src.label}/{stem}.png" if "png" in kinds else None,
@@ -690,7 +442,7 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
                 if plot_sparsity_compare(measured, tmp / "figures" / "_all"):
                     figures.append(Figure("", "sparsity_compare", "figures/_all/sparsity_compare.png",
                                           "figures/_all/sparsity_compare.svg",
-                                          _CAPTIONS["sparsity_compare"]({}) + " Each input on its own tokens "
+                                          _SPARSITY_COMPARE + " Each input on its own tokens "
                                           "(see its section).", "drawn"))
             except Exception as e:
                 warnings.append(f"figure sparsity_compare could not be drawn ({e.__class__.__name__}: {e})")
@@ -745,22 +497,8 @@ def _brief_spectrum_md(src: Source) -> list[str]:
         return []
     lines = [f"Means over the {len(ww)} matrices WeightWatcher analyses (NaN fits skipped):", "",
              "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols),
-             "| " + " | ".join(_num(pd.to_numeric(ww[c], errors="coerce").mean()) for c in cols) + " |"]
+             "| " + " | ".join(fmt(pd.to_numeric(ww[c], errors="coerce").mean()) for c in cols) + " |"]
     return lines
-
-
-def _num(v: Any) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if math.isnan(f):
-        return "-"
-    if math.isinf(f):
-        return "inf" if f > 0 else "-inf"
-    if f == int(f) and abs(f) < 1e15 and not isinstance(v, float):
-        return str(int(f))
-    return f"{f:.4g}"
 
 
 def render_summary_md(sources: list[Source], figures: list[Figure], warnings: list[str], title: str,
@@ -842,19 +580,16 @@ def esc_text(s: Any) -> str:
 
 def _cell(v: Any) -> tuple[str, bool]:
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "", True
+        return fmt(v), True
     if isinstance(v, bool):
         return str(v), False
     if isinstance(v, (int,)) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
         return str(v), True
     if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f"):
-        f = float(v)
-        if math.isinf(f):
-            return ("inf" if f > 0 else "-inf"), True
-        return f"{f:.5g}", True
+        return fmt(float(v), 5), True
     try:
         if pd.isna(v):
-            return "", True
+            return fmt(None), True
     except (TypeError, ValueError):
         pass
     return str(v), False

@@ -32,7 +32,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from probes.errors import EXIT_RULE_BROKEN, ActsparseError  # noqa: F401  (re-exported for the CLI)
+from probes.errors import EXIT_RULE_BROKEN, ActsparseError, did_you_mean  # noqa: F401  (re-exported for the CLI)
+from reports import sections
+from reports.numbers import fmt, pct
+from reports.sections import TableSpec
 from reports.bundle_report import Source, checkpoint_of, md_code, md_escape, read_sources, token_counts
 
 LONG_COLUMNS = ("table", "name", "layer", "kind", "metric", "value")
@@ -46,45 +49,8 @@ class RuleError(ActsparseError):
 
 
 # ------------------------------------------------------------------------------------------ table specs
-@dataclass(frozen=True)
-class TableSpec:
-    keys: tuple[str, ...]  # identity columns (those present are used)
-    meta: tuple[str, ...] = ()  # numeric columns that are not compared (counts, coordinates, sizes)
-    kind_col: str = "kind"
-    value_cols: tuple[str, ...] = ()  # tables already in long form (a "metric" column): their value columns
-    skip: str | None = None  # why the table is not compared
-
-
 TOKEN_COLUMNS = ("n_tokens", "n_grad_tokens", "n_counted_tokens", "n_counted_tokens_per_checkpoint")
-_SUMMARY = TableSpec(("kind", "metric"), ("n_layers",), value_cols=("mean_over_layers", "width_weighted_mean"))
-SPECS: dict[str, TableSpec] = {
-    "sparsity": TableSpec(("canonical_name", "kind", "layer"), ("width", "n_chunks")),
-    "summary": _SUMMARY,
-    "gradients_summary": _SUMMARY,
-    "gradients": TableSpec(("canonical_name", "kind", "layer"), ("width", "call")),
-    "spikes": TableSpec(("canonical_name", "module_path", "kind", "layer"), ("in_features", "n_batches")),
-    "massive_layers": TableSpec(("canonical_name", "kind", "layer"),
-                                ("width", "layer_1based", "n_sequences", "peak_sample", "peak_position",
-                                 "peak_channel", "peak_token_id")),
-    "massive_int8": TableSpec(("canonical_name", "policy")),
-    "massive_topk": TableSpec((), skip="top-K entries with coordinates, not per-site metrics"),
-    "massive_channels": TableSpec((), skip="per-channel lists whose members differ between runs"),
-    "spectrum": TableSpec(("name", "part"), ("num_evals",), kind_col="layer_type"),
-    "drift": TableSpec(("checkpoint_index", "name", "kind"), ("n", "layer")),
-    "drift_summary": TableSpec(("checkpoint_index", "kind"), ("n_tensors", "n_weights")),
-    "pplp": TableSpec(("p_pct", "canonical_name", "layer"), ("width", "target_ratio")),
-    "pplp_summary": TableSpec(("p_pct",), ("target_ratio", "tol", "full_passes_total")),
-    "pplp_trace": TableSpec((), skip="the search path pass by pass, which differs by design"),
-    "cett_calibration": TableSpec(("canonical_name", "layer"), ("width", "grid_points")),
-    "curve": TableSpec(("method", "param", "value"), ("pass",)),
-    "curve_layers": TableSpec(("method", "param", "value", "canonical_name", "layer"), ("width",)),
-    "trends": TableSpec(("step",), ("checkpoint_index",)),
-    "trend_sparsity": TableSpec(("step", "canonical_name", "kind", "layer"), ("width", "checkpoint_index")),
-    "trend_drift": TableSpec(("step", "role"), ("n_tensors", "n_weights", "checkpoint_index"), kind_col="role"),
-    "trend_massive": TableSpec(("step", "canonical_name", "kind", "layer"), ("checkpoint_index", "layer_1based")),
-    "trend_spectrum": TableSpec(("step", "name"), ("checkpoint_index",), kind_col="role"),
-    "emergence_fit": TableSpec(("series",), ("n_points",)),
-}
+SPECS: dict[str, TableSpec] = sections.table_specs()  # every registered section's tables
 _GENERIC_KEYS = ("checkpoint_index", "step", "p_pct", "method", "param", "canonical_name", "name", "part",
                  "module_path", "policy", "role", "kind", "layer", "channel", "metric", "series")
 _MAIN_NAME = ("canonical_name", "name", "module_path", "series")
@@ -526,12 +492,9 @@ def _check_rule(rule: Rule, diff: pd.DataFrame) -> RuleResult:
     hit = diff[[rule.matches(t, m) for t, m in zip(diff.table, diff.metric)]] if len(diff) else diff
     if hit.empty:
         known = sorted(set(diff.metric)) if len(diff) else []
-        import difflib
-
-        close = difflib.get_close_matches(rule.metric, known, n=3)
         where = f" in table {rule.table}" if rule.table else ""
         raise RuleError(f"--fail-on {rule.text!r}: no metric {rule.metric!r}{where} in either result set"
-                        + (f"; did you mean {', '.join(close)}?" if close else ""),
+                        + did_you_mean(rule.metric, known, n=3),
                         "use a metric column name from the tables (e.g. zero_frac, alpha, ratio_top1_median), "
                         "optionally as TABLE/METRIC")
     broken, n_checked, n_skipped = [], 0, 0
@@ -553,29 +516,6 @@ def _check_rule(rule: Rule, diff: pd.DataFrame) -> RuleResult:
 
 
 # ----------------------------------------------------------------------------------------------- markdown
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if math.isnan(f):
-        return "NaN"
-    if math.isinf(f):
-        return "inf" if f > 0 else "-inf"
-    return f"{f:.6g}"
-
-
-def fmt_rel(v: Any) -> str:
-    f = float(v)
-    if math.isnan(f):
-        return "-"
-    if math.isinf(f):
-        return "+inf" if f > 0 else "-inf"
-    return f"{100 * f:+.2f} %"
-
-
 def _layer(v: Any) -> str:
     """A layer number for display ('' when there is none)."""
     return "" if v is None or pd.isna(v) else str(int(v))
@@ -606,7 +546,7 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
             if not r.passed:
                 b = r.broken.iloc[0]
                 worst = (f"{b['table']} {b['name']}" + (f" layer {_layer(b['layer'])}" if _layer(b['layer']) else "")
-                         + f" {b['metric']}: {fmt(b['baseline'])} -> {fmt(b['candidate'])} ({b['why']})")
+                         + f" {b['metric']}: {fmt(b['baseline'], 6)} -> {fmt(b['candidate'], 6)} ({b['why']})")
             status = "**broken**" if not r.passed else "ok"
             lines.append(f"| {md_code(r.rule.text)} | {status} | {md_escape(r.rule.describe())} | {r.n_checked} | "
                          f"{len(r.broken)} | {md_escape(worst)} |")
@@ -628,8 +568,8 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
                   "|---|---|---:|---|---|---:|---:|---:|---:|"]
         for r in ch.head(top).itertuples(index=False):
             lines.append(f"| {md_escape(r.table)} | {md_escape(r.name)} | {_layer(r.layer)} | {md_escape(r.kind)} | "
-                         f"{md_escape(r.metric)} | {fmt(r.baseline)} | {fmt(r.candidate)} | {fmt(r.delta)} | "
-                         f"{fmt_rel(r.rel_delta)} |")
+                         f"{md_escape(r.metric)} | {fmt(r.baseline, 6)} | {fmt(r.candidate, 6)} | {fmt(r.delta, 6)} | "
+                         f"{pct(r.rel_delta, signed=True, suffix=' %')} |")
     else:
         lines.append("No value changed.")
     for r in res.rules:
@@ -640,6 +580,6 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
             for b in r.broken.head(200).itertuples(index=False):
                 lines.append(f"| {md_escape(b.table)} | {md_escape(b.name)} | {_layer(b.layer)} | "
                              f"{md_escape(b.metric)} | "
-                             f"{fmt(b.baseline)} | {fmt(b.candidate)} | {md_escape(b.why)} |")
+                             f"{fmt(b.baseline, 6)} | {fmt(b.candidate, 6)} | {md_escape(b.why)} |")
             lines += ["", "</details>"]
     return "\n".join(lines) + "\n"

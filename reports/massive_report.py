@@ -8,15 +8,15 @@ heat map of max |a| that shows which channels carry the massive activations.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import pyplot, save
+from reports.figures import panel_size, pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
+from reports.numbers import fmt
 from reports.tables import write_table
 
 PLOTS = ("layers", "heatmap", "3d")
@@ -29,71 +29,122 @@ def _stack(canonical: str) -> str:
     return head
 
 
-def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
-    """Sun et al. Fig. 2 style: top-1/2/3 and median of |h| per layer (1-based), log scale."""
-    from matplotlib.ticker import MaxNLocator
+# What ``massive`` shows (terminal table, summary.md, figures) when no --kind is given: the residual stream
+# itself, as Sun et al. plot it, and any --site sites. massive_layers holds every measured kind all the same.
+SHOWN_BY_DEFAULT = ("embed", "resid_post", "final_norm", "custom")
+# Kinds with one site per model (no layer axis to draw them on).
+_ONE_SITE = ("embed", "final_norm")
 
-    r = layers[layers.kind == "resid_post"] if not layers.empty else layers
+
+def shown_kinds(present: Iterable[str], kinds: Iterable[str] | None = None) -> set[str]:
+    """The kinds of massive_layers rows to show, given the kinds ``present`` in the table: ``kinds`` (the
+    --kind the user gave) and custom (--site) sites; with no ``kinds``, ``SHOWN_BY_DEFAULT``, or every kind
+    present when the table holds none of those (a run with --kind, read back from its folder)."""
+    if kinds:
+        return set(kinds) | {"custom"}
+    present = set(present)
+    return set(SHOWN_BY_DEFAULT) if present & set(SHOWN_BY_DEFAULT) else present
+
+
+def shown_rows(layers: pd.DataFrame, kinds: Iterable[str] | None = None) -> pd.DataFrame:
+    """The rows of a massive_layers table whose kind is shown (``shown_kinds``)."""
+    if layers.empty or "kind" not in layers:
+        return layers
+    return layers[layers.kind.isin(shown_kinds(layers.kind, kinds))]
+
+
+def layer_panels(layers: pd.DataFrame, kinds: Iterable[str] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """The panels of the massive_layers figure: (title, rows by layer) per kind and stack of the shown rows
+    that have a layer; the default is one panel per stack of ``resid_post``."""
+    r = shown_rows(layers, kinds)
     if r.empty:
         return []
+    r = r[~r.kind.isin(_ONE_SITE) & r.layer.notna()]
+    panels = []
+    for kind in dict.fromkeys(r.kind):
+        g = r[r.kind == kind]
+        for st in dict.fromkeys(g.canonical_name.map(_stack)):
+            name = st.rstrip(".")
+            title = (name or "residual stream") if kind == "resid_post" else f"{name} {kind}".strip()
+            panels.append((title, g[g.canonical_name.map(_stack) == st].sort_values("layer")))
+    return panels
+
+
+def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str, kinds: Iterable[str] | None = None) -> list[str]:
+    """Sun et al. Fig. 2 style: top-1/2/3 and median of |h| per layer (0-based, as in every table), log scale; one panel per
+    kind and stack of the shown rows (``shown_rows``)."""
+    from matplotlib.ticker import MaxNLocator
+
+    panels = layer_panels(layers, kinds)
+    if not panels:
+        return []
     plt = pyplot()
-    stacks = list(dict.fromkeys(r.canonical_name.map(_stack)))
-    fig, axes = plt.subplots(1, len(stacks), figsize=(6.5 * len(stacks), 4.0), squeeze=False)
-    colors = ["cornflowerblue", "mediumseagreen", "C4", "dimgrey"]
-    for ax, st in zip(axes[0], stacks):
-        g = r[r.canonical_name.map(_stack) == st].sort_values("layer")
-        x = g.layer_1based.astype(int).to_list()
-        for j, (col, lab) in enumerate((("top1_mean", "Top 1"), ("top2_mean", "Top 2"), ("top3_mean", "Top 3"),
-                                        ("median_mean", "Median"))):
-            ax.plot(x, g[col].to_numpy(float), label=lab, color=colors[j], marker="v" if col == "median_mean" else "o",
-                    markerfacecolor="none", markersize=5)
+    fig, axes = plt.subplots(1, len(panels), figsize=panel_size(len(panels), extra_width=1.3 * len(panels)),
+                             squeeze=False)
+    series = (("top1_mean", "Top 1", "C0", "o"), ("top2_mean", "Top 2", "C1", "s"), ("top3_mean", "Top 3", "C2", "^"),
+              ("median_mean", "Median", "0.35", "v"))
+    for ax, (panel, g) in zip(axes[0], panels):
+        x = g.layer.astype(int).to_list()
+        for col, lab, color, marker in series:
+            ax.plot(x, g[col].to_numpy(float), label=lab, color=color, marker=marker, markerfacecolor="none",
+                    markersize=5)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axhline(100, color="0.6", linestyle=":", linewidth=1)
-        ax.set_xlabel("layer (1-based)")
+        ax.set_xlabel("layer (0-based)")
         ax.set_ylabel("|activation|")
-        ax.set_title(f"{st.rstrip('.') or 'residual stream'}", fontsize=10)
-        ax.grid(axis="x", color="0.85")
-        ax.legend(fontsize=8, ncol=4, loc="upper left")
-    fig.suptitle(f"{title}: top-1/2/3 and median of |h| per layer (mean over sequences)", fontsize=10)
+        ax.set_title(panel)
+        ax.grid(axis="x")
+        ax.legend(ncol=4, loc="upper left")
+    fig.suptitle(f"{title}: top-1/2/3 and median of |h| per layer (mean over sequences)")
     fig.tight_layout()
     return save(fig, folder, "massive_layers")
 
 
-def plot_heatmap(layers: pd.DataFrame, channel_max: dict[str, Any], folder: str | Path, title: str) -> list[str]:
-    """Layer x channel heat map of max |a| over the run (residual stream after each block)."""
+def plot_heatmap(layers: pd.DataFrame, channel_max: dict[str, Any], folder: str | Path, title: str,
+                 kinds: Iterable[str] | None = None) -> list[str]:
+    """Layer x channel heat map of max |a| over the run, one panel per kind of the shown rows that have a
+    layer (default: the residual stream after each block), on one colour scale."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
-    r = layers[layers.kind == "resid_post"] if not layers.empty else layers
-    names = [n for n in r.sort_values("layer", kind="stable").canonical_name if n in channel_max]
-    if not names:
+    r = shown_rows(layers, kinds)
+    if r.empty:
         return []
-    widths = {len(channel_max[n]) for n in names}
-    if len(widths) != 1:
-        return []
-    mat = np.stack([np.clip(np.asarray(channel_max[n], dtype=float), 0, None) for n in names])
-    pos = mat[mat > 0]
+    r = r[~r.kind.isin(_ONE_SITE)]
+    blocks = []  # (kind, site names, [sites, channels]) per panel
+    for kind in dict.fromkeys(r.kind):
+        names = [n for n in r[r.kind == kind].sort_values("layer", kind="stable").canonical_name if n in channel_max]
+        if names and len({len(channel_max[n]) for n in names}) == 1:
+            blocks.append((kind, names, np.stack([np.clip(np.asarray(channel_max[n], dtype=float), 0, None)
+                                                  for n in names])))
+    pos = np.concatenate([m[m > 0] for _, _, m in blocks]) if blocks else np.empty(0)
     if pos.size == 0:
         return []
+    vmin, vmax = max(float(pos.min()), float(pos.max()) * 1e-6), float(pos.max())
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(names) + 2.0))
-    vmin = max(float(pos.min()), float(pos.max()) * 1e-6)
-    im = ax.imshow(np.where(mat > 0, mat, vmin), aspect="auto", interpolation="nearest", cmap="magma",
-                   norm=LogNorm(vmin=vmin, vmax=float(pos.max())))
-    ax.set_yticks(range(len(names)), [_short_site(n) for n in names], fontsize=7)
-    top = np.argsort(-mat.max(0))[:5]
-    for c in top:
-        ax.axvline(c, color="cyan", linewidth=0.4, alpha=0.5)
-    ax.set_xlabel("channel (strongest: " + ", ".join(str(int(c)) for c in top) + ")")
-    fig.colorbar(im, ax=ax, label="max |a|", pad=0.01)
-    ax.set_title(f"{title}: max |a| per layer and channel", fontsize=10)
+    fig, axes = plt.subplots(len(blocks), 1, squeeze=False, figsize=(10, sum(0.35 * len(n) + 1.0 for _, n, _ in blocks)
+                                                                       + 1.0),
+                             gridspec_kw={"height_ratios": [len(n) + 2 for _, n, _ in blocks]})
+    for ax, (kind, names, mat) in zip(axes[:, 0], blocks):
+        im = ax.imshow(np.where(mat > 0, mat, vmin), aspect="auto", interpolation="nearest", cmap="magma",
+                       norm=LogNorm(vmin=vmin, vmax=vmax))
+        ax.set_yticks(range(len(names)), [_short_site(n) for n in names], fontsize=7)
+        top = np.argsort(-mat.max(0))[:5]
+        for c in top:
+            ax.axvline(c, color="C5", linewidth=0.4, alpha=0.5)
+        ax.set_xlabel("channel (strongest: " + ", ".join(str(int(c)) for c in top) + ")")
+        if len(blocks) > 1:
+            ax.set_title(kind)
+        fig.colorbar(im, ax=ax, label="max |a|", pad=0.01)
+    fig.suptitle(f"{title}: max |a| per layer and channel")
     fig.tight_layout()
     return save(fig, folder, "massive_heatmap")
 
 
 def _short_site(name: str) -> str:
-    return name.replace(".hook_resid_post", "").replace("blocks.", "L")
+    """'blocks.3.hook_resid_post' -> 'L3'; other kinds keep their hook: 'L3 mlp_out'."""
+    return name.replace(".hook_resid_post", "").replace("blocks.", "L").replace(".hook_", " ")
 
 
 def pick_capture_layer(capture, layer: int | None) -> str | None:
@@ -121,7 +172,7 @@ def plot_3d(capture, layer: int | None, folder: str | Path, title: str) -> list[
     ax = fig.add_subplot(1, 1, 1, projection="3d")
     xs = np.tile(np.arange(T), (C, 1))
     ys = np.tile(np.arange(C)[:, None], (1, T))
-    ax.plot_wireframe(xs, ys, z, rstride=0, cstride=1, color="royalblue", linewidth=1.2)
+    ax.plot_wireframe(xs, ys, z, rstride=0, cstride=1, color="C0", linewidth=1.2)
     toks = [t.replace("\n", "\\n") if t.strip() else repr(t) for t in capture.tokens]
     ax.set_xticks(range(T), toks, rotation=50, fontsize=8, ha="right")
     top = [int(c) for c in np.argsort(-z.max(1))[:2]]
@@ -129,16 +180,17 @@ def plot_3d(capture, layer: int | None, folder: str | Path, title: str) -> list[
     ax.set_ylabel("channel")
     ax.set_zlabel("|h|")
     lay = capture.layers.get(name)
-    ax.set_title(f"{title}: {name} (layer {lay}, 1-based {lay + 1 if lay is not None else '-'})", fontsize=10)
+    ax.set_title(f"{title}: {name} (layer {lay if lay is not None else '-'}, 0-based)")
     return save(fig, folder, "massive_3d")
 
 
 def write_massive_files(folder: str | Path, result, title: str, plots: Iterable[str] | None = None,
-                        layer: int | None = None) -> list[str]:
+                        layer: int | None = None, kinds: Iterable[str] | None = None) -> list[str]:
     """Tables (Parquet + CSV) and figures of ``result`` into an existing ``folder``; returns file names.
 
     ``plots``: any of ``layers``, ``heatmap``, ``3d`` (None: layers and heatmap, plus 3d when a prompt
-    was captured). Used by ``actsparse massive`` and by ``measure --massive``.
+    was captured). ``kinds``: the site kinds the user asked for, drawn in the figures (None: the
+    default, ``shown_kinds``). Used by ``actsparse massive`` and by ``measure --massive``.
     """
     folder = Path(folder)
     files: list[str] = []
@@ -150,9 +202,9 @@ def write_massive_files(folder: str | Path, result, title: str, plots: Iterable[
         files += write_table(pd.DataFrame(result.int8), folder, "massive_int8")
     wanted = set(plots) if plots is not None else {"layers", "heatmap"} | ({"3d"} if result.capture else set())
     if "layers" in wanted:
-        files += plot_layers(layers, folder, title)
+        files += plot_layers(layers, folder, title, kinds)
     if "heatmap" in wanted:
-        files += plot_heatmap(layers, result.channel_max, folder, title)
+        files += plot_heatmap(layers, result.channel_max, folder, title, kinds)
     if "3d" in wanted and result.capture is not None:
         files += plot_3d(result.capture, layer, folder, title)
     return files
@@ -163,51 +215,53 @@ def massive_manifest_section(result) -> dict[str, Any]:
 
 
 def write_massive_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
-                          plots: Iterable[str] | None = None, layer: int | None = None) -> Path:
+                          plots: Iterable[str] | None = None, layer: int | None = None,
+                          kinds: Iterable[str] | None = None) -> Path:
 
     with atomic_output_dir(output, force) as tmp:
-        files = write_massive_files(tmp, result, short_name(options.get("checkpoint")), plots, layer)
-        files.append(write_summary_md(tmp, result, options))
+        files = write_massive_files(tmp, result, short_name(options.get("checkpoint")), plots, layer, kinds)
+        files.append(write_summary_md(tmp, result, options, kinds))
         manifest = build_manifest("massive", options, model=model_section(lm),
                                   massive=massive_manifest_section(result), files=files + ["manifest.json"])
         write_manifest(tmp, manifest)
     return Path(output)
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.{digits}g}"
-    return str(v)
+def write_summary_md(folder: Path, result, options: dict[str, Any], kinds: Iterable[str] | None = None) -> str:
+    from reports.markdown import md_escape
+
+    lines = ([f"# actsparse massive: {md_escape(options.get('checkpoint'))}", ""]
+             + massive_summary_lines(result, kinds=kinds))
+    (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
+    return "summary.md"
 
 
-def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
+def massive_summary_lines(result, kinds: Iterable[str] | None = None) -> list[str]:
+    """The massive-activation section of a summary.md (per-layer table of the shown kinds, global max, INT8),
+    without a title. ``kinds``: the site kinds the user asked for (None: the default, ``shown_kinds``)."""
     from reports.markdown import md_code, md_escape
 
     info = result.info
-    lines = [f"# actsparse massive: {md_escape(options.get('checkpoint'))}", "",
-             f"Preset `{info['preset']}`: {info['n_sequences']} sequences, {info['n_counted_tokens']} counted tokens, "
+    lines = [f"Preset `{info['preset']}`: {info['n_sequences']} sequences, {info['n_counted_tokens']} counted tokens, "
              f"max_length {info.get('max_length')}, BOS {'yes' if info.get('bos') else 'no'}, model dtype "
              f"{info['model_dtype']}, device {info['device']}.", "",
              "Sun et al.: top-k and the lower median of |h| over each sequence's whole token x channel tensor, "
              "averaged over sequences; massive = |a| > 100 and >= 1000 x that median. Max_act_llm: each token's max "
              "over its own median across channels.", "",
-             "| site | layer (1-based) | top1_mean | top2_mean | top3_mean | median_mean | top1/median | n_massive | "
+             "| site | layer (0-based) | top1_mean | top2_mean | top3_mean | median_mean | top1/median | n_massive | "
              "massive channels | positions | token_ratio_max | n_massive_tokens |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    show = shown_kinds((r["kind"] for r in result.layers), kinds)
     for r in result.layers:
-        if r["kind"] not in ("resid_post", "embed", "final_norm"):
+        if r["kind"] not in show:
             continue
-        lines.append(f"| {md_escape(r['canonical_name'])} | {_fmt(r['layer_1based'])} | {_fmt(r['top1_mean'])} | "
-                     f"{_fmt(r['top2_mean'])} | {_fmt(r['top3_mean'])} | {_fmt(r['median_mean'])} | "
-                     f"{_fmt(r['ratio_top1_median'])} | {r['n_massive']} | {r['massive_channels'] or '-'} | "
-                     f"{r['massive_positions'] or '-'} | {_fmt(r['token_ratio_max'])} | {r['n_massive_tokens']} |")
+        lines.append(f"| {md_escape(r['canonical_name'])} | {fmt(r['layer'])} | {fmt(r['top1_mean'])} | "
+                     f"{fmt(r['top2_mean'])} | {fmt(r['top3_mean'])} | {fmt(r['median_mean'])} | "
+                     f"{fmt(r['ratio_top1_median'])} | {r['n_massive']} | {r['massive_channels'] or '-'} | "
+                     f"{r['massive_positions'] or '-'} | {fmt(r['token_ratio_max'])} | {r['n_massive_tokens']} |")
     g = result.global_max
     if g:
-        lines += ["", f"Global max: {_fmt(g['value'], 6)} at {md_escape(g['canonical_name'])} "
+        lines += ["", f"Global max: {fmt(g['value'], 6)} at {md_escape(g['canonical_name'])} "
                       f"({md_code(g['module_path'])}), sample {g['sample']}, position {g['position']}, channel "
                       f"{g['channel']}, token {md_code(repr(g['token']))}."]  # the token string comes from the corpus
     if info.get("overflow"):
@@ -216,7 +270,6 @@ def write_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
         lines += ["", f"INT8 at {md_escape(result.int8[0]['canonical_name'])} (per-tensor symmetric, in-sample):", "",
                   "| policy | threshold | rel_rmse | SQNR dB | clip rate |", "|---|---:|---:|---:|---:|"]
         for r in result.int8:
-            lines.append(f"| {r['policy']} | {_fmt(r['threshold'])} | {_fmt(r['rel_rmse'])} | {_fmt(r['sqnr_db'])} | "
-                         f"{_fmt(r['clip_rate'])} |")
-    (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
-    return "summary.md"
+            lines.append(f"| {r['policy']} | {fmt(r['threshold'])} | {fmt(r['rel_rmse'])} | {fmt(r['sqnr_db'])} | "
+                         f"{fmt(r['clip_rate'])} |")
+    return lines

@@ -8,12 +8,16 @@ from typing import Any
 from reports.bundle import atomic_output_dir
 from reports.figures import sparsity_by_layer
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
+from reports.numbers import fixed, pct
 from reports.tables import write_table
 
 
 def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
                           extras: dict[str, Any] | None = None) -> Path:
-    """One bundle: the sparsity tables, plus the ``grad`` and ``massive`` results when measured too."""
+    """One bundle: the sparsity tables, plus the result of each analysis run beside it (``extras``,
+    by report-section name: ``gradients``, ``massive``, ``pplp``), each through its registered section."""
+    from reports import sections as registry
+
     extras = extras or {}
     title = short_name(options.get("checkpoint"))
     with atomic_output_dir(output, force) as tmp:
@@ -21,25 +25,15 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
         files += write_table(result.summary(), tmp, "summary")
         files += sparsity_by_layer(result.table(), tmp, title, result.info["n_counted_tokens"])
         files.append(write_summary_md(tmp, result, options, extras))
-        sections: dict[str, Any] = {}
-        if "grad" in extras:
-            from reports.grad_report import write_grad_files
-
-            files += write_grad_files(tmp, extras["grad"], title)
-            sections["gradients"] = extras["grad"].info
-        if "pplp" in extras:
-            from reports.pplp_report import pplp_manifest_section, write_pplp_tables
-
-            files += write_pplp_tables(tmp, extras["pplp"])
-            sections["pplp"] = pplp_manifest_section(extras["pplp"])
-            sections["warnings"] = list(extras["pplp"].warnings)
-        if "massive" in extras:
-            from reports.massive_report import massive_manifest_section, write_massive_files
-
-            files += write_massive_files(tmp, extras["massive"], title)
-            sections["massive"] = massive_manifest_section(extras["massive"])
+        man_sections: dict[str, Any] = {}
+        for name, res in extras.items():
+            sec = registry.section(name)
+            files += registry.load(sec.write)(tmp, res, title)
+            man_sections[sec.manifest_key] = registry.load(sec.manifest)(res)
+            if sec.extra_manifest:
+                man_sections.update(registry.load(sec.extra_manifest)(res))
         manifest = build_manifest("measure", options, model=model_section(lm), measurement=result.info,
-                                  files=files + ["manifest.json"], **sections)
+                                  files=files + ["manifest.json"], **man_sections)
         write_manifest(tmp, manifest)
     return Path(output)
 
@@ -57,16 +51,18 @@ def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict
     for r in result.rows:
         lines.append(f"| {md_escape(r['canonical_name'])} | {md_code(r['module_path'])} | {md_escape(r['kind'])} | "
                      f"{r['width']} | "
-                     f"{100 * r['zero_frac']:.2f} | {r['nonzero_pct_per_token']:.2f} | {r['dead_neurons']} | "
+                     f"{pct(r['zero_frac'])} | {fixed(r['nonzero_pct_per_token'], 2)} | {r['dead_neurons']} | "
                      f"{r['always_on_neurons']} |")
     summ = result.summary()
     if len(summ):
         z = summ[summ.metric == "zero_frac"]
         lines += ["", "Mean over layers (unweighted): " + ", ".join(
-            f"{k} zero_frac {100 * v:.2f} %" for k, v in zip(z.kind, z.mean_over_layers))]
-    if extras and "pplp" in extras:
-        from reports.pplp_report import pplp_summary_lines
+            f"{k} zero_frac {pct(v, suffix=' %')}" for k, v in zip(z.kind, z.mean_over_layers))]
+    from reports import sections as registry
 
-        lines += [""] + list(pplp_summary_lines(extras["pplp"]))
+    for name, res in (extras or {}).items():  # one section per analysis in the bundle
+        sec = registry.section(name)
+        if sec.summary:
+            lines += ["", f"## {md_escape(name)}", ""] + list(registry.load(sec.summary)(res, options))
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
     return "summary.md"

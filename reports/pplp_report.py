@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from reports.bundle import atomic_output_dir
 from reports.figures import pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
+from reports.numbers import fixed, fmt, pct
 from reports.tables import write_table
 
 
@@ -53,14 +53,6 @@ def write_pplp_outputs(output: str | Path, result, lm, options: dict[str, Any], 
     return Path(output)
 
 
-def _fmt(v: Any, spec: str = ".4f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return format(v, spec) if isinstance(v, (int, float)) else str(v)
-
-
 def pplp_summary_lines(result) -> list[str]:
     """Markdown lines for a PPL-p% section (shared with other bundles' summary.md)."""
     from reports.markdown import md_code, md_escape
@@ -69,8 +61,8 @@ def pplp_summary_lines(result) -> list[str]:
     lines = []
     for w in result.warnings:
         lines += [f"> **WARNING:** {md_escape(w)}", ""]
-    lines += [f"{dense['n_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL {dense['ppl']:.4f} "
-              f"(CE {dense['ce']:.6f}); search `{info['method']}`, tol {info['tol']:g} on the PPL ratio; "
+    lines += [f"{dense['n_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL {fixed(dense['ppl'], 4)} "
+              f"(CE {fixed(dense['ce'], 6)}); search `{info['method']}`, tol {info['tol']:g} on the PPL ratio; "
               f"{info['full_passes']} full passes in all (calibration included).", "",
               "| p % | status | c* | achieved PPL ratio | mean sparsity % | activation ratio % | sparse passes |",
               "|---:|---|---:|---:|---:|---:|---:|"]
@@ -79,8 +71,8 @@ def pplp_summary_lines(result) -> list[str]:
         if r["status"] == "unreachable":
             lines.append(f"| {r['p_pct']:g} | unreachable | - | - | - | - | {r['sparse_passes']} |")
             continue
-        lines.append(f"| {r['p_pct']:g} | {r['status']} | {_fmt(r['c_star'], '.5f')} | {_fmt(r['achieved_ratio'], '.5f')}"
-                     f" | {_fmt(100 * r['mean_sparsity'], '.2f')} | {_fmt(100 * r['mean_activation_ratio'], '.2f')} | "
+        lines.append(f"| {r['p_pct']:g} | {r['status']} | {fixed(r['c_star'], 5)} | {fixed(r['achieved_ratio'], 5)}"
+                     f" | {pct(r['mean_sparsity'])} | {pct(r['mean_activation_ratio'])} | "
                      f"{r['sparse_passes']} |")
     notes = [f"- p = {r['p_pct']:g} %: {md_escape(r['reason'])}" for _, r in summ.iterrows() if r["reason"]]
     if notes:
@@ -90,8 +82,8 @@ def pplp_summary_lines(result) -> list[str]:
         lines += ["", "| p % | layer | module | threshold | sparsity % | CETT in sparse run |", "|---:|---:|---|---:|---:|---:|"]
         for _, r in table.iterrows():
             lines.append(f"| {r['p_pct']:g} | {r['layer']} | {md_code(r['module_path'])} | "
-                         f"{_fmt(r['threshold'], '.6g')} | "
-                         f"{_fmt(100 * r['sparsity'], '.2f')} | {_fmt(r['cett_in_sparse_run'], '.4f')} |")
+                         f"{fmt(r['threshold'], 6)} | "
+                         f"{pct(r['sparsity'])} | {fixed(r['cett_in_sparse_run'], 4)} |")
     return lines
 
 
@@ -145,7 +137,7 @@ def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "c
         ax.text(ax.get_xlim()[0], p, f" PPL +{p}%", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("activation sparsity of the sparse run, % (mean over layers)")
     ax.set_ylabel("PPL increase, % (sparse / dense - 1)")
-    ax.set_title(f"{title}: sparsity vs PPL over {n_tokens} tokens", fontsize=10)
+    ax.set_title(f"{title}: sparsity vs PPL over {n_tokens} tokens")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -173,12 +165,12 @@ def write_curve_summary_md(folder: Path, result, options: dict[str, Any]) -> str
     for w in result.warnings:
         lines += [f"> **WARNING:** {md_escape(w)}", ""]
     lines += [f"{info['n_counted_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL "
-              f"{info['dense_ppl']:.4f}; "
+              f"{fixed(info['dense_ppl'], 4)}; "
               f"{info['full_passes']} full passes.", "",
               "| method | value | thresholded tensor | PPL ratio | mean sparsity % |", "|---|---:|---|---:|---:|"]
     for r in result.points:
         tensor = md_escape(r["thresholded_tensor"]) if isinstance(r["thresholded_tensor"], str) else "-"
-        lines.append(f"| {r['method']} | {_fmt(r['value'], 'g')} | {tensor} | "
-                     f"{r['ppl_ratio']:.5f} | {100 * r['mean_sparsity']:.2f} |")
+        lines.append(f"| {r['method']} | {fmt(r['value'], 6)} | {tensor} | "
+                     f"{fixed(r['ppl_ratio'], 5)} | {pct(r['mean_sparsity'])} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
     return "summary.md"

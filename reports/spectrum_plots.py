@@ -1,7 +1,8 @@
 """Figures for ``actsparse spectrum``: per-layer ESDs and alpha / sigma_mp against depth.
 
-Each figure is written as PNG and SVG. We draw on ``matplotlib.figure.Figure`` with the Agg
-canvas, so no pyplot state or GUI backend is involved.
+Each figure is written as PNG and SVG by ``reports.figures.save`` in the common style. We draw on
+``matplotlib.figure.Figure`` (``new_figure``), outside pyplot's list of open figures, so a model with
+hundreds of matrices leaves no figure open.
 """
 
 from __future__ import annotations
@@ -15,18 +16,7 @@ from typing import Any
 import numpy as np
 
 from probes.spectrum import mp_density
-
-
-def _save(fig, folder: Path, stem: str) -> list[str]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for ext in ("png", "svg"):
-        fig.savefig(folder / f"{stem}.{ext}", dpi=110)
-        names.append(f"{stem}.{ext}")
-    return names
+from reports.figures import new_figure, save_into
 
 
 def file_stem(name: str) -> str:
@@ -47,16 +37,14 @@ def plot_esd(row: dict[str, Any], evals: np.ndarray, folder: str | Path) -> list
     """Two panels for one layer: the log-log ESD with the power-law fit from xmin, and the
     rescaled ESD (x = lambda W_scale^2) with the fitted Marchenko-Pastur density and bulk edge
     (for Q = 1, WW's quarter-circle fit on sqrt(x)). Returns the written file names."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2))
     fig.subplots_adjust(left=0.085, right=0.98, bottom=0.13, top=0.86, wspace=0.22)
     ax_pl, ax_mp = fig.subplots(1, 2)
     name = row["name"]
     nz = evals[evals > 0]
     if nz.size > 1 and nz.max() > nz.min():
         bins = np.logspace(np.log10(nz.min()), np.log10(nz.max()), 60)
-        ax_pl.hist(nz, bins=bins, density=True, histtype="stepfilled", color="tab:blue", alpha=0.6, label="ESD")
+        ax_pl.hist(nz, bins=bins, density=True, histtype="stepfilled", color="C0", alpha=0.6, label="ESD")
     ax_pl.set_xscale("log")
     ax_pl.set_yscale("log")
     alpha, xmin, xmax = row.get("alpha"), row.get("xmin"), row.get("xmax")
@@ -64,13 +52,13 @@ def plot_esd(row: dict[str, Any], evals: np.ndarray, folder: str | Path) -> list
         # p(x) = (alpha - 1)/xmin (x/xmin)^-alpha, scaled by the tail's share of the ESD.
         x = np.logspace(np.log10(xmin), np.log10(xmax), 100)
         share = np.count_nonzero(nz >= xmin) / max(nz.size, 1)
-        ax_pl.plot(x, share * (alpha - 1) / xmin * (x / xmin) ** -alpha, "r--",
+        ax_pl.plot(x, share * (alpha - 1) / xmin * (x / xmin) ** -alpha, "--", color="C3",
                    label=rf"PL fit $\alpha$={alpha:.3f}, $D$={row.get('D', math.nan):.3f}")
-        ax_pl.axvline(xmin, color="red", lw=1, label=rf"$\lambda_{{min}}$={xmin:.3g}")
+        ax_pl.axvline(xmin, color="C3", lw=1, label=rf"$\lambda_{{min}}$={xmin:.3g}")
     ax_pl.set_xlabel(r"eigenvalue $\lambda$ of $W^TW$")
     ax_pl.set_ylabel("density")
-    ax_pl.set_title("log-log ESD", fontsize=10)
-    ax_pl.legend(fontsize=8)
+    ax_pl.set_title("log-log ESD")
+    ax_pl.legend()
 
     scale, sigma, Q = row.get("W_scale"), row.get("sigma_mp"), row.get("Q")
     if _finite(scale) and _finite(sigma) and _finite(Q):
@@ -79,27 +67,25 @@ def plot_esd(row: dict[str, Any], evals: np.ndarray, folder: str | Path) -> list
             x, label = np.sqrt(x), r"$\sqrt{\lambda}\,W_{scale}$"
         else:
             label = r"$\lambda\,W_{scale}^2$"
-        ax_mp.hist(x, bins=100, density=True, histtype="stepfilled", color="tab:blue", alpha=0.6, label="ESD")
+        ax_mp.hist(x, bins=100, density=True, histtype="stepfilled", color="C0", alpha=0.6, label="ESD")
         grid = np.linspace(0, x.max(), 500)
-        ax_mp.plot(grid, mp_density(grid, sigma, Q), "r-",
+        ax_mp.plot(grid, mp_density(grid, sigma, Q), "-", color="C3",
                    label=("quarter circle" if Q == 1 else "MP") + rf" $\sigma_{{mp}}$={sigma:.3f}")
         edge = row["bulk_max"] * scale * scale
-        ax_mp.axvline(math.sqrt(edge) if Q == 1 else edge, color="orange", ls="--",
+        ax_mp.axvline(math.sqrt(edge) if Q == 1 else edge, color="C1", ls="--",
                       label=f"bulk edge, {row.get('num_spikes')} spikes")
         ax_mp.set_xlabel(label)
-        ax_mp.legend(fontsize=8)
+        ax_mp.legend()
     else:
         ax_mp.text(0.5, 0.5, "no MP fit", ha="center", va="center", transform=ax_mp.transAxes)
-    ax_mp.set_title("ESD and Marchenko-Pastur fit", fontsize=10)
-    fig.suptitle(f"{name}  (N={row['N']}, M={row['M']}, Q={row['Q']:.3g})", fontsize=10)
-    return [f"esd/{f}" for f in _save(fig, Path(folder) / "esd", file_stem(name))]
+    ax_mp.set_title("ESD and Marchenko-Pastur fit")
+    fig.suptitle(f"{name}  (N={row['N']}, M={row['M']}, Q={row['Q']:.3g})")
+    return [f"esd/{f}" for f in save_into(fig, Path(folder) / "esd", file_stem(name))]
 
 
 def plot_alpha_by_layer(df, folder: str | Path) -> list[str]:
     """alpha and sigma_mp of each analysed matrix in checkpoint order (depth), one panel each."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(6.0, min(18.0, 0.12 * len(df) + 4)), 6))
+    fig = new_figure(figsize=(max(6.0, min(18.0, 0.12 * len(df) + 4)), 6))
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93, hspace=0.08)
     ax_a, ax_s = fig.subplots(2, 1, sharex=True)
     depth = np.arange(len(df))
@@ -113,6 +99,6 @@ def plot_alpha_by_layer(df, folder: str | Path) -> list[str]:
     ax_a.set_ylabel(r"$\alpha$ (power-law exponent)")
     ax_s.set_ylabel(r"$\sigma_{mp}$")
     ax_s.set_xlabel("matrix index in checkpoint order")
-    ax_a.legend(fontsize=8)
-    ax_a.set_title("alpha and sigma_mp by layer (dotted: WW's over/under-trained thresholds)", fontsize=10)
-    return _save(fig, Path(folder), "alpha_by_layer")
+    ax_a.legend()
+    ax_a.set_title("alpha and sigma_mp by layer (dotted: WW's over/under-trained thresholds)")
+    return save_into(fig, Path(folder), "alpha_by_layer")

@@ -3,7 +3,6 @@ the manifest. The models run in ``probes.track``; this module only writes what i
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,7 +12,8 @@ import pandas as pd
 
 from probes.track import (CheckpointStep, TrackOptions, TrackResult, emergence_curve, resid_post_rows,
                           resolve_analyses, run_track)
-from reports.figures import pyplot
+from reports.figures import panel_size, pyplot
+from reports.numbers import fmt
 
 
 def _step_axis(ax, steps: Sequence[float]) -> None:
@@ -42,7 +42,7 @@ def plot_trend_sparsity(sp: pd.DataFrame, folder: Path, title: str) -> list[str]
 
     plt = pyplot()
     kinds = list(dict.fromkeys(sp["kind"].astype(str)))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1.2, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=panel_size(len(kinds), extra_width=1.2), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for ax, kind in zip(axes[0], kinds):
         g = sp[sp["kind"].astype(str) == kind]
@@ -54,8 +54,8 @@ def plot_trend_sparsity(sp: pd.DataFrame, folder: Path, title: str) -> list[str]
         _step_axis(ax, g["step"])
         ax.set_ylabel("% of activation entries exactly 0")
         ax.set_ylim(0, 100)
-        ax.set_title(kind, fontsize=10)
-    fig.suptitle(f"{title}: activation sparsity per layer vs training step", fontsize=10)
+        ax.set_title(kind)
+    fig.suptitle(f"{title}: activation sparsity per layer vs training step")
     fig.tight_layout()
     n_layers = int(sp.groupby("kind")["layer"].nunique().max())
     from reports.figures import layer_key
@@ -68,11 +68,11 @@ def plot_trend_drift(dr: pd.DataFrame, folder: Path, title: str) -> list[str]:
     from reports.figures import save
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=panel_size(2, extra_width=1.1), squeeze=False)
     roles = ["all_linear"] + sorted(r for r in dr["role"].unique() if r != "all_linear")
     for j, role in enumerate(roles):
         h = dr[dr["role"] == role].sort_values("step")
-        style = dict(color="k", lw=2.0) if role == "all_linear" else dict(color=f"C{j % 10}", lw=1.2)
+        style = dict(color="k", lw=2.0) if role == "all_linear" else dict(color=f"C{(j - 1) % 7}", lw=1.2)  # C7 is black
         axes[0][0].plot(h["step"], h["mean_weighted"], "o-", ms=4, label=role, **style)
         axes[0][1].plot(h["step"], h["neg_pct_weighted"], "o-", ms=4, label=role, **style)
     axes[0][0].axhline(0, color="0.5", lw=0.8)
@@ -83,7 +83,7 @@ def plot_trend_drift(dr: pd.DataFrame, folder: Path, title: str) -> list[str]:
     for ax in axes[0]:
         _step_axis(ax, dr["step"])
     _legend_outside(fig, axes[0][1])
-    fig.suptitle(f"{title}: weight drift of the linear layers vs training step", fontsize=10)
+    fig.suptitle(f"{title}: weight drift of the linear layers vs training step")
     fig.tight_layout()
     return save(fig, folder, "trend_drift")
 
@@ -93,7 +93,7 @@ def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path
 
     plt = pyplot()
     r = resid_post_rows(ma)
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=panel_size(extra_width=2.3))
     layers = sorted(r["layer"].dropna().unique())
     cmap = plt.get_cmap("viridis")
     steps = np.asarray(sorted(r["step"].unique()), dtype=float)
@@ -116,7 +116,7 @@ def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path
     ax.set_ylabel("top-1 / median of |h| (residual stream)")
     _step_axis(ax, r["step"])
     ax.set_title(f"{title}: top-1/median ratio vs training step"
-                 + (" (dashed: emergence fit)" if n_conv else " (no emergence fit converged)"), fontsize=10)
+                 + (" (dashed: emergence fit)" if n_conv else " (no emergence fit converged)"))
     fig.tight_layout()
     _legend_outside(fig, ax, n_layers=len(layers))
     return save(fig, folder, "trend_massive")
@@ -132,12 +132,12 @@ def plot_trend_alpha(spec: pd.DataFrame, folder: Path, title: str) -> list[str]:
     s = s[np.isfinite(pd.to_numeric(s["alpha"], errors="coerce").astype(float))]
     if s.empty:
         return []
-    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    fig, ax = plt.subplots(figsize=panel_size(extra_width=2.3))
     band = s.groupby("step")["alpha"].agg(["min", "max"]).sort_index()
     ax.fill_between(band.index, band["min"], band["max"], color="0.85", label="min-max over matrices")
     for j, (role, g) in enumerate(s.groupby("role", sort=True)):
         m = g.groupby("step")["alpha"].mean().sort_index()
-        ax.plot(m.index, m.values, "o-", ms=4, color=f"C{j % 10}", label=f"{role} (mean)")
+        ax.plot(m.index, m.values, "o-", ms=4, color=f"C{j % 7}", label=f"{role} (mean)")  # C7 is black
     allm = s.groupby("step")["alpha"].mean().sort_index()
     ax.plot(allm.index, allm.values, "s-", ms=4, color="k", lw=2, label="all (mean)")
     for y in (2.0, 6.0):
@@ -145,7 +145,7 @@ def plot_trend_alpha(spec: pd.DataFrame, folder: Path, title: str) -> list[str]:
     ax.set_ylabel(r"WeightWatcher $\alpha$")
     _step_axis(ax, s["step"])
     _legend_outside(fig, ax)
-    ax.set_title(f"{title}: alpha vs training step", fontsize=10)
+    ax.set_title(f"{title}: alpha vs training step")
     fig.tight_layout()
     return save(fig, folder, "trend_alpha")
 
@@ -168,14 +168,6 @@ def plot_trends(tables: dict[str, pd.DataFrame | None], folder: str | Path, titl
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def run_title(cks: Sequence[CheckpointStep]) -> str:
     parent = Path(cks[0].path).resolve().parent.name if cks else ""
     return parent or "run"
@@ -199,15 +191,15 @@ def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
     cols = [c for c in tr.columns if c not in ("checkpoint_index", "checkpoint")]
     lines += ["| " + " | ".join(md_escape(c) for c in cols) + " |", "|" + "---:|" * len(cols)]
     for r in tr.to_dict("records"):
-        lines.append("| " + " | ".join(md_escape(_fmt(r.get(c))) for c in cols) + " |")
+        lines.append("| " + " | ".join(md_escape(fmt(r.get(c))) for c in cols) + " |")
     fits = result.tables.get("emergence_fit")
     if fits is not None and len(fits):
         lines += ["", "Emergence fit of top-1/median (f(t) = A exp(-lambda x) log x + K, x = gamma t + t0):", "",
                   "| series | A | lambda | gamma | t0 | K | R^2 | points | converged |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in fits.to_dict("records"):
-            lines.append(f"| {r['series']} | {_fmt(r['A'])} | {_fmt(r['lambda'])} | {_fmt(r['gamma'])} | "
-                         f"{_fmt(r['t0'])} | {_fmt(r['K'])} | {_fmt(r['r2'])} | {r['n_points']} | "
+            lines.append(f"| {r['series']} | {fmt(r['A'])} | {fmt(r['lambda'])} | {fmt(r['gamma'])} | "
+                         f"{fmt(r['t0'])} | {fmt(r['K'])} | {fmt(r['r2'])} | {r['n_points']} | "
                          f"{_fit_status(r)} |")
     return "\n".join(lines) + "\n"
 

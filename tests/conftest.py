@@ -60,3 +60,40 @@ def word_lm():
     import types
 
     return types.SimpleNamespace(tokenizer=word_tokenizer, save_gpt2=save_word_gpt2, corpus=write_word_corpus)
+
+
+
+@pytest.fixture(autouse=True)
+def _hints_name_real_options(monkeypatch, request):
+    """Every CLI run in the suite: each `-- fix:` hint names only options the command has
+    (tests/cli/hint_check.py). Wraps CliRunner.invoke, so no test has to remember it."""
+    if "cli" not in request.node.path.parts and "golden" not in request.node.path.parts:
+        return
+    from typer.testing import CliRunner
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "cli"))
+    try:
+        from hint_check import assert_hints_name_real_options
+    finally:
+        sys.path.pop(0)
+    real = CliRunner.invoke
+
+    def invoke(self, cli, args=None, *a, **k):
+        r = real(self, cli, args, *a, **k)
+        words = [str(x) for x in (args or [])]
+        cmd = next((w for w in words if not w.startswith("-")), None)
+        try:
+            err = r.stderr
+        except ValueError:
+            err = ""
+        if cmd:
+            from hint_check import command_options
+
+            if cmd in command_options():
+                assert_hints_name_real_options(cmd, err)
+        return r
+
+    monkeypatch.setattr(CliRunner, "invoke", invoke)

@@ -60,11 +60,11 @@ def work(tmp_path, base) -> Path:
 @pytest.fixture(autouse=True)
 def no_figures(monkeypatch):
     """Matplotlib costs ~2 s a run; no case here is about figures."""
-    import reports.grad_report
+    import reports.sections.drift
     import reports.measure_report
 
     monkeypatch.setattr(reports.measure_report, "sparsity_by_layer", lambda *a, **k: [])
-    monkeypatch.setattr(reports.grad_report, "drift_by_layer", lambda *a, **k: [])
+    monkeypatch.setattr(reports.sections.drift, "drift_by_layer", lambda *a, **k: [])
 
 
 def hashes(root: Path) -> dict[str, str]:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from actsparse_cli.main import app
+from hint_check import assert_hints_name_real_options
 from probes.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_DEVICE, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OUTPUT
 
 WORDS = "the cat sat on a mat dog ran in park sun is warm today we measure sparse activations".split()
@@ -66,11 +67,11 @@ def corpus(tmp_path_factory, word_lm) -> Path:
 @pytest.fixture(autouse=True)
 def no_figures(monkeypatch):
     """Matplotlib costs ~2 s a run; no row here is about figures."""
-    import reports.grad_report
+    import reports.sections.drift
     import reports.measure_report
 
     monkeypatch.setattr(reports.measure_report, "sparsity_by_layer", lambda *a, **k: [])
-    monkeypatch.setattr(reports.grad_report, "drift_by_layer", lambda *a, **k: [])
+    monkeypatch.setattr(reports.sections.drift, "drift_by_layer", lambda *a, **k: [])
 
 
 # ------------------------------------------------------------------ building bad inputs
@@ -292,7 +293,7 @@ ROWS: dict[str, Row] = {
                             lambda t, m: Case(m, extra=("--device", "cuda")), marks=(ON_CPU_ONLY,)),
     "out-of-memory": Row(CORPUS_CMDS + ("curve",), EXIT_DEVICE, ("out of memory", "--batch-size 2"),
                          lambda t, m: Case(m, extra=("--batch-size", 4)), patch=_oom),
-    "out-of-memory-weights": Row(WEIGHT_CMDS, EXIT_DEVICE, ("out of memory", "--device cpu"),
+    "out-of-memory-weights": Row(WEIGHT_CMDS, EXIT_DEVICE, ("out of memory",),
                                  lambda t, m: Case(m), patch=_oom),
 }
 
@@ -341,6 +342,7 @@ def test_bad_input_fails_cleanly(row, cmd, model_dir, corpus, tmp_path, monkeypa
     for w in spec.words:
         assert w.lower() in lines[0].lower(), (w, lines[0])
     assert "Traceback" not in r.stderr + r.stdout
+    assert_hints_name_real_options(cmd, r.stderr)
     # Nothing reached the real stderr behind CliRunner's back (transformers logs there: its LOAD REPORT).
     leaked = capfd.readouterr().err
     assert "LOAD REPORT" not in leaked and "Traceback" not in leaked, leaked

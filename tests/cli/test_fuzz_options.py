@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from actsparse_cli.main import app
+from hint_check import assert_hints_name_real_options
 
 WORDS = "the cat sat on a mat dog ran in park sun is warm today we measure sparse activations".split()
 COMMANDS = ("measure", "grad", "massive", "pplp", "curve", "spectrum", "drift", "sites")
@@ -84,11 +85,11 @@ def invocations(draw):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(inv=invocations())
 def test_hostile_option_values(inv, inputs, tmp_path_factory, monkeypatch):
-    import reports.grad_report
+    import reports.sections.drift
     import reports.measure_report
 
     monkeypatch.setattr(reports.measure_report, "sparsity_by_layer", lambda *a, **k: [])
-    monkeypatch.setattr(reports.grad_report, "drift_by_layer", lambda *a, **k: [])
+    monkeypatch.setattr(reports.sections.drift, "drift_by_layer", lambda *a, **k: [])
     cmd, extra = inv
     before = _hash(inputs)
     parent = tmp_path_factory.mktemp("fuzz-out")
@@ -108,6 +109,7 @@ def test_hostile_option_values(inv, inputs, tmp_path_factory, monkeypatch):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
         assert len(lines) == 1 and lines[0].startswith("actsparse: error: ") and " -- fix: " in lines[0], \
             (argv + extra, r.stderr)
+    assert_hints_name_real_options(cmd, r.stderr)
     assert _hash(inputs) == before, argv + extra
     left = [p.name for p in parent.iterdir() if p.name.startswith(".")]
     assert left == [], (argv + extra, left)

@@ -144,3 +144,65 @@ def test_existing_output_is_not_overwritten(model_dir, corpus, tmp_path):
 def test_unknown_preset_is_a_usage_error(model_dir):
     r = invoke("massive", model_dir, "--preset", "sun2023")
     assert r.exit_code == 2
+
+
+def _capture_figures(monkeypatch) -> dict[str, list[tuple[str, list[list[float]]]]]:
+    """Record, per figure stem, each panel's title and the y data of its lines, as the figure is saved."""
+    import reports.massive_report as mr
+
+    drawn: dict[str, list[tuple[str, list[list[float]]]]] = {}
+    real_save = mr.save
+
+    def save(fig, folder, stem):
+        drawn[stem] = [(ax.get_title(), [list(map(float, ln.get_ydata())) for ln in ax.get_lines()])
+                       for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        return real_save(fig, folder, stem)
+
+    monkeypatch.setattr(mr, "save", save)
+    return drawn
+
+
+def test_kind_mlp_out_rows_are_shown_in_terminal_summary_and_figures(model_dir, corpus, tmp_path, monkeypatch):
+    """--kind mlp_out: the rows asked for are in the terminal table, summary.md and the figures' data
+    (the residual-stream filter used to drop them all and write no massive_layers figure)."""
+    drawn = _capture_figures(monkeypatch)
+    out = tmp_path / "out"
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 3, "--kind", "mlp_out", "-o", out)
+    assert r.exit_code == 0, r.stderr + r.stdout
+    layers = pd.read_parquet(out / "massive_layers.parquet")
+    assert set(layers.kind) == {"mlp_out"} and len(layers) == N_LAYER
+    names = [f"blocks.{i}.hook_mlp_out" for i in range(N_LAYER)]
+    for n in names:
+        assert n in r.stdout
+    summary = (out / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| blocks.")]
+    assert [line.split(" | ")[:2] for line in rows] == [[f"| {n}", str(i)] for i, n in enumerate(names)], summary
+    assert {"massive_layers.png", "massive_layers.svg", "massive_heatmap.png"} <= {p.name for p in out.iterdir()}
+    ((title, lines),) = drawn["massive_layers"]  # one panel: mlp_out, top-1/2/3 and median per layer
+    assert title == "mlp_out" and len(lines) == 5 and lines[4] == [100.0, 100.0]  # the |a| = 100 guide
+    top1 = layers.sort_values("layer").top1_mean.to_list()
+    assert lines[0] == pytest.approx(top1)
+    assert [t for t, _ in drawn["massive_heatmap"]] == [""]  # one kind: one panel, no panel title
+
+
+def test_kinds_given_are_all_shown_and_the_default_stays_the_residual_stream(model_dir, corpus, monkeypatch):
+    from reports.massive_report import layer_panels, shown_kinds
+
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 3, "--kind", "mlp_out,resid_post")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert "blocks.1.hook_mlp_out" in r.stdout and "blocks.1.hook_resid_post" in r.stdout
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 3)  # no --kind: as before
+    assert r.exit_code == 0, r.stderr + r.stdout
+    assert "blocks.1.hook_resid_post" in r.stdout and "hook_mlp_out" not in r.stdout
+    assert "hook_attn_out" not in r.stdout and "mlp.hook_pre" not in r.stdout
+    # the figures' panels, from a table holding every kind (the default run measures them all)
+    rows = [{"canonical_name": f"blocks.{i}.hook_{k}", "kind": k, "layer": i, "layer_1based": i + 1}
+            for i in range(2) for k in ("attn_out", "mlp_out", "resid_post")]
+    rows += [{"canonical_name": "blocks.0.hook_resid_pre", "kind": "embed", "layer": None, "layer_1based": None}]
+    df = pd.DataFrame(rows)
+    assert [(t, list(g.layer)) for t, g in layer_panels(df)] == [("residual stream", [0, 1])]
+    assert [t for t, _ in layer_panels(df, ["mlp_out", "resid_post"])] == ["mlp_out", "residual stream"]
+    assert [t for t, _ in layer_panels(df[df.kind == "mlp_out"])] == ["mlp_out"]  # read back from a --kind run
+    assert shown_kinds(["embed", "mlp_out"]) == {"embed", "resid_post", "final_norm", "custom"}
+    assert shown_kinds(["mlp_out"]) == {"mlp_out"}
+    assert shown_kinds(["embed", "mlp_out"], ["mlp_out"]) == {"mlp_out", "custom"}

@@ -63,11 +63,11 @@ def work(tmp_path, model_dir) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_figures(monkeypatch):
-    import reports.grad_report
+    import reports.sections.drift
     import reports.measure_report
 
     monkeypatch.setattr(reports.measure_report, "sparsity_by_layer", lambda *a, **k: [])
-    monkeypatch.setattr(reports.grad_report, "drift_by_layer", lambda *a, **k: [])
+    monkeypatch.setattr(reports.sections.drift, "drift_by_layer", lambda *a, **k: [])
 
 
 def _args(cmd: str, w: Path, out: Path, ckpt: Path | None = None) -> list:

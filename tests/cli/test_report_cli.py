@@ -178,7 +178,7 @@ def test_compare_exit_codes_and_markdown(measured, tmp_path):
     r = invoke("compare", measured, worse, "--fail-on", "zero_frac=-0.02")
     assert r.exit_code == 2 and "METRIC:DELTA" in r.output
     r = invoke("compare", measured, worse, "--fail-on", "zero_fraction:-0.02")
-    assert r.exit_code == 2 and "did you mean zero_frac" in r.output
+    assert r.exit_code == 2 and "did you mean 'zero_frac'" in r.output
     r = invoke("compare", measured, tmp_path, "--fail-on", "zero_frac:-0.02")
     assert r.exit_code == EXIT_CHECKPOINT and "not an actsparse output folder" in r.output
 

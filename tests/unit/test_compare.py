@@ -212,7 +212,7 @@ def test_rule_matching_nothing_is_an_error_with_a_suggestion(tmp_path):
     a, b = make_output(tmp_path / "a"), make_output(tmp_path / "b")
     with pytest.raises(RuleError) as e:
         compare(a, b, ["zero_fraction:-0.02"])
-    assert "did you mean zero_frac" in e.value.one_line()
+    assert "did you mean 'zero_frac'" in e.value.one_line()
     with pytest.raises(RuleError):
         compare(a, b, ["spectrum/zero_frac:-0.02"])  # the metric exists, but not in that table
 

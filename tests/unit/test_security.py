@@ -131,12 +131,13 @@ def test_report_bundle_of_hostile_output_is_inert(hostile_measure, tmp_path):
 def test_other_summaries_escape_names_tokens_and_paths(tmp_path):
     """massive, grad, drift, pplp and curve summaries: checkpoint, corpus, module names and token strings."""
     from reports import grad_report, massive_report, pplp_report
+    from reports.sections import drift as drift_section
 
     nan = float("nan")
     massive = SimpleNamespace(
         info={"preset": "sun2024", "n_sequences": 2, "n_counted_tokens": 10, "max_length": 8, "bos": False,
               "model_dtype": "float32", "device": "cpu", "overflow": EVIL, "nonfinite_sites": [EVIL]},
-        layers=[{"kind": "resid_post", "canonical_name": EVIL, "layer_1based": 1, "top1_mean": 1.0, "top2_mean": 1.0,
+        layers=[{"kind": "resid_post", "canonical_name": EVIL, "layer": 0, "layer_1based": 1, "top1_mean": 1.0, "top2_mean": 1.0,
                  "top3_mean": 1.0, "median_mean": 0.1, "ratio_top1_median": 10.0, "n_massive": 0,
                  "massive_channels": "", "massive_positions": "", "token_ratio_max": 2.0, "n_massive_tokens": 0}],
         global_max={"value": 5.0, "canonical_name": EVIL, "module_path": EVIL, "sample": 0, "position": 1,
@@ -171,7 +172,7 @@ def test_other_summaries_escape_names_tokens_and_paths(tmp_path):
     options = {"checkpoint": f"/models/{EVIL}", "checkpoints": [f"/models/{EVIL}"]}
     writers = {"massive": lambda d: massive_report.write_summary_md(d, massive, options),
                "grad": lambda d: grad_report.grad_summary_md(d, grad, options),
-               "drift": lambda d: grad_report.drift_summary_md(d, drift, options),
+               "drift": lambda d: drift_section.drift_summary_md(d, drift, options),
                "pplp": lambda d: pplp_report.write_pplp_summary_md(d, pplp, options),
                "curve": lambda d: pplp_report.write_curve_summary_md(d, pplp, options)}
     for name, write in writers.items():
