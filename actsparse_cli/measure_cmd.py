@@ -52,13 +52,56 @@ def print_sparsity_table(rows: list[dict], title: str) -> None:
     stdout_console().print(t)
 
 
-def _refuse_data_parallel(world_size: int, *, pplp: bool, massive: bool, device_map: bool) -> None:
+def _chosen_analyses(also, *, grad: bool, pplp, massive: bool) -> dict:
+    """The registered analyses to run beside activation sparsity, in registry order: ``--also`` names
+    (comma-separated or repeated) plus the ``--grad``/``--pplp``/``--massive`` shorthands."""
+    from probes import analysis
+
+    names = {n.strip() for item in (also or ()) for n in str(item).split(",") if n.strip()}
+    names |= {n for n, on in (("grad", grad), ("pplp", bool(pplp)), ("massive", massive)) if on}
+    for n in names:
+        a = analysis.get(n)
+        if not a.with_measure:
+            raise typer.BadParameter(f"{n} does not run beside activation sparsity ({a.help}); run "
+                                     f"`actsparse {n}` on its own", param_hint="--also")
+    return {n: a for n, a in analysis.ANALYSES.items() if n in names}
+
+
+# How `measure` prints the result of each analysis it ran beside activation sparsity, by report section.
+_PRINTERS = {
+    "gradients": lambda r: _load("actsparse_cli.grad_cmd:print_grad_table")(r.rows, r.spike_rows,
+                                                                           "gradient sparsity"),
+    "pplp": lambda r: _load("actsparse_cli.pplp_cmd:print_pplp")(r, "PPL-p% sparsity"),
+    "massive": lambda r: _load("actsparse_cli.massive_cmd:print_massive_table")(
+        r, f"massive activations ({r.info['preset']})"),
+}
+
+
+def _load(ref: str):
+    from probes.analysis import load
+
+    return load(ref)
+
+
+def _print_extra(section: str, result) -> None:
+    if section in _PRINTERS:
+        _PRINTERS[section](result)
+        return
+    # an analysis registered without a printer of its own: say what it wrote
+    tables = result.tables() if hasattr(result, "tables") else {}
+    stdout_console().print(f"{section}: " + ", ".join(f"{n} ({len(df)} rows)" for n, df in tables.items()))
+
+
+def _refuse_data_parallel(world_size: int, *, pplp: bool, massive: bool, device_map: bool,
+                          others: list[str] | None = None) -> None:
     """Options that do not split over torchrun ranks: a clear error instead of a wrong answer."""
     from probes.errors import EXIT_DEVICE, ActsparseError
 
     why = {"--pplp": "its threshold search makes several passes over all tokens" if pplp else None,
            "--massive": "its per-sequence top entries and sample ids are not split over ranks" if massive else None,
            "--device-map": "it spreads one model over the GPUs that the ranks use" if device_map else None}
+    for name in others or ():
+        why[f"--also {name}"] = "its probes do not merge over ranks"
     for opt, reason in why.items():
         if reason:
             raise ActsparseError(f"{opt} does not run under torchrun ({world_size} ranks): {reason}",
@@ -92,6 +135,11 @@ def register(app: typer.Typer) -> None:
                                                             "(CETT) for these p in percent, e.g. --pplp 1 "
                                                             "(repeatable; as `actsparse pplp`).",
                                                             rich_help_panel=PANEL_PROBES)] = None,
+        also: Annotated[Optional[list[str]], typer.Option("--also", help="Also run these registered analyses into "
+                                                          "the same bundle, comma-separated or repeated (grad, pplp, "
+                                                          "massive, and any analysis registered in probes.analysis); "
+                                                          "--grad, --pplp and --massive are short for them.",
+                                                          rich_help_panel=PANEL_PROBES, show_default=False)] = None,
         *,
         data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, kind, config,
         arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
@@ -115,7 +163,8 @@ def register(app: typer.Typer) -> None:
         if output is not None and not distributed.launched():
             check_output_dir(output, force, inputs=guarded)  # fail before any model work
         kinds = resolve_kinds(kind)
-        if massive:
+        chosen = _chosen_analyses(also, grad=grad, pplp=pplp, massive=massive)  # a typo fails here
+        if "massive" in chosen:
             from probes.massive import resolve_preset
 
             resolve_preset(massive_preset)  # a typo fails before the model is loaded
@@ -138,43 +187,27 @@ def register(app: typer.Typer) -> None:
                 if output is not None and ctx.world_size > 1 and ctx.is_main:
                     check_output_dir(output, force, inputs=guarded)
                 if ctx.world_size > 1:
-                    _refuse_data_parallel(ctx.world_size, pplp=bool(pplp), massive=massive,
-                                          device_map=device_map is not None)
+                    _refuse_data_parallel(ctx.world_size, pplp="pplp" in chosen, massive="massive" in chosen,
+                                          device_map=device_map is not None,
+                                          others=[n for n, a in chosen.items() if not a.data_parallel
+                                                  and n not in ("pplp", "massive")])
                 quiet_here = quiet or not ctx.is_main  # other ranks: no progress bar, no table
                 lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                           device_map=device_map)
                 ctx.exchange()  # every rank has its model: a rank that failed to load stops them all here
-                gopts = None
-                if grad:
-                    from probes.gradients import GradOptions, check_loss
-
-                    gopts = GradOptions(**shared, sites=tuple(site or ()))
-                    check_loss(lm, gopts)  # refuse a model without a loss before any work
+                # the analyses run beside activation sparsity, from the registry (probes.analysis): each
+                # gets the shared data options its class declares plus its own, and is checked before any batch
+                own = {"grad": {"sites": tuple(site or ())},
+                       "pplp": {"sites": tuple(site or ()), **({"p": tuple(pplp)} if pplp else {})},
+                       "massive": {"preset": massive_preset}}
+                runs = [(a, a.make_options(shared, **own.get(a.name, {}))) for a in chosen.values()]
+                for a, aopts in runs:
+                    a.preflight(lm, aopts)  # e.g. a model without a loss is refused before any work
                 with batch_progress(quiet_here, "measure") as progress:
                     result = run_measure(lm, opts, progress=progress)
-                if grad:
-                    from probes.gradients import measure_gradients
-
-                    with batch_progress(quiet_here, "grad") as progress:
-                        extras["gradients"] = measure_gradients(lm, gopts, progress=progress)
-                if pplp:
-                    from probes.pplp import PplpOptions
-                    from probes.pplp import pplp as run_pplp
-
-                    popts = PplpOptions(**shared, sites=tuple(site or ()), p=tuple(pplp))
-                    with batch_progress(quiet_here, "pplp") as progress:
-                        extras["pplp"] = run_pplp(lm, popts, progress=progress)
-                if massive:
-                    from probes.massive import MassiveOptions
-                    from probes.massive import massive as run_massive
-
-                    # The preset draws its own sequences (no BOS, the family's length) so the numbers compare
-                    # with the papers; the corpus, --max-length (when given), --max-tokens and --skip-first
-                    # carry over.
-                    mopts = MassiveOptions(preset=massive_preset,  # the preset's own batch size and seed
-                                           **opts.data_fields(exclude=("batch_size", "seed", "stride")))
-                    with batch_progress(quiet_here, "massive") as progress:
-                        extras["massive"] = run_massive(lm, mopts, progress=progress)
+                for a, aopts in runs:
+                    with batch_progress(quiet_here, a.name) as progress:
+                        extras[a.section] = a.runner()(lm, aopts, progress=progress)
         except distributed.ReportedByRankZero as e:
             raise typer.Exit(e.exit_code) from None  # reported by rank 0 or by the failing rank
         if not ctx.is_main:
@@ -190,17 +223,7 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             print_sparsity_table(result.rows, f"activation sparsity: {checkpoint} "
                                               f"({result.info['n_counted_tokens']} tokens, {lm.dtype})")
-            if "gradients" in extras:
-                from actsparse_cli.grad_cmd import print_grad_table
-
-                print_grad_table(extras["gradients"].rows, extras["gradients"].spike_rows, "gradient sparsity")
-            if "pplp" in extras:
-                from actsparse_cli.pplp_cmd import print_pplp
-
-                print_pplp(extras["pplp"], "PPL-p% sparsity")
-            if "massive" in extras:
-                from actsparse_cli.massive_cmd import print_massive_table
-
-                print_massive_table(extras["massive"], f"massive activations ({extras['massive'].info['preset']})")
+            for section, res in extras.items():
+                _print_extra(section, res)
             if output is not None:
                 stderr_console().print(f"wrote {output}/")

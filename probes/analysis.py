@@ -49,6 +49,7 @@ class Analysis:
     check: str | None = None  # "module:function(loaded, options)": refuse before any batch
     with_measure: bool = True  # may run beside activation sparsity in one `measure` bundle
     data_parallel: bool = False  # may run split over torchrun ranks
+    data_exclude: tuple[str, ...] = ()  # shared data fields it sets itself (massive: its preset's batch and seed)
 
     def options_class(self) -> type:
         return load(self.options)
@@ -57,7 +58,8 @@ class Analysis:
         """Its options: the shared data fields its class declares (from ``data``), plus its own."""
         cls = self.options_class()
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names and k not in own}, **own)
+        skip = set(own) | set(self.data_exclude)
+        return cls(**{k: v for k, v in data.items() if k in names and k not in skip}, **own)
 
     def preflight(self, loaded: Any, options: Any) -> None:
         if self.check:
@@ -79,8 +81,11 @@ ANALYSES: dict[str, Analysis] = {
                  check="probes.gradients:check_loss", data_parallel=True),
         Analysis("pplp", "pplp", "probes.pplp:PplpOptions", "probes.pplp:pplp",
                  "PPL-p% sparsity (CETT), Sparsing Law"),
+        # the preset draws its own sequences (no BOS, the family's length, its own batch size and seed) so
+        # the numbers compare with the papers; the corpus, --max-length, --max-tokens and --skip-first carry over
         Analysis("massive", "massive", "probes.massive:MassiveOptions", "probes.massive:massive",
-                 "massive activations on the residual stream, Sun et al. 2024"),
+                 "massive activations on the residual stream, Sun et al. 2024",
+                 data_exclude=("batch_size", "seed", "stride")),
         # from the weights alone: no corpus, no forward pass, so never beside `measure`
         Analysis("drift", "drift", "probes.drift:DriftOptions", "probes.drift:run_drift",
                  "per-linear weight statistics, Bug-or-Feature^2", with_measure=False),

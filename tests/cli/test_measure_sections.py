@@ -64,3 +64,69 @@ def test_summary_has_every_section_and_layers_agree(tmp_path, monkeypatch):
     xlabel, lines = drawn["massive_layers"][0]
     assert xlabel == "layer (0-based)"
     assert [int(x) for x in lines[0]] == sorted(shown.layer.astype(int))
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="embedded checkpoint absent")
+def test_also_runs_registered_analyses_and_refuses_unknown_ones(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["measure", "--max-tokens", "256", "-q"]
+    assert CliRunner().invoke(app, [*base, "--massive", "-o", str(a)]).exit_code == 0
+    assert CliRunner().invoke(app, [*base, "--also", "massive", "-o", str(b)]).exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "massive_layers.parquet"),
+                                  pd.read_parquet(b / "massive_layers.parquet"))
+    r = CliRunner().invoke(app, [*base, "--also", "masive"])
+    assert r.exit_code == 2 and "did you mean 'massive'" in r.stderr
+    r = CliRunner().invoke(app, [*base, "--also", "drift"])
+    assert r.exit_code == 2 and "actsparse drift" in r.stderr
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="embedded checkpoint absent")
+def test_a_registered_analysis_reaches_measure_and_its_bundle(tmp_path, monkeypatch):
+    """Registration alone: a new analysis and its section run under `measure --also` and land in the
+    bundle's tables, manifest and summary.md, with the shared data options it declares."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from probes import analysis
+    from reports import sections
+
+    @dataclass
+    class ToyOptions:
+        max_tokens: int | None = None
+        skip_first: int = 0
+        scale: float = 1.0
+
+    class ToyResult:
+        def __init__(self, info):
+            self.info = info
+
+        def tables(self):
+            return {"toy": pd.DataFrame({"layer": [0, 1], "value": [self.info["max_tokens"], 2.0]})}
+
+    def run(loaded, options, progress=None):
+        return ToyResult({"max_tokens": options.max_tokens, "family": loaded.family, "n_counted_tokens": 7})
+
+    def write(folder, result, title):
+        from reports.tables import write_table
+
+        return [f for n, df in result.tables().items() for f in write_table(df, folder, n)]
+
+    mod = types.ModuleType("toy_analysis")
+    mod.ToyOptions, mod.run, mod.write = ToyOptions, run, write
+    mod.manifest = lambda result: result.info
+    mod.summary = lambda result, options: [f"toy value {result.info['max_tokens']}"]
+    mod.SECTION = sections.ReportSection("toy", "toy", (("toy", "toy"),), {"toy": sections.TableSpec(("layer",))},
+                                         summary="toy_analysis:summary", write="toy_analysis:write",
+                                         manifest="toy_analysis:manifest")
+    monkeypatch.setitem(sys.modules, "toy_analysis", mod)
+    monkeypatch.setitem(sections.REGISTRY, "toy", "toy_analysis:SECTION")
+    monkeypatch.setitem(analysis.ANALYSES, "toy", analysis.Analysis("toy", "toy", "toy_analysis:ToyOptions",
+                                                                    "toy_analysis:run", "a toy"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["measure", "--max-tokens", "300", "--also", "toy", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert pd.read_csv(out / "toy.csv").value.tolist() == [300.0, 2.0]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["toy"] == {"max_tokens": 300, "family": "gpt2", "n_counted_tokens": 7}
+    assert "## toy" in (out / "summary.md").read_text() and "toy value 300" in (out / "summary.md").read_text()
