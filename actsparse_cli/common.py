@@ -16,7 +16,9 @@ from typing import Annotated, Any, Callable, Optional
 
 import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from actsparse_cli.display import OutputFormat
 from probes.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ActsparseError, DeviceError, Terminated
 
 PANEL_LOAD = "Loading"
@@ -65,9 +67,19 @@ OutArg = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output f
                                                 rich_help_panel=PANEL_OUT)]
 ForceArg = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.",
                                         rich_help_panel=PANEL_OUT)]
-QuietArg = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or table on the terminal.",
-                                        rich_help_panel=PANEL_OUT)]
+QuietArg = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar, table or messages on the terminal "
+                                        "(errors and compare's verdict line still show). Where -o is optional, -q "
+                                        "needs -o or --format: alone it would show and write nothing, and is "
+                                        "refused.", rich_help_panel=PANEL_OUT)]
 DebugArg = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", rich_help_panel=PANEL_OUT)]
+
+
+# --format: what stdout carries (actsparse_cli/display.py). None: a table, or nothing under -q.
+FormatOpt = Annotated[Optional[OutputFormat], typer.Option(
+    "--format", help="What stdout carries: table (default; fits the terminal, or COLUMNS), json (every table "
+    "written, as in the files, plus a small info), csv (the main table, as its file) or md (markdown tables). "
+    "Messages go to stderr. With -q and no -o, --format is what makes the run print something.",
+    rich_help_panel=PANEL_OUT, show_default=False)]
 
 
 # ---- data options shared by the commands that run a model over a corpus
@@ -359,10 +371,10 @@ def warn_notes(info: dict, quiet: bool) -> None:
 
 
 def stdout_console():
-    from rich.console import Console
+    """The stdout console: COLUMNS when set (also when piped), else the terminal's width, else 160."""
+    from actsparse_cli.display import stdout_console as console
 
-    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    return console()
 
 
 def is_interactive() -> bool:
@@ -394,3 +406,65 @@ def batch_progress(quiet: bool, description: str):
     finally:
         if "prog" in state:
             state["prog"].stop()
+
+
+# ---- help and usage errors: the command classes every command uses (set in actsparse_cli/main.py)
+# typer >= 0.16 parses with its own copy of click (typer._click); older typers use click itself.
+_click_core = getattr(typer, "_click", click)
+_MISSING = tuple({click.exceptions.MissingParameter,
+                  *(c for c in (getattr(getattr(_click_core, "exceptions", None), "MissingParameter", None),)
+                    if isinstance(c, type))})
+
+
+def _no_flag_placeholders(params: list) -> list:
+    """Flags take no value: no ``<bool>`` placeholder in the help (Typer prints an option's metavar
+    instead of its type when one is set), so that nobody writes ``--grad true``."""
+    for p in params:
+        if getattr(p, "is_flag", False) and not getattr(p, "count", False) and getattr(p, "metavar", None) is None:
+            p.metavar = ""
+    return params
+
+
+def missing_parameter_line(e: BaseException, ctx) -> str:
+    """A missing argument or option as ``PROBLEM -- fix: FIX`` (the documented one-line form)."""
+    import re
+
+    command = ctx.info_name or ""
+    param = getattr(e, "param", None)
+    help_text = re.split(r"\.\s+(?=[A-Z])", (getattr(param, "help", None) or "").strip())[0].rstrip(".")
+    about = f": {help_text[:1].lower()}{help_text[1:]}" if help_text else ""
+    if param is not None and getattr(param, "param_type_name", "") == "option":
+        opts = getattr(param, "opts", None) or [f"--{param.name}"]
+        value = "FOLDER" if param.name == "output" else "VALUE"
+        return (f"{command}: missing option {'/'.join(opts)}{about} -- fix: add {opts[0]} {value} "
+                f"(see `actsparse {command} --help`)")
+    usage = []
+    for p in getattr(ctx.command, "params", []):
+        if getattr(p, "param_type_name", "") == "argument":
+            name = (p.name or "").upper() + (" ..." if p.nargs != 1 else "")
+            usage.append(name if p.required else f"[{name}]")
+    name = (getattr(param, "name", None) or "argument").upper()
+    return (f"{command}: missing {name}{about} -- fix: `actsparse {command} {' '.join(usage) or name}` "
+            f"(see `actsparse {command} --help`)")
+
+
+class ActsparseCommand(TyperCommand):
+    """A command whose flags show no value placeholder in the help and whose missing arguments or
+    options give the one-line ``actsparse: error: ... -- fix: ...`` (exit 2) instead of Typer's box."""
+
+    def get_params(self, ctx):
+        return _no_flag_placeholders(super().get_params(ctx))
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _MISSING as e:
+            if ctx.resilient_parsing:
+                raise
+            typer.echo(f"actsparse: error: {missing_parameter_line(e, ctx)}", err=True)
+            raise typer.Exit(2) from None
+
+
+class ActsparseGroup(TyperGroup):
+    def get_params(self, ctx):
+        return _no_flag_placeholders(super().get_params(ctx))

@@ -13,7 +13,6 @@ from actsparse_cli.common import (
     float_check,
     handle_errors,
     stderr_console,
-    stdout_console,
     warn_notes,
 )
 from actsparse_cli.loading_opts import shared_options
@@ -41,33 +40,39 @@ class ReductionChoice(str, Enum):
     mean = "mean"
 
 
-def print_grad_table(rows: list[dict], spike_rows: list[dict], title: str) -> None:
-    from rich.table import Table
+def _tau(key: str) -> str:
+    """``eff_grad_sparsity@1e-09`` -> ``1e-9``."""
+    t = key.split("@", 1)[1]
+    try:
+        v = float(t)
+    except ValueError:
+        return t
+    m, _, e = f"{v:.0e}".partition("e")
+    return f"{m}e{int(e)}" if e else t
 
-    from reports.numbers import fmt, pct
 
+def grad_output(result, title: str):
+    """Gradient sparsity per site, and the down-projection spikes: terminal tables and the tables written."""
+    from actsparse_cli.display import Output, View, col, labelled, name_col, result_tables, unique_labels
+    from reports.numbers import pct
+
+    rows = labelled(result.rows, unique_labels(result.rows))
     taus = [k for k in (rows[0] if rows else {}) if k.startswith("eff_grad_sparsity@")]
-    t = Table(title=title)
-    cols = ["site", "module", "act", "tokens", "deriv sparsity %", "deriv^2 mean",
-            *[f"|eta|<{k.split('@')[1]} %" for k in taus], "||eta||_1/tok", "||eta||_2^2/tok"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("site", "module", "act") else "right", overflow="fold")
-    for r in rows:
-        t.add_row(r["canonical_name"], r["module_path"], r["act"], str(r["n_tokens"]),
-                  pct(r["deriv_sparsity"]), fmt(r["deriv_sq_mean"]),
-                  *[pct(r[k]) for k in taus], fmt(r["eta_l1_per_token"]), fmt(r["eta_l2sq_per_token"]))
-    con = stdout_console()
-    con.print(t)
-    down = [r for r in spike_rows if r.get("is_down_proj")]
+    cols = [name_col(), col("act", "act", str, left=True, drop=1),
+            col("tokens", "n_tokens", drop=5), col("act'=0 %", "deriv_sparsity", pct),
+            col("E[act'^2]", "deriv_sq_mean", drop=2),
+            *[col(f"|eta|<{_tau(k)} %", k, pct) for k in taus],
+            col("||eta||_1/tok", "eta_l1_per_token", drop=3), col("||eta||_2^2/tok", "eta_l2sq_per_token", drop=4)]
+    out = Output(items=[View(title, rows, cols)], tables=result_tables(result), main="gradients")
+    down = [r for r in result.spike_rows if r.get("is_down_proj")]
     if down:
-        s = Table(title="down-projection inputs (spikes)")
-        for c in ("module", "spike_max", "median |x|", "max/median", "max/median(non-zero)", "zero %"):
-            s.add_column(c, justify="left" if c == "module" else "right", overflow="fold")
-        for r in down:
-            s.add_row(r["module_path"], fmt(r["spike_max"]), fmt(r["median_abs_batchmean"]),
-                      fmt(r["spike_ratio_batchmedian"]), fmt(r["spike_ratio_nonzero_batchmedian"]),
-                      pct(r["zero_frac"]))
-        con.print(s)
+        labels = unique_labels(down, ident=lambda r: r.get("module_path"), full=lambda r: str(r.get("module_path")))
+        down = labelled(down, labels)
+        scols = [name_col("module", "module_path"), col("spike_max", "spike_max"),
+                 col("median |x|", "median_abs_batchmean", drop=1), col("max/median", "spike_ratio_batchmedian"),
+                 col("max/median nz", "spike_ratio_nonzero_batchmedian", drop=2), col("zero %", "zero_frac", pct)]
+        out.add(View("down-projection inputs (spikes)", down, scols))
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -107,9 +112,12 @@ def register(app: typer.Typer) -> None:
                                                  "masked-LM heads, cross-entropy with labels for classifiers; a model "
                                                  "with no loss is refused. none: forward-only act'(h) statistics.",
                                                  rich_help_panel=PANEL_GRAD)] = LossChoice.auto,
-        loss_reduction: Annotated[ReductionChoice, typer.Option("--loss-reduction", help="sum: each target weighs 1 "
-                                                                "(batch-size independent); mean: training convention.",
-                                                                rich_help_panel=PANEL_GRAD)] = ReductionChoice.sum,
+        loss_reduction: Annotated[ReductionChoice, typer.Option("--loss-reduction", help="mean: the batch's mean loss "
+                                                                "over its targets, the training loss as cdgyp/sparsity "
+                                                                "measures it; sum: each target weighs 1 (eta x targets "
+                                                                "per batch). eta and eff_grad_sparsity@tau depend on "
+                                                                "both the reduction and --batch-size.",
+                                                                rich_help_panel=PANEL_GRAD)] = ReductionChoice.mean,
         tau: Annotated[Optional[list[float]], typer.Option("--tau", help="eff_grad_sparsity thresholds, finite and "
                                                            "> 0 (repeatable). Default 1e-9, 1e-6, 1e-3.",
                                                            callback=float_check(0.0, lo_open=True),
@@ -129,7 +137,7 @@ def register(app: typer.Typer) -> None:
                                                     rich_help_panel="Loading")] = None,
         *,
         encoding, site, config, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
-        debug,
+        debug, output_format,
     ) -> None:
         """Gradient sparsity (act'(h) zeros, |dL/dh| < tau) per activation site, and linear-input spikes."""
         from probes.gradients import (
@@ -141,6 +149,9 @@ def register(app: typer.Typer) -> None:
         from probes.loading import load_checkpoint
         from reports.bundle import check_output_dir
         from reports.grad_report import write_grad_outputs
+        from reports.manifest import short_name
+
+        from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
         if output is not None:
             from actsparse_cli.common import run_inputs
@@ -160,6 +171,7 @@ def register(app: typer.Typer) -> None:
 
         if not is_image_spec(data):
             check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
+        shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
                              trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
         check_loss(lm, opts)  # a model without a loss fails here, before the progress bar
@@ -171,11 +183,14 @@ def register(app: typer.Typer) -> None:
                    "output": str(output) if output else None, "force": force}
         if output is not None:
             write_grad_outputs(output, result, lm, options, force=force)
-        if not quiet:
-            n = result.info.get("n_counted_tokens") or result.info.get("n_items")
-            print_grad_table(result.rows, result.spike_rows,
-                             f"gradient sparsity: {checkpoint} ({result.info['loss']} loss, {n} "
-                             f"{'tokens' if result.info.get('n_counted_tokens') else 'inputs'}, {lm.dtype})")
-            if output is not None:
-                stderr_console().print(f"wrote {output}/ (gradients, gradients_summary, spikes .parquet/.csv, "
-                                       "grad_by_layer.png/.svg, summary.md, manifest.json)")
+        n = result.info.get("n_counted_tokens") or result.info.get("n_items")
+        out = grad_output(result, f"gradient sparsity: {short_name(checkpoint)} ({result.info['loss']} loss, {n} "
+                                  f"{'tokens' if result.info.get('n_counted_tokens') else 'inputs'}, "
+                                  f"{dtype_name(lm.dtype)})")
+        out.info = {"command": "grad", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
+                    "output": str(output) if output is not None else None,
+                    **info_of(result.info, ("loss", "loss_reduction", "n_counted_tokens", "n_items"))}
+        emit(shown, out)
+        if output is not None and not quiet:
+            stderr_console().print(f"wrote {output}/ (gradients, gradients_summary, spikes .parquet/.csv, "
+                                   "grad_by_layer.png/.svg, summary.md, manifest.json)", markup=False)

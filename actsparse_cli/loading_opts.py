@@ -36,7 +36,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, Any]] = {
     "site": (SiteArg, None), "kind": (KindArg, None),
     # output
     "output": (c.OutArg, None), "force": (c.ForceArg, False), "quiet": (c.QuietArg, False),
-    "debug": (c.DebugArg, False),
+    "debug": (c.DebugArg, False), "output_format": (c.FormatOpt, None),
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from actsparse_cli.common import ActsparseCommand, ActsparseGroup
 from probes import __version__
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    cls=ActsparseGroup,
 )
 
 
@@ -52,6 +54,11 @@ def _register() -> None:
 
     for mod in (sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, drift_cmd, grad_cmd, report_cmd):
         mod.register(app)
+    from typer.core import TyperCommand
+
+    for info in app.registered_commands:  # flags without <bool>, one-line missing-argument errors
+        if info.cls is None or info.cls is TyperCommand:
+            info.cls = ActsparseCommand
 
 
 _register()

@@ -15,7 +15,6 @@ from actsparse_cli.common import (
     float_check,
     handle_errors,
     stderr_console,
-    stdout_console,
 )
 from actsparse_cli.loading_opts import (
     load,
@@ -33,47 +32,50 @@ class PresetChoice(str, Enum):
     maxact2026 = "maxact2026"
 
 
+class Int8CalibrationChoice(str, Enum):
+    held_out = "held-out"
+    in_sample = "in-sample"
+
+
 class PlotChoice(str, Enum):
     layers = "layers"
     three_d = "3d"
     heatmap = "heatmap"
 
 
-def print_massive_table(result, title: str, kinds=None) -> None:
+def massive_output(result, title: str, kinds=None):
     """The per-site table of the kinds the user asked for (``kinds``; None: the default kinds, see
-    ``reports.massive_report.shown_kinds``), the global max and the INT8 check."""
-    from rich.table import Table
-
+    ``reports.massive_report.shown_kinds``), the global max and the INT8 check; and the tables written."""
+    from actsparse_cli.display import Output, View, col, name_col, result_tables, site_label, unique_labels
     from reports.massive_report import shown_kinds
     from reports.numbers import fmt
 
-    t = Table(title=title)
-    cols = [("site", "canonical_name"), ("module", "module_path"), ("layer", "layer"),
-            ("top1", "top1_mean"), ("top2", "top2_mean"), ("top3", "top3_mean"), ("median", "median_mean"),
-            ("top1/med", "ratio_top1_median"), ("massive", "n_massive"), ("channels", "massive_channels"),
-            ("positions", "massive_positions"), ("tok ratio max", "token_ratio_max"),
-            ("massive tok", "n_massive_tokens")]
-    for head, _ in cols:
-        t.add_column(head, justify="left" if head in ("site", "module", "channels", "positions") else "right",
-                     overflow="fold", no_wrap=head in ("site", "module"))
     show = shown_kinds((r["kind"] for r in result.layers), kinds)
-    for r in result.layers:
-        if r["kind"] not in show:
-            continue
-        t.add_row(*[fmt(r.get(k)) if k != "massive_channels" else (r.get(k) or "-") for _, k in cols])
-    con = stdout_console()
-    con.print(t)
+    every = {r.get("canonical_name"): lab for r, lab in zip(result.layers, unique_labels(result.layers))}
+    rows = [dict(r, _label=every.get(r.get("canonical_name")) or site_label(r)) for r in result.layers
+            if r["kind"] in show]
+    cols = [name_col(), col("top1", "top1_mean"), col("top2", "top2_mean", drop=3), col("top3", "top3_mean", drop=4),
+            col("median", "median_mean"), col("top1/med", "ratio_top1_median"), col("massive", "n_massive"),
+            col("channels", "massive_channels", lambda v: fmt(v) if v not in (None, "") else "-", left=True,
+                drop=2),
+            col("positions", "massive_positions", lambda v: fmt(v) if v not in (None, "") else "-", left=True,
+                drop=7),
+            col("tok ratio max", "token_ratio_max", drop=5), col("massive tok", "n_massive_tokens", drop=6)]
+    out = Output(items=[View(title, rows, cols)], tables=result_tables(result), main="massive_layers")
     g = result.global_max
     if g:
-        con.print(f"global max {fmt(g['value'], 6)} at {g['canonical_name']} ({g['module_path']}): "
-                  f"sample {g['sample']}, position {g['position']}, channel {g['channel']}, token {g['token']!r}")
+        out.add(f"global max {fmt(g['value'], 6)} at {g.get('canonical_name')} ({g.get('module_path')})",
+                f"  sample {g.get('sample')}, position {g.get('position')}, channel {g.get('channel')}, "
+                f"token {g.get('token')!r}")
     if result.int8:
-        t8 = Table(title=f"INT8 at {result.int8[0]['canonical_name']} (per-tensor symmetric)")
-        for c in ("policy", "threshold", "rel_rmse", "SQNR dB", "clip rate"):
-            t8.add_column(c, justify="right")
-        for r in result.int8:
-            t8.add_row(r["policy"], fmt(r["threshold"]), fmt(r["rel_rmse"]), fmt(r["sqnr_db"]), fmt(r["clip_rate"]))
-        con.print(t8)
+        first = result.int8[0]
+        site = first.get("canonical_name")
+        t8 = [col("policy", "policy", str, left=True), col("threshold", "threshold"), col("rel_rmse", "rel_rmse"),
+              col("SQNR dB", "sqnr_db"), col("clip rate", "clip_rate")]
+        out.add(View("INT8, per-tensor symmetric", list(result.int8), t8),
+                f"INT8 at {site}: {first.get('calibration', 'in-sample')} calibration; errors on the evaluated "
+                "sequences")
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -103,6 +105,11 @@ def register(app: typer.Typer) -> None:
         clip_quantile: Annotated[float, typer.Option("--clip-quantile", callback=float_check(0.5, 0.999999),
                                                      help="Quantile of |x| for the clipped INT8 scale.",
                                                      rich_help_panel=PANEL_MASSIVE)] = 0.999,
+        int8_calibration: Annotated[Int8CalibrationChoice, typer.Option(
+            "--int8-calibration", help="held-out: scales from the first third of the sequences (by sample id), "
+            "errors and clip rates on the others, as Max_act_llm's quant_sanity_check; in-sample: both on every "
+            "sequence (the max scale then clips nothing).",
+            rich_help_panel=PANEL_MASSIVE)] = Int8CalibrationChoice.held_out,
         top_k: Annotated[int, typer.Option("--top-k", min=1, max=MAX_TOP_K, help="Largest entries kept per site, with "
                                            "coordinates, 1 to 10000 (held per site: at most what was measured).",
                                            rich_help_panel=PANEL_MASSIVE)] = 100,
@@ -135,13 +142,16 @@ def register(app: typer.Typer) -> None:
                                                           rich_help_panel="Sites")] = None,
         *,
         encoding, site, config, arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output,
-        force, quiet, debug,
+        force, quiet, debug, output_format,
     ) -> None:
         """Massive activations: per-layer top-1/2/3 and median of |h|, massive channels and where they sit."""
         from probes.errors import ActsparseError
         from probes.massive import SUN_DEFAULT_PROMPT, MassiveOptions
         from probes.massive import massive as run_massive
         from reports.bundle import check_output_dir
+        from reports.manifest import short_name
+
+        from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
         plots = [p.value for p in plot] if plot else None
         if plots and output is None:
@@ -167,11 +177,13 @@ def register(app: typer.Typer) -> None:
                               batch_size=batch_size, max_length=max_length, n_samples=n_samples, max_tokens=max_tokens,
                               seed=seed, bos=bos, skip_first=skip_first, top_k=top_k, kinds=kinds,
                               sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
+                              int8_calibration=int8_calibration.value,
                               capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
         if prompt is None:
             from probes.corpus import check_corpus_spec
 
             check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
+        fmt_out = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         if layer is not None and want_3d:  # a --layer the model does not have would draw no 3D plot, silently
@@ -197,11 +209,15 @@ def register(app: typer.Typer) -> None:
         if result.info.get("overflow"):
             stderr_console().print(f"[yellow]warning:[/] {result.info['overflow']}: "
                                    f"{', '.join(result.info['nonfinite_sites'][:6])}")
-        if not quiet:
-            print_massive_table(result, f"massive activations: {checkpoint} ({result.info['preset']}, "
-                                        f"{result.info['n_sequences']} sequences, {result.info['n_counted_tokens']} "
-                                        f"tokens, {lm.dtype})", kinds=shown)
-            if output is not None:
-                stderr_console().print(f"wrote {output}/ (massive_layers, massive_topk, massive_channels"
-                                       f"{', massive_int8' if result.int8 else ''} .parquet/.csv, figures, summary.md, "
-                                       "manifest.json)")
+        out = massive_output(result, f"massive activations: {short_name(checkpoint)} ({result.info['preset']}, "
+                                     f"{result.info['n_sequences']} sequences, {result.info['n_counted_tokens']} "
+                                     f"tokens, {dtype_name(lm.dtype)})", kinds=shown)
+        out.info = {"command": "massive", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
+                    "output": str(output) if output is not None else None,
+                    **info_of(result.info, ("preset", "n_sequences", "n_counted_tokens")),
+                    "global_max": result.global_max or None}
+        emit(fmt_out, out)
+        if output is not None and not quiet:
+            stderr_console().print(f"wrote {output}/ (massive_layers, massive_topk, massive_channels"
+                                   f"{', massive_int8' if result.int8 else ''} .parquet/.csv, figures, summary.md, "
+                                   "manifest.json)", markup=False)

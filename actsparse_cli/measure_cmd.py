@@ -12,7 +12,6 @@ from actsparse_cli.common import (
     float_check,
     handle_errors,
     stderr_console,
-    stdout_console,
     warn_notes,
 )
 from actsparse_cli.loading_opts import (
@@ -24,32 +23,25 @@ from actsparse_cli.loading_opts import (
 PANEL_PROBES = "Probes"
 
 
-def print_sparsity_table(rows: list[dict], title: str) -> None:
-    from rich.table import Table
-
+def sparsity_output(result, title: str):
+    """Activation sparsity per site: the terminal table and the tables written (sparsity, summary)."""
+    from actsparse_cli.display import Output, View, col, labelled, name_col, result_tables, unique_labels
     from reports.numbers import fixed, fmt, pct
 
-    t = Table(title=title)
-    cols = [("site", "canonical_name"), ("module", "module_path"), ("kind", "kind"), ("width", "width"),
-            ("tokens", "n_tokens"), ("zero %", "zero_frac"), ("|a|<=1e-2 %", "near_zero_frac@0.01"),
-            ("nonzero/token %", "nonzero_pct_per_token"), ("dead", "dead_neurons"), ("always on", "always_on_neurons")]
-    chunk = next((k for k in (rows[0] if rows else {}) if k.startswith("chunk_sparsity@")), None)
+    rows = labelled(result.rows, unique_labels(result.rows))
+    first = rows[0] if rows else {}
+    eps = sorted((float(k.split("@", 1)[1]), k) for k in first if k.startswith("near_zero_frac@"))
+    chunk = next((k for k in first if k.startswith("chunk_sparsity@")), None)
+    cols = [name_col(), col("width", "width", drop=4),
+            col("tokens", "n_tokens", drop=5), col("zero %", "zero_frac", pct)]
+    if eps:
+        e, key = eps[-1]
+        cols.append(col(f"|a|<={fmt(e)} %", key, pct))
+    cols += [col("nonzero/tok %", "nonzero_pct_per_token", lambda v: fixed(v, 2), drop=1),
+             col("dead", "dead_neurons"), col("always on", "always_on_neurons", drop=3)]
     if chunk:
-        cols.append((chunk.replace("chunk_sparsity", "chunk sparsity") + " %", chunk))
-    for head, _ in cols:
-        t.add_column(head, justify="left" if head in ("site", "module", "kind") else "right", overflow="fold")
-    for r in rows:
-        cells = []
-        for _, key in cols:
-            v = r.get(key)
-            if key in ("zero_frac", "near_zero_frac@0.01") or key == chunk:
-                cells.append(pct(v))
-            elif key == "nonzero_pct_per_token":
-                cells.append(fixed(v, 2))
-            else:
-                cells.append(fmt(v))
-        t.add_row(*cells)
-    stdout_console().print(t)
+        cols.append(col(f"chunk@{chunk.split('@', 1)[1]} %", chunk, pct, drop=2))
+    return Output(items=[View(title, rows, cols)], tables=result_tables(result), main="sparsity")
 
 
 def _chosen_analyses(also, *, grad: bool, pplp, massive: bool) -> dict:
@@ -67,12 +59,11 @@ def _chosen_analyses(also, *, grad: bool, pplp, massive: bool) -> dict:
     return {n: a for n, a in analysis.ANALYSES.items() if n in names}
 
 
-# How `measure` prints the result of each analysis it ran beside activation sparsity, by report section.
-_PRINTERS = {
-    "gradients": lambda r: _load("actsparse_cli.grad_cmd:print_grad_table")(r.rows, r.spike_rows,
-                                                                           "gradient sparsity"),
-    "pplp": lambda r: _load("actsparse_cli.pplp_cmd:print_pplp")(r, "PPL-p% sparsity"),
-    "massive": lambda r: _load("actsparse_cli.massive_cmd:print_massive_table")(
+# What `measure` prints for each analysis it ran beside activation sparsity, by report section.
+_OUTPUTS = {
+    "gradients": lambda r: _load("actsparse_cli.grad_cmd:grad_output")(r, "gradient sparsity"),
+    "pplp": lambda r: _load("actsparse_cli.pplp_cmd:pplp_output")(r, "PPL-p% sparsity"),
+    "massive": lambda r: _load("actsparse_cli.massive_cmd:massive_output")(
         r, f"massive activations ({r.info['preset']})"),
 }
 
@@ -83,13 +74,15 @@ def _load(ref: str):
     return load(ref)
 
 
-def _print_extra(section: str, result) -> None:
-    if section in _PRINTERS:
-        _PRINTERS[section](result)
-        return
-    # an analysis registered without a printer of its own: say what it wrote
-    tables = result.tables() if hasattr(result, "tables") else {}
-    stdout_console().print(f"{section}: " + ", ".join(f"{n} ({len(df)} rows)" for n, df in tables.items()))
+def _extra_output(section: str, result):
+    from actsparse_cli.display import Output, result_tables
+
+    if section in _OUTPUTS:
+        return _OUTPUTS[section](result)
+    # an analysis registered without a view of its own: its tables, and a line saying what they hold
+    tables = result_tables(result)
+    line = f"{section}: " + ", ".join(f"{n} ({len(df)} rows)" for n, df in tables.items())
+    return Output(items=[line], tables=tables)
 
 
 def _refuse_data_parallel(world_size: int, *, pplp: bool, massive: bool, device_map: bool,
@@ -143,7 +136,7 @@ def register(app: typer.Typer) -> None:
         *,
         data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, kind, config,
         arch, tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet,
-        debug,
+        debug, output_format,
     ) -> None:
         """Measure per-layer activation sparsity (zero/near-zero fractions, dead neurons, chunk sparsity).
 
@@ -155,9 +148,11 @@ def register(app: typer.Typer) -> None:
         from probes.measure import measure as run_measure
         from probes.sparsity import DEFAULT_EPS_GRID
         from reports.bundle import check_output_dir
+        from reports.manifest import short_name
         from reports.measure_report import write_measure_outputs
 
         from actsparse_cli.common import run_inputs
+        from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
         guarded = run_inputs(checkpoint, data, config, tokenizer)
         if output is not None and not distributed.launched():
@@ -180,6 +175,7 @@ def register(app: typer.Typer) -> None:
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
+        shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         extras = {}
         try:
             # torchrun: join the process group first; from here on an error on one rank reaches the others
@@ -220,10 +216,14 @@ def register(app: typer.Typer) -> None:
                    "world_size": ctx.world_size}
         if output is not None:
             write_measure_outputs(output, result, lm, options, force=force, extras=extras)
-        if not quiet:
-            print_sparsity_table(result.rows, f"activation sparsity: {checkpoint} "
-                                              f"({result.info['n_counted_tokens']} tokens, {lm.dtype})")
-            for section, res in extras.items():
-                _print_extra(section, res)
-            if output is not None:
-                stderr_console().print(f"wrote {output}/")
+        out = sparsity_output(result, f"activation sparsity: {short_name(checkpoint)} "
+                                      f"({result.info['n_counted_tokens']} tokens, {dtype_name(lm.dtype)})")
+        for section, res in extras.items():
+            out.merge(_extra_output(section, res))
+        out.info = {"command": "measure", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
+                    "output": str(output) if output is not None else None,
+                    **info_of(result.info, ("n_counted_tokens", "n_windows", "max_length", "world_size")),
+                    "analyses": list(extras)}
+        emit(shown, out)
+        if output is not None and not quiet:
+            stderr_console().print(f"wrote {output}/", markup=False, highlight=False)

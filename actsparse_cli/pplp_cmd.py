@@ -14,7 +14,6 @@ from actsparse_cli.common import (
     float_check,
     handle_errors,
     stderr_console,
-    stdout_console,
     warn_notes,
 )
 from actsparse_cli.loading_opts import load, shared_options
@@ -69,49 +68,51 @@ def _warn(warnings: list[str]) -> None:
         con.print(f"[bold red]WARNING:[/bold red] [red]{w}[/red]", highlight=False)
 
 
-def print_pplp(result, title: str) -> None:
-    from rich.table import Table
-
+def pplp_output(result, title: str):
+    """Per target p (status, c*, PPL ratio, sparsity), why a target was not reached, per layer; and the tables."""
+    from actsparse_cli.display import Col, Output, View, col, labelled, name_col, result_tables, unique_labels
     from reports.numbers import fixed, fmt, pct
 
-    con = stdout_console()
-    t = Table(title=title)
-    for head in ("p %", "status", "c*", "PPL ratio", "mean sparsity %", "activation ratio %", "sparse passes"):
-        t.add_column(head, justify="left" if head == "status" else "right")
-    for _, r in result.summary().iterrows():
-        un = r["status"] == "unreachable"
-        t.add_row(f"{r['p_pct']:g}", r["status"], "-" if un else fixed(r["c_star"], 5),
-                  "-" if un else fixed(r["achieved_ratio"], 5), "-" if un else pct(r["mean_sparsity"]),
-                  "-" if un else pct(r["mean_activation_ratio"]), str(r["sparse_passes"]))
-    con.print(t)
-    for tg in result.targets:
-        if tg.reason:
-            con.print(f"p = {tg.p:g} %: {tg.status}: {tg.reason}", highlight=False)
-    table = result.table()
-    if len(table):
-        lt = Table(title="per layer")
-        for head in ("p %", "layer", "module", "threshold", "sparsity %", "CETT in sparse run"):
-            lt.add_column(head, justify="left" if head == "module" else "right", overflow="fold")
-        for _, r in table.iterrows():
-            lt.add_row(f"{r['p_pct']:g}", str(r["layer"]), r["module_path"], fmt(r["threshold"], 6),
-                       pct(r["sparsity"]), fixed(r["cett_in_sparse_run"], 4))
-        con.print(lt)
-    con.print(f"dense PPL {fixed(result.dense['ppl'], 4)} over {result.dense['n_tokens']} tokens; "
-              f"{result.info['full_passes']} full passes ({result.info['method']})", highlight=False)
+    def unless_unreachable(show):
+        return lambda r: "-" if r.get("status") == "unreachable" else show(r)
+
+    summary = result.summary().to_dict(orient="records")
+    cols = [col("p %", "p_pct", lambda v: f"{v:g}"), col("status", "status", str, left=True),
+            Col("c*", unless_unreachable(lambda r: fixed(r.get("c_star"), 5))),
+            Col("PPL ratio", unless_unreachable(lambda r: fixed(r.get("achieved_ratio"), 5))),
+            Col("sparsity %", unless_unreachable(lambda r: pct(r.get("mean_sparsity")))),
+            Col("active %", unless_unreachable(lambda r: pct(r.get("mean_activation_ratio"))), drop=2),
+            col("passes", "sparse_passes", drop=1)]
+    out = Output(items=[View(title, summary, cols)], tables=result_tables(result), main="pplp_summary")
+    out.add(*[f"p = {tg.p:g} %: {tg.status}: {tg.reason}" for tg in result.targets if tg.reason])
+    layers = result.table().to_dict(orient="records")
+    if layers:
+        layers = labelled(layers, unique_labels(layers, ident=lambda r: r.get("canonical_name")
+                                                or r.get("module_path")))
+        out.add(View("per layer", layers, [
+            col("p %", "p_pct", lambda v: f"{v:g}"), name_col(),
+            col("threshold", "threshold", lambda v: fmt(v, 6)), col("sparsity %", "sparsity", pct),
+            col("CETT in sparse run", "cett_in_sparse_run", lambda v: fixed(v, 4))], key=2))
+    out.add(f"dense PPL {fixed(result.dense['ppl'], 4)} over {result.dense['n_tokens']} tokens; "
+            f"{result.info['full_passes']} full passes ({result.info['method']})")
+    return out
 
 
-def print_curve(result, title: str) -> None:
-    from rich.table import Table
-
+def curve_output(result, title: str):
+    """Sparsity vs PPL ratio per method and setting, and which tensor each method thresholds; and the tables."""
+    from actsparse_cli.display import Output, View, col, result_tables
     from reports.numbers import fixed, fmt, pct
 
-    t = Table(title=title)
-    for head in ("method", "value", "thresholded tensor", "PPL ratio", "mean sparsity %"):
-        t.add_column(head, justify="left" if head in ("method", "thresholded tensor") else "right", overflow="fold")
+    cols = [col("method", "method", str, left=True), col("param", "param", lambda v: fmt(v, na=""), left=True),
+            col("value", "value", lambda v: fmt(v, 6, na="")), col("PPL ratio", "ppl_ratio", lambda v: fixed(v, 5)),
+            col("sparsity %", "mean_sparsity", pct)]
+    out = Output(items=[View(title, list(result.points), cols, key=1)], tables=result_tables(result), main="curve")
+    tensors = {}
     for r in result.points:
-        t.add_row(r["method"], fmt(r["value"], 6), r["thresholded_tensor"] or "-", fixed(r["ppl_ratio"], 5),
-                  pct(r["mean_sparsity"]))
-    stdout_console().print(t)
+        if r.get("thresholded_tensor") and r.get("method") not in tensors:
+            tensors[r["method"]] = r["thresholded_tensor"]
+    out.add(*[f"{m} thresholds {t}" for m, t in tensors.items()])
+    return out
 
 
 def _parse_methods(method: list[str] | None):
@@ -168,6 +169,7 @@ def register(app: typer.Typer) -> None:
         *,
         data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
         tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
+        output_format,
     ) -> None:
         """PPL-p% sparsity (Sparsing Law): the shared CETT at which PPL rises by p %, per-layer thresholds, sparsity."""
         # Usage errors are raised here, outside handle_errors, so click reports them (exit 2).
@@ -180,16 +182,20 @@ def register(app: typer.Typer) -> None:
               max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first,
               site=site, config=config, arch=arch, tokenizer=tokenizer, device=device, device_map=device_map,
               dtype=dtype, trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, output=output,
-              force=force, quiet=quiet, debug=debug)
+              force=force, quiet=quiet, debug=debug, output_format=output_format)
 
     @handle_errors
     def _pplp(*, checkpoint, data, targets, method, tol, max_passes, cett_grid, text_field, encoding, batch_size,
               max_length, max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype,
-              trust_remote_code, unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
+              trust_remote_code, unsafe_pickle, output, force, quiet, debug, device_map=None,
+              output_format=None) -> None:
         from probes.pplp import PplpOptions
         from probes.pplp import pplp as run_pplp
         from reports.bundle import check_output_dir
+        from reports.manifest import short_name
         from reports.pplp_report import write_pplp_outputs
+
+        from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
         if output is not None:
             from actsparse_cli.common import run_inputs
@@ -206,6 +212,7 @@ def register(app: typer.Typer) -> None:
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
+        shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         with _progress(quiet, "pplp") as (progress, log):
@@ -218,11 +225,16 @@ def register(app: typer.Typer) -> None:
                    "device_map": getattr(device_map, "value", None)}
         if output is not None:
             write_pplp_outputs(output, result, lm, options, force=force)
-        if not quiet:
-            print_pplp(result, f"PPL-p% sparsity: {checkpoint} ({result.dense['n_tokens']} tokens, {lm.dtype})")
-            if output is not None:
-                stderr_console().print(f"wrote {output}/ (pplp, pplp_summary, pplp_trace, cett_calibration "
-                                       ".parquet/.csv, summary.md, manifest.json)")
+        out = pplp_output(result, f"PPL-p% sparsity: {short_name(checkpoint)} ({result.dense['n_tokens']} tokens, "
+                                  f"{dtype_name(lm.dtype)})")
+        out.info = {"command": "pplp", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
+                    "output": str(output) if output is not None else None,
+                    "dense_ppl": result.dense.get("ppl"), "n_tokens": result.dense.get("n_tokens"),
+                    **info_of(result.info, ("full_passes", "method")), "warnings": list(result.warnings)}
+        emit(shown, out)
+        if output is not None and not quiet:
+            stderr_console().print(f"wrote {output}/ (pplp, pplp_summary, pplp_trace, cett_calibration "
+                                   ".parquet/.csv, summary.md, manifest.json)", markup=False)
 
     @app.command("curve")
     @shared_options
@@ -242,6 +254,7 @@ def register(app: typer.Typer) -> None:
         *,
         data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
         tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
+        output_format,
     ) -> None:
         """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens."""
         methods = _parse_methods(method)
@@ -253,16 +266,20 @@ def register(app: typer.Typer) -> None:
                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
                arch=arch, tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
                trust_remote_code=trust_remote_code,
-               unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug)
+               unsafe_pickle=unsafe_pickle, output=output, force=force, quiet=quiet, debug=debug,
+               output_format=output_format)
 
     @handle_errors
     def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, encoding, batch_size, max_length,
                max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
-               unsafe_pickle, output, force, quiet, debug, device_map=None) -> None:
+               unsafe_pickle, output, force, quiet, debug, device_map=None, output_format=None) -> None:
         from probes.pplp import CurveOptions
         from probes.pplp import curve as run_curve
         from reports.bundle import check_output_dir
+        from reports.manifest import short_name
         from reports.pplp_report import write_curve_outputs
+
+        from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
         if output is not None:
             from actsparse_cli.common import run_inputs
@@ -279,6 +296,7 @@ def register(app: typer.Typer) -> None:
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
+        shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         with _progress(quiet, "curve") as (progress, log):
@@ -291,8 +309,13 @@ def register(app: typer.Typer) -> None:
                    "device_map": getattr(device_map, "value", None)}
         if output is not None:
             write_curve_outputs(output, result, lm, options, force=force, plot=plot is not False)
-        if not quiet:
-            print_curve(result, f"sparsity vs PPL: {checkpoint} ({result.info['n_counted_tokens']} tokens, {lm.dtype})")
-            if output is not None:
-                stderr_console().print(f"wrote {output}/ (curve, curve_layers .parquet/.csv"
-                                       f"{', curve.png/.svg' if plot is not False else ''}, summary.md, manifest.json)")
+        out = curve_output(result, f"sparsity vs PPL: {short_name(checkpoint)} ({result.info['n_counted_tokens']} "
+                                   f"tokens, {dtype_name(lm.dtype)})")
+        out.info = {"command": "curve", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
+                    "output": str(output) if output is not None else None,
+                    **info_of(result.info, ("n_counted_tokens",)), "warnings": list(result.warnings)}
+        emit(shown, out)
+        if output is not None and not quiet:
+            stderr_console().print(f"wrote {output}/ (curve, curve_layers .parquet/.csv"
+                                   f"{', curve.png/.svg' if plot is not False else ''}, summary.md, manifest.json)",
+                                   markup=False)

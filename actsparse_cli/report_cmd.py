@@ -18,7 +18,6 @@ from actsparse_cli.common import (
     SEED_MAX,
     handle_errors,
     stderr_console,
-    stdout_console,
 )
 from actsparse_cli.loading_opts import shared_options
 from probes.errors import EXIT_RULE_BROKEN
@@ -30,22 +29,87 @@ RequiredOut = Annotated[Path, typer.Option("-o", "--output", help="Output folder
                                            rich_help_panel=PANEL_OUT, show_default=False)]
 
 
-def _print_changes(res, top: int) -> None:
-    from rich.table import Table
+_MISMATCH_KINDS = ("schema", "missing", "tokens", "method")
 
+
+def compare_counts(res) -> dict:
+    """The numbers of compare's verdict: values on both sides, changed values, rules broken, mismatches."""
+    return {"values_compared": int((res.diff.status == "both").sum()), "changed": len(res.changed()),
+            "rules": len(res.rules), "rules_broken": sum(not r.passed for r in res.rules),
+            "mismatches": sum(i.kind in _MISMATCH_KINDS for i in res.issues)}
+
+
+def verdict_line(res) -> str:
+    """``PASS: 686 values compared, 0 changed, 0 of 2 rules broken`` (FAIL when the gate fails)."""
+    n = compare_counts(res)
+    line = (f"{'FAIL' if res.failed else 'PASS'}: {n['values_compared']} values compared, {n['changed']} changed, "
+            f"{n['rules_broken']} of {n['rules']} rules broken")
+    if n["mismatches"]:
+        line += (f", {n['mismatches']} difference{'s' if n['mismatches'] != 1 else ''} in what was measured"
+                 + (" (--strict)" if res.strict else ""))
+    return line
+
+
+def compare_output(res, top: int):
+    """The largest changes (labels per site), the tables behind them, and the markdown report for --format md."""
+    import pandas as pd
+
+    from actsparse_cli.display import Col, Output, View, col, looks_like_path, site_label, unique_labels
     from reports.compare import _layer
     from reports.numbers import fmt, pct
 
+    n = compare_counts(res)
     ch = res.changed()
-    t = Table(title=f"largest changes ({min(top, len(ch))} of {len(ch)} changed values)")
-    for c in ("table", "site", "layer", "kind", "metric", "baseline", "candidate", "delta", "delta %"):
-        t.add_column(c, justify="right" if c in ("layer", "baseline", "candidate", "delta", "delta %") else "left",
-                     overflow="fold")
-    for r in ch.head(top).itertuples(index=False):
-        t.add_row(str(r.table), str(r.name), _layer(r.layer),
-                  str(r.kind), str(r.metric), fmt(r.baseline, 6), fmt(r.candidate, 6), fmt(r.delta, 6),
-                  pct(r.rel_delta, signed=True, suffix=" %"))
-    stdout_console().print(t)
+
+    def kind_of(r: dict):
+        k = r.get("kind")
+        return None if k is None or str(k) in ("", "nan", "None", "<NA>") else str(k)
+
+    def label(r: dict) -> str:
+        name = str(r.get("name"))
+        if looks_like_path(name):  # a site or weight: L0 mlp_post, L0 attn.c_attn
+            return site_label({"canonical_name": name, "name": name, "kind": kind_of(r), "layer": r.get("layer")})
+        return name  # summary rows (mean_over_layers), steps, ...
+
+    every = ch.to_dict(orient="records")
+    labels = unique_labels(every, label=label, ident=lambda r: (r.get("table"), r.get("name"), kind_of(r)),
+                           full=lambda r: str(r.get("name")) + (f" ({kind_of(r)})" if kind_of(r) else ""))
+    rows = [dict(r, _label=lab) for r, lab in zip(every[:top], labels[:top])]
+    cols = [col("table", "table", str, left=True, drop=3),
+            Col("site", lambda r: str(r.get("name")), left=True, short=lambda r: r["_label"]),
+            Col("layer", lambda r: _layer(r.get("layer")), wide_only=True),
+            Col("kind", lambda r: kind_of(r) or "", left=True, wide_only=True),
+            col("metric", "metric", str, left=True), col("baseline", "baseline", lambda v: fmt(v, 6), drop=2),
+            col("candidate", "candidate", lambda v: fmt(v, 6)), col("delta", "delta", lambda v: fmt(v, 6), drop=4),
+            col("delta %", "rel_delta", lambda v: pct(v, signed=True, suffix=" %"))]
+    if not len(ch):
+        empty = f"no value changed ({n['values_compared']} values compared)"
+    else:
+        empty = f"{len(ch)} of {n['values_compared']} values changed (--top 0 lists none)"
+    view = View(f"largest changes ({len(rows)} of {len(ch)} changed values; {n['values_compared']} values compared)",
+                rows, cols, empty=empty)
+    rules = pd.DataFrame([{"rule": r.rule.text, "passed": r.passed, "meaning": r.rule.describe(),
+                           "values_checked": r.n_checked, "values_skipped": r.n_skipped, "broken": len(r.broken)}
+                          for r in res.rules], columns=["rule", "passed", "meaning", "values_checked",
+                                                        "values_skipped", "broken"])
+    issues = pd.DataFrame([{"kind": i.kind, "message": i.message} for i in res.issues], columns=["kind", "message"])
+    changes = ch.drop(columns=[c for c in ch.columns if str(c).startswith("_")])
+    info = {"command": "compare", "verdict": "FAIL" if res.failed else "PASS", **n, "strict": res.strict,
+            "baseline": str(res.baseline.path), "candidate": str(res.candidate.path),
+            "tables_compared": list(res.compared_tables)}
+    return Output(items=[view], tables={"changes": changes, "rules": rules, "issues": issues}, main="changes",
+                  info=info, markdown=res.to_markdown(top=max(top, 1)))
+
+
+def trends_output(tr, title: str):
+    """The trends table turned on its side: one row per metric, one column per checkpoint (its step)."""
+    from actsparse_cli.display import Output, View, col
+
+    metrics = [c for c in tr.columns if c not in ("step", "checkpoint_index", "checkpoint", "step_source")]
+    steps = list(tr["step"]) if "step" in tr.columns else list(range(len(tr)))
+    rows = [{"metric": m, **{f"_{i}": v for i, v in enumerate(tr[m].tolist())}} for m in metrics]
+    cols = [col("metric", "metric", str, left=True)] + [col(f"step {s}", f"_{i}") for i, s in enumerate(steps)]
+    return Output(items=[View(title, rows, cols)])
 
 
 def register(app: typer.Typer) -> None:
@@ -94,7 +158,7 @@ def register(app: typer.Typer) -> None:
         top: Annotated[int, typer.Option("--top", min=0, help="Changed values to list, largest relative change "
                                          "first.", rich_help_panel=PANEL_OUT)] = 20,
         *,
-        force, quiet, debug,
+        force, quiet, debug, output_format,
     ) -> None:
         """Line up two result sets by table/site/layer/metric and gate on --fail-on rules.
 
@@ -102,9 +166,12 @@ def register(app: typer.Typer) -> None:
         2: an input is not an actsparse output, or a rule cannot be read or matches no metric.
         """
         from reports.compare import _layer, parse_rule
-        from reports.numbers import fmt
         from reports.compare import compare as run_compare
+        from reports.numbers import fmt
 
+        from actsparse_cli.display import emit, stdout_format
+
+        shown = stdout_format(output_format, quiet, writes=False)
         rules = [parse_rule(r) for r in fail_on or []]  # a typo fails before any table is read
         if markdown is not None:
             from reports.bundle import check_output_file
@@ -118,8 +185,8 @@ def register(app: typer.Typer) -> None:
 
             markdown.parent.mkdir(parents=True, exist_ok=True)
             write_output_file(markdown, res.to_markdown(top=max(top, 1)), md_force, inputs=[baseline, candidate])
+        emit(shown, compare_output(res, top))
         if not quiet:
-            _print_changes(res, top)
             for i in res.issues:
                 typer.echo(f"{i.kind}: {i.message}", err=True)
         for r in res.rules:
@@ -134,9 +201,14 @@ def register(app: typer.Typer) -> None:
                        f"{fmt(b['candidate'], 6)} ({b['why']})", err=True)
         if markdown is not None and not quiet:
             typer.echo(f"wrote {markdown}", err=True)
+        if res.failed and res.passed:  # only --strict fails: say what differs, also under -q
+            if quiet:
+                for i in res.issues:
+                    if i.kind in _MISMATCH_KINDS:
+                        typer.echo(f"{i.kind}: {i.message}", err=True)
+            typer.echo("--strict: the two sides measured different things (listed above)", err=True)
+        typer.echo(verdict_line(res), err=True)  # always the last line, in every mode
         if res.failed:
-            if res.passed:
-                typer.echo("--strict: the two sides measured different things (listed above)", err=True)
             raise typer.Exit(EXIT_RULE_BROKEN)
 
     @app.command("track")
@@ -169,6 +241,7 @@ def register(app: typer.Typer) -> None:
                                                     "sun2024 or maxact2026.", rich_help_panel=PANEL_TRACK)] = "sun2024",
         *,
         encoding, kind, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, force, quiet, debug,
+        output_format,
     ) -> None:
         """Trends over a run's checkpoints: sparsity per layer, weight drift, top-1/median (with the emergence fit)
         and alpha against the training step."""
@@ -183,6 +256,9 @@ def register(app: typer.Typer) -> None:
         from reports.bundle import check_output_dir
         from reports.track import write_track_outputs
 
+        from actsparse_cli.display import emit, stdout_format
+
+        shown = stdout_format(output_format, quiet, output, writes=False)
         chosen = resolve_analyses(analyses)
         check_output_dir(output, force, inputs=[*(checkpoints or ()), data, tokenizer])
         if "massive" in chosen:
@@ -226,17 +302,12 @@ def register(app: typer.Typer) -> None:
         write_track_outputs(output, result, options, force=force)
         for w in result.warnings:
             err.print(f"warning: {w}", markup=False, highlight=False)
+        out = trends_output(result.tables()["trends"], f"trends over {len(cks)} checkpoints")
+        from actsparse_cli.display import result_tables
+
+        out.tables, out.main = result_tables(result), "trends"
+        out.info = {"command": "track", "checkpoints": [str(ck.path) for ck in cks], "steps": [ck.step for ck in cks],
+                    "analyses": list(chosen), "output": str(output)}
+        emit(shown, out)
         if not quiet:
-            from rich.table import Table
-
-            from reports.numbers import fmt
-
-            tr = result.tables["trends"]
-            cols = [c for c in tr.columns if c not in ("checkpoint_index", "checkpoint", "step_source")]
-            t = Table(title=f"trends over {len(cks)} checkpoints")
-            for c in cols:
-                t.add_column(c, justify="right", overflow="fold")
-            for r in tr.to_dict("records"):
-                t.add_row(*[fmt(r[c]) for c in cols])
-            stdout_console().print(t)
             err.print(f"wrote {output}/", markup=False)

@@ -14,7 +14,6 @@ from actsparse_cli.common import (
     DeviceArg,
     handle_errors,
     stderr_console,
-    stdout_console,
 )
 from actsparse_cli.loading_opts import shared_options
 
@@ -52,28 +51,27 @@ PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figur
                                                           "esd (per matrix, slower) or alpha.",
                                                           rich_help_panel=PANEL_OUT, show_default=False)]
 
-_TABLE_COLUMNS = (("name", "name"), ("N", "N"), ("M", "M"), ("alpha", "alpha"), ("D", "D"),
-                  ("sigma_mp", "sigma_mp"), ("num_spikes", "spikes"), ("stable_rank", "stable_rank"),
-                  ("kappa_ratio", "kappa/kappa_mp"), ("status", "status"))
-
-
-def _print_results(df, summary: dict, n_ww: int) -> None:
-    from rich.table import Table
-
+def spectrum_output(df, summary: dict, n_ww: int, title: str):
+    """One row per weight matrix (WW's columns that matter most), the WW summary line; and the table written."""
+    from actsparse_cli.display import Col, Output, View, col, labelled, name_col, unique_labels, weight_label
     from reports.numbers import fmt
 
-    table = Table(title="spectrum", show_lines=False)
-    for _, label in _TABLE_COLUMNS:
-        table.add_column(label, justify="left" if label in ("name", "status") else "right")
-    for row in df.to_dict(orient="records"):
-        status = row["status"] + (" (not WW)" if row["non_ww"] else " (WW skips)" if row["ww_skipped"] else "")
-        if row["warning"]:
-            status += f": {row['warning']}"
-        table.add_row(*[fmt(row[c]) if c != "status" else status for c, _ in _TABLE_COLUMNS])
-    console = stdout_console()
-    console.print(table)
+    recs = df.to_dict(orient="records")
+    labels = unique_labels(recs, label=lambda r: weight_label(r.get("name")), ident=lambda r: r.get("name"),
+                           full=lambda r: str(r.get("name")))
+
+    def status(r: dict) -> str:
+        return str(r.get("status")) + (" (not WW)" if r.get("non_ww") else " (WW skips)" if r.get("ww_skipped") else "")
+
+    rows = labelled(recs, labels)
+    cols = [name_col("name", "name"), col("shape", "shape", str, drop=6),
+            col("alpha", "alpha"), col("D", "D", drop=2), col("sigma_mp", "sigma_mp", drop=3),
+            col("spikes", "num_spikes", drop=1), col("stable_rank", "stable_rank", drop=4),
+            col("kappa/kappa_mp", "kappa_ratio", drop=5), Col("status", status, left=True),
+            col("warning", "warning", lambda v: "" if v is None or v != v else str(v), left=True)]
     means = ", ".join(f"{k}={fmt(v)}" for k, v in summary.items())
-    console.print(f"WW summary (mean over {n_ww} layers): {means}")
+    return Output(items=[View(title, rows, cols), f"WW summary (mean over {n_ww} layers): {means}"],
+                  tables={"spectrum": df}, main="spectrum")
 
 
 def register(app: typer.Typer) -> None:
@@ -89,7 +87,7 @@ def register(app: typer.Typer) -> None:
         svd: SvdArg = SvdMethod.auto,
         workers: WorkersArg = 1,
         *,
-        output, force, quiet, debug, unsafe_pickle,
+        output, force, quiet, debug, unsafe_pickle, output_format,
     ) -> None:
         """WeightWatcher 0.7.7's spectral metrics for every 2-D/4-D weight, one tensor at a time.
 
@@ -99,7 +97,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("figures are written into the output folder; give -o", param_hint="--plot")
         _run(checkpoint=checkpoint, output=output, device=device, split_fused=split_fused, randomize=randomize,
              seed=seed, plots=set(plot or ()), force=force, quiet=quiet, debug=debug, unsafe_pickle=unsafe_pickle,
-             svd=svd.value, workers=workers)
+             svd=svd.value, workers=workers, output_format=output_format)
 
 
 def _cap_workers(workers: int) -> tuple[int, str | None]:
@@ -118,7 +116,7 @@ def _cap_workers(workers: int) -> tuple[int, str | None]:
 
 @handle_errors
 def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle,
-         svd="auto", workers=1) -> None:
+         svd="auto", workers=1, output_format=None) -> None:
     from contextlib import nullcontext
 
     from rich.progress import (
@@ -133,11 +131,14 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
     from probes.formats import sniff
     from reports.bundle import atomic_output_dir, check_output_dir
 
+    from actsparse_cli.display import emit, stdout_format
+
     if output is not None:
         check_output_dir(output, force, inputs=[checkpoint])
     workers, workers_note = _cap_workers(workers)  # the note goes to the manifest and the terminal with the rest
     dev = sp.resolve_device(device)
     sn = sniff(checkpoint)
+    shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before any SVD
 
     progress = Progress(TextColumn("[bold]spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.description}"), console=stderr_console(), transient=True,
@@ -197,11 +198,16 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
                 counts=counts, notes=df.attrs.get("notes", []), files=files + ["manifest.json"])
             write_manifest(folder, manifest)
 
-    if quiet:
-        return
     err = stderr_console()
-    for note in df.attrs.get("notes", []):
-        err.print(f"note: {note}")
-    _print_results(df, summary, len(sp.ww_rows(df)))
-    if output is not None:
-        err.print(f"wrote {output}/ ({len(files) + 1} files)")
+    if not quiet:
+        for note in df.attrs.get("notes", []):
+            err.print(f"note: {note}", markup=False, highlight=False)
+    from reports.manifest import short_name
+
+    out = spectrum_output(df, summary, len(sp.ww_rows(df)), f"spectrum: {short_name(checkpoint)} ({len(df)} matrices)")
+    out.info = {"command": "spectrum", "checkpoint": str(checkpoint), "device": str(dev), "svd": svd,
+                "output": str(output) if output is not None else None, "means_over_ww_layers": summary,
+                "n_ww_layers": len(sp.ww_rows(df)), "notes": list(df.attrs.get("notes", []))}
+    emit(shown, out)
+    if output is not None and not quiet:
+        err.print(f"wrote {output}/ ({len(files) + 1} files)", markup=False)

@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         corpora = write_corpora(Path(tmp), a.small_mb, a.big_mb, a.baseline_mb)
         common = ["measure", "--max-tokens", str(a.max_tokens), "--device", "cpu", "-q"]
         runs: dict[str, list[dict]] = {"small": [], "big": []}
-        for _ in range(max(1, a.repeats)):
+        # each run writes its tables (as a user's run does; -q alone would compute and write nothing)
+        for i in range(max(1, a.repeats)):
             for name in ("small", "big"):
-                runs[name].append(run_child([*common, "--data", str(corpora[name])]))
+                out = ["-o", str(Path(tmp) / f"out-{name}-{i}")]
+                runs[name].append(run_child([*common, *out, "--data", str(corpora[name])]))
         if a.baseline_mb:
-            runs["baseline (whole-file reader)"] = [run_child([*common, "--data", str(corpora["baseline"])],
+            out = ["-o", str(Path(tmp) / "out-baseline")]
+            runs["baseline (whole-file reader)"] = [run_child([*common, *out, "--data", str(corpora["baseline"])],
                                                               whole_file=True)]
         sizes = {k: corpora[k].stat().st_size for k in corpora}
     failed = {k: r for k, rs in runs.items() for r in rs if r["rc"] != 0}

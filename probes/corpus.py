@@ -16,6 +16,12 @@ whitespace run well before the cut are kept (fast tokenizers' offset mapping), s
 hence the windows, are the ones the whole text gives. Only regular files are read (a FIFO or
 device would block or never end), decoding is strict (``--encoding``, UTF-8 by default; a bad
 byte is reported with its offset) and a leading byte-order mark is dropped.
+
+Size (~740 lines), on purpose: one streaming pipeline, file -> documents -> tokens -> windows, in
+which each stage's stopping rule comes from the next one (the token budget of ``corpus_windows``
+decides how much of a document is tokenized, which decides how many bytes are read; the read
+sizes ``CHUNK_BYTES``, ``MIN_READ_BYTES`` and ``BYTES_PER_TOKEN`` are tuned, and patched by the
+tests, as one). The stages are sections below, in that order.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ Nothing is opened that is not a regular file (``require_regular``: a FIFO would 
 ``/dev/zero`` never end), a model folder holding any other kind of entry is refused
 (``check_folder_files``), and a shard index may only name files inside its own folder
 (``_shard_path``).
+
+Size (~760 lines), on purpose: the checks and the readers of a format share its byte layout
+(``safetensors_header`` and ``_check_st_entry`` / ``_check_st_size`` guard both ``sniff`` and the
+raw tensor readers, ``gguf_header_check`` both ``sniff`` and ``gguf_arrays``), so a format's check
+and its reader change together. If it grows, split by format (safetensors, GGUF, torch pickle),
+not into checking and reading.
 """
 
 from __future__ import annotations

@@ -26,9 +26,15 @@ the hooks of ``probes.runner.Runner``:
 - A module called several times per forward is measured per call (rows ``.call{k}``).
 
 The loss and its reduction: see ``probes.loss``. ``none`` (only when asked) runs forward passes only:
-the act'(h) columns are filled, every eta column is NaN. ``loss_reduction``: ``sum`` (default: every
-counted token / image contributes with weight 1, so eta does not depend on the batch size) or
-``mean`` (the training convention: divided by the batch's count).
+the act'(h) columns are filled, every eta column is NaN. ``loss_reduction``: ``mean`` (default, the
+reference's protocol: cdgyp/sparsity's ``EffectiveGradientSparsity`` in codes/modules/hooks.py takes
+g from the backward pass of the training loss, a mean over the batch's targets, and counts
+|eta| < tau with absolute tau) or ``sum`` (every counted token / image weighs 1: eta is the
+mean-reduction eta times the batch's number of targets). The batch is ours (``--batch-size`` windows
+or images); eta and every ``eff_grad_sparsity@tau`` depend on the reduction and on the number of loss
+targets per batch, both recorded in the manifest (``loss_reduction``, ``loss_targets_per_batch``).
+ReLU'(0) = 0 as in autograd (``probes.activations``); cdgyp's ``CustomizedReLU.derivative``
+(codes/modules/activations.py) uses ``x >= 0``, i.e. 1: the two differ only on entries with h == 0.
 
 Spikes of every linear layer's input are measured in the same forward passes (``probes.spikes``).
 """
@@ -44,8 +50,8 @@ from probes.data import DataOptions, resolve_corpus, resolve_max_length, token_w
 from probes.errors import DataError, DeviceError, ModelError
 from probes.grad_sites import GradSite, find_grad_sites  # noqa: F401  (re-exported)
 from probes.hooks import HookCall, HookPoint
-from probes.loss import (LOSSES, MLM_PROB, REDUCTIONS, cross_entropy, labeled_examples,  # noqa: F401
-                         labeled_text_batches, mlm_mask, model_head, resolve_loss)
+from probes.loss import (DEFAULT_REDUCTION, LOSSES, MLM_PROB, REDUCTIONS, cross_entropy,  # noqa: F401
+                         labeled_examples, labeled_text_batches, mlm_mask, model_head, resolve_loss)
 from probes.runner import ImageBatches, Runner, TokenBatches, forward_images
 from probes.spikes import (LinearInputProbe, counted_rows, lower_medians, spike_hooks, spike_mode,  # noqa: F401
                            spike_rows)
@@ -239,7 +245,7 @@ class GradOptions(DataOptions):
     taus: Sequence[float] = DEFAULT_TAUS
     eps_d: float = EPS_D
     loss: str = "auto"
-    loss_reduction: str = "sum"
+    loss_reduction: str = DEFAULT_REDUCTION  # "mean" over the batch's targets (cdgyp), or "sum"
     act: str | None = None  # override the activation name
     sites: Sequence[str] = field(default_factory=tuple)
     spikes: bool | str = True  # True/"all": every linear; "down": down projections only; False/"none": off
@@ -264,6 +270,13 @@ class GradResult:
 
     def summary(self):
         return summarize(self.rows)
+
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``);
+        ``spikes`` only when the spike probe saw a linear input."""
+        spikes = self.spikes_table()
+        return {"gradients": self.table(), "gradients_summary": self.summary(),
+                **({"spikes": spikes} if len(spikes) else {})}
 
 
 SUMMARY_PREFIXES = ("deriv_sparsity", "deriv_zero_frac", "deriv_small_frac@", "deriv_sq_mean", "eff_grad_zero_frac",
@@ -330,6 +343,14 @@ def site_hooks(sites: Sequence[GradSite], probes: dict, dims: dict, opts: GradOp
             fwd.append((s, "output", deriv(s)))
             bwd.append((s, "output", grad(s, True)))
     return fwd, bwd
+
+
+def _per_batch_summary(per_batch: Sequence[int]) -> dict[str, Any]:
+    """Loss targets per batch (the divisor of a mean loss) for the manifest: min, mean, max, batches."""
+    if not per_batch:
+        return {"n_batches": 0, "min": None, "mean": None, "max": None}
+    return {"n_batches": len(per_batch), "min": min(per_batch), "mean": sum(per_batch) / len(per_batch),
+            "max": max(per_batch)}
 
 
 def measure_gradients(loaded, options: GradOptions | None = None,
@@ -431,7 +452,7 @@ def measure_gradients(loaded, options: GradOptions | None = None,
         logits = out.logits if hasattr(out, "logits") else vision.logits_of(out)
         return cross_entropy(logits, labels, opts.loss_reduction), int((labels != -100).sum())
 
-    totals = {"loss_sum": 0.0, "n_loss_targets": 0}
+    totals: dict[str, Any] = {"loss_sum": 0.0, "n_loss_targets": 0, "per_batch": []}
 
     def backward(batch, out) -> None:
         loss, n_targets = out
@@ -441,6 +462,7 @@ def measure_gradients(loaded, options: GradOptions | None = None,
                                  "a differentiable path", "report this model; gradients cannot be measured")
             torch.autograd.grad(loss, leaves, allow_unused=True)  # fires the tensor hooks; no .grad kept
             totals["loss_sum"] += float(loss.detach()) * (n_targets if opts.loss_reduction == "mean" else 1)
+            totals["per_batch"].append(n_targets)  # the divisor of a mean loss: eta scales with 1 / it
         totals["n_loss_targets"] += n_targets
 
     with frozen_parameters(model), Runner(model, fwd_hooks=fwd, bwd_hooks=bwd, adapter=adapter, forward=forward_loss,
@@ -456,7 +478,9 @@ def measure_gradients(loaded, options: GradOptions | None = None,
         cpu_spikes = {k: distributed.probe_to_cpu(p) for k, p in spikes.items()}
         probes, per_rank = dist.merge_probes(probes, extra={
             "spikes": cpu_spikes, "calls": calls, "dims": dims, "missing_grad": sorted(missing_grad),
-            "loss_sum": loss_sum, "n_loss_targets": n_loss_targets, "n_items": n_items, "seconds": elapsed})
+            "loss_sum": loss_sum, "n_loss_targets": n_loss_targets, "n_items": n_items, "seconds": elapsed,
+            "per_batch": totals["per_batch"]})
+        totals["per_batch"] = [n for e in per_rank for n in e["per_batch"]]
         spikes = distributed.merge_probe_dicts([e["spikes"] for e in per_rank])
         calls, dims = {}, {}
         for e in per_rank:
@@ -500,13 +524,21 @@ def measure_gradients(loaded, options: GradOptions | None = None,
             "none": "no loss (asked for): forward-only act'(h) statistics; every eta column is NaN",
         }[loss_kind],
         "loss_reduction": opts.loss_reduction,
+        "loss_targets_per_batch": _per_batch_summary(totals["per_batch"]),
+        "eta_scale": None if loss_kind == "none" else (
+            "eta = dL/dh of each batch's MEAN loss (the reference's protocol, cdgyp/sparsity): the summed-loss eta "
+            "divided by that batch's number of loss targets" if opts.loss_reduction == "mean" else
+            "eta = dL/dh of each batch's SUMMED loss: every target weighs 1 (the mean-loss eta times the batch's "
+            "number of loss targets)") + "; tau is absolute, so eta, eta_l1/l2 and every eff_grad_sparsity@tau "
+            "depend on the reduction and on the loss targets per batch (--batch-size x counted positions)",
         "mean_loss_per_target": loss_sum / n_loss_targets if n_loss_targets else None,
         "n_loss_targets": n_loss_targets,
         "n_items": n_items,
         "gradient_method": "params requires_grad_(False); input embedding output / pixel tensor made a leaf; "
                            "torch.autograd.grad(loss, leaf); tensor hooks on activation outputs (g) or "
                            "pre-activations (dL/dh); no parameter .grad is ever populated",
-        "deriv": "analytic act'(h) from probes.activations (act_analytic False: autograd through the module)",
+        "deriv": "analytic act'(h) from probes.activations (act_analytic False: autograd through the module); "
+                 "ReLU'(0) = 0 as autograd (cdgyp's CustomizedReLU.derivative uses x >= 0, i.e. 1)",
         "eps_d": opts.eps_d,
         "taus": list(opts.taus),
         "spikes": mode_spikes,

@@ -5,6 +5,14 @@ a GGUF file (transformers' GGUF loader), and a bare state dict (safetensors, tor
 ``.bin``/``.pt``/``.pth``, nanoGPT and Lightning training checkpoints) with ``config`` or
 ``arch``. Nothing is unpickled beyond tensors unless ``unsafe_pickle`` is asked for, and no
 code from a checkpoint runs unless ``trust_remote_code`` is asked for.
+
+Size (~870 lines), for now: the sources share its checks (device, dtype, position limit,
+vocabulary against the embedding, layers the config builds but the weights lack, offline hub,
+non-finite weights) and end in the same ``LoadedModel``. Two parts could leave: the config
+inferred from a bare state dict's shapes (``config_from_shapes`` and the nanoGPT key map, self-
+contained) and the timm/torchvision loader (``load_vision_arch``, re-exported by ``probes.vision``;
+it needs ``LoadedModel`` and the device/dtype resolution, which would first have to move below both
+modules so that the loading <-> vision import cycle does not come back).
 """
 
 from __future__ import annotations

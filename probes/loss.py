@@ -6,6 +6,14 @@ seeded) for models with a masked-LM head; ``classification`` = cross-entropy aga
 folders, or ``--labels FIELD`` of a .jsonl for sequence classifiers). ``auto`` picks by the model's
 head and the data; a model with no loss on the data is refused (ModelError), never given a
 surrogate. ``none`` (only when asked) means forward passes only.
+
+Reduction (``REDUCTIONS``, default ``mean``): the loss of one batch is the MEAN over that batch's
+loss targets (positions with a label, or images), the training loss as cdgyp/sparsity computes it
+(T5: the model's ``CrossEntropyLoss(ignore_index=-100)``; ImageNet: ``nn.CrossEntropyLoss()``,
+codes/scripts/imagenet1k/imagenet1k.py ``train_one_epoch``), whose ``EffectiveGradientSparsity``
+(codes/modules/hooks.py) compares |eta| with absolute thresholds. ``sum`` gives every target weight 1:
+eta is then (mean-reduction eta) x (targets in the batch), so eta and every ``eff_grad_sparsity@tau``
+depend on the reduction and on the number of targets per batch.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from probes.errors import DataError, ModelError
 
 MLM_PROB = 0.15
 LOSSES = ("auto", "causal_lm", "mlm", "classification", "none")
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("mean", "sum")
+DEFAULT_REDUCTION = "mean"  # cdgyp/sparsity: the training loss, a mean over the batch's targets
 
 
 def model_head(model) -> str:

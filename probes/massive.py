@@ -16,9 +16,11 @@ Two anchors, two medians, kept apart in column names:
 Nothing is stored across sequences: state is O(channels + top_k + max positions), and two
 probes of the same site ``merge`` into the state of one run over both inputs.
 
-Layout (one module of ~970 lines, for now): the probe, the INT8 check (Max_act_llm
-quant_sanity_check.py), the presets that draw each paper's sequences (its data set-up, on
-``probes.data``), and the run. The presets and the INT8 check are the parts to move out next.
+Layout: the probe, the INT8 check (Max_act_llm quant_sanity_check.py), and the run; the presets
+that draw each paper's sequences (its data set-up, on ``probes.data``) are ``probes.massive_presets``
+(re-exported here). Size (~890 lines), for now: the INT8 check (``int8_fake_quant``,
+``AbsLogHistogram``, ``Int8ErrorProbe``, ``int8_split``, ``_int8_check``) is the part to move out
+next, into its own module; it stays here while its calibration is reworked (issue 14).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from typing import Any, Callable, Sequence
 
 from probes.data import CorpusOptions, TokenData, pad_id, sequence_windows
 from probes.errors import DataError, ModelError, unknown_name
+from probes.massive_presets import (  # noqa: F401  (re-exported: callers import them from here)
+    FAMILY_SEQ_LEN, MAX_DOCS_SUN, NO_ORDINARY_TOKENS, PRESETS, SUN_DEFAULT_SEQ_LEN, Preset, Sample, _ordinary,
+    _tokenize, build_samples, family_seq_len, resolve_preset)
 
 SUN_ABS_THRESHOLD = 100.0  # |a| > 100 (Sun et al. 2024, section 2)
 SUN_RATIO_THRESHOLD = 1000.0  # |a| >= 1000 x whole-tensor median
@@ -37,14 +42,13 @@ TOKEN_RATIO_THRESHOLD = 1000.0  # Max_act_llm _SUN_T_RATIO (strict >)
 DEFAULT_TOP_K = 100
 DEFAULT_CLIP_QUANTILE = 0.999
 INT8_QMAX = 127
+# INT8 calibration (Max_act_llm quant_sanity_check.py run_model: scales from the first 128 samples, errors on the
+# next 256): "held-out" splits the run's sequences the same way, by sample id, the first third (n // 3, at
+# least 1: the reference's 128 of 128 + 256) for calibration (``int8_split``)
+INT8_CALIBRATIONS = ("held-out", "in-sample")
 LOG_HIST_BINS = 8192
 LOG_HIST_DECADES = 7.0  # the |x| histogram covers [max * 1e-7, max]
 SUN_DEFAULT_PROMPT = "Summer is warm. Winter is cold."  # main_llm.py --exp1
-# Sun et al.'s sequence length per family (lib/load_model.py); others use 4096. Capped at the model's limit.
-FAMILY_SEQ_LEN = {"llama": 4096, "mistral": 4096, "mixtral": 4096, "falcon": 4096, "phi": 4096,
-                  "gpt_neox": 2048, "opt": 2048, "mpt": 2048, "gpt2": 1024}
-SUN_DEFAULT_SEQ_LEN = 4096
-MAX_DOCS_SUN = 500  # get_data samples 500 documents before joining them
 
 
 def lower_median(x):
@@ -414,7 +418,8 @@ class AbsLogHistogram:
         self.state = {"hist": torch.zeros(self.bins, dtype=torch.int64, device=device),
                       "below": torch.zeros((), dtype=torch.int64, device=device),
                       "above": torch.zeros((), dtype=torch.int64, device=device),
-                      "count": torch.zeros((), dtype=torch.int64, device=device)}
+                      "count": torch.zeros((), dtype=torch.int64, device=device),
+                      "max": torch.zeros((), dtype=torch.float64, device=device)}  # max |x| seen (not binned)
 
     def update(self, x, mask=None) -> None:
         import torch
@@ -423,6 +428,8 @@ class AbsLogHistogram:
         v = v.float().abs().reshape(-1)
         s = self.state
         s["count"] = s["count"] + v.numel()
+        if v.numel():
+            s["max"] = torch.maximum(s["max"], v.max().double())  # NaN propagates
         lo = 10.0 ** self.log_lo
         below = v < lo
         above = ~(v <= self.upper)  # > upper or NaN
@@ -434,9 +441,16 @@ class AbsLogHistogram:
             s["hist"] = s["hist"] + torch.bincount(idx, minlength=self.bins)
 
     def merge(self, other: "AbsLogHistogram") -> "AbsLogHistogram":
+        import torch
+
         for k in self.state:
-            self.state[k] = self.state[k] + other.state[k].to(self.state[k].device)
+            b = other.state[k].to(self.state[k].device)
+            self.state[k] = torch.maximum(self.state[k], b) if k == "max" else self.state[k] + b
         return self
+
+    @property
+    def max_abs(self) -> float:
+        return float(self.state["max"])
 
     def quantile(self, q: float) -> float:
         """Value at rank ceil(q * n) (1-based, ascending), geometric interpolation within the bin."""
@@ -508,30 +522,7 @@ class Int8ErrorProbe:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    sampling: str  # "chunks" (contiguous chunks of the joined corpus) or "per_sample" (one document each)
-    n_samples: int
-    seed: int
-    batch_size: int
-    protocol: str
-
-
-PRESETS: dict[str, Preset] = {
-    "sun2024": Preset(
-        "sun2024", "chunks", 10, 1, 1,
-        "Sun et al. 2024 (main_llm.py --exp2, lib/load_data.get_data): documents sampled with numpy seed 1 (at most "
-        "500), joined with blank lines, tokenized with no special tokens (no BOS), cut into contiguous chunks of the "
-        "family's length (LLaMA/Mistral 4096, OPT/Pythia/MPT 2048, GPT-2 1024, else 4096; capped at the model's "
-        "position limit), 10 sequences; per-sequence statistics averaged over sequences"),
-    "maxact2026": Preset(
-        "maxact2026", "per_sample", 2000, 0, 8,
-        "Max_act_llm analyze_model.py: one document per sample (a plain-text corpus is split at blank lines), "
-        "tokenized with no special tokens, truncated to max_length, first 2000 samples, batched by length with "
-        "right padding that is masked out"),
-}
+# ------------------------------------------------------------------------------------- options, result
 
 
 @dataclass
@@ -550,13 +541,9 @@ class MassiveOptions(CorpusOptions):
     sites: Sequence[str] = field(default_factory=tuple)  # glob overrides
     int8: bool = False
     clip_quantile: float = DEFAULT_CLIP_QUANTILE
+    int8_calibration: str = "held-out"  # or "in-sample" (scales and errors on the same sequences)
+    int8_calibration_samples: int | None = None  # held-out: sequences for the scales (None: a third, at least 1)
     capture_prompt: str | None = None  # also keep one prompt's full tensors for the 3D plot
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    sample_id: int
 
 
 @dataclass
@@ -586,129 +573,11 @@ class MassiveResult:
         return pd.DataFrame({"layers": self.layers, "topk": self.topk, "channels": self.channels,
                              "int8": self.int8}[name])
 
-
-def resolve_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise unknown_name("preset", name, PRESETS, error=DataError)
-    return PRESETS[name]
-
-
-def family_seq_len(family: str | None, model_max: int | None) -> int:
-    n = FAMILY_SEQ_LEN.get(family or "", SUN_DEFAULT_SEQ_LEN)
-    return min(n, model_max) if model_max else n
-
-
-def _tokenize(tokenizer, text: str) -> list[int]:
-    if tokenizer is None:
-        raise DataError("this checkpoint has no tokenizer, so text cannot be turned into tokens",
-                        "pass --tokenizer with a folder or hub id holding the model's tokenizer")
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def _ordinary(tokenizer, ids: Sequence[int]) -> bool:
-    """Whether ``ids`` hold at least one token that is not a special token (``<|endoftext|>`` ...)."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    return any(t not in special for t in ids)
-
-
-NO_ORDINARY_TOKENS = ("the corpus has no ordinary tokens (empty, or only special tokens)",
-                      "give a corpus with real text")
-
-
-def build_samples(loaded, opts: MassiveOptions, preset: Preset) -> tuple[list[Sample], dict[str, Any]]:
-    """The sequences a preset measures, and a description of how they were drawn (for the manifest)."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from probes import corpus as corpus_mod
-    from probes.data import resolve_corpus
-
-    tok = loaded.tokenizer
-    prefix = corpus_mod.prefix_token(tok) if opts.bos and tok is not None else None
-    if opts.bos and prefix is None:
-        raise DataError("--bos asked for, but the tokenizer has no BOS, EOS or CLS token", "drop --bos")
-    seed = preset.seed if opts.seed is None else opts.seed
-    from probes.loading import check_max_length
-    check_max_length(opts.max_length, loaded)  # above the model's position limit: exit 4, before any batch
-    model_max = loaded.max_length
-    info: dict[str, Any] = {"bos": opts.bos, "prefix_token": prefix, "special_tokens": "none added"
-                            + (" except the prefix token" if prefix is not None else ""), "seed": seed}
-    if opts.prompt is not None:
-        ids = _tokenize(tok, opts.prompt)
-        if not ids:
-            raise DataError("the prompt has no tokens", "give a non-empty --prompt")
-        L = opts.max_length or model_max or len(ids) + 1
-        seq = ([prefix] if prefix is not None else []) + ids
-        info.update(sampling="prompt", prompt=opts.prompt, max_length=L)
-        return [Sample(seq[:L], 0)], info
-    data = resolve_corpus(opts.data)
-    n_samples = opts.n_samples or preset.n_samples
-    body_room = 1 if prefix is not None else 0
-    samples: list[Sample] = []
-    # One continuous text (.txt) under --max-tokens: read and tokenize only the chunks that the cap keeps
-    # (the text's first tokens, as the whole text gives them); otherwise the whole corpus, as before.
-    chunks_from_text = (preset.sampling == "chunks" and opts.max_tokens is not None and not data.startswith("hf:")
-                        and Path(data).suffix != ".jsonl")
-    docs: list[str] = [] if chunks_from_text else corpus_mod.read_documents(data, opts.text_field,
-                                                                             encoding=opts.encoding)
-    info.update(corpus=data, corpus_is_default=opts.data is None, n_documents=1 if chunks_from_text else len(docs))
-    if preset.sampling == "chunks":
-        L = opts.max_length or family_seq_len(loaded.family, model_max)
-        body = L - body_room
-        if chunks_from_text:
-            if body < 1:
-                raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
-            need = min(n_samples, -(-opts.max_tokens // L)) * body
-            ids, complete, n_bytes = corpus_mod.text_tokens(data, tok, need, opts.encoding)
-            if not complete:
-                info["corpus_read"] = (f"first {n_bytes} bytes: enough for --max-tokens; n_corpus_tokens and "
-                                       "n_full_chunks_available count what was read")
-        else:
-            if len(docs) > 1:
-                rng = np.random.RandomState(seed)
-                pick = rng.choice(len(docs), min(MAX_DOCS_SUN, len(docs)), replace=False).tolist()
-                docs = [docs[i] for i in pick]
-                info["documents_sampled"] = len(pick)
-            ids = _tokenize(tok, "\n\n".join(docs))
-        if not _ordinary(tok, ids):
-            raise DataError(*NO_ORDINARY_TOKENS)
-        if body < 1:
-            raise DataError(f"--max-length {L} leaves no room for text", "use a larger --max-length")
-        n_full = len(ids) // body
-        if n_full == 0:
-            raise DataError(f"the corpus has {len(ids)} tokens, fewer than one sequence of {L}",
-                            f"give a longer corpus or pass --max-length {max(2, len(ids))} or less")
-        for i in range(min(n_samples, n_full)):
-            chunk = ids[i * body:(i + 1) * body]
-            samples.append(Sample(([prefix] if prefix is not None else []) + chunk, i))
-        info.update(sampling="contiguous chunks of the joined corpus", max_length=L, n_corpus_tokens=len(ids),
-                    n_full_chunks_available=n_full)
-    else:
-        L = opts.max_length or min(model_max or 4096, 4096)
-        if len(docs) == 1:
-            docs = [d for d in (p.strip() for p in docs[0].split("\n\n")) if d]
-            info["split"] = "plain-text corpus split at blank lines into samples"
-        for i, d in enumerate(docs):
-            if len(samples) >= n_samples:
-                break
-            ids = corpus_mod.string_tokens(d, tok, L - body_room)  # the sample's tokens; not the whole document's
-            if not _ordinary(tok, ids):
-                continue
-            samples.append(Sample((([prefix] if prefix is not None else []) + ids)[:L], i))
-        if not samples:
-            raise DataError(*NO_ORDINARY_TOKENS)
-        info.update(sampling="one sample per document, truncated", max_length=L)
-    if opts.max_tokens is not None:
-        kept, total = [], 0
-        for smp in samples:
-            room = opts.max_tokens - total
-            if room <= 0:
-                break
-            kept.append(Sample(smp.input_ids[:room], smp.sample_id))
-            total += len(kept[-1].input_ids)
-        samples = kept
-    return samples, info
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``);
+        ``massive_int8`` only when the INT8 check ran."""
+        names = ("layers", "topk", "channels") + (("int8",) if self.int8 else ())
+        return {f"massive_{n}": self.table(n) for n in names}
 
 
 class DelimiterFinder:
@@ -778,10 +647,11 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     bs = opts.batch_size or preset.batch_size
     td = TokenData(windows, bs, pad_id(tok), loaded.device)
     n_batches = td.n_batches()
-    passes = 3 if opts.int8 else 1
+    split8 = int8_split([smp.sample_id for smp in samples], opts) if opts.int8 else None
+    total = n_batches + (sum(td.n_batches([windows[i] for i in part]) for part in split8) if split8 else 0)
     if progress:
-        progress(n_batches * passes, 0)
-    tick = (lambda k: progress(n_batches * passes, k)) if progress else None
+        progress(total, 0)
+    tick = (lambda k: progress(total, k)) if progress else None
     delim = DelimiterFinder(tok)
     ctx = BatchContext()
     sample_ids = [smp.sample_id for smp in samples]
@@ -829,7 +699,7 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     int8_rows: list[dict[str, Any]] = []
     int8_info: dict[str, Any] | None = None
     if opts.int8:
-        int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, td, opts, tick)
+        int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, td, opts, tick, split8)
     capture = None
     cap_prompt = opts.capture_prompt
     if cap_prompt:
@@ -908,40 +778,89 @@ def _global_max(rows: list[dict[str, Any]], kinds: Sequence[str], tok) -> dict[s
             "token_id": r["peak_token_id"], "token": decode_token(tok, r["peak_token_id"])}
 
 
-def _int8_check(loaded, sites, gmax, rows, td: TokenData, opts: MassiveOptions, tick):
-    """Max_act_llm quant_sanity_check.py at the peak site: scales from max |x| and from the clip quantile."""
+def int8_split(sample_ids: Sequence[int], opts: MassiveOptions) -> tuple[list[int], list[int]]:
+    """Indices (into the run's sequences) of the INT8 calibration and evaluation sequences.
+
+    ``held-out`` (default), as Max_act_llm quant_sanity_check.py ``run_model`` (scales from the first
+    ``--calibration_samples`` lines of its data file, errors on the next ``--eval_samples``): the sequences
+    in the order the preset drew them (by sample id), the first ``n_cal`` calibrate (default a third, at
+    least 1: the reference's 128 of 128 + 256), the others are evaluated. ``in-sample``: all for both.
+    """
+    n = len(sample_ids)
+    mode = opts.int8_calibration
+    if mode not in INT8_CALIBRATIONS:
+        raise unknown_name("INT8 calibration", mode, INT8_CALIBRATIONS, error=DataError)
+    if mode == "in-sample":
+        return list(range(n)), list(range(n))
+    if n < 2:
+        raise DataError(f"held-out INT8 calibration needs at least 2 sequences (scales from some, errors on the "
+                        f"others); this run has {n}",
+                        "measure a corpus with more samples, or pass --int8-calibration in-sample (scales from the "
+                        "evaluated sequences themselves: the max_abs scale then clips nothing)")
+    n_cal = opts.int8_calibration_samples if opts.int8_calibration_samples is not None else max(1, n // 3)
+    if not 1 <= n_cal < n:
+        raise DataError(f"int8_calibration_samples {n_cal} leaves no sequence to calibrate or to evaluate "
+                        f"({n} sequences)", f"use 1 to {n - 1}")
+    order = sorted(range(n), key=lambda i: (sample_ids[i], i))
+    return sorted(order[:n_cal]), sorted(order[n_cal:])
+
+
+def _int8_check(loaded, sites, gmax, rows, td: TokenData, opts: MassiveOptions, tick,
+                split: tuple[list[int], list[int]]):
+    """Max_act_llm quant_sanity_check.py at the peak site: scales from max |x| and from the clip quantile of
+    the calibration sequences, errors and clip rates on the evaluation sequences (``int8_split``)."""
     from probes.runner import forward_batch, run_probes
 
     if not gmax:
         return [], {"skipped": "no peak site"}
     site = next(s for s in sites if s.canonical_name == gmax["canonical_name"])
     row = next(r for r in rows if r["canonical_name"] == site.canonical_name)
-    upper = float(row["max_abs"])
+    upper = float(row["max_abs"])  # over every sequence: the histogram's range (>= the calibration max)
     if not math.isfinite(upper) or upper <= 0:
         return [], {"skipped": f"peak |x| at {site.canonical_name} is {upper} (overflow or all zero)"}
+    held_out = opts.int8_calibration == "held-out"
+    cal_idx, eval_idx = split
+    cal, ev = [td.windows[i] for i in cal_idx], [td.windows[i] for i in eval_idx]
 
     def fwd(m, b):
         return forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder)
 
-    hist = run_probes(loaded.model, td.batches(), [site],
+    hist = run_probes(loaded.model, td.batches(cal), [site],
                       lambda s, w, d: AbsLogHistogram(w, upper, device=d), forward=fwd, progress=tick)
-    clip = hist[site.canonical_name].quantile(opts.clip_quantile)
+    h = hist.get(site.canonical_name)
+    # in-sample: the calibration max is the run's max (same sequences), kept as measured by the main pass
+    cal_max = (h.max_abs if h is not None else math.nan) if held_out else upper
+    if not math.isfinite(cal_max) or cal_max <= 0:
+        return [], {"skipped": f"max |x| of the calibration sequences at {site.canonical_name} is {cal_max}"}
+    clip = min(h.quantile(opts.clip_quantile), cal_max)  # interpolation inside the top bin stays <= the max
     qname = f"p{100 * opts.clip_quantile:g}"
-    thresholds = {"max_abs": upper, qname: clip}
-    err = run_probes(loaded.model, td.batches(), [site],
+    thresholds = {"max_abs": cal_max, qname: clip}
+    err = run_probes(loaded.model, td.batches(ev), [site],
                      lambda s, w, d: Int8ErrorProbe(w, thresholds, device=d), forward=fwd, progress=tick)
     out = []
     for r in err[site.canonical_name].rows():
         out.append({"canonical_name": site.canonical_name, "module_path": site.module_path, "kind": site.kind,
-                    "layer": site.layer, "layer_1based": (site.layer + 1) if site.layer is not None else None, **r})
+                    "layer": site.layer, "layer_1based": (site.layer + 1) if site.layer is not None else None,
+                    "calibration": opts.int8_calibration, **r})
     info = {"site": site.canonical_name, "module_path": site.module_path, "bits": 8,
             "quantizer": "per-tensor symmetric: scale = T / 127, q = round(clamp(x, -T, T) / scale)",
             "thresholds": thresholds,
             "clip_quantile": opts.clip_quantile,
             "quantile_method": f"rank ceil(q n) of |x| from a {LOG_HIST_BINS}-bin log histogram over "
-                               f"[max 1e-{LOG_HIST_DECADES:g}, max] (bins ~0.2 % wide)",
-            "calibration": "in-sample: thresholds and errors from the same sequences (so max_abs clips nothing)",
-            "sqnr_db": "10 log10(sum x^2 / sum err^2)", "rel_rmse": "rmse(err) / rms(x)"}
+                               f"[max 1e-{LOG_HIST_DECADES:g}, max] (bins ~0.2 % wide), at most the calibration max",
+            "calibration": opts.int8_calibration,
+            "calibration_rule": (
+                "held-out (Max_act_llm quant_sanity_check.py run_model: scales from the first calibration_samples "
+                "of its data, errors on the next eval_samples): sequences ordered by sample id, the first "
+                f"{len(cal_idx)} give max |x| and the clip quantile, the other {len(eval_idx)} are quantised and "
+                "scored; the peak site is chosen on the full run" if held_out else
+                "in-sample (asked for): thresholds and errors from the same sequences, so max_abs clips nothing"),
+            "n_calibration_sequences": len(cal_idx),
+            "n_evaluation_sequences": len(eval_idx),
+            "n_calibration_entries": int(h.state["count"]) if h is not None else 0,
+            "run_max_abs": upper,
+            "sqnr_db": "10 log10(sum x^2 / sum err^2)", "rel_rmse": "rmse(err) / rms(x)",
+            "clip_rate": "fraction of the evaluation entries with |x| > T"}
     return out, info
 
 

@@ -42,6 +42,10 @@ class MeasureResult:
     def summary(self):
         return summarize(self.rows)
 
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``)."""
+        return {"sparsity": self.table(), "summary": self.summary()}
+
 
 SUMMARY_METRICS = ("zero_frac", "near_zero_frac@1e-06", "near_zero_frac@0.001", "near_zero_frac@0.01",
                    "nonzero_pct_per_token", "dead_frac", "always_on_frac", "neg_frac")

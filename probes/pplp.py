@@ -146,6 +146,14 @@ class PplpResult:
 
         return pd.DataFrame(self.trace)
 
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``): per p
+        and layer, per p, every pass of the search, and the CETT calibration."""
+        import pandas as pd
+
+        return {"pplp": self.table(), "pplp_summary": self.summary(), "pplp_trace": self.trace_table(),
+                "cett_calibration": pd.DataFrame(self.calibration)}
+
 
 def _session_info(s: PplpSession) -> dict[str, Any]:
     dtype = str(s.loaded.dtype).replace("torch.", "")
@@ -270,6 +278,10 @@ class CurveResult:
         import pandas as pd
 
         return pd.DataFrame(self.layer_rows)
+
+    def tables(self) -> dict[str, Any]:
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``)."""
+        return {"curve": self.table(), "curve_layers": self.layer_table()}
 
 
 def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,

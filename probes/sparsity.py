@@ -11,7 +11,9 @@ Definitions (Lazy Neuron arXiv 2210.06313; BlockFFN for chunk sparsity):
   100 * (1 - zero_frac) for a fixed width; the histogram keeps its spread).
 - dead_neurons / always_on_neurons: channels zero on every token / non-zero on every token.
 - chunk_sparsity@k: mean over chunks of k consecutive valid tokens of a sequence of
-  1 - |union of non-zero channels| / width. Only full chunks count.
+  1 - |union of non-zero channels| / width. Only full chunks count. Neuron-level: BlockFFN's
+  chunk-level sparsity (thunlp/BlockFFN activation_context.py ``stat_window_activation``) applies
+  the same union to experts (non-zero router scores), not to neurons.
 """
 
 from __future__ import annotations

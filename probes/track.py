@@ -322,12 +322,24 @@ class TrackOptions:
     tokenizer: str | None = None
 
 
+class TrendTables(dict):
+    """The trend tables by the name each is written under. Calling it returns them as a plain dict, so
+    ``result.tables()`` has the shape every result shares (``probes.analysis.Result``) while
+    ``result.tables[name]`` (read by ``actsparse_cli/report_cmd.py``) keeps working."""
+
+    def __call__(self) -> dict[str, pd.DataFrame]:
+        return dict(self)
+
+
 @dataclass
 class TrackResult:
     checkpoints: list[CheckpointStep]
-    tables: dict[str, pd.DataFrame]
+    tables: TrendTables  # call it (``tables()``) for {name: DataFrame}; a plain dict is converted
     info: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tables = TrendTables(self.tables)
 
 
 def resolve_analyses(analyses: Sequence[str] | str | None) -> tuple[str, ...]:

@@ -14,225 +14,37 @@ drift, track, ...), recognised by their ``manifest.json`` (``"tool": "actsparse"
 Every string that comes from a checkpoint or a corpus (paths, module names, token strings) is
 HTML-escaped in ``index.html``; the page also carries a Content-Security-Policy that allows no
 script and no network fetch. The bundle is written to a temporary folder and renamed into place.
+
+Reading the inputs back is ``reports.sources``, the page ``reports.html``; what each analysis
+contributes (captions, figure order, drawing) comes from the registered sections (``reports.sections``).
+This module builds the bundle and its ``summary.md``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-import json
-import math
-import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from probes.errors import EXIT_CHECKPOINT, ActsparseError, OutputError
+from probes.errors import OutputError
 from reports import sections
 from reports.sections.sparsity import eps_list
 from reports.bundle import atomic_output_dir, check_output_dir
 from reports.figures import site_kinds
-from reports.markdown import md_code, md_escape, md_text
+from reports.html import Figure, render_html
+from reports.markdown import md_code, md_escape, md_text  # noqa: F401  (md_code, md_escape re-exported)
 from reports.figures import pyplot
-from reports.manifest import build_manifest, write_manifest
+from reports.manifest import build_manifest, short_name, write_manifest
 from reports.numbers import fmt
+from reports.sources import (  # noqa: F401  (re-exported: the names tests and older callers import from here)
+    _WEIGHT_COMMANDS, TOKEN_SECTIONS, NotAnOutputError, Source, checkpoint_of, read_manifest, read_sources, section_for,
+    token_counts, tokens_phrase)
 from reports.tables import write_table
 
-MAX_HTML_ROWS = 200  # rows of one table shown in index.html (the full table is beside it)
-MAX_EMBEDDED_FIGURES = 400  # past this, figures are linked (beside index.html) instead of embedded
 _EXTRA_SUFFIXES = (".json", ".md", ".txt")  # small files copied to inputs/<label>/
-
-
-class NotAnOutputError(ActsparseError):
-    """A report/compare input that is not an actsparse output folder (exit code 2, a bad path)."""
-
-    exit_code = EXIT_CHECKPOINT
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-@dataclass
-class Source:
-    """One actsparse output: a folder with ``manifest.json`` and tables (or one input of a report bundle)."""
-
-    path: Path  # the output folder (for a bundle input: the bundle folder)
-    manifest: dict[str, Any]
-    table_dir: Path
-    figure_dir: Path | None
-    label: str
-    tables: list[str] = field(default_factory=list)  # table names (file stems)
-
-    @property
-    def command(self) -> str:
-        return str(self.manifest.get("command"))
-
-    def table(self, name: str) -> pd.DataFrame:
-        pq, csv = self.table_dir / f"{name}.parquet", self.table_dir / f"{name}.csv"
-        try:
-            return pd.read_parquet(pq) if pq.exists() else pd.read_csv(csv)
-        except Exception as e:  # a truncated or foreign file: say which one
-            raise NotAnOutputError(f"cannot read table {name} in {self.table_dir}: {e.__class__.__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}",
-                                   "re-run the command that wrote it") from None
-
-
-def _table_names(folder: Path) -> list[str]:
-    names = {p.stem for p in folder.glob("*.parquet")} | {p.stem for p in folder.glob("*.csv")}
-    return sorted(names)
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of an actsparse output folder; NotAnOutputError (a clear one-liner) otherwise."""
-    folder = Path(folder)
-    fix = ("pass a folder written by an actsparse command with -o (measure, spectrum, massive, pplp, curve, grad, "
-           "drift, track) or by actsparse report")
-    if not folder.exists():
-        raise NotAnOutputError(f"{folder} does not exist", fix)
-    if not folder.is_dir():
-        raise NotAnOutputError(f"{folder} is a file, not an actsparse output folder", fix)
-    mf = folder / "manifest.json"
-    if not mf.is_file():
-        raise NotAnOutputError(f"{folder} is not an actsparse output folder (it has no manifest.json)", fix)
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NotAnOutputError(f"{mf} is not readable JSON ({e.__class__.__name__})",
-                               "re-run the command that wrote it") from None
-    if not isinstance(manifest, dict) or manifest.get("tool") != "actsparse" or not isinstance(
-            manifest.get("command"), str):
-        raise NotAnOutputError(f"{folder} is not an actsparse output folder (its manifest.json was not written by "
-                               "actsparse)", fix)
-    return manifest
-
-
-def read_sources(folder: str | Path) -> list[Source]:
-    """The result sets in ``folder``: the folder itself, or each input of a report bundle."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest["command"] == "report":
-        out = []
-        for inp in manifest.get("inputs", []):
-            label = str(inp.get("label"))
-            tdir = folder / "tables" / label
-            out.append(Source(folder, inp.get("manifest") or {}, tdir, folder / "figures" / label, label,
-                              _table_names(tdir) if tdir.is_dir() else []))
-        return out
-    label = _safe_label(folder.resolve().name)
-    return [Source(folder, manifest, folder, folder, label, _ordered(_table_names(folder), manifest))]
-
-
-def _ordered(names: list[str], manifest: dict[str, Any]) -> list[str]:
-    """Tables in the order the command wrote them (its main table first), the rest by name."""
-    listed = [Path(str(f)).stem for f in manifest.get("files") or [] if str(f).endswith((".parquet", ".csv"))]
-    order = {n: i for i, n in enumerate(dict.fromkeys(listed))}
-    return sorted(names, key=lambda n: (order.get(n, len(order)), n))
-
-
-def _safe_label(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "output"
-
-
-# ---------------------------------------------------------------------------------------- manifest info
-# Which manifest section describes the tokens behind a figure or table, by name prefix (None: weights
-# only), and the sections that measure tokens: both read from the registered report sections.
-TOKEN_SECTIONS = sections.token_sections()
-_SECTION_BY_PREFIX = sections.stem_prefixes()
-_WEIGHT_COMMANDS = ("spectrum", "drift")
-
-
-def checkpoint_of(manifest: dict[str, Any]) -> str:
-    """The checkpoint(s) an output was measured on, as written in its manifest."""
-    opts = manifest.get("options") or {}
-    if opts.get("checkpoint"):
-        return str(opts["checkpoint"])
-    if opts.get("checkpoints"):
-        cks = [str(c) for c in opts["checkpoints"]]
-        return cks[0] if len(cks) == 1 else f"{len(cks)} checkpoints ({cks[0]} ... {cks[-1]})"
-    src = (manifest.get("model") or {}).get("source") or manifest.get("checkpoint") or {}
-    if isinstance(src, dict) and src.get("path"):
-        return str(src["path"])
-    return "?"
-
-
-def short_name(checkpoint: str) -> str:
-    p = Path(str(checkpoint))
-    return p.name if p.name not in ("model", "") else f"{p.parent.name}/{p.name}"
-
-
-def token_counts(manifest: dict[str, Any]) -> dict[str, int]:
-    """``{section: n_counted_tokens}`` for every section of a manifest that measured tokens."""
-    out = {}
-    for s in TOKEN_SECTIONS:
-        sec = manifest.get(s)
-        if isinstance(sec, dict) and isinstance(sec.get("n_counted_tokens"), (int, float)):
-            out[s] = int(sec["n_counted_tokens"])
-    return out
-
-
-def section_for(stem: str, manifest: dict[str, Any]) -> str | None:
-    """The manifest section holding the token description of figure/table ``stem`` (None: weights only)."""
-    base = stem.split("/")[-1] if not stem.startswith("esd/") else stem
-    for prefix, sec in _SECTION_BY_PREFIX:
-        if base.startswith(prefix):
-            return sec
-    if manifest.get("command") in _WEIGHT_COMMANDS:
-        return None
-    have = [s for s in TOKEN_SECTIONS if isinstance(manifest.get(s), dict)]
-    return have[0] if have else None
-
-
-def tokens_phrase(manifest: dict[str, Any], section: str | None) -> str:
-    """One sentence saying on which tokens something was measured (from the manifest)."""
-    if section is None:
-        return "Computed from the weights alone (no tokens)."
-    section, _, part = section.partition(":")
-    sec = manifest.get(section)
-    if not isinstance(sec, dict):
-        return "The manifest does not record which tokens were used."
-    corpus = sec.get("corpus")
-    # a code span in captions (rendered by esc_text and markdown); a backtick in the name would end it early
-    corpus_txt = f"`{Path(str(corpus)).name.replace('`', chr(39))}`" if corpus else "an unrecorded corpus"
-    n = sec.get("n_counted_tokens")
-    parts = ["the bundled calibration corpus"] if sec.get("corpus_is_default") else []
-    if section == "track" and part == "massive":  # the massive preset draws its own sequences
-        per = sec.get("massive_n_counted_tokens_per_checkpoint")
-        per = per[0] if isinstance(per, list) and len(per) == 1 else per
-        parts.append(f"massive preset {sec.get('massive_preset')}, no BOS")
-        lead = f"Measured at each of {sec.get('n_checkpoints')} checkpoints on the same {per} counted tokens"
-        return f"{lead} from {corpus_txt} ({', '.join(parts)})."
-    if section == "massive":
-        if sec.get("n_sequences") is not None:
-            parts.append(f"{sec['n_sequences']} sequences")
-        if sec.get("preset"):
-            parts.append(f"preset {sec['preset']}")
-        parts.append("BOS added" if sec.get("bos") else "no BOS")
-    else:
-        if sec.get("n_windows") is not None:
-            parts.append(f"{sec['n_windows']} windows")
-        if sec.get("window_scheme"):
-            parts.append(str(sec["window_scheme"]))
-    if sec.get("max_length") is not None:
-        parts.append(f"max_length {sec['max_length']}")
-    if sec.get("stride") is not None and sec.get("stride") != sec.get("max_length"):
-        parts.append(f"stride {sec['stride']}")
-    if sec.get("skip_first"):
-        parts.append(f"first {sec['skip_first']} positions of each window not counted")
-    if section == "gradients" and sec.get("loss"):
-        parts.append(f"{sec['loss']} loss")
-    dtype = sec.get("model_dtype") or (manifest.get("model") or {}).get("dtype")
-    if dtype:
-        parts.append(f"model dtype {dtype}")
-    if section == "track":
-        steps = sec.get("n_checkpoints")
-        per = sec.get("n_counted_tokens_per_checkpoint")
-        lead = (f"Measured at each of {steps} checkpoints on the same " if steps else "Measured on the same ")
-        tok = f"{per} counted tokens" if per is not None else "tokens"
-        return f"{lead}{tok} from {corpus_txt}" + (f" ({', '.join(parts)})." if parts else ".")
-    lead = f"On {n} counted tokens" if n is not None else "On tokens"
-    return f"{lead} from {corpus_txt}" + (f" ({', '.join(parts)})." if parts else ".")
 
 
 # ------------------------------------------------------------------------------------------- captions
@@ -337,16 +149,6 @@ def standard_figures(src: Source, folder: Path, present: set[str], warnings: lis
 
 
 # ------------------------------------------------------------------------------------------ the bundle
-@dataclass
-class Figure:
-    label: str  # input label ("" for figures across inputs)
-    stem: str  # relative to the input's figure folder, without suffix (e.g. "esd/transformer.h.0.attn.c_attn.weight")
-    png: str | None  # bundle-relative paths
-    svg: str | None
-    caption: str
-    origin: str  # "copied" (from the input) or "drawn" (by the report)
-
-
 def _collect_figures(folder: Path) -> dict[str, dict[str, Path]]:
     """``{stem: {"png": path, "svg": path}}`` of the figures under ``folder`` (recursively)."""
     out: dict[str, dict[str, Path]] = {}
@@ -541,175 +343,3 @@ def render_summary_md(sources: list[Source], figures: list[Figure], warnings: li
         lines += ["## Across inputs", ""]
         lines += [f"- {md_code(f.png or f.svg)}: {md_text(f.caption)}" for f in across] + [""]
     return "\n".join(lines).rstrip() + "\n"
-
-
-# ------------------------------------------------------------------------------------------ index.html
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
-color:#222;line-height:1.4}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-nav ul{columns:2;padding-left:1.2em}code{background:#f4f4f4;padding:0 .2em;border-radius:3px;word-break:break-all}
-dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;font-size:.9em}
-dl.meta dt{font-weight:600;color:#555}dl.meta dd{margin:0;word-break:break-all}
-figure{margin:1.5em 0;border:1px solid #e4e4e4;border-radius:4px;padding:.6em;background:#fff}
-figure img{max-width:100%;height:auto;display:block;margin:0 auto}
-figcaption{font-size:.9em;color:#333;margin-top:.5em}
-.tablewrap{overflow-x:auto;max-height:32em;overflow-y:auto;border:1px solid #eee}
-table{border-collapse:collapse;font-size:.8em}th,td{border:1px solid #e2e2e2;padding:.15em .45em;white-space:nowrap}
-th{background:#f6f6f6;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em;margin:.5em 0}
-details{margin:.5em 0}summary{cursor:pointer}pre{background:#f8f8f8;padding:.6em;overflow-x:auto;font-size:.8em}
-.muted{color:#777;font-size:.85em}
-"""
-
-# No script, no network: images only from data: URIs, styles only inline.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-def esc(s: Any) -> str:
-    return html.escape(str(s), quote=True)
-
-
-def esc_text(s: Any) -> str:
-    """Escaped text in which markdown `code` spans (as in captions) become <code> elements."""
-    parts = esc(s).split("`")
-    if len(parts) % 2 == 0:  # an unpaired backtick: leave it as it is
-        return esc(s)
-    return "".join(p if i % 2 == 0 else f"<code>{p}</code>" for i, p in enumerate(parts))
-
-
-def _cell(v: Any) -> tuple[str, bool]:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return fmt(v), True
-    if isinstance(v, bool):
-        return str(v), False
-    if isinstance(v, (int,)) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
-        return str(v), True
-    if isinstance(v, float) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") == "f"):
-        return fmt(float(v), 5), True
-    try:
-        if pd.isna(v):
-            return fmt(None), True
-    except (TypeError, ValueError):
-        pass
-    return str(v), False
-
-
-def html_table(df: pd.DataFrame, max_rows: int = MAX_HTML_ROWS) -> str:
-    """An escaped HTML table of the first ``max_rows`` rows."""
-    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
-    body = []
-    for row in df.head(max_rows).itertuples(index=False, name=None):
-        cells = []
-        for v in row:
-            text, numeric = _cell(v)
-            cells.append(f'<td class="n">{esc(text)}</td>' if numeric else f"<td>{esc(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="tablewrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
-def _data_uri(path: Path, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _figure_html(f: Figure, n: int, root: Path, embed: bool) -> str:
-    src_path = f.png or f.svg
-    mime = "image/png" if f.png else "image/svg+xml"
-    links = " ".join(f'<a href="{esc(p)}">{p.rsplit(".", 1)[1].upper()}</a>' for p in (f.png, f.svg) if p)
-    cap = f"<figcaption><b>Figure {n}.</b> {esc_text(f.caption)} <span class=\"muted\">[{links}]</span></figcaption>"
-    if embed:
-        img = f'<img src="{_data_uri(root / src_path, mime)}" alt="{esc(f.stem)}" loading="eager">'
-    else:
-        img = f'<p class="muted">Not embedded (too many figures): <a href="{esc(src_path)}">{esc(src_path)}</a></p>'
-    return f'<figure id="fig-{n}">{img}{cap}</figure>'
-
-
-def _meta_rows(src: Source) -> list[tuple[str, str]]:
-    man = src.manifest
-    model = man.get("model") or {}
-    rows = [("command", src.command), ("checkpoint", checkpoint_of(man)), ("input folder", str(src.path))]
-    if model:
-        rows.append(("model", f"{model.get('class')} ({model.get('family')}), "
-                              f"{model.get('n_parameters')} parameters, {model.get('dtype')} on {model.get('device')}"))
-    counts = token_counts(man)
-    if counts:
-        rows.append(("tokens", ", ".join(f"{k}: {v}" for k, v in counts.items())))
-    for sec in TOKEN_SECTIONS:
-        s = man.get(sec)
-        if isinstance(s, dict) and s.get("corpus"):
-            rows.append((f"corpus ({sec})", str(s["corpus"])))
-    rows += [("created (UTC)", str(man.get("created_utc"))), ("git", str(man.get("git_hash"))),
-             ("versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items() if v))]
-    argv = man.get("argv")
-    if argv:
-        rows.append(("command line", " ".join(str(a) for a in argv)))
-    return rows
-
-
-def render_html(sources: list[Source], figures: list[Figure], tables: list[dict[str, Any]], warnings: list[str],
-                title: str, created: str, root: Path) -> str:
-    from probes import __version__
-
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{esc(title)}</h1>",
-             f'<p class="muted">{len(sources)} input(s); written {esc(created)} by actsparse {esc(__version__)}. '
-             "This page is self-contained (figures embedded, no network access); tables, figures (PNG and SVG) "
-             "and manifests are in the folders beside it.</p>"]
-    for w in warnings:
-        parts.append(f'<p class="warn">{esc(w)}</p>')
-    parts.append("<nav><ul>")
-    for i, src in enumerate(sources, 1):
-        parts.append(f'<li><a href="#input-{i}">{i}. {esc(src.command)}: {esc(short_name(checkpoint_of(src.manifest)))}'
-                     "</a></li>")
-    if any(not f.label for f in figures):
-        parts.append('<li><a href="#across">Across inputs</a></li>')
-    parts.append("</ul></nav>")
-    n = 0
-    for i, src in enumerate(sources, 1):
-        parts.append(f'<section id="input-{i}"><h2>{i}. {esc(src.command)}: {esc(checkpoint_of(src.manifest))}</h2>')
-        parts.append('<dl class="meta">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _meta_rows(src))
-                     + "</dl>")
-        figs = [f for f in figures if f.label == src.label]
-        main = [f for f in figs if not f.stem.startswith("esd/")]
-        esd = [f for f in figs if f.stem.startswith("esd/")]
-        for f in main:
-            n += 1
-            parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
-        if esd:
-            parts.append(f"<details><summary>Per-matrix spectra: {len(esd)} ESD figures</summary>")
-            for f in esd:
-                n += 1
-                parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
-            parts.append("</details>")
-        if src.command == "spectrum" and not esd:
-            parts.append('<p class="muted">Per-matrix ESD figures with the Marchenko-Pastur fit need the '
-                         "eigenvalues: run <code>actsparse spectrum --plot esd</code> and report that folder.</p>")
-        if not figs:
-            parts.append('<p class="muted">No figures for this input.</p>')
-        recs = [t for t in tables if t["input"] == src.label]
-        if recs:
-            parts.append("<h3>Tables</h3>")
-        for j, rec in enumerate(recs):
-            df = src.table(rec["name"])
-            more = f" (first {MAX_HTML_ROWS} shown)" if len(df) > MAX_HTML_ROWS else ""
-            parts.append(f"<details{' open' if j == 0 and len(df) <= 60 else ''}><summary><b>{esc(rec['name'])}</b>: "
-                         f"{len(df)} rows x {len(df.columns)} columns{more} "
-                         f'<span class="muted">[<a href="{esc(rec["csv"])}">CSV</a> '
-                         f'<a href="{esc(rec["parquet"])}">Parquet</a>]</span></summary>{html_table(df)}</details>')
-        sm = src.table_dir / "summary.md"
-        if sm.is_file():
-            parts.append("<details><summary>summary.md of this output</summary><pre>"
-                         f"{esc(sm.read_text(encoding='utf-8', errors='replace'))}</pre></details>")
-        parts.append("</section>")
-    across = [f for f in figures if not f.label]
-    if across:
-        parts.append('<section id="across"><h2>Across inputs</h2>')
-        for f in across:
-            n += 1
-            parts.append(_figure_html(f, n, root, n <= MAX_EMBEDDED_FIGURES))
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"

@@ -36,7 +36,8 @@ from probes.errors import EXIT_RULE_BROKEN, ActsparseError, did_you_mean  # noqa
 from reports import sections
 from reports.numbers import fmt, pct
 from reports.sections import TableSpec
-from reports.bundle_report import Source, checkpoint_of, md_code, md_escape, read_sources, token_counts
+from reports.markdown import md_code, md_escape
+from reports.sources import Source, checkpoint_of, read_sources, token_counts
 
 LONG_COLUMNS = ("table", "name", "layer", "kind", "metric", "value")
 _KEYS = ["table", "name", "layer", "kind", "metric"]

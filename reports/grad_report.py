@@ -12,7 +12,7 @@ from reports.bundle import atomic_output_dir
 from reports.figures import panel_size, pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fmt, pct
-from reports.tables import write_table
+from reports.tables import write_tables
 
 
 def _xlabels(g: pd.DataFrame) -> list[str]:
@@ -74,12 +74,10 @@ def grad_by_layer(df: pd.DataFrame, spikes: pd.DataFrame, folder: str | Path, ti
 def write_grad_files(folder: str | Path, result, title: str) -> list[str]:
     """Tables and the figure of a gradient run into an existing folder (also for ``measure --grad``)."""
     folder = Path(folder)
-    df, spikes = result.table(), result.spikes_table()
-    files = write_table(df, folder, "gradients")
-    files += write_table(result.summary(), folder, "gradients_summary")
-    if len(spikes):
-        files += write_table(spikes, folder, "spikes")
-    files += grad_by_layer(df, spikes, folder, f"{title}: gradient sparsity ({result.info.get('loss')} loss)")
+    tables = result.tables()  # spikes only when there are any
+    files = write_tables(tables, folder)
+    files += grad_by_layer(tables["gradients"], tables.get("spikes", pd.DataFrame()), folder,
+                           f"{title}: gradient sparsity ({result.info.get('loss')} loss)")
     return files
 
 
@@ -97,8 +95,12 @@ def grad_summary_lines(result) -> list[str]:
 
     info = result.info
     taus = [f"eff_grad_sparsity@{t:g}" for t in info.get("taus", [])]
+    per_batch = info.get("loss_targets_per_batch") or {}
     lines = [f"Loss: {info['loss']} ({info['loss_definition']}), reduction `{info['loss_reduction']}`, "
-             f"{info['n_loss_targets']} loss targets, mean loss per target {fmt(info.get('mean_loss_per_target'))}; "
+             f"{info['n_loss_targets']} loss targets"
+             + (f" ({per_batch['min']}-{per_batch['max']} per batch: eta and eff_grad_sparsity depend on the reduction "
+                f"and on this count)" if per_batch.get("n_batches") else "")
+             + f", mean loss per target {fmt(info.get('mean_loss_per_target'))}; "
              f"data {md_code(info.get('corpus') or info.get('data'))}; model dtype {info['model_dtype']}, "
              f"device {info['device']}.", "",
              "| site | module | act | tokens | deriv_sparsity % | deriv_sq_mean | "

@@ -17,7 +17,7 @@ from reports.bundle import atomic_output_dir
 from reports.figures import panel_size, pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fmt
-from reports.tables import write_table
+from reports.tables import write_tables
 
 PLOTS = ("layers", "heatmap", "3d")
 TABLES = ("layers", "topk", "channels", "int8")
@@ -193,13 +193,9 @@ def write_massive_files(folder: str | Path, result, title: str, plots: Iterable[
     default, ``shown_kinds``). Used by ``actsparse massive`` and by ``measure --massive``.
     """
     folder = Path(folder)
-    files: list[str] = []
-    layers = pd.DataFrame(result.layers)
-    files += write_table(layers, folder, "massive_layers")
-    files += write_table(pd.DataFrame(result.topk), folder, "massive_topk")
-    files += write_table(pd.DataFrame(result.channels), folder, "massive_channels")
-    if result.int8:
-        files += write_table(pd.DataFrame(result.int8), folder, "massive_int8")
+    tables = result.tables()  # massive_int8 only when the INT8 check ran
+    files = write_tables(tables, folder)
+    layers = tables["massive_layers"]
     wanted = set(plots) if plots is not None else {"layers", "heatmap"} | ({"3d"} if result.capture else set())
     if "layers" in wanted:
         files += plot_layers(layers, folder, title, kinds)
@@ -267,7 +263,11 @@ def massive_summary_lines(result, kinds: Iterable[str] | None = None) -> list[st
     if info.get("overflow"):
         lines += ["", f"**Overflow:** {md_escape(info['overflow'])}: {md_escape(', '.join(info['nonfinite_sites']))}."]
     if result.int8:
-        lines += ["", f"INT8 at {md_escape(result.int8[0]['canonical_name'])} (per-tensor symmetric, in-sample):", "",
+        i8 = info.get("int8") or {}
+        lines += ["", f"INT8 at {md_escape(result.int8[0]['canonical_name'])} (per-tensor symmetric, "
+                      f"{i8.get('calibration', 'in-sample')} calibration: scales from "
+                      f"{i8.get('n_calibration_sequences', '?')} sequences, errors and clip rates on "
+                      f"{i8.get('n_evaluation_sequences', '?')}):", "",
                   "| policy | threshold | rel_rmse | SQNR dB | clip rate |", "|---|---:|---:|---:|---:|"]
         for r in result.int8:
             lines.append(f"| {r['policy']} | {fmt(r['threshold'])} | {fmt(r['rel_rmse'])} | {fmt(r['sqnr_db'])} | "

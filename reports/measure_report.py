@@ -9,7 +9,7 @@ from reports.bundle import atomic_output_dir
 from reports.figures import sparsity_by_layer
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fixed, pct
-from reports.tables import write_table
+from reports.tables import write_tables
 
 
 def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False,
@@ -21,9 +21,9 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
     extras = extras or {}
     title = short_name(options.get("checkpoint"))
     with atomic_output_dir(output, force) as tmp:
-        files = write_table(result.table(), tmp, "sparsity")
-        files += write_table(result.summary(), tmp, "summary")
-        files += sparsity_by_layer(result.table(), tmp, title, result.info["n_counted_tokens"])
+        tables = result.tables()
+        files = write_tables(tables, tmp)
+        files += sparsity_by_layer(tables["sparsity"], tmp, title, result.info["n_counted_tokens"])
         files.append(write_summary_md(tmp, result, options, extras))
         man_sections: dict[str, Any] = {}
         for name, res in extras.items():

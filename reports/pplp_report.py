@@ -13,19 +13,13 @@ from reports.bundle import atomic_output_dir
 from reports.figures import pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fixed, fmt, pct
-from reports.tables import write_table
+from reports.tables import write_tables
 
 
 # ----------------------------------------------------------------------------------------------- pplp
 def write_pplp_tables(folder: str | Path, result) -> list[str]:
     """pplp (per p and layer), pplp_summary (per p), pplp_trace (every pass), cett_calibration."""
-    import pandas as pd
-
-    files = write_table(result.table(), folder, "pplp")
-    files += write_table(result.summary(), folder, "pplp_summary")
-    files += write_table(result.trace_table(), folder, "pplp_trace")
-    files += write_table(pd.DataFrame(result.calibration), folder, "cett_calibration")
-    return files
+    return write_tables(result.tables(), folder)
 
 
 def pplp_manifest_section(result) -> dict[str, Any]:
@@ -100,9 +94,7 @@ def write_pplp_summary_md(folder: Path, result, options: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- curve
 def write_curve_tables(folder: str | Path, result) -> list[str]:
-    files = write_table(result.table(), folder, "curve")
-    files += write_table(result.layer_table(), folder, "curve_layers")
-    return files
+    return write_tables(result.tables(), folder)
 
 
 def curve_manifest_section(result) -> dict[str, Any]:

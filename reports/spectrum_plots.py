@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.spectrum import mp_density
+from probes.spectrum_fit import mp_density
 from reports.figures import new_figure, save_into
 
 

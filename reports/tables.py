@@ -16,6 +16,11 @@ def write_table(df: pd.DataFrame, folder: str | Path, name: str) -> list[str]:
     return [f"{name}.parquet", f"{name}.csv"]
 
 
+def write_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> list[str]:
+    """Write each of a result's ``tables()`` under its name, in order; return the file names."""
+    return [f for name, df in tables.items() for f in write_table(df, folder, name)]
+
+
 def read_table(folder: str | Path, name: str) -> pd.DataFrame:
     folder = Path(folder)
     pq = folder / f"{name}.parquet"

@@ -187,12 +187,13 @@ def summary_md(result: TrackResult, options: dict[str, Any]) -> str:
     lines.append("")
     for w in result.warnings:
         lines += [f"> **WARNING:** {md_escape(w)}", ""]
-    tr = result.tables["trends"]
+    tables = result.tables()
+    tr = tables["trends"]
     cols = [c for c in tr.columns if c not in ("checkpoint_index", "checkpoint")]
     lines += ["| " + " | ".join(md_escape(c) for c in cols) + " |", "|" + "---:|" * len(cols)]
     for r in tr.to_dict("records"):
         lines.append("| " + " | ".join(md_escape(fmt(r.get(c))) for c in cols) + " |")
-    fits = result.tables.get("emergence_fit")
+    fits = tables.get("emergence_fit")
     if fits is not None and len(fits):
         lines += ["", "Emergence fit of top-1/median (f(t) = A exp(-lambda x) log x + K, x = gamma t + t0):", "",
                   "| series | A | lambda | gamma | t0 | K | R^2 | points | converged |",
@@ -217,13 +218,12 @@ def _fit_status(r: dict[str, Any]) -> str:
 def write_track_outputs(output: str | Path, result: TrackResult, options: dict[str, Any], force: bool = False) -> Path:
     from reports.bundle import atomic_output_dir
     from reports.manifest import build_manifest, write_manifest
-    from reports.tables import write_table
+    from reports.tables import write_tables
 
     with atomic_output_dir(output, force) as tmp:
-        files: list[str] = []
-        for name, df in result.tables.items():
-            files += write_table(df, tmp, name)
-        files += plot_trends(result.tables, tmp, run_title(result.checkpoints))
+        tables = result.tables()
+        files = write_tables(tables, tmp)
+        files += plot_trends(tables, tmp, run_title(result.checkpoints))
         (tmp / "summary.md").write_text(summary_md(result, options), encoding="utf-8")
         files.append("summary.md")
         manifest = build_manifest("track", options, track=result.info, warnings=result.warnings,

@@ -83,9 +83,10 @@ def section(name: str) -> ReportSection:
         from probes.errors import unknown_name
 
         raise unknown_name("report section", name, REGISTRY)
-    if name not in _LOADED:
-        _LOADED[name] = load(REGISTRY[name])
-    return _LOADED[name]
+    ref = REGISTRY[name]
+    if ref not in _LOADED:  # by reference, so a re-registered name never gets a stale section
+        _LOADED[ref] = load(ref)
+    return _LOADED[ref]
 
 
 def sections() -> list[ReportSection]:

@@ -16,7 +16,7 @@ from reports.figures import pyplot, save
 from reports.manifest import build_manifest, short_name, write_manifest
 from reports.numbers import fmt
 from reports.sections import FigureSpec, ReportSection, TableSpec
-from reports.tables import write_table
+from reports.tables import write_tables
 
 
 def draw_drift_by_layer(table, folder, title, manifest) -> list[str]:
@@ -80,7 +80,7 @@ def drift_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str
 def write_drift_outputs(output: str | Path, result, options: dict[str, Any], force: bool = False) -> Path:
     with atomic_output_dir(output, force) as tmp:
         tables = result.tables()
-        files = [f for name, df in tables.items() for f in write_table(df, tmp, name)]
+        files = write_tables(tables, tmp)
         cks = options.get("checkpoints") or []
         files += drift_by_layer(tables["drift"], tmp, f"{', '.join(short_name(c) for c in cks)}: weight drift per tensor")
         files.append(drift_summary_md(tmp, result, options))

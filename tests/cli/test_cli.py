@@ -104,7 +104,7 @@ def test_version():
 def test_sites_lists_the_relu_mlp(model_dir):
     r = invoke("sites", model_dir, "--format", "json")
     assert r.exit_code == 0, r.stderr
-    rows = json.loads(r.stdout)
+    rows = json.loads(r.stdout)["tables"]["sites"]  # the shape every command's --format json has
     post = [x for x in rows if x["kind"] == "mlp_post"]
     assert [x["canonical_name"] for x in post] == [f"blocks.{i}.mlp.hook_post" for i in range(N_LAYER)]
     assert [x["module_path"] for x in post] == [f"transformer.h.{i}.mlp.c_proj" for i in range(N_LAYER)]
@@ -115,7 +115,7 @@ def test_sites_lists_the_relu_mlp(model_dir):
     assert csv.exit_code == 0
     assert csv.stdout.splitlines()[0].startswith("canonical_name,") and "hook_post" not in csv.stdout
     mods = invoke("sites", model_dir, "--all-modules", "--format", "json")
-    assert "transformer.h.0.mlp.c_fc" in [m["module_path"] for m in json.loads(mods.stdout)]
+    assert "transformer.h.0.mlp.c_fc" in [m["module_path"] for m in json.loads(mods.stdout)["tables"]["modules"]]
 
 
 # ------------------------------------------------------------------ measure outputs

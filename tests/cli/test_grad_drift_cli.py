@@ -45,6 +45,8 @@ def test_grad_writes_tables_figure_and_manifest(gpt2_dir, corpus, tmp_path):
             "eff_grad_sparsity@0.001", "eta_l1_per_token", "eta_l2sq_per_token"} <= set(df.columns)
     man = json.loads((out / "manifest.json").read_text())
     assert man["command"] == "grad" and man["gradients"]["loss"] == "causal_lm"
+    assert man["gradients"]["loss_reduction"] == "mean"  # the reference's (cdgyp) protocol by default
+    assert man["gradients"]["loss_targets_per_batch"]["n_batches"] >= 1
     assert man["gradients"]["n_counted_tokens"] == int(df.n_tokens.iloc[0])
     assert "gradient sparsity:" in r.output and "spike_max" in r.output
     # the folder exists now: refused without --force, replaced with it

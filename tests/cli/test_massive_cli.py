@@ -47,9 +47,10 @@ def corpus(tmp_path_factory, word_lm) -> Path:
 @pytest.fixture(scope="module")
 def full_run(model_dir, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "out"
-    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 5, "--int8", "--prompt",
-               "the sun is warm today", "--plot", "layers", "--plot", "3d", "--plot", "heatmap", "--layer", 1,
-               "-o", out)
+    # one prompt is one sequence: nothing to hold out, so the INT8 scales are calibrated in-sample (asked for)
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 5, "--int8", "--int8-calibration", "in-sample",
+               "--prompt", "the sun is warm today", "--plot", "layers", "--plot", "3d", "--plot", "heatmap",
+               "--layer", 1, "-o", out)
     assert r.exit_code == 0, r.stderr + r.stdout
     return r, out
 
@@ -99,6 +100,19 @@ def test_known_spike_is_reported_at_every_layer(full_run):
         (SPIKE, 0, 0, SPIKE_CHANNEL, "the")
     int8 = pd.read_parquet(out / "massive_int8.parquet")
     assert set(int8.policy) == {"max_abs", "p99.9"} and (int8.sqnr_db > 0).all()
+
+
+def test_int8_held_out_by_default_and_refused_on_one_prompt(model_dir, corpus, tmp_path):
+    r = invoke("massive", model_dir, "--data", corpus, "--n-samples", 6, "--int8", "-o", tmp_path / "h")
+    assert r.exit_code == 0, r.stderr + r.stdout
+    m = json.loads((tmp_path / "h" / "manifest.json").read_text())["massive"]["int8"]
+    assert m["calibration"] == "held-out"
+    assert m["n_calibration_sequences"] >= 1 and m["n_evaluation_sequences"] >= 1
+    int8 = pd.read_csv(tmp_path / "h" / "massive_int8.csv")
+    assert set(int8.calibration) == {"held-out"} and set(int8.policy) == {"max_abs", "p99.9"}
+    r = invoke("massive", model_dir, "--int8", "--prompt", "the sun is warm today", "-o", tmp_path / "p")
+    assert r.exit_code != 0 and "--int8-calibration in-sample" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_corpus_run_prints_table_without_output(model_dir, corpus):

@@ -231,7 +231,8 @@ def test_stride_above_max_length_is_recorded_as_used(model_dir, corpus, tmp_path
     warn = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert any("clamped to 16" in ln for ln in warn) and any("--chunk-k 64" in ln for ln in warn), r.stderr
 
-    q = invoke("measure", model_dir, "--data", corpus, "--max-length", 16, "--stride", 100, "--max-tokens", 64, "-q")
+    q = invoke("measure", model_dir, "--data", corpus, "--max-length", 16, "--stride", 100, "--max-tokens", 64, "-q",
+               "-o", tmp_path / "q")  # -q without -o is refused (issue 17)
     assert q.exit_code == 0 and "warning" not in q.stderr, q.stderr
 
 

@@ -150,7 +150,7 @@ def test_nan_weights_are_reported_and_the_run_continues(tmp_path):
 def test_weightless_file_fails_clearly(tmp_path):
     path = tmp_path / "norms.safetensors"
     save_file({"ln.weight": torch.ones(8), "ln.bias": torch.zeros(8)}, str(path))
-    r = runner.invoke(app, ["spectrum", str(path), "-q"])
+    r = runner.invoke(app, ["spectrum", str(path), "-q", "-o", str(tmp_path / "out")])  # -q alone: refused
     assert r.exit_code == EXIT_MODEL
     assert "no weight matrices found among 2 tensor" in r.output
 

@@ -38,6 +38,7 @@ def _env() -> dict[str, str]:
     env["MPLBACKEND"] = "Agg"
     env.update(THREAD_ENV)
     env.pop("FORCE_COLOR", None)
+    env.pop("COLUMNS", None)  # terminal tables follow COLUMNS; goldens are at the default width
     return env
 
 

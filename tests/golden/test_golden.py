@@ -76,6 +76,7 @@ class _Runs:
                 with pytest.MonkeyPatch.context() as mp, threadpool_limits(1):
                     mp.chdir(REPO)  # MODEL and the sites title are relative to the repository root
                     mp.delenv("FORCE_COLOR", raising=False)
+                    mp.delenv("COLUMNS", raising=False)  # terminal tables follow COLUMNS; goldens are at the default
                     for k, v in THREAD_ENV.items():
                         mp.setenv(k, v)
                     mp.setattr(matplotlib.figure.Figure, "savefig", _placeholder_savefig)

@@ -339,15 +339,17 @@ def test_int8_check_at_the_peak_site(tiny_gpt2):
     lm = tiny_gpt2
     planter = Planter(lm, "transformer.h.1", step=0.0)  # the INT8 passes rerun the model: same values each time
     try:
-        res = massive(lm, MassiveOptions(data=CALIBRATION, n_samples=4, int8=True,
+        res = massive(lm, MassiveOptions(data=CALIBRATION, n_samples=4, int8=True, int8_calibration="in-sample",
                                          kinds=("resid_post", "final_norm")))
+        held = massive(lm, MassiveOptions(data=CALIBRATION, n_samples=4, int8=True,
+                                          kinds=("resid_post", "final_norm")))
     finally:
         planter.remove()
     assert res.global_max["canonical_name"] in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     rows = {r["policy"]: r for r in res.int8}
     assert set(rows) == {"max_abs", "p99.9"}
     assert rows["max_abs"]["threshold"] == pytest.approx(res.global_max["abs"])
-    assert rows["max_abs"]["clip_rate"] == 0.0
+    assert rows["max_abs"]["clip_rate"] == 0.0  # in-sample: the max scale clips nothing
     assert 0 < rows["p99.9"]["clip_rate"] <= 0.0011
     assert rows["p99.9"]["threshold"] < 100
     n = 4 * 64 * 32
@@ -355,6 +357,12 @@ def test_int8_check_at_the_peak_site(tiny_gpt2):
     for r in rows.values():
         assert math.isfinite(r["sqnr_db"]) and r["rel_rmse"] > 0
     assert res.info["int8"]["site"] == res.global_max["canonical_name"]
+    # held-out (the default, Max_act_llm's protocol): sample 0 calibrates, samples 1-3 are scored
+    i8 = held.info["int8"]
+    assert i8["calibration"] == "held-out" and (i8["n_calibration_sequences"], i8["n_evaluation_sequences"]) == (1, 3)
+    hrows = {r["policy"]: r for r in held.int8}
+    assert hrows["max_abs"]["count"] == hrows["p99.9"]["count"] == 3 * 64 * 32
+    assert hrows["max_abs"]["threshold"] <= held.global_max["abs"] and hrows["max_abs"]["calibration"] == "held-out"
 
 
 def test_prompt_mode_and_capture(tiny_gpt2):

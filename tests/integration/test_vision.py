@@ -168,7 +168,8 @@ def test_conv_net_gradients_pair_each_call(image_dir, monkeypatch):
         return orig(self, eta, mask)
 
     monkeypatch.setattr(GradientSparsityProbe, "update_backward", spy)
-    res = measure_gradients(lm, GradOptions(data=f"imagefolder:{image_dir}", batch_size=8, spikes=True))
+    res = measure_gradients(lm, GradOptions(data=f"imagefolder:{image_dir}", batch_size=8, spikes=True,
+                                            loss_reduction="sum"))  # as the reference below
     df = res.table().set_index("canonical_name")
     assert list(df.index) == ["conv.relu.hook_act.call0", "conv.relu.hook_act.call1"]
     assert res.info["label_method"].startswith("sorted folder names") and res.info["n_loss_targets"] == 7

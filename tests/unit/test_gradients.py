@@ -176,7 +176,8 @@ def test_eta_equals_autograd_dl_dh_with_inplace_relu(gpt2_dir, corpus, spy):
     lm.model.transformer.h[1].mlp.act = torch.nn.ReLU(inplace=True)  # full backward hooks would break here
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     flags = [p.requires_grad for p in lm.model.parameters()]
-    res = measure_gradients(lm, GradOptions(data=corpus, max_length=MAX_LEN, batch_size=3))
+    # loss_reduction="sum": the reference below sums the loss (the default, mean, is in test_gradients_reduction.py)
+    res = measure_gradients(lm, GradOptions(data=corpus, max_length=MAX_LEN, batch_size=3, loss_reduction="sum"))
     ref = _reference_dl_dh(lm.model, _batches(lm, corpus, 3), ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"])
     df = res.table()
     assert list(df.canonical_name) == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
@@ -243,7 +244,8 @@ def test_glu_gate_eta_equals_autograd(tmp_path, corpus, spy, word_lm):
     assert [s.kind for s in sites] == ["mlp_gate_act", "mlp_gate_act"]
     assert [s.module_path for s in sites] == ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]
     assert sites[0].act.name == "silu" and sites[0].pre_module_path == "model.layers.0.mlp.gate_proj"
-    res = measure_gradients(lm, GradOptions(data=corpus, max_length=MAX_LEN, batch_size=4, spikes=False))
+    res = measure_gradients(lm, GradOptions(data=corpus, max_length=MAX_LEN, batch_size=4, loss_reduction="sum",
+                                            spikes=False))
     gates = ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
     ref = _reference_dl_dh(lm.model, _batches(lm, corpus, 4), gates)
     for i, g in enumerate(gates):

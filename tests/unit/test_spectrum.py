@@ -1,4 +1,5 @@
-"""probes.spectrum: hand-computed values on small matrices, and the edge cases."""
+"""probes.spectrum (and the numerics it re-exports from probes.spectrum_fit): hand-computed values on small
+matrices, and the edge cases."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from probes import spectrum as sp
+from probes import spectrum_fit
 from probes.errors import DeviceError, ModelError
 
 
@@ -25,7 +27,7 @@ def _one_blas_thread():
 
 def test_ks_distance_by_hand():
     # tail [1, e], alpha 2: F_fit(e) = 1 - e^-1, F_emp = 1/2 -> D = 1 - 1/e - 1/2
-    assert sp._ks_distance(np.array([1.0, math.e]), 2.0) == pytest.approx(0.5 - math.exp(-1), abs=1e-15)
+    assert spectrum_fit._ks_distance(np.array([1.0, math.e]), 2.0) == pytest.approx(0.5 - math.exp(-1), abs=1e-15)
 
 
 def test_two_eigenvalues_use_whole_sample():
@@ -69,8 +71,8 @@ def test_alpha_for_every_xmin_matches_closed_form():
 
 def test_block_size_does_not_change_the_fit():
     x = np.sort(np.random.default_rng(0).pareto(2.0, 300) + 1)
-    a1, d1 = sp._pl_candidates(x, block_elems=1 << 19)
-    a2, d2 = sp._pl_candidates(x, block_elems=301)  # one row per block
+    a1, d1 = spectrum_fit._pl_candidates(x, block_elems=1 << 19)
+    a2, d2 = spectrum_fit._pl_candidates(x, block_elems=301)  # one row per block
     assert np.array_equal(a1, a2) and np.array_equal(d1, d2)
 
 
