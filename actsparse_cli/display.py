@@ -319,8 +319,12 @@ def render_table(out: Output, console=None) -> None:
             title = item.title if len(panels) == 1 else f"{item.title} ({i + 1}/{len(panels)})"
             con.print(_table(cols, item.rows, title, not wide))
         if dropped:
-            con.print(f"(not shown at {width} columns: {', '.join(dropped)}; see --format csv)",
-                      markup=False, highlight=False, emoji=False)
+            import textwrap
+
+            # wrapped at word boundaries, so a narrow terminal never splits a column name
+            note = f"(not shown at {width} columns: {', '.join(dropped)}; see --format csv)"
+            for line in textwrap.wrap(note, width=max(20, width), break_long_words=False, break_on_hyphens=False):
+                con.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def render_markdown(out: Output) -> str:

@@ -47,6 +47,10 @@ WorkersArg = Annotated[int, typer.Option("--workers", min=1, help="Processes com
                                          "parallel (CPU only; each with one BLAS thread; at most the CPUs "
                                          "available, more is capped with a note).",
                                          rich_help_panel=PANEL_SPECTRUM)]
+BlasThreadsArg = Annotated[int, typer.Option("--blas-threads", min=0, help="BLAS/OpenMP threads of the main "
+                                             "process (default 1: robust when other jobs share the cores; "
+                                             "0: the library's default). Recorded in the manifest.",
+                                             rich_help_panel=PANEL_SPECTRUM)]
 PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figures to write into -o (PNG + SVG): "
                                                           "esd (per matrix, slower) or alpha.",
                                                           rich_help_panel=PANEL_OUT, show_default=False)]
@@ -86,6 +90,7 @@ def register(app: typer.Typer) -> None:
         plot: PlotArg = None,
         svd: SvdArg = SvdMethod.auto,
         workers: WorkersArg = 1,
+        blas_threads: BlasThreadsArg = 1,
         *,
         output, force, quiet, debug, unsafe_pickle, output_format,
     ) -> None:
@@ -97,7 +102,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("figures are written into the output folder; give -o", param_hint="--plot")
         _run(checkpoint=checkpoint, output=output, device=device, split_fused=split_fused, randomize=randomize,
              seed=seed, plots=set(plot or ()), force=force, quiet=quiet, debug=debug, unsafe_pickle=unsafe_pickle,
-             svd=svd.value, workers=workers, output_format=output_format)
+             svd=svd.value, workers=workers, output_format=output_format, blas_threads=blas_threads)
 
 
 def _cap_workers(workers: int) -> tuple[int, str | None]:
@@ -116,7 +121,7 @@ def _cap_workers(workers: int) -> tuple[int, str | None]:
 
 @handle_errors
 def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, force, quiet, debug, unsafe_pickle,
-         svd="auto", workers=1, output_format=None) -> None:
+         svd="auto", workers=1, output_format=None, blas_threads=1) -> None:
     from contextlib import nullcontext
 
     from rich.progress import (
@@ -161,7 +166,8 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
         with progress:
             df = sp.analyze_checkpoint(sn, device=str(dev), split_fused=split_fused, randomize=randomize,
                                        seed=seed, unsafe_pickle=unsafe_pickle, progress=on_tensor,
-                                       on_layer=on_layer, svd=svd, workers=workers)
+                                       on_layer=on_layer, svd=svd, workers=workers,
+                                       blas_threads=blas_threads or None)
         if workers_note:
             df.attrs["notes"] = [*df.attrs.get("notes", []), workers_note]
         summary = sp.summarize(df)
@@ -186,7 +192,8 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
                 "spectrum",
                 {"checkpoint": checkpoint, "device": device, "split_fused": split_fused, "randomize": randomize,
                  "seed": seed, "plot": sorted(p.value for p in plots), "unsafe_pickle": unsafe_pickle,
-                 "svd": svd, "workers": workers},
+                 "svd": svd, "workers": workers, "blas_threads": blas_threads},
+                thread_policy=df.attrs.get("thread_policy"),
                 checkpoint={"path": sn.path, "format": sn.kind.value, "files": sn.files},
                 svd=df.attrs.get("svd"),
                 method={"reference": "WeightWatcher 0.7.7 analyze(mp_fit=True)",

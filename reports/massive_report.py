@@ -95,7 +95,8 @@ def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str, kinds: Ite
         ax.set_ylabel("|activation|")
         ax.set_title(panel)
         ax.grid(axis="x")
-        ax.legend(ncol=4, loc="upper left")
+        # below the axes: inside, it covered the |a| = 100 guide line
+        ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.suptitle(f"{title}: top-1/2/3 and median of |h| per layer (mean over sequences)")
     fig.tight_layout()
     return save(fig, folder, "massive_layers")

@@ -211,3 +211,30 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("worker processes outlived the main process")
+
+
+def test_thread_policy_is_one_blas_thread_and_recorded(ckpt, tmp_path, monkeypatch):
+    """One BLAS thread in the main process by default (robust when other jobs share the cores);
+    --blas-threads 0 leaves the library default; the manifest says which."""
+    import json
+
+    from threadpoolctl import threadpool_info
+
+    import probes.spectrum as sp
+
+    seen = []
+    real = sp.analyze_tensors
+
+    def spy(*a, **k):
+        seen.append({i["num_threads"] for i in threadpool_info()})
+        return real(*a, **k)
+
+    monkeypatch.setattr(sp, "analyze_tensors", spy)
+    out = tmp_path / "one"
+    assert runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q"]).exit_code == 0
+    pol = json.loads((out / "manifest.json").read_text())["thread_policy"]
+    assert pol["blas_threads_main"] == 1 and pol["blas_threads_per_worker"] == 1 and pol["cpus_available"] >= 1
+    assert seen[0] == {1} or not seen[0]  # every BLAS/OpenMP pool at one thread during the analysis
+    out = tmp_path / "lib"
+    assert runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--blas-threads", "0"]).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["thread_policy"]["blas_threads_main"] == "library default"
