@@ -227,6 +227,7 @@ _NAN_FIT = {"A": math.nan, "lambda": math.nan, "gamma": math.nan, "t0": math.nan
 # A converged fit whose largest parameter standard error exceeds this fraction of the parameter
 # is reported as not determined: the data fit it, but many parameter sets would fit as well.
 MAX_REL_SE = 0.5
+MIN_FIT_POINTS = 7  # with 5 points a 5-parameter curve goes through every point and nothing is determined
 
 
 def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int = 20000) -> dict[str, Any]:
@@ -252,10 +253,14 @@ def fit_emergence(steps: Sequence[float], values: Sequence[float], maxfev: int =
 
     def fail(msg: str) -> dict[str, Any]:
         warnings.warn(f"emergence fit: {msg}; parameters set to NaN", EmergenceFitWarning, stacklevel=2)
-        return {**_NAN_FIT, "n_points": int(len(t)), "converged": False, "message": msg}
+        nan = {k: v for k, v in _NAN_FIT.items() if k not in ("max_rel_se", "determined")}
+        # the columns in the order of a fitted row
+        return {**nan, "n_points": int(len(t)), "converged": False, "message": msg,
+                "max_rel_se": _NAN_FIT["max_rel_se"], "determined": _NAN_FIT["determined"]}
 
-    if n < 5:
-        return fail(f"needs at least 5 distinct steps for 5 parameters, got {n}")
+    if n < MIN_FIT_POINTS:  # 5 parameters, and degrees of freedom left to estimate their errors
+        return fail(f"needs at least {MIN_FIT_POINTS} distinct steps for 5 parameters (2 degrees of freedom "
+                    f"for their standard errors), got {n}")
     if t.min() < 0:
         return fail("negative steps")
     scale = float(t.max()) or 1.0

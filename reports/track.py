@@ -104,7 +104,10 @@ def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path
         ax.plot(h["step"], h["ratio_top1_median"].astype(float), "o-", ms=4, lw=1, color=col,
                 label=f"layer {int(layer)}")
         if fits is not None and len(fits):
-            f = fits[(fits["series"] == f"layer {int(layer)}") & fits["converged"].astype(bool)]
+            # only a determined fit is drawn: a curve through parameters the points do not pin down
+            # (max_rel_se > MAX_REL_SE) would look like a result
+            det = fits["determined"].astype(bool) if "determined" in fits else fits["converged"].astype(bool)
+            f = fits[(fits["series"] == f"layer {int(layer)}") & fits["converged"].astype(bool) & det]
             if len(f):
                 p = f.iloc[0]
                 ax.plot(grid, emergence_curve(grid, p["A"], p["lambda"], p["gamma"], p["t0"], p["K"]), "--",
@@ -112,11 +115,12 @@ def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path
     vals = r["ratio_top1_median"].astype(float)
     if (vals > 0).all() and len(vals) and vals.max() / max(vals.min(), 1e-300) > 20:
         ax.set_yscale("log")
-    n_conv = int(fits["converged"].astype(bool).sum()) if fits is not None and len(fits) else 0
+    n_conv = int((fits["converged"].astype(bool) & (fits["determined"].astype(bool) if "determined" in fits else
+                                                     True)).sum()) if fits is not None and len(fits) else 0
     ax.set_ylabel("top-1 / median of |h| (residual stream)")
     _step_axis(ax, r["step"])
     ax.set_title(f"{title}: top-1/median ratio vs training step"
-                 + (" (dashed: emergence fit)" if n_conv else " (no emergence fit converged)"))
+                 + (" (dashed: emergence fit)" if n_conv else " (no determined emergence fit)"))
     fig.tight_layout()
     _legend_outside(fig, ax, n_layers=len(layers))
     return save(fig, folder, "trend_massive")

@@ -214,7 +214,7 @@ def test_track_three_checkpoints(run_dir, corpus, tmp_path):
         assert (out / f"{fig}.png").is_file() and (out / f"{fig}.svg").is_file(), fig
     fits = pd.read_parquet(out / "emergence_fit.parquet")
     assert not fits.converged.any() and fits.A.isna().all()  # 3 points for 5 parameters: NaN, with a warning
-    assert "warning: emergence fit: needs at least 5 distinct steps" in r.output
+    assert "warning: emergence fit: needs at least 7 distinct steps" in r.output
     man = json.loads((out / "manifest.json").read_text())
     assert man["command"] == "track" and man["track"]["steps"] == [100, 200, 300]
     # the trends folder is an actsparse output like any other: it bundles and compares
