@@ -88,6 +88,32 @@ def save(fig, folder: str | Path, stem: str) -> list[str]:
     return [f"{stem}.png", f"{stem}.svg"]
 
 
+# Below this largest exact-zero fraction the activation is taken as smooth (GELU, SiLU): exact zeros
+# are then rounding accidents and the near-zero fractions are what the sparsity figures should show.
+SMOOTH_ZERO_FRAC = 0.01
+SMOOTH_NOTE = "smooth activation: exact zeros mean little here; read the near-zero (|a| <= eps) bars"
+
+
+def is_smooth(df: pd.DataFrame) -> bool:
+    """True when no layer has as much as ``SMOOTH_ZERO_FRAC`` exact zeros (a smooth activation)."""
+    z = pd.to_numeric(df.get("zero_frac", pd.Series(dtype=float)), errors="coerce").dropna()
+    return not z.empty and float(z.max()) < SMOOTH_ZERO_FRAC
+
+
+def percent_ylim(ax, values_pct) -> None:
+    """y from 0 to the largest of ``values_pct`` (in %) plus 15 % headroom, at least 1 % and at most 100 %."""
+    import numpy as np
+
+    v = np.asarray(pd.to_numeric(pd.Series(np.ravel(values_pct)), errors="coerce").dropna(), dtype=float)
+    top = float(v.max()) * 1.15 if v.size else 100.0
+    ax.set_ylim(0, min(100.0, max(1.0, top)))
+
+
+def smooth_note(fig) -> None:
+    """The ``SMOOTH_NOTE`` under the panels of ``fig``."""
+    fig.text(0.5, -0.01, SMOOTH_NOTE, ha="center", va="top", fontsize=8, style="italic", color="0.25")
+
+
 def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens: int) -> list[str]:
     """Per-layer exact-zero and near-zero fractions, one panel per site kind."""
     plt = pyplot()
@@ -107,17 +133,40 @@ def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens
         ax.set_xticks(list(x), labels)
         ax.set_xlabel("layer")
         ax.set_ylabel("% of entries")
-        ax.set_ylim(0, 100)
+        percent_ylim(ax, [100 * g.zero_frac] + [100 * g[c] for c in near])
         ax.set_title(kind)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend()
+    if is_smooth(df):
+        smooth_note(fig)
     fig.suptitle(f"{title}: activation sparsity per layer over {n_tokens} counted tokens")
     fig.tight_layout()
     return save(fig, folder, "sparsity_by_layer")
 
 
-def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer") -> None:
-    """A legend beside the panels for a few lines; a 'layer' colour bar (viridis order) for many."""
+# Colours of layer lines on white: Okabe-Ito without its yellow (low contrast) for a few layers, and for
+# more a sequential map with a dark end and no light end (viridis cut at 0.72, before its light green and yellow).
+LAYER_COLORS = tuple(c for c in OKABE_ITO if c != "#F0E442")
+
+
+def layer_cmap():
+    """viridis from 0 to 0.72 (dark violet to green, no light green or yellow): every colour reads on white."""
+    import matplotlib as mpl
+    import numpy as np
+
+    return mpl.colors.ListedColormap(mpl.colormaps["viridis"](np.linspace(0.0, 0.72, 256)), name="viridis_dark")
+
+
+def layer_colors(n: int) -> list:
+    """``n`` layer colours: ``LAYER_COLORS`` when they suffice, else ``layer_cmap`` in layer order."""
+    if n <= len(LAYER_COLORS):
+        return list(LAYER_COLORS[:n])
+    cmap = layer_cmap()
+    return [cmap(j / max(1, n - 1)) for j in range(n)]
+
+
+def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer", cmap=None) -> None:
+    """A legend beside the panels for a few lines; a 'layer' colour bar (``cmap``, default viridis) for many."""
     if n_lines <= max_legend:
         handles, labels = axes[-1].get_legend_handles_labels()
         if handles:
@@ -125,7 +174,7 @@ def layer_key(fig, axes, n_lines: int, max_legend: int = 12, label: str = "layer
         return
     import matplotlib as mpl
 
-    sm = mpl.cm.ScalarMappable(cmap="viridis", norm=mpl.colors.Normalize(0, n_lines - 1))
+    sm = mpl.cm.ScalarMappable(cmap=cmap or "viridis", norm=mpl.colors.Normalize(0, n_lines - 1))
     fig.colorbar(sm, ax=list(axes), label=label, fraction=0.03, pad=0.02)
 
 

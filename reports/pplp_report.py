@@ -102,6 +102,12 @@ def curve_manifest_section(result) -> dict[str, Any]:
 
 
 _MARKERS = {"cett": "o", "topk": "s", "topk_global": "D", "teal": "^", "cats": "v", "chess": "P", "fat": "X"}
+# Per method: (line style, line width, marker size, hollow marker). TEAL and CATS threshold the same |x| and
+# coincide on a ReLU model: TEAL is drawn wide, dashed and with large hollow markers under a thin dotted CATS
+# with small filled ones, so both stay visible.
+_LINES = {"cett": ("-", 1.4, 4, False), "topk": ("-.", 1.4, 4, False), "topk_global": ((0, (5, 1, 1, 1)), 1.4, 4, True),
+          "teal": ("--", 2.4, 8, True), "cats": (":", 1.4, 4, False), "chess": ((0, (3, 1)), 1.4, 5, True),
+          "fat": ((0, (1, 1)), 1.4, 5, False)}
 
 
 def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "curve") -> list[str]:
@@ -116,8 +122,12 @@ def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "c
     for method, g in df[df.method != "dense"].groupby("method", sort=False):
         g = g.sort_values("mean_sparsity")
         tensor = str(g.thresholded_tensor.iloc[0]).split(" (")[0]
-        ax.plot(100 * g.mean_sparsity, 100 * (g.ppl_ratio - 1), marker=_MARKERS.get(method, "o"), ms=4, lw=1.4,
-                label=f"{method} on {tensor}")
+        ls, lw, ms, hollow = _LINES.get(method, ("-", 1.4, 4, False))
+        line, = ax.plot(100 * g.mean_sparsity, 100 * (g.ppl_ratio - 1), marker=_MARKERS.get(method, "o"), ms=ms,
+                        lw=lw, ls=ls, label=f"{method} on {tensor}", zorder=2 if hollow else 3)
+        if hollow:
+            line.set_markerfacecolor("none")
+            line.set_markeredgewidth(1.3)
     if len(dense):
         ax.plot(100 * dense.mean_sparsity, 100 * (dense.ppl_ratio - 1), marker="*", ms=11, ls="none", color="k",
                 label="dense (natural zeros)")

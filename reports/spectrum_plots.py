@@ -83,22 +83,92 @@ def plot_esd(row: dict[str, Any], evals: np.ndarray, folder: str | Path) -> list
     return [f"esd/{f}" for f in save_into(fig, Path(folder) / "esd", file_stem(name))]
 
 
+# Matrix roles for the alpha-by-block figure, in legend order: (role, name patterns), first match wins.
+# GPT-2 (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), Llama (q/k/v/o/gate/up/down_proj), BERT
+# (query, key, value, attention.output.dense, intermediate.dense, output.dense).
+ROLE_PATTERNS = (
+    ("q", (r"q_proj", r"\.query\b")),
+    ("k", (r"k_proj", r"\.key\b")),
+    ("v", (r"v_proj", r"\.value\b")),
+    ("attn (qkv)", (r"c_attn", r"qkv", r"in_proj")),
+    ("o", (r"o_proj", r"attn\.c_proj", r"attention\.output\.dense", r"out_proj")),
+    ("gate", (r"gate_proj",)),
+    ("up", (r"up_proj", r"mlp\.c_fc", r"intermediate\.dense", r"fc1")),
+    ("down", (r"down_proj", r"mlp\.c_proj", r"output\.dense", r"fc2")),
+    ("attn", (r"attn", r"attention")),
+    ("mlp", (r"mlp", r"ffn", r"feed_forward")),
+)
+ROLE_MARKERS = {"q": "o", "k": "s", "v": "^", "attn (qkv)": "P", "o": "D", "gate": "v", "up": "<", "down": ">",
+                "attn": "p", "mlp": "h", "other": "X"}
+_BLOCK = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def matrix_role(name: str) -> str:
+    """The role of a weight matrix by its name (q, k, v, attn (qkv), o, gate, up, down, attn, mlp, other)."""
+    for role, patterns in ROLE_PATTERNS:
+        if any(re.search(p, name) for p in patterns):
+            return role
+    return "other"
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block of a tensor name (``h.3.``, ``layers.3.``, ``layer.3.``), None when it has none."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
 def plot_alpha_by_layer(df, folder: str | Path) -> list[str]:
-    """alpha and sigma_mp of each analysed matrix in checkpoint order (depth), one panel each."""
-    fig = new_figure(figsize=(max(6.0, min(18.0, 0.12 * len(df) + 4)), 6))
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93, hspace=0.08)
-    ax_a, ax_s = fig.subplots(2, 1, sharex=True)
-    depth = np.arange(len(df))
-    for flag, marker, label in ((False, "o", "WW layers"), (True, "x", "skipped by WW / split parts")):
-        mask = (df["ww_skipped"].astype(bool) | df["non_ww"].astype(bool)).to_numpy() == flag
-        if mask.any():
-            ax_a.plot(depth[mask], df["alpha"].astype(float).to_numpy()[mask], marker, ms=4, ls="", label=label)
-            ax_s.plot(depth[mask], df["sigma_mp"].astype(float).to_numpy()[mask], marker, ms=4, ls="", label=label)
-    for y in (2.0, 6.0):
-        ax_a.axhline(y, color="grey", lw=0.8, ls=":")
-    ax_a.set_ylabel(r"$\alpha$ (power-law exponent)")
-    ax_s.set_ylabel(r"$\sigma_{mp}$")
-    ax_s.set_xlabel("matrix index in checkpoint order")
-    ax_a.legend()
-    ax_a.set_title("alpha and sigma_mp by layer (dotted: WW's over/under-trained thresholds)")
+    """alpha (and sigma_mp when present) of each analysed matrix by block, one marker and colour per role;
+    tensors outside the blocks (embeddings, heads) at an "other" position right of the last block."""
+    from reports.figures import LAYER_COLORS, panel_size  # Okabe-Ito without its low-contrast yellow
+
+    names = [str(n) for n in df["name"]]
+    blocks = [block_index(n) for n in names]
+    roles = [matrix_role(n) for n in names]
+    known = [b for b in blocks if b is not None]
+    n_blocks = max(known) + 1 if known else 0
+    other_x = n_blocks + (1 if n_blocks else 0)  # a gap between the last block and "other"
+    order = [r for r, _ in ROLE_PATTERNS] + ["other"]
+    present = [r for r in order if r in roles]
+    # Dodge the roles of one block side by side so that markers do not hide each other.
+    dodge = {r: (i - (len(present) - 1) / 2) * min(0.12, 0.7 / max(len(present), 1)) for i, r in enumerate(present)}
+    x = np.array([(other_x if b is None else b) + dodge[r] for b, r in zip(blocks, roles)], dtype=float)
+    role_arr = np.array(roles)
+    skipped = np.zeros(len(df), dtype=bool)
+    for col in ("ww_skipped", "non_ww"):
+        if col in df:
+            skipped |= df[col].fillna(False).astype(bool).to_numpy()
+    has_sigma = "sigma_mp" in df and df["sigma_mp"].astype(float).notna().any()
+    extra = 1.3 + min(8.0, max(0.0, 0.2 * (other_x + 1) - 2.5))  # the role legend, and room for many blocks
+    fig = new_figure(figsize=panel_size(1, 2 if has_sigma else 1, extra_width=extra))
+    axes = list(np.atleast_1d(fig.subplots(2 if has_sigma else 1, 1, sharex=True)))
+    cols = [("alpha", r"alpha"), ("sigma_mp", r"$\sigma_{mp}$")][: len(axes)]
+    for ax, (col, ylabel) in zip(axes, cols):
+        y = df[col].astype(float).to_numpy()
+        for i, role in enumerate(present):
+            m = role_arr == role
+            style = dict(marker=ROLE_MARKERS[role], color="0.4" if role == "other" else LAYER_COLORS[i % len(LAYER_COLORS)], ls="", ms=5)
+            ax.plot(x[m & ~skipped], y[m & ~skipped], label=role, **style)
+            if (m & skipped).any():
+                ax.plot(x[m & skipped], y[m & skipped], mfc="none", **style)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].axhspan(2.0, 6.0, color="grey", alpha=0.12, lw=0, label="WW alpha band 2-6")
+    ticks = list(range(n_blocks)) + ([other_x] if (np.array(blocks, dtype=object) == None).any() else [])  # noqa: E711
+    labels = [str(t) for t in range(n_blocks)] + (["other"] if len(ticks) > n_blocks else [])
+    axes[-1].set_xticks(ticks, labels)
+    if len(ticks) > 24:
+        k = -(-len(ticks) // 24)
+        for i, t in enumerate(axes[-1].get_xticklabels()):
+            t.set_visible(i % k == 0 or labels[i] == "other")
+    axes[-1].set_xlabel("block (0-based)")
+    handles, lab = axes[0].get_legend_handles_labels()
+    if skipped.any():
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="o", mfc="none", color="grey", ls=""))
+        lab.append("skipped by WW / split part")
+    fig.legend(handles, lab, title="matrix role", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    axes[0].set_title("alpha" + (" and sigma_mp" if has_sigma else "") + " by block (shaded: WW alpha band 2-6)")
+    fig.tight_layout()
     return save_into(fig, Path(folder), "alpha_by_layer")

@@ -25,12 +25,12 @@ def _step_axis(ax, steps: Sequence[float]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _legend_outside(fig, ax, max_items: int = 12, n_layers: int | None = None) -> None:
-    """A legend beside the axes, or for many layer lines a 'layer' colour bar (viridis order)."""
+def _legend_outside(fig, ax, max_items: int = 12, n_layers: int | None = None, cmap=None) -> None:
+    """A legend beside the axes, or for many layer lines a 'layer' colour bar (``cmap``, default viridis)."""
     from reports.figures import layer_key
 
     if n_layers is not None and n_layers > max_items:
-        layer_key(fig, [ax], n_layers, max_items)
+        layer_key(fig, [ax], n_layers, max_items, cmap=cmap)
         return
     handles, labels = ax.get_legend_handles_labels()
     if handles and len(handles) <= max(max_items, 24):
@@ -89,18 +89,18 @@ def plot_trend_drift(dr: pd.DataFrame, folder: Path, title: str) -> list[str]:
 
 
 def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path, title: str) -> list[str]:
-    from reports.figures import save
+    from reports.figures import layer_cmap, layer_colors, save
 
     plt = pyplot()
     r = resid_post_rows(ma)
     fig, ax = plt.subplots(figsize=panel_size(extra_width=2.3))
     layers = sorted(r["layer"].dropna().unique())
-    cmap = plt.get_cmap("viridis")
+    colors = layer_colors(len(layers))  # no low-contrast yellow
     steps = np.asarray(sorted(r["step"].unique()), dtype=float)
     grid = np.linspace(steps.min(), steps.max(), 200) if len(steps) > 1 else steps
     for j, layer in enumerate(layers):
         h = r[r["layer"] == layer].sort_values("step")
-        col = cmap(j / max(1, len(layers) - 1))
+        col = colors[j]
         ax.plot(h["step"], h["ratio_top1_median"].astype(float), "o-", ms=4, lw=1, color=col,
                 label=f"layer {int(layer)}")
         if fits is not None and len(fits):
@@ -122,7 +122,7 @@ def plot_trend_massive(ma: pd.DataFrame, fits: pd.DataFrame | None, folder: Path
     ax.set_title(f"{title}: top-1/median ratio vs training step"
                  + (" (dashed: emergence fit)" if n_conv else " (no determined emergence fit)"))
     fig.tight_layout()
-    _legend_outside(fig, ax, n_layers=len(layers))
+    _legend_outside(fig, ax, n_layers=len(layers), cmap=layer_cmap())
     return save(fig, folder, "trend_massive")
 
 

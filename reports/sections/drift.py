@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import pyplot, save
+from reports.figures import panel_size, pyplot, save
 from reports.manifest import build_manifest, short_name, write_manifest
 from reports.numbers import fmt
 from reports.sections import FigureSpec, ReportSection, TableSpec
@@ -34,7 +34,13 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
         lin = df
     panels = (("mean", "mean weight"), ("neg_pct", "% negative"), ("std", "std"),
               ("extreme_frac", "fraction |w| >= q99.9(|W|)"), ("extreme_threshold", "q99.9(|W|)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    ncols = 3  # a grid (2 x 3, the sixth cell holds the legend) that stays legible inside a report
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=panel_size(ncols, nrows), squeeze=False)
+    cells = list(grid.flat)
+    axes = [cells[: len(panels)]]
+    for ax in cells[len(panels):]:
+        ax.axis("off")
     for ci, g in lin.groupby("checkpoint_index", sort=True):
         g = g.reset_index(drop=True)
         label = short_name(g.checkpoint.iloc[0])
@@ -54,7 +60,11 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
     axes[0][0].axhline(0, color="0.5", linewidth=0.8)
     axes[0][1].axhline(50, color="0.5", linewidth=0.8, linestyle=":")
     if lin.checkpoint_index.nunique() > 1:
-        axes[0][0].legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if len(cells) > len(panels):  # the spare grid cell
+            cells[-1].legend(handles, labels, title="checkpoint", loc="center", frameon=False)
+        else:
+            axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return save(fig, folder, "drift_by_layer")
@@ -99,8 +109,9 @@ SECTION = ReportSection(
         "drift_summary": TableSpec(("checkpoint_index", "kind"), ("n_tensors", "n_weights")),
     },
     figures=(
-        FigureSpec("drift_by_layer", lambda c: "Weight statistics per weight tensor in file order: mean, % negative, "
-                   "std, fraction with |w| >= the 99.9th percentile of |W| and that percentile; one line per "
+        FigureSpec("drift_by_layer", lambda c: "Weight statistics per weight tensor in file order (a 2 x 3 "
+                   "grid): mean, % negative, std, fraction with |w| >= the 99.9th percentile of |W| and that "
+                   "percentile; one line per "
                    "checkpoint.", ("drift",), "reports.sections.drift:draw_drift_by_layer"),
     ),
 )

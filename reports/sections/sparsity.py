@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from reports.figures import kind_rows, layer_key, layer_labels, pyplot, save_into, site_kinds, tick_labels
+from reports.figures import (is_smooth, kind_rows, layer_key, layer_labels, percent_ylim, pyplot, save_into, site_kinds,
+                             smooth_note, tick_labels)
 from reports.sections import FigureSpec, ReportSection, TableSpec
 
 SUMMARY = TableSpec(("kind", "metric"), ("n_layers",), value_cols=("mean_over_layers", "width_weighted_mean"))
@@ -67,13 +68,15 @@ def plot_sparsity_vs_threshold(df: pd.DataFrame, folder: Path, title: str) -> li
         ticks = [x0, *eps]
         ax.set_xticks(ticks, ["= 0"] + [f"{e:g}" for e in eps], fontsize=8)
         ax.minorticks_off()
-        ax.set_ylim(0, 100)
+        percent_ylim(ax, [100 * g["zero_frac"].astype(float)] + [100 * g[c].astype(float) for c in near])
         ax.set_xlabel("threshold eps on |a|")
         ax.set_ylabel("% of entries with |a| <= eps")
         ax.set_title(kind, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: sparsity vs threshold", fontsize=10)
     fig.tight_layout()
+    if is_smooth(df):
+        smooth_note(fig)
     layer_key(fig, axes[0], max(len(kind_rows(df, k)) for k in kinds))
     return save_into(fig, folder, "sparsity_vs_threshold")
 

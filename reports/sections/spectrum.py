@@ -18,8 +18,8 @@ SECTION = ReportSection(
     tables={"spectrum": TableSpec(("name", "part"), ("num_evals",), kind_col="layer_type")},
     figures=(
         FigureSpec("alpha_by_layer", lambda c: "WeightWatcher power-law exponent alpha (top) and Marchenko-Pastur "
-                   "sigma_mp (bottom) of every weight matrix in checkpoint order; dotted lines at alpha = 2 and 6 "
-                   "(WW's over-/under-trained marks).", ("spectrum",),
+                   "sigma_mp (bottom) of every weight matrix by block (0-based; tensors outside the blocks at "
+                   "'other'), one marker and colour per matrix role; shaded: WW's alpha band 2-6.", ("spectrum",),
                    "reports.sections.spectrum:draw_alpha_by_layer"),
     ),
 )
