@@ -37,10 +37,10 @@ from reports.figures import site_kinds
 from reports.html import Figure, render_html
 from reports.markdown import md_code, md_escape, md_text  # noqa: F401  (md_code, md_escape re-exported)
 from reports.figures import pyplot
-from reports.manifest import build_manifest, short_name, write_manifest
+from reports.manifest import build_manifest, write_manifest
 from reports.numbers import fmt
 from reports.sources import (  # noqa: F401  (re-exported: the names tests and older callers import from here)
-    _WEIGHT_COMMANDS, TOKEN_SECTIONS, NotAnOutputError, Source, checkpoint_of, read_manifest, read_sources, section_for,
+    _WEIGHT_COMMANDS, TOKEN_SECTIONS, NotAnOutputError, Source, checkpoint_label, checkpoint_of, read_manifest, read_sources, section_for,
     token_counts, tokens_phrase)
 from reports.tables import write_table
 
@@ -121,7 +121,7 @@ def standard_figures(src: Source, folder: Path, present: set[str], warnings: lis
 
     A figure that cannot be drawn (a broken table, or a broken section) costs only itself, and the
     report says so in its warnings: nothing is dropped silently."""
-    title = short_name(checkpoint_of(src.manifest))
+    title = checkpoint_label(src.manifest)
     tables = set(src.tables)
     drawn: list[str] = []
     cache: dict[str, pd.DataFrame] = {}

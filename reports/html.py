@@ -17,9 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from reports.manifest import short_name
 from reports.numbers import fmt
-from reports.sources import TOKEN_SECTIONS, Source, checkpoint_of, token_counts
+from reports.sources import TOKEN_SECTIONS, Source, checkpoint_label, checkpoint_of, token_counts
 
 MAX_HTML_ROWS = 200  # rows of one table shown in index.html (the full table is beside it)
 MAX_EMBEDDED_FIGURES = 400  # past this, figures are linked (beside index.html) instead of embedded
@@ -153,7 +152,7 @@ def render_html(sources: list[Source], figures: list[Figure], tables: list[dict[
         parts.append(f'<p class="warn">{esc(w)}</p>')
     parts.append("<nav><ul>")
     for i, src in enumerate(sources, 1):
-        parts.append(f'<li><a href="#input-{i}">{i}. {esc(src.command)}: {esc(short_name(checkpoint_of(src.manifest)))}'
+        parts.append(f'<li><a href="#input-{i}">{i}. {esc(src.command)}: {esc(checkpoint_label(src.manifest))}'
                      "</a></li>")
     if any(not f.label for f in figures):
         parts.append('<li><a href="#across">Across inputs</a></li>')

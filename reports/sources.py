@@ -129,6 +129,17 @@ def checkpoint_of(manifest: dict[str, Any]) -> str:
     return "?"
 
 
+def checkpoint_label(manifest: dict[str, Any]) -> str:
+    """A short label of the checkpoint(s) for titles and the table of contents: the folder name of
+    each (``short_name``), never of the joined description (which left a stray ')' before)."""
+    from reports.manifest import short_name
+
+    cks = [str(c) for c in (manifest.get("options") or {}).get("checkpoints") or []]
+    if len(cks) > 1 and not (manifest.get("options") or {}).get("checkpoint"):
+        return f"{len(cks)} checkpoints ({short_name(cks[0])} ... {short_name(cks[-1])})"
+    return short_name(checkpoint_of(manifest))
+
+
 def token_counts(manifest: dict[str, Any]) -> dict[str, int]:
     """``{section: n_counted_tokens}`` for every section of a manifest that measured tokens."""
     out = {}

@@ -95,3 +95,14 @@ def test_listing_the_registries_imports_no_torch():
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_checkpoint_labels_of_several_checkpoints_have_no_stray_parenthesis():
+    """The report's table of contents and figure titles of a drift over two checkpoints read
+    '2 checkpoints (ckpt-50 ... tiny-relu-lm)', not 'tiny-relu-lm)' (issue 17)."""
+    from reports.sources import checkpoint_label
+
+    man = {"options": {"checkpoints": ["runs/a/ckpt-50", "runs/a/tiny-relu-lm"]}}
+    assert checkpoint_label(man) == "2 checkpoints (ckpt-50 ... tiny-relu-lm)"
+    assert checkpoint_label({"options": {"checkpoint": "x/y/model"}}) == "y/model"
+    assert checkpoint_label({"options": {"checkpoints": ["x/only"]}}) == "only"
