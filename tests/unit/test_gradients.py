@@ -156,21 +156,6 @@ def _reference_dl_dh(model, batches, pre_paths):
     return {p: torch.cat(v) for p, v in out.items()}
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Record every eta a probe sees (valid positions only), keyed by probe object."""
-    seen: dict[int, list] = {}
-    orig = GradientSparsityProbe.update_backward
-
-    def update_backward(self, eta, mask=None):
-        v = eta[mask] if mask is not None else eta.reshape(-1, eta.shape[-1])
-        seen.setdefault(id(self), []).append(v.detach().clone())
-        return orig(self, eta, mask)
-
-    monkeypatch.setattr(GradientSparsityProbe, "update_backward", update_backward)
-    return seen
-
-
 def test_eta_equals_autograd_dl_dh_with_inplace_relu(gpt2_dir, corpus, spy):
     lm = load_checkpoint(str(gpt2_dir), device="cpu")
     lm.model.transformer.h[1].mlp.act = torch.nn.ReLU(inplace=True)  # full backward hooks would break here

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from probes import corpus as corpus_mod
-from probes.gradients import GradientSparsityProbe, GradOptions, measure_gradients
+from probes.gradients import GradOptions, measure_gradients
 from probes.loading import load_checkpoint
 from probes.loss import DEFAULT_REDUCTION, cross_entropy
 
@@ -40,21 +40,6 @@ def corpus(tmp_path_factory, word_lm):
     # 100 words: 9 windows of 12 -> batches of 3, 3, 3 windows with different target counts (the first
     # window has no prefix token to predict its first word)
     return str(word_lm.corpus(tmp_path_factory.mktemp("corpus") / "c.txt", WORDS, 100, seed=3))
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Every eta a probe sees, per probe and per call (one call per batch), valid positions only."""
-    seen: dict[int, list] = {}
-    orig = GradientSparsityProbe.update_backward
-
-    def update_backward(self, eta, mask=None):
-        v = eta[mask] if mask is not None else eta.reshape(-1, eta.shape[-1])
-        seen.setdefault(id(self), []).append(v.detach().clone())
-        return orig(self, eta, mask)
-
-    monkeypatch.setattr(GradientSparsityProbe, "update_backward", update_backward)
-    return seen
 
 
 def _batches(lm, corpus_path):
