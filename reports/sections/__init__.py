@@ -14,7 +14,6 @@ matplotlib and no torch.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,10 +68,7 @@ class ReportSection:
     extra_manifest: str | None = None  # "module:function(result) -> {...}": top-level manifest keys it adds
 
 
-def load(ref: str) -> Any:
-    """The object a ``"module:attr"`` reference names."""
-    mod, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(mod), attr)
+from probes.analysis import load  # noqa: E402  (one "module:attr" loader for both registries)
 
 
 _LOADED: dict[str, ReportSection] = {}
