@@ -289,6 +289,8 @@ def _load_tokenizer(source: str, trust_remote_code: bool, *, explicit: bool = Fa
         present = [f for f in TOKENIZER_FILES if (p / f).exists()]
     elif p.exists():
         require_regular(p, "--tokenizer" if explicit else "tokenizer")
+    if explicit and not p.exists() and not kw:
+        kw = _hub_access(src)  # a hub id with no hub in reach: fail now, not after the client's retries
     try:
         tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else src, trust_remote_code=trust_remote_code, **kw)
     except Exception as e:  # noqa: BLE001 - tokenizers, sentencepiece, json, hub errors alike
@@ -313,9 +315,55 @@ def _load_tokenizer(source: str, trust_remote_code: bool, *, explicit: bool = Fa
     return tok
 
 
-def _hub_offline_error(name: str, err: Exception) -> CheckpointError:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model"
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+HUB_CHECK_TIMEOUT = 3.0  # seconds for one TCP connection to the hub before a hub id is given up
+
+
+def hub_unreachable() -> str | None:
+    """None when the hub's host accepts a TCP connection within HUB_CHECK_TIMEOUT, else why not.
+
+    One quick check instead of the hub client's retries (about 25 s without a network): a hub id
+    that is not in the local cache then fails at once with the fix."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=HUB_CHECK_TIMEOUT):
+            return None
+    except OSError as e:
+        return f"{host} cannot be reached from this machine ({e.__class__.__name__}: {e})"
+
+
+def _cached_on_disk(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an odd cache layout only means "not cached"
+        return False
+
+
+def _hub_access(name: str) -> dict[str, Any]:
+    """from_pretrained keywords for hub id ``name``: {} normally; local files only when the hub cannot
+    be reached but the model is in the local cache; an error at once when it is in neither."""
+    if _hub_offline():
+        return {}
+    why = hub_unreachable()
+    if why is None:
+        return {}
+    if _cached_on_disk(name):
+        return {"local_files_only": True}
+    raise _hub_offline_error(name, OSError(why), why=why)
+
+
+def _hub_offline_error(name: str, err: Exception, why: str | None = None) -> CheckpointError:
+    offline = _hub_offline()
+    why = why or ("offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model")
     return CheckpointError(
         f"{name!r} is no local path, and as a hub id it cannot be loaded: {why}; missing config.json and model "
         f"weights (model.safetensors / pytorch_model.bin)",
@@ -394,8 +442,9 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     name = sn.path
     if sn.config_path:  # our own parse first: a config.json that is no JSON, or nested too deep, named as such
         read_json(sn.config_path, "config.json")
+    hub_kw = _hub_access(name) if sn.kind is Kind.HUB_ID else {}
     try:
-        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **hub_kw)
     except RecursionError as e:
         raise CheckpointError(f"config.json in {name} nests JSON too deeply to parse", "fix config.json") from e
     except ValueError as e:
@@ -431,7 +480,7 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
         # error can name them; the re-initialised weights are never used.
         model, info = cls.from_pretrained(name, config=cfg, trust_remote_code=trust_remote_code,
                                           output_loading_info=True, ignore_mismatched_sizes=True, **placement,
-                                          **_transformers_dtype_kw(td))
+                                          **hub_kw, **_transformers_dtype_kw(td))
     except OSError as e:
         if sn.kind is Kind.HUB_ID:
             raise _hub_offline_error(name, e) from e
@@ -470,7 +519,8 @@ def _load_pretrained(sn: Sniffed, dev, dtype, trust_remote_code, source, tokeniz
     if unbuilt:  # a config with fewer layers would measure only some of them
         raise CheckpointError(f"config and weights in {name} do not match: {unbuilt}",
                               "use the config.json these weights were saved with")
-    tok = _load_tokenizer(tokenizer_src or name, trust_remote_code, explicit=bool(tokenizer_src))
+    tok = _load_tokenizer(tokenizer_src or name, trust_remote_code, explicit=bool(tokenizer_src),
+                          **(hub_kw if not tokenizer_src else {}))
     source["head"] = cls.__name__
     if device_map is not None:
         # accelerate placed every module; moving the model would undo it. Batches go where the tokens enter.
