@@ -431,6 +431,21 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, inputs: Itera
         release(out)
 
 
+@contextlib.contextmanager
+def scratch_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A private working folder beside ``out`` for intermediate outputs (``analyze``'s runs before
+    they become one report), removed at the end. It is named and marked like our temporary folders,
+    so ``clean_stale`` removes it if the process is killed."""
+    out = _resolved(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _mkdtemp(out.parent, f".{_stem(out.name)}.tmp-work-")
+    try:
+        (tmp / RUN_MARKER).write_text(json.dumps({**_me(), "target": out.name}))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _regular_or_absent(path: Path) -> None:
     try:
         st = os.stat(path)

