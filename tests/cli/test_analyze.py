@@ -113,3 +113,15 @@ def test_failing_step_writes_no_report(tmp_path):
     assert "actsparse: error:" in r.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_example_ci_settings_are_valid():
+    from probes.embedded import default_checkpoint
+
+    repo = Path(__file__).resolve().parents[2]
+    r = invoke("analyze", default_checkpoint(), "--settings", repo / "examples" / "actsparse.toml", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "--plot alpha" in r.stdout and "--eps 1e-06" in r.stdout
+    workflow = (repo / "examples" / "github-actions.yml").read_text()
+    assert "actsparse analyze" in workflow and "--settings examples/actsparse.toml" in workflow
+    assert "actsparse compare" in workflow and "--fail-on" in workflow
