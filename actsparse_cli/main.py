@@ -16,7 +16,7 @@ app = typer.Typer(
     "for trained checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     cls=ActsparseGroup,
 )
 
