@@ -197,6 +197,9 @@ def build_report(inputs: Sequence[str | Path], out: str | Path, force: bool = Fa
     steps' command lines, what was left out and why), kept in the manifest's options."""
     out = Path(out)
     sources = _check_inputs(inputs, out)  # every input is checked before anything is written
+    if run:
+        for src in sources:
+            src.made_by = f"actsparse {run.get('command', 'analyze')}, step {src.label} (command lines in manifest.json)"
     check_output_dir(out, force, inputs=inputs)
     warnings: list[str] = []
     figures: list[Figure] = []
@@ -318,7 +321,8 @@ def render_summary_md(sources: list[Source], figures: list[Figure], warnings: li
     for i, src in enumerate(sources, 1):
         man = src.manifest
         lines += [f"## {i}. {md_escape(src.command)}: {md_escape(checkpoint_of(man))}", "",
-                  f"Input {md_code(src.label)} ({md_escape(src.path)}); git {md_escape(man.get('git_hash'))}; "
+                  f"Input {md_code(src.label)} ({md_escape(src.made_by or src.path)}); "
+                  f"git {md_escape(man.get('git_hash'))}; "
                   f"created {md_escape(man.get('created_utc'))}.", ""]
         counts = token_counts(man)
         if counts:

@@ -117,7 +117,8 @@ def _figure_html(f: Figure, n: int, root: Path, embed: bool) -> str:
 def _meta_rows(src: Source) -> list[tuple[str, str]]:
     man = src.manifest
     model = man.get("model") or {}
-    rows = [("command", src.command), ("checkpoint", checkpoint_of(man)), ("input folder", str(src.path))]
+    rows = [("command", src.command), ("checkpoint", checkpoint_of(man)),
+            ("made by", src.made_by) if src.made_by else ("input folder", str(src.path))]
     if model:
         rows.append(("model", f"{model.get('class')} ({model.get('family')}), "
                               f"{model.get('n_parameters')} parameters, {model.get('dtype')} on {model.get('device')}"))
@@ -131,7 +132,7 @@ def _meta_rows(src: Source) -> list[tuple[str, str]]:
     rows += [("created (UTC)", str(man.get("created_utc"))), ("git", str(man.get("git_hash"))),
              ("versions", ", ".join(f"{k} {v}" for k, v in (man.get("versions") or {}).items() if v))]
     argv = man.get("argv")
-    if argv:
+    if argv and not src.made_by:  # a removed working folder's command line would only mislead
         rows.append(("command line", " ".join(str(a) for a in argv)))
     return rows
 

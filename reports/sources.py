@@ -36,6 +36,7 @@ class Source:
     figure_dir: Path | None
     label: str
     tables: list[str] = field(default_factory=list)  # table names (file stems)
+    made_by: str | None = None  # a run that wrote this input in a working folder since removed (``analyze``)
 
     @property
     def command(self) -> str:

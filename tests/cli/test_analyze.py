@@ -96,6 +96,8 @@ def test_analyze_writes_one_report_bundle(tmp_path):
     sp = pd.read_parquet(out / "tables" / "measure" / "sparsity.parquet")
     assert sp["n_tokens"].max() <= 4096 + 256  # the [data] budget reached measure
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the working folder is gone
+    for f in ("index.html", "summary.md"):  # nor does the report point into it
+        assert ".tmp-work-" not in (out / f).read_text()
     again = invoke("analyze", "--settings", s, "-o", out, "-q", "--dry-run")
     assert again.exit_code == 0
     refused = invoke("analyze", "--settings", s, "-o", out, "-q")
