@@ -323,6 +323,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = bool(kwargs.get("debug", False))
         quiet = bool(kwargs.get("quiet", False))
         held = _HeldLoadReports()
+        _QUIET.append(quiet)
         try:
             with _command_scope(), held, _quiet_libraries(quiet):
                 result = fn(*args, **kwargs)
@@ -349,11 +350,31 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 fail(oom.one_line(), oom.exit_code)
             fail(f"internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                  "(rerun with --debug for the traceback and report it)", 1)
+        finally:
+            _QUIET.pop()
         if not quiet:  # -q: transformers' load report is dropped with the rest of its chatter
             held.release()
         return result
 
     return wrapper
+
+
+_QUIET: list[bool] = []  # the running commands' -q, innermost last (analyze runs others inside)
+
+
+def is_quiet() -> bool:
+    return bool(_QUIET and _QUIET[-1])
+
+
+@contextlib.contextmanager
+def status_line(text: str):
+    """A transient status line on stderr (a terminal only; nothing under -q or in a log) while a
+    silent step runs, such as loading a model."""
+    if is_quiet():
+        yield
+        return
+    with stderr_console().status(text):
+        yield
 
 
 def stderr_console():

@@ -60,9 +60,11 @@ def shared_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer=None, device_map=None):
     from probes.loading import load_checkpoint
 
-    lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=getattr(dtype, "value", dtype),
-                         trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
-                         device_map=getattr(device_map, "value", device_map))
+    with c.status_line(f"loading {checkpoint}"):
+        lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device,
+                             dtype=getattr(dtype, "value", dtype), trust_remote_code=trust_remote_code,
+                             unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
+                             device_map=getattr(device_map, "value", device_map))
     if lm.source.get("assumed"):  # a config built from shapes: say what was guessed (also in the manifest)
         c.stderr_console().print(f"note: --arch {arch}: {lm.source['assumed']}", highlight=False)
     return lm
