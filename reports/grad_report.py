@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import panel_size, pyplot, save
+from reports.figures import panel_size, pyplot, save, tick_labels
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fmt, pct
 from reports.tables import write_tables
@@ -26,7 +26,8 @@ def _xlabels(g: pd.DataFrame) -> list[str]:
 
 def grad_by_layer(df: pd.DataFrame, spikes: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
     """Per site: derivative / effective-gradient sparsity, ||eta||_2^2 per token, and the
-    down-projection input's spike_max."""
+    down-projection input's spike_max. One x axis for every panel: the layer (0-based, as in the
+    tables), or the site's short name where sites are not numbered layers."""
     if df.empty:
         return []
     plt = pyplot()
@@ -34,34 +35,35 @@ def grad_by_layer(df: pd.DataFrame, spikes: pd.DataFrame, folder: str | Path, ti
     down = spikes[spikes.is_down_proj] if len(spikes) and "is_down_proj" in spikes else pd.DataFrame()
     n_panels = 3 if len(down) else 2
     fig, axes = plt.subplots(1, n_panels, figsize=panel_size(n_panels), squeeze=False)
-    ax = axes[0][0]
     x = list(range(len(df)))
     labels = _xlabels(df)
-    ax.plot(x, 100 * df.deriv_sparsity.astype(float), "o-", label="deriv_sparsity (act'(h)=0 or |act'|<=eps_d)")
-    for c in taus:
-        ax.plot(x, 100 * df[c].astype(float), ".--", label=f"|eta| < {c.split('@')[1]}")
-    ax.set_ylim(0, 100)
+    xlabel = "layer" if all(lab.isdigit() for lab in labels) else "site"
+    ax = axes[0][0]
+    ax.plot(x, 100 * df.deriv_sparsity.astype(float), "o-", label="derivative: act'(h) = 0")
+    for i, c in enumerate(taus):
+        ax.plot(x, 100 * df[c].astype(float), ["s--", "^:", "v-."][i % 3], label=f"effective: |eta| < {c.split('@')[1]}")
+    ax.set_ylim(0, 102)  # a line at 100 % stays visible above the frame's edge
     ax.set_ylabel("% of entries")
-    ax.set_xlabel("site (layer)")
-    ax.set_xticks(x, labels, rotation=90 if len(x) > 16 or max(map(len, labels)) > 4 else 0, fontsize=7)
     ax.set_title("derivative and effective-gradient sparsity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="best")
     ax = axes[0][1]
     v = df.eta_l2sq_per_token.astype(float)
     ax.bar(x, v.where(v > 0), color="C2")
     if (v > 0).any():
         ax.set_yscale("log")
-    ax.set_xticks(x, labels, rotation=90 if len(x) > 16 or max(map(len, labels)) > 4 else 0, fontsize=7)
-    ax.set_ylabel("mean ||eta_t||_2^2 per token")
+    ax.set_ylabel("mean ||eta_t||^2 per token")
     ax.set_title("gradient energy at the activation (dL/dh)")
     ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0][:2]:
+        tick_labels(ax, labels)
+        ax.set_xlabel(xlabel)
     if len(down):
         ax = axes[0][2]
         d = down.sort_values("layer", kind="stable")
         xs = list(range(len(d)))
         ax.bar(xs, d.spike_max.astype(float), color="C3")
-        ax.set_xticks(xs, [str(int(v)) if v == v else "-" for v in d.layer], fontsize=7)
+        tick_labels(ax, [str(int(v)) if v == v else "-" for v in d.layer])
         ax.set_xlabel("layer")
         ax.set_ylabel("max |x| at the down-projection input")
         ax.set_title("spike_max (Bug-or-Feature^2)")
