@@ -67,6 +67,20 @@ def massive_output(result, title: str, kinds=None):
         out.add(f"global max {fmt(g['value'], 6)} at {g.get('canonical_name')} ({g.get('module_path')})",
                 f"  sample {g.get('sample')}, position {g.get('position')}, channel {g.get('channel')}, "
                 f"token {g.get('token')!r}")
+    if result.intervene:
+        iv = [col("mode", "mode", str, left=True), col("PPL", "ppl"),
+              col("x original", "ppl_ratio", lambda v: fmt(v, 6)),
+              col("targets", "n_targets", drop=2)]
+        first = result.intervene[0]
+        out.add(View(f"intervention at layer {first['layer']} ({first['canonical_name']}), channels "
+                     f"{first['channels']}", list(result.intervene), iv))
+    if result.attention:
+        from reports.massive_report import attention_by_layer
+
+        at = [col("layer", "layer"), col("share pos 0", "attn_share_first"), col("share peak", "attn_share_peak"),
+              col("share massive", "attn_share_massive", drop=3), col("uniform pos 0", "uniform_share_first", drop=2),
+              col("max head pos 0", "max_head_share_first", drop=4)]
+        out.add(View("attention share per layer (mean over heads)", attention_by_layer(result.attention), at))
     if result.int8:
         first = result.int8[0]
         site = first.get("canonical_name")
@@ -76,6 +90,22 @@ def massive_output(result, title: str, kinds=None):
                 f"INT8 at {site}: {first.get('calibration', 'in-sample')} calibration; errors on the evaluated "
                 "sequences")
     return out
+
+
+def preset_dtype(preset: str, dtype, device) -> str:
+    """``--dtype auto`` on a CUDA device: the preset's reference dtype (sun2024 float16, maxact2026 bfloat16, as
+    their code loads models on GPU); on CPU, and for any other --dtype, what the user gave (auto: float32 on CPU)."""
+    value = getattr(dtype, "value", dtype)
+    if value != "auto":
+        return value
+    from probes.loading import resolve_device
+    from probes.massive_presets import resolve_preset
+
+    try:
+        dev = resolve_device(device or "auto")
+    except Exception:
+        return value  # load() reports a bad --device
+    return resolve_preset(preset).reference_dtype if getattr(dev, "type", str(dev)) == "cuda" else value
 
 
 def register(app: typer.Typer) -> None:
@@ -137,6 +167,21 @@ def register(app: typer.Typer) -> None:
         skip_first: Annotated[int, typer.Option("--skip-first", min=0, help="Do not count the first N positions of "
                                                 "each sequence (where massive activations usually sit).",
                                                 rich_help_panel=PANEL_DATA)] = 0,
+        intervene: Annotated[Optional[str], typer.Option(
+            "--intervene", help="Sun et al.'s exp3: PPL with the massive activations of the first layer that has "
+            "them (positions 0 and the largest |h|, the massive channels) set to zero and/or to their mean over "
+            "the sequences, e.g. zero,mean; one extra pass each plus the original.",
+            rich_help_panel=PANEL_MASSIVE)] = None,
+        intervene_layer: Annotated[Optional[int], typer.Option(
+            "--intervene-layer", min=0, help="0-based layer for --intervene / --attention (default: the first "
+            "layer with massive activations, else the largest top1/median).", rich_help_panel=PANEL_MASSIVE)] = None,
+        attention: Annotated[bool, typer.Option(
+            "--attention", help="Sun et al.'s exp4: per layer and head, the attention share on position 0 and on "
+            "the massive positions, mean logits, and per-layer logit heat maps of one prompt (eager attention).",
+            rich_help_panel=PANEL_MASSIVE)] = False,
+        attention_prompt: Annotated[Optional[str], typer.Option(
+            "--attention-prompt", help="Text of the --attention heat maps (default: Sun et al.'s exp4 prompt).",
+            rich_help_panel=PANEL_MASSIVE)] = None,
         kind: Annotated[Optional[list[str]], typer.Option("--kind", help="Residual site kinds: embed, attn_out, "
                                                           "mlp_pre, mlp_out, resid_post, final_norm. Repeatable.",
                                                           rich_help_panel="Sites")] = None,
@@ -160,6 +205,21 @@ def register(app: typer.Typer) -> None:
         if layer is not None and not (prompt or (plots and "3d" in plots)):
             raise ActsparseError("--layer picks the layer of the 3D plot", "use it with --prompt or --plot 3d",
                                  exit_code=2)
+        from probes.massive_intervene import parse_modes
+
+        modes = parse_modes(intervene) if intervene is not None else ()
+        if intervene is not None and not modes:
+            raise ActsparseError("--intervene was given no intervention", "use --intervene zero,mean (or zero, or "
+                                 "mean)", exit_code=2)
+        if (modes or attention) and prompt is not None:
+            raise ActsparseError("--intervene and --attention measure the corpus sequences, not one --prompt",
+                                 "drop --prompt (use --attention-prompt for the heat maps' text)", exit_code=2)
+        if intervene_layer is not None and not (modes or attention):
+            raise ActsparseError("--intervene-layer picks the layer of --intervene / --attention",
+                                 "use it with --intervene zero,mean or --attention", exit_code=2)
+        if attention_prompt is not None and not attention:
+            raise ActsparseError("--attention-prompt is the text of the --attention heat maps",
+                                 "add --attention", exit_code=2)
         if output is not None:
             from actsparse_cli.common import run_inputs
 
@@ -178,13 +238,16 @@ def register(app: typer.Typer) -> None:
                               seed=seed, bos=bos, skip_first=skip_first, top_k=top_k, kinds=kinds,
                               sites=tuple(site or ()), int8=int8, clip_quantile=clip_quantile,
                               int8_calibration=int8_calibration.value,
-                              capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None)
+                              capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None,
+                              intervene=modes, intervene_layer=intervene_layer, attention=attention,
+                              attention_prompt=attention_prompt)
         if prompt is None:
             from probes.corpus import check_corpus_spec
 
             check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         fmt_out = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+        load_dtype = preset_dtype(preset.value, dtype, device)
+        lm = load(checkpoint, config, arch, device, load_dtype, trust_remote_code, unsafe_pickle, tokenizer,
                   device_map=device_map)
         if layer is not None and want_3d:  # a --layer the model does not have would draw no 3D plot, silently
             from probes.residual import find_residual_sites
@@ -199,7 +262,8 @@ def register(app: typer.Typer) -> None:
         with batch_progress(quiet, "massive") as progress:
             result = run_massive(lm, opts, progress=progress)
         options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
-                   "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
+                   "device": device, "dtype": dtype.value, "load_dtype": load_dtype,
+                   "trust_remote_code": trust_remote_code,
                    "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
                    "plot": plots, "layer": layer, "device_map": getattr(device_map, "value", None)}
         if output is not None:
@@ -219,5 +283,8 @@ def register(app: typer.Typer) -> None:
         emit(fmt_out, out)
         if output is not None and not quiet:
             stderr_console().print(f"wrote {output}/ (massive_layers, massive_topk, massive_channels"
-                                   f"{', massive_int8' if result.int8 else ''} .parquet/.csv, figures, summary.md, "
+                                   f"{', massive_int8' if result.int8 else ''}"
+                                   f"{', massive_intervene' if result.intervene else ''}"
+                                   f"{', massive_attention' if result.attention else ''} .parquet/.csv, figures, "
+                                   "summary.md, "
                                    "manifest.json)", markup=False)

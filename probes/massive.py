@@ -11,7 +11,12 @@ Two anchors, two medians, kept apart in column names:
 - Max_act_llm (clx1415926/Max_act_llm analyze_model.py): per token, max |h| over channels
   divided by that token's own lower median over channels (``token_ratio_*``,
   ``token_median_mean``); a token is massive when its max > 100 and its ratio > 1000
-  (``n_massive_tokens``, the reference's strict inequalities).
+  (``n_massive_tokens``, the reference's strict inequalities); and its pooled layer-wide |x|
+  quantiles ``abs_median`` ... ``abs_q999`` (analyze_model.py ``StatsAccumulator._update_sun`` /
+  ``finalize``: a 512-bin log10 histogram over [1e-8, 1e8], zeros apart; ``maxact_abs_quantile``).
+
+Sun et al.'s exp3 (``--intervene``: ``probes.massive_intervene``) and exp4 (``--attention``:
+``probes.attention_sinks``) run after the main pass, on the same sequences.
 
 Nothing is stored across sequences: state is O(channels + top_k + max positions), and two
 probes of the same site ``merge`` into the state of one run over both inputs.
@@ -49,6 +54,45 @@ INT8_CALIBRATIONS = ("held-out", "in-sample")
 LOG_HIST_BINS = 8192
 LOG_HIST_DECADES = 7.0  # the |x| histogram covers [max * 1e-7, max]
 SUN_DEFAULT_PROMPT = "Summer is warm. Winter is cold."  # main_llm.py --exp1
+# Max_act_llm analyze_model.py StatsAccumulator._ABSMED_*: layer-wide |x| log histogram, 512 bins over
+# log10 |x| in [-8, 8] (~7 % wide), zeros counted apart; quantiles by StatsAccumulator.finalize's rule
+MAXACT_ABS_BINS = 512
+MAXACT_ABS_LOG_MIN = -8.0
+MAXACT_ABS_LOG_MAX = 8.0
+MAXACT_ABS_QUANTILES = (("abs_median", 0.5), ("abs_q25", 0.25), ("abs_q75", 0.75), ("abs_q90", 0.90),
+                        ("abs_q99", 0.99), ("abs_q999", 0.999))
+
+
+def maxact_abs_bins(a):
+    """Bin index of each |x| > 0 in Max_act_llm's layer-wide histogram (analyze_model.py ``_update_sun``:
+    floor((log10 |x| + 8) / 16 x 512), clamped to [0, 511]); |x| = inf or NaN goes to the last bin."""
+    import torch
+
+    span = MAXACT_ABS_LOG_MAX - MAXACT_ABS_LOG_MIN
+    lg = torch.log10(a.double())
+    lg = torch.nan_to_num(lg, nan=MAXACT_ABS_LOG_MAX, posinf=MAXACT_ABS_LOG_MAX)
+    return ((lg - MAXACT_ABS_LOG_MIN) / span * MAXACT_ABS_BINS).floor().long().clamp(0, MAXACT_ABS_BINS - 1)
+
+
+def maxact_abs_quantile(hist: Sequence[int], n_zero: int, total: int, q: float) -> float:
+    """Max_act_llm analyze_model.py ``StatsAccumulator.finalize`` ``quantile(q)``: target q x total; 0 when it
+    falls in the zero bucket; else the first bin whose cumulative count reaches it, log-linear inside it."""
+    if total <= 0:
+        return math.nan
+    target = q * total
+    if target <= n_zero:
+        return 0.0
+    t = target - n_zero
+    span = MAXACT_ABS_LOG_MAX - MAXACT_ABS_LOG_MIN
+    width = span / MAXACT_ABS_BINS
+    run = 0
+    last = len(hist) - 1
+    for i, c in enumerate(hist):
+        prev, run = run, run + int(c)
+        if run >= t or i == last:
+            frac = ((t - prev) / c) if c > 0 else 0.5
+            return float(10.0 ** (MAXACT_ABS_LOG_MIN + i * width + frac * width))
+    return math.nan
 
 
 def lower_median(x):
@@ -73,7 +117,8 @@ class BatchContext:
 # ---------------------------------------------------------------------------------------------- the probe
 _SUM = ("n_seq", "n_tokens", "sum_top1", "sum_top2", "sum_top3", "sum_median", "n_massive", "n_massive_first_token",
         "n_massive_first_delim", "n_seq_with_massive", "n_nonfinite", "n_massive_tokens", "sum_token_ratio",
-        "sum_token_median", "chan_massive", "chan_massive_first_token", "chan_massive_first_delim")
+        "sum_token_median", "chan_massive", "chan_massive_first_token", "chan_massive_first_delim",
+        "abs_hist", "abs_hist_zero", "abs_hist_count")
 
 
 def _wins(new_abs, new_sample, old_abs, old_sample):
@@ -121,6 +166,9 @@ class MassiveProbe:
             "chan_massive_first_delim": torch.zeros(C, **i64),
             # per position (bounded by the longest sequence, not by the number of sequences)
             "pos_massive": torch.zeros(0, **i64),
+            # Max_act_llm's pooled layer-wide |x| histogram (every counted entry of every sequence)
+            "abs_hist": torch.zeros(MAXACT_ABS_BINS, **i64), "abs_hist_zero": torch.zeros((), **i64),
+            "abs_hist_count": torch.zeros((), **i64),
             # top-K entries with coordinates; they start empty and grow to min(K, entries seen), so memory
             # follows the data measured, not the --top-k given (abs = -1 would mark an empty slot)
             "topk_abs": torch.zeros(0, **f32), "topk_value": torch.zeros(0, **f32),
@@ -180,6 +228,16 @@ class MassiveProbe:
         pm = pm.clone()
         pm[:T] += pos_counts.sum(0)
         s["pos_massive"] = pm
+
+        # Max_act_llm: pooled |x| histogram of every counted entry (zeros apart).
+        flat = a[mask]  # [n_counted, C]
+        flat = flat.reshape(-1)
+        zero = flat <= 0
+        s["abs_hist_zero"] = s["abs_hist_zero"] + zero.sum()
+        s["abs_hist_count"] = s["abs_hist_count"] + flat.numel()
+        nz = flat[~zero]
+        if nz.numel():
+            s["abs_hist"] = s["abs_hist"] + torch.bincount(maxact_abs_bins(nz), minlength=MAXACT_ABS_BINS)
 
         # Signed extremes and overflow (fp16 saturates to inf above 65504).
         s["max"] = torch.maximum(s["max"], x.masked_fill(~m3, -math.inf).amax())
@@ -354,6 +412,11 @@ class MassiveProbe:
         row["token_ratio_max_median"] = float(s["max_token_ratio_median"]) if n_tok else nan
         row["n_massive_tokens"] = int(s["n_massive_tokens"])
         row["n_nonfinite"] = int(s["n_nonfinite"])
+        hist, n0, tot = s["abs_hist"].tolist(), int(s["abs_hist_zero"]), int(s["abs_hist_count"])
+        for name, q in MAXACT_ABS_QUANTILES:
+            row[name] = maxact_abs_quantile(hist, n0, tot, q)
+        row["abs_hist_count"] = tot
+        row["abs_hist_zero_frac"] = n0 / tot if tot else nan
         return row
 
     def topk(self) -> list[dict[str, Any]]:
@@ -544,6 +607,11 @@ class MassiveOptions(CorpusOptions):
     int8_calibration: str = "held-out"  # or "in-sample" (scales and errors on the same sequences)
     int8_calibration_samples: int | None = None  # held-out: sequences for the scales (None: a third, at least 1)
     capture_prompt: str | None = None  # also keep one prompt's full tensors for the 3D plot
+    # Sun et al.'s exp3 / exp4 (probes.massive_intervene, probes.attention_sinks)
+    intervene: Sequence[str] = field(default_factory=tuple)  # any of "zero", "mean"
+    intervene_layer: int | None = None  # None: the first resid_post layer with massive entries
+    attention: bool = False  # per-layer, per-head attention shares on the massive positions
+    attention_prompt: str | None = None  # None: Sun's exp4 prompt, for the per-layer logit heat maps
 
 
 @dataclass
@@ -566,17 +634,24 @@ class MassiveResult:
     channel_max: dict[str, Any] = field(repr=False, default_factory=dict)  # canonical -> numpy [C] max |a|
     capture: PromptCapture | None = field(repr=False, default=None)
     probes: dict[str, Any] = field(repr=False, default_factory=dict)
+    intervene: list[dict[str, Any]] = field(default_factory=list)  # Sun exp3: PPL per mode
+    intervene_values: list[dict[str, Any]] = field(default_factory=list)  # the means set_mean uses
+    attention: list[dict[str, Any]] = field(default_factory=list)  # Sun exp4: per (layer, head) shares
+    attention_prompt: list[dict[str, Any]] = field(default_factory=list)  # head-mean logits of one prompt
 
     def table(self, name: str = "layers"):
         import pandas as pd
 
         return pd.DataFrame({"layers": self.layers, "topk": self.topk, "channels": self.channels,
-                             "int8": self.int8}[name])
+                             "int8": self.int8, "intervene": self.intervene,
+                             "intervene_values": self.intervene_values, "attention": self.attention,
+                             "attention_prompt": self.attention_prompt}[name])
 
     def tables(self) -> dict[str, Any]:
         """Every table of the result, by the name it is written under (``probes.analysis.Result``);
-        ``massive_int8`` only when the INT8 check ran."""
-        names = ("layers", "topk", "channels") + (("int8",) if self.int8 else ())
+        ``massive_int8``, ``massive_intervene*`` and ``massive_attention*`` only when they ran."""
+        names = ("layers", "topk", "channels") + tuple(
+            n for n in ("int8", "intervene", "intervene_values", "attention", "attention_prompt") if getattr(self, n))
         return {f"massive_{n}": self.table(n) for n in names}
 
 
@@ -648,7 +723,19 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     td = TokenData(windows, bs, pad_id(tok), loaded.device)
     n_batches = td.n_batches()
     split8 = int8_split([smp.sample_id for smp in samples], opts) if opts.int8 else None
+    from probes.massive_intervene import parse_modes
+
+    modes = parse_modes(opts.intervene)
+    if (modes or opts.attention) and opts.prompt is not None:
+        raise DataError("--intervene and --attention measure the preset's corpus sequences, not one --prompt",
+                        "drop --prompt (use --attention-prompt for the attention heat maps' text)")
+    if (modes or opts.attention) and (loaded.is_encoder_decoder or not loaded.is_causal_lm):  # before any batch
+        what = " and ".join(o for o, on in (("--intervene", modes), ("--attention", opts.attention)) if on)
+        raise ModelError(f"{what} need a causal language model (next-token perplexity, causal self-attention); "
+                         f"this model is {'an encoder-decoder' if loaded.is_encoder_decoder else 'not causal'}",
+                         f"run massive without {what} on this model")
     total = n_batches + (sum(td.n_batches([windows[i] for i in part]) for part in split8) if split8 else 0)
+    total += n_batches * ((1 + len(modes) if modes else 0) + (1 if opts.attention else 0))
     if progress:
         progress(total, 0)
     tick = (lambda k: progress(total, k)) if progress else None
@@ -700,6 +787,22 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     int8_info: dict[str, Any] | None = None
     if opts.int8:
         int8_rows, int8_info = _int8_check(loaded, sites, gmax, rows, td, opts, tick, split8)
+    iv_rows: list[dict[str, Any]] = []
+    iv_vals: list[dict[str, Any]] = []
+    iv_info = at_info = None
+    at_rows: list[dict[str, Any]] = []
+    at_prompt: list[dict[str, Any]] = []
+    if modes or opts.attention:
+        from probes.massive_intervene import reference_layer, run_intervention
+
+        ref = reference_layer(sites, rows, probes, opts.intervene_layer)
+        if modes:
+            iv_rows, iv_vals, iv_info = run_intervention(loaded, sites, rows, probes, td, modes, tick=tick, ref=ref)
+        if opts.attention:
+            from probes.attention_sinks import run_attention
+
+            at_rows, at_prompt, at_info = run_attention(loaded, ref, td, tick=tick, prompt=opts.attention_prompt,
+                                                        bos=opts.bos)
     capture = None
     cap_prompt = opts.capture_prompt
     if cap_prompt:
@@ -740,9 +843,16 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
         "n_sites": len(rows),
         "seconds": round(elapsed, 3),
         "int8": int8_info,
+        "intervene": iv_info,
+        "attention": at_info,
+        "abs_quantiles": "abs_median ... abs_q999: Max_act_llm analyze_model.py StatsAccumulator (_update_sun, "
+                         f"finalize): {MAXACT_ABS_BINS}-bin log10 histogram of |x| over [1e{MAXACT_ABS_LOG_MIN:g}, "
+                         f"1e{MAXACT_ABS_LOG_MAX:g}] pooled over every counted entry of the layer, zeros apart, "
+                         "log-linear interpolation in the bin",
         "options": asdict(opts),
     }
-    return MassiveResult(rows, topk_rows, chan_rows, gmax, int8_rows, info, channel_max, capture, probes)
+    return MassiveResult(rows, topk_rows, chan_rows, gmax, int8_rows, info, channel_max, capture, probes,
+                         iv_rows, iv_vals, at_rows, at_prompt)
 
 
 def _channel_rows(site, layer_1based, ch: dict[str, Any], n_top: int = 8) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ FAMILY_SEQ_LEN = {"llama": 4096, "mistral": 4096, "mixtral": 4096, "falcon": 409
                   "gpt_neox": 2048, "opt": 2048, "mpt": 2048, "gpt2": 1024}
 SUN_DEFAULT_SEQ_LEN = 4096
 MAX_DOCS_SUN = 500  # get_data samples 500 documents before joining them
+MAXACT_MAX_SEQ_LEN = 32768  # analyze_model.py --max_seq_len default (capped here at the model's position limit)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Preset:
     seed: int
     batch_size: int
     protocol: str
+    reference_dtype: str = "float32"  # the dtype the reference ran in (on GPU): --dtype auto uses it on CUDA
 
 
 PRESETS: dict[str, Preset] = {
@@ -36,12 +38,15 @@ PRESETS: dict[str, Preset] = {
         "Sun et al. 2024 (main_llm.py --exp2, lib/load_data.get_data): documents sampled with numpy seed 1 (at most "
         "500), joined with blank lines, tokenized with no special tokens (no BOS), cut into contiguous chunks of the "
         "family's length (LLaMA/Mistral 4096, OPT/Pythia/MPT 2048, GPT-2 1024, else 4096; capped at the model's "
-        "position limit), 10 sequences; per-sequence statistics averaged over sequences"),
+        "position limit), 10 sequences; per-sequence statistics averaged over sequences; float16 on CUDA "
+        "(lib/load_model.py load_llm torch_dtype=torch.float16)", reference_dtype="float16"),
     "maxact2026": Preset(
         "maxact2026", "per_sample", 2000, 0, 8,
         "Max_act_llm analyze_model.py: one document per sample (a plain-text corpus is split at blank lines), "
-        "tokenized with no special tokens, truncated to max_length, first 2000 samples, batched by length with "
-        "right padding that is masked out"),
+        "tokenized with no special tokens, truncated to max_length (default 32768, analyze_model.py --max_seq_len; "
+        "capped at the model's position limit), first 2000 samples, batched by length with right padding that is "
+        "masked out; bfloat16 on CUDA (analyze_model.py main torch_dtype=torch.bfloat16)",
+        reference_dtype="bfloat16"),
 }
 
 
@@ -153,7 +158,7 @@ def build_samples(loaded, opts, preset: Preset) -> tuple[list[Sample], dict[str,
         info.update(sampling="contiguous chunks of the joined corpus", max_length=L, n_corpus_tokens=len(ids),
                     n_full_chunks_available=n_full)
     else:
-        L = opts.max_length or min(model_max or 4096, 4096)
+        L = opts.max_length or min(model_max or MAXACT_MAX_SEQ_LEN, MAXACT_MAX_SEQ_LEN)
         if len(docs) == 1:
             docs = [d for d in (p.strip() for p in docs[0].split("\n\n")) if d]
             info["split"] = "plain-text corpus split at blank lines into samples"

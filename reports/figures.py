@@ -202,3 +202,21 @@ def tick_labels(ax, labels: list[str]) -> None:
         k = -(-len(labels) // 40)
         for i, t in enumerate(ax.get_xticklabels()):
             t.set_visible(i % k == 0)
+
+
+def log_colorbar(cb, vmin: float, vmax: float, n: int = 5) -> None:
+    """Ticks of a colour bar on a log scale as plain numbers (``3``, ``40``, ``1e+03``), about ``n`` of
+    them spread over [vmin, vmax], instead of matplotlib's minor labels such as ``6x10^0``."""
+    import numpy as np
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    from reports.numbers import fmt
+
+    if not (vmin > 0 and vmax > vmin):
+        return
+    ticks = sorted({float(f"{v:.2g}") for v in np.geomspace(vmin, vmax, n)} | {float(f"{vmax:.2g}")})
+    ticks = [t for t in ticks if vmin <= t <= vmax * 1.0001] or [vmin, vmax]
+    cb.set_ticks(ticks)
+    cb.set_ticklabels([fmt(t, 2) for t in ticks])
+    cb.ax.yaxis.set_minor_locator(NullLocator())
+    cb.ax.yaxis.set_minor_formatter(NullFormatter())

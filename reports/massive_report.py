@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from reports.bundle import atomic_output_dir
-from reports.figures import panel_size, pyplot, save
+from reports.figures import log_colorbar, panel_size, pyplot, save
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
 from reports.numbers import fmt
 from reports.tables import write_tables
@@ -137,7 +137,7 @@ def plot_heatmap(layers: pd.DataFrame, channel_max: dict[str, Any], folder: str 
         ax.set_xlabel("channel (strongest: " + ", ".join(str(int(c)) for c in top) + ")")
         if len(blocks) > 1:
             ax.set_title(kind)
-        fig.colorbar(im, ax=ax, label="max |a|", pad=0.01)
+        log_colorbar(fig.colorbar(im, ax=ax, label="max |a|", pad=0.01), vmin, vmax)
     fig.suptitle(f"{title}: max |a| per layer and channel")
     fig.tight_layout()
     return save(fig, folder, "massive_heatmap")
@@ -173,10 +173,15 @@ def plot_3d(capture, layer: int | None, folder: str | Path, title: str) -> list[
     ax = fig.add_subplot(1, 1, 1, projection="3d")
     xs = np.tile(np.arange(T), (C, 1))
     ys = np.tile(np.arange(C)[:, None], (1, T))
-    ax.plot_wireframe(xs, ys, z, rstride=0, cstride=1, color="C0", linewidth=1.2)
-    toks = [t.replace("\n", "\\n") if t.strip() else repr(t) for t in capture.tokens]
-    ax.set_xticks(range(T), toks, rotation=50, fontsize=8, ha="right")
     top = [int(c) for c in np.argsort(-z.max(1))[:2]]
+    # every channel as a thin grey line over the tokens, the two largest drawn over them in colour
+    ax.plot_wireframe(xs, ys, z, rstride=0, cstride=1, color="0.55", linewidth=0.5, alpha=0.7)
+    for c, color in zip(top, ("C5", "C1")):
+        ax.plot(np.arange(T), np.full(T, c), z[c], color=color, linewidth=2.0, label=f"channel {c}")
+    ax.legend(loc="upper left", frameon=False)
+    toks = [t.replace("\n", "\\n") if t.strip() else repr(t) for t in capture.tokens]
+    step = max(1, -(-T // 24))  # at most ~24 token labels: more overlap
+    ax.set_xticks(range(0, T, step), toks[::step], rotation=50, fontsize=8, ha="right")
     ax.set_yticks(sorted(top), [str(c) for c in sorted(top)], fontsize=8, fontweight="bold")
     ax.set_ylabel("channel")
     ax.set_zlabel("|h|")
@@ -204,6 +209,12 @@ def write_massive_files(folder: str | Path, result, title: str, plots: Iterable[
         files += plot_heatmap(layers, result.channel_max, folder, title, kinds)
     if "3d" in wanted and result.capture is not None:
         files += plot_3d(result.capture, layer, folder, title)
+    if "massive_intervene" in tables:
+        files += plot_intervene(tables["massive_intervene"], folder, title)
+    if "massive_attention" in tables:
+        files += plot_attention_heads(tables["massive_attention"], folder, title)
+    if "massive_attention_prompt" in tables:
+        files += plot_attention_prompt(tables["massive_attention_prompt"], folder, title)
     return files
 
 
@@ -263,6 +274,7 @@ def massive_summary_lines(result, kinds: Iterable[str] | None = None) -> list[st
                       f"{g['channel']}, token {md_code(repr(g['token']))}."]  # the token string comes from the corpus
     if info.get("overflow"):
         lines += ["", f"**Overflow:** {md_escape(info['overflow'])}: {md_escape(', '.join(info['nonfinite_sites']))}."]
+    lines += intervene_attention_summary_lines(result)
     if result.int8:
         i8 = info.get("int8") or {}
         lines += ["", f"INT8 at {md_escape(result.int8[0]['canonical_name'])} (per-tensor symmetric, "
@@ -273,4 +285,170 @@ def massive_summary_lines(result, kinds: Iterable[str] | None = None) -> list[st
         for r in result.int8:
             lines.append(f"| {r['policy']} | {fmt(r['threshold'])} | {fmt(r['rel_rmse'])} | {fmt(r['sqnr_db'])} | "
                          f"{fmt(r['clip_rate'])} |")
+    return lines
+
+
+# ------------------------------------------------------- Sun et al.'s exp3 (intervention) and exp4 (attention)
+def attention_by_layer(rows) -> list[dict[str, Any]]:
+    """``massive_attention`` rows (one per layer and head) -> one row per layer: the mean over heads of each
+    share, and the largest head's share on position 0."""
+    df = pd.DataFrame(list(rows)) if not isinstance(rows, pd.DataFrame) else rows
+    if df.empty:
+        return []
+    cols = ["attn_share_first", "attn_share_peak", "attn_share_massive", "uniform_share_first", "uniform_share_peak",
+            "logit_first_mean", "logit_peak_mean", "logit_other_mean"]
+    g = df.groupby("layer", sort=True)
+    out = g[[c for c in cols if c in df]].mean()
+    out["max_head_share_first"] = g["attn_share_first"].max()
+    out["n_heads"] = g["head"].count()
+    return out.reset_index().to_dict("records")
+
+
+def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
+    """Sun et al. 2024 Table 3 as bars: perplexity of the original model and of each intervention (log scale)."""
+    if table is None or table.empty:
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.55 * len(table)))
+    modes = [str(m) for m in table["mode"]]
+    ppl = table["ppl"].to_numpy(float)
+    colors = ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
+    y = list(range(len(modes)))[::-1]
+    ax.barh(y, ppl, color=colors, height=0.6)
+    for yi, v, r in zip(y, ppl, table["ppl_ratio"].to_numpy(float)):
+        ax.text(v, yi, f" {fmt(v)}  ({fmt(r, 6)} x original)", va="center", fontsize=9)
+    ax.set_yticks(y, [{"original": "original", "zero": "set to zero", "mean": "set to mean"}.get(m, m) for m in modes])
+    if max(ppl) > 3 * min(ppl):  # the paper's collapse (zero) spans decades
+        ax.set_xscale("log")
+        ax.set_xlim(min(ppl) / 1.5, max(ppl) * 6)
+        ax.set_xlabel("perplexity (log scale)")
+    else:
+        ax.set_xlim(0, max(ppl) * 1.6)
+        ax.set_xlabel("perplexity")
+    first = table.iloc[0]
+    ax.set_title(f"{title}: intervention at layer {int(first['layer'])} (0-based), channels {first['channels']}",
+                 fontsize=10)
+    fig.tight_layout()
+    return save(fig, folder, "massive_intervene")
+
+
+def plot_attention_heads(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
+    """Per layer and head: the attention share on position 0, on Sun's exp3 positions (0 and the peak) and, when
+    any sequence has them, on the Sun-massive positions; one colour scale [0, 1]."""
+    import numpy as np
+
+    if table is None or table.empty:
+        return []
+    panels = [("attn_share_first", "share on position 0"), ("attn_share_peak", "share on 0 + peak position")]
+    if table["attn_share_massive"].notna().any():
+        panels.append(("attn_share_massive", "share on massive positions"))
+    L, H = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
+    uni = float(table["uniform_share_first"].iloc[0])
+    vmax = float(np.nanmax([np.nanmax(table[c].to_numpy(float)) for c, _ in panels] + [uni]))
+    vmax = 1.0 if vmax > 0.5 else vmax  # sinks: the full [0, 1]; else the data's range, so small shares show
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(1.2 + len(panels) * max(3.2, 0.35 * H + 1.6), max(3.0, 0.3 * L + 2.0)))
+    im = None
+    for ax, (colname, lab) in zip(axes[0], panels):
+        mat = np.full((L, H), np.nan)
+        for r in table.itertuples():
+            mat[int(r.layer), int(r.head)] = getattr(r, colname)
+        im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="YlGnBu", vmin=0, vmax=vmax,
+                       origin="lower")
+        if L * H <= 64:  # small grids: the values themselves
+            for (li, hi), v in np.ndenumerate(mat):
+                if v == v:
+                    ax.text(hi, li, fmt(v, 2), ha="center", va="center", fontsize=7,
+                            color="white" if v > 0.6 * vmax else "black")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer (0-based)")
+        ax.set_title(lab, fontsize=10)
+        if L <= 40:
+            ax.set_yticks(range(L))
+        if H <= 40:
+            ax.set_xticks(range(H))
+        ax.tick_params(labelsize=7)
+    fig.subplots_adjust(top=0.80, wspace=0.35)
+    fig.colorbar(im, ax=list(axes[0]), label="mean attention probability", pad=0.02)
+    fig.suptitle(f"{title}: attention share per layer and head\n(uniform attention would put {fmt(uni, 3)} on "
+                 "position 0)", fontsize=10)
+    return save(fig, folder, "massive_attention")
+
+
+def plot_attention_prompt(table: pd.DataFrame, folder: str | Path, title: str, max_layers: int = 36) -> list[str]:
+    """Sun et al. 2024 Fig. 6 style (lib/plot_utils_llm.py ``plot_attn``): per layer, the attention logits of one
+    prompt averaged over heads, lower triangle (query down, key across); one panel per layer."""
+    import math as _math
+
+    import numpy as np
+
+    if table is None or table.empty:
+        return []
+    layers = sorted(int(v) for v in table.layer.unique())
+    if len(layers) > max_layers:  # evenly spaced, always the first and the last
+        idx = np.unique(np.linspace(0, len(layers) - 1, max_layers).round().astype(int))
+        layers = [layers[i] for i in idx]
+    T = int(table["query"].max()) + 1
+    ncol = min(4, len(layers))
+    nrow = _math.ceil(len(layers) / ncol)
+    plt = pyplot()
+    fig, axes = plt.subplots(nrow, ncol, squeeze=False, figsize=(3.3 * ncol + 0.6, 3.1 * nrow + 0.8))
+    toks = table[table.layer == layers[0]].drop_duplicates("query").sort_values("query")["query_token"].tolist()
+    for ax, li in zip(axes.flat, layers):
+        g = table[table.layer == li]
+        mat = np.full((T, T), np.nan)
+        mat[g["query"].to_numpy(int), g["key"].to_numpy(int)] = g["logit_mean"].to_numpy(float)
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap="YlGnBu", interpolation="nearest")
+        ax.set_facecolor("whitesmoke")
+        ax.set_title(f"layer {li}", fontsize=9)
+        if T <= 24:  # short prompts: the tokens themselves
+            labels = [t.replace("\n", "\\n") for t in toks]
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(T), labels, fontsize=6)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    first = toks[0].replace("\n", "\\n") if toks else ""
+    fig.suptitle(f"{title}: attention logits averaged over heads, {T} prompt tokens (first {first!r}); "
+                 "query down, key across, key 0 at the left", fontsize=10)
+    fig.tight_layout()
+    return save(fig, folder, "massive_attention_prompt")
+
+
+def intervene_attention_summary_lines(result) -> list[str]:
+    """summary.md lines of the intervention and attention analyses (empty when neither ran)."""
+    from reports.markdown import md_escape
+
+    lines: list[str] = []
+    info = result.info
+    if result.intervene:
+        iv = info.get("intervene") or {}
+        first = result.intervene[0]
+        lines += ["", f"Intervention (Sun et al. 2024 exp3) at layer {first['layer']} (0-based, "
+                      f"{md_escape(first['canonical_name'])}; {md_escape(iv.get('layer_rule', ''))}), channels "
+                      f"{first['channels']} ({md_escape(iv.get('channel_rule', ''))}), positions 0 and each "
+                      f"sequence's largest-{md_escape('|h|')} position, on {first['n_sequences']} sequences "
+                      f"({first['n_targets']} targets):", "",
+                  "| mode | PPL | x original | mean NLL |", "|---|---:|---:|---:|"]
+        for r in result.intervene:
+            lines.append(f"| {r['mode']} | {fmt(r['ppl'])} | {fmt(r['ppl_ratio'], 6)} | {fmt(r['nll_mean'])} |")
+    if result.attention:
+        at = info.get("attention") or {}
+        per = attention_by_layer(result.attention)
+        lines += ["", f"Attention (Sun et al. 2024 exp4): share of attention probability per layer, mean over heads "
+                      f"(max head in brackets), every query at position >= 1; reference layer "
+                      f"{at.get('reference_layer')} ({md_escape(at.get('layer_rule', ''))}); "
+                      f"{at.get('n_seq_with_massive', 0)} of {at.get('n_sequences', 0)} sequences hold Sun-massive "
+                      "positions there.", "",
+                  "| layer | share pos 0 | uniform pos 0 | share 0 + peak | uniform 0 + peak | share massive | "
+                  "logit pos 0 | logit other |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in per:
+            lines.append(f"| {int(r['layer'])} | {fmt(r['attn_share_first'], 3)} ({fmt(r['max_head_share_first'], 3)})"
+                         f" | {fmt(r['uniform_share_first'], 3)} | {fmt(r['attn_share_peak'], 3)} | "
+                         f"{fmt(r['uniform_share_peak'], 3)} | {fmt(r['attn_share_massive'], 3)} | "
+                         f"{fmt(r['logit_first_mean'], 3)} | {fmt(r['logit_other_mean'], 3)} |")
     return lines
