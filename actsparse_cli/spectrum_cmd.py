@@ -71,7 +71,8 @@ def spectrum_output(df, summary: dict, n_ww: int, title: str):
     cols = [name_col("name", "name"), col("shape", "shape", str, drop=6),
             col("alpha", "alpha"), col("D", "D", drop=2), col("sigma_mp", "sigma_mp", drop=3),
             col("spikes", "num_spikes", drop=1), col("stable_rank", "stable_rank", drop=4),
-            col("kappa/kappa_mp", "kappa_ratio", drop=5), Col("status", status, left=True),
+            col("kappa_2309", "kappa_2309", drop=5), col("cond_nz/mp", "cond_nz_over_mp", drop=7),
+            Col("status", status, left=True),
             col("warning", "warning", lambda v: "" if v is None or v != v else str(v), left=True)]
     means = ", ".join(f"{k}={fmt(v)}" for k, v in summary.items())
     return Output(items=[View(title, rows, cols), f"WW summary (mean over {n_ww} layers): {means}"],

@@ -89,6 +89,9 @@ ANALYSES: dict[str, Analysis] = {
         # from the weights alone: no corpus, no forward pass, so never beside `measure`
         Analysis("drift", "drift", "probes.drift:DriftOptions", "probes.drift:run_drift",
                  "per-linear weight statistics, Bug-or-Feature^2", with_measure=False),
+        Analysis("flatness", "flatness", "probes.flatness:FlatnessOptions", "probes.flatness:flatness",
+                 "flatness, gradient density and diagonality per MLP layer, arXiv 2309.03004",
+                 check="probes.flatness:check_flatness"),
     )
 }
 

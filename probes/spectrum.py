@@ -30,13 +30,14 @@ from probes.formats import Sniffed, count_tensors, sniff
 from probes.spectrum_fit import (  # noqa: F401
     CONV2D_SCALE, ENTROPY_EPS, EPS32, EVALS_THRESH, GRAM_MIN_Q, GRAM_MIN_RATIO, KDE_BANDWIDTH, KDE_MIN_DENSITY,
     KDE_POINTS, MAX_EVALS, MAX_N, MIN_EVALS, MP_PENALTY, OVER_TRAINED, SMALL_N, SMALL_N_MIN_TAIL, UNDER_TRAINED,
-    WEAK_RANK_TOL, MPFit, PowerLawFit, _is_float, _to_numpy, _too_large, check_finite, condition_columns, dtype_name,
+    KKT_COLUMNS, KKT_RATIO_THRESHOLD, KKT_RATIO_THRESHOLD_DEFAULT, WEAK_RANK_TOL, MPFit, PowerLawFit, _is_float,
+    _to_numpy, _too_large, check_finite, condition_columns, dtype_name, kkt_columns, kkt_eigenvalues,
     esd_columns, fit_marchenko_pastur, fit_power_law, gram_evals_ok, gram_matrix, jensen_shannon_distance,
     kde_on_grid, mp_density, norm_columns, r_factor, svals_cpu, weight_slices, ww_dims, ww_skip_reason, ww_warning)
 
 WW_SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm",
                       "stable_rank", "mp_softrank")
-INT_COLUMNS = ("N", "M", "rf", "num_evals", "rank_loss", "weak_rank_loss", "num_pl_spikes", "matrix_rank",
+INT_COLUMNS = ("N", "M", "rf", "kkT_rows", "num_evals", "rank_loss", "weak_rank_loss", "num_pl_spikes", "matrix_rank",
                "num_spikes", "rand_num_spikes", "num_traps")
 # Column order of the table: identity, WW's details columns, then ours.
 COLUMNS = (
@@ -46,7 +47,7 @@ COLUMNS = (
     "num_spikes", "sigma_mp", "mp_softrank", "W_scale", "bulk_max", "bulk_min",
     "norm", "log_norm", "spectral_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm",
     "stable_rank", "matrix_rank", "entropy",
-    "kappa", "kappa_nz", "kappa_nz_tol", "kappa_mp", "kappa_ratio",
+    "kappa", "kappa_nz", "kappa_nz_tol", "kappa_mp", "cond_nz_over_mp", "kkT_rows", *KKT_COLUMNS,
     "max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist", "rand_num_spikes", "num_traps",
     "rand_sigma_mp", "rand_mp_softrank", "rand_W_scale", "rand_bulk_max", "rand_bulk_min",
     "status", "warning", "ww_skipped", "ww_skip_reason", "non_ww",
@@ -323,6 +324,8 @@ def _finish(job: _Job, randomize: bool, on_layer: Callable[[dict, np.ndarray], N
     with np.errstate(divide="ignore", invalid="ignore"):
         row.update(norm_columns(evals, alpha, N))
         row.update(condition_columns(job.svals["main"], N, M))
+        if row["layer_type"] == "dense":  # arXiv 2309.03004's K K^T statistics, K [neurons, inputs]
+            row.update(kkt_columns(job.svals["main"], int(row["kkT_rows"])))
     if randomize:
         row.update(_random_columns(evals, job, N, M, notes))
     row["warning"] = "; ".join(notes) if notes else ww_warning(alpha)
@@ -412,7 +415,8 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         reason = "" if non_ww else ww_skip_reason(name, N, M, rf)
         row = _empty_row(name=name + (f"[{part}]" if part else ""), module=_module(name), part=part,
                          layer_type=layer_type, shape="x".join(map(str, W.shape)), dtype=source_dtype,
-                         N=N, M=M, rf=rf, Q=N / M, ww_skipped=bool(reason), ww_skip_reason=reason, non_ww=non_ww)
+                         N=N, M=M, rf=rf, Q=N / M, ww_skipped=bool(reason), ww_skip_reason=reason, non_ww=non_ww,
+                         kkT_rows=neuron_rows(name, W.shape, config) if W.ndim == 2 else math.nan)
         rows[order] = row
         if _too_large(N, M, rf):
             row.update(status="skipped", warning="not computed: beyond WeightWatcher's size limits "
@@ -496,8 +500,24 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
     return df
 
 
+# GPT-2-style checkpoints store these weights as transformers' Conv1D, [in, out]: the neurons (the rows of
+# K in an nn.Linear [out, in]) are their columns.
+_CONV1D_MODEL_TYPES = ("gpt2", "imagegpt", "decision_transformer")
+_CONV1D_SUFFIXES = ("c_fc.weight", "c_proj.weight", "c_attn.weight", "q_attn.weight")
+
+
+def neuron_rows(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> int:
+    """How many neurons (output units) a 2-D weight has: its rows as an ``nn.Linear`` ``[out, in]``; its
+    columns for GPT-2's Conv1D ``[in, out]`` (config.json ``model_type`` gpt2 and a ``c_fc``/``c_proj``/
+    ``c_attn`` name). K K^T of arXiv 2309.03004 is neurons x neurons."""
+    base = name.split("[", 1)[0]
+    if (config or {}).get("model_type") in _CONV1D_MODEL_TYPES and base.endswith(_CONV1D_SUFFIXES):
+        return int(shape[1])
+    return int(shape[0])
+
+
 def load_config(sn: Sniffed) -> dict[str, Any] | None:
-    """The checkpoint's config.json (used only to split fused tensors), if there is one."""
+    """The checkpoint's config.json (to split fused tensors, and GPT-2's Conv1D orientation), if there is one."""
     if not sn.config_path:
         return None
     try:
@@ -556,7 +576,7 @@ def analyze_checkpoint(
     with limit:
         df = analyze_tensors(
             iter_arrays(sn, unsafe_pickle=unsafe_pickle), device=device, split_fused=split_fused,
-            randomize=randomize, seed=seed, config=load_config(sn) if split_fused else None,
+            randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
             workers=workers)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -359,7 +359,9 @@ def condition_columns(svals: np.ndarray, N: int, M: int) -> dict[str, float]:
 
     kappa_mp = (sqrt Q + 1)/(sqrt Q - 1) is the condition number of a random N x M matrix's
     bulk (edges of the Marchenko-Pastur law), Q = max/min of the matrix dimensions;
-    kappa_ratio = kappa_nz / kappa_mp is the spectral concentration of arXiv 2309.03004.
+    cond_nz_over_mp = kappa_nz / kappa_mp: how far the non-zero condition number is above that
+    baseline. (Until 2026-12 this column was called ``kappa_ratio`` and described as arXiv
+    2309.03004's spectral concentration; it is not that quantity: see ``kkt_columns``.)
     """
     s = np.asarray(svals, dtype=np.float64).ravel()
     s_max, s_min = float(s.max()), float(s.min())
@@ -369,7 +371,63 @@ def condition_columns(svals: np.ndarray, N: int, M: int) -> dict[str, float]:
     kappa_mp = (math.sqrt(q) + 1) / (math.sqrt(q) - 1) if q > 1 else math.inf
     kappa_nz = s_max / float(nz.min()) if nz.size else math.nan
     return {"kappa": s_max / s_min if s_min > 0 else math.inf, "kappa_nz": kappa_nz, "kappa_nz_tol": tol,
-            "kappa_mp": kappa_mp, "kappa_ratio": kappa_nz / kappa_mp if q > 1 else math.nan}
+            "kappa_mp": kappa_mp, "cond_nz_over_mp": kappa_nz / kappa_mp if q > 1 else math.nan}
+
+
+# arXiv 2309.03004's spectral concentration of K K^T (cdgyp/sparsity, codes/modules/hooks.py,
+# ``SpectralObservationPlugin.spectral_properties(g, K, ratio_threshold=0.1, eps=1e-32)``): an
+# eigenvalue of K K^T is "non-zero" when it exceeds ratio_threshold x their mean. The after-training
+# script that calls it on checkpoints (codes/scripts/after_training/spectral.py, ``--threshold-ratio``,
+# and spectral.ipynb, ``threshold_ratio=10``) passes 10; the function's own default is 0.1.
+KKT_RATIO_THRESHOLD = 10.0  # spectral.py / spectral.ipynb: the value the reference's analysis runs with
+KKT_RATIO_THRESHOLD_DEFAULT = 0.1  # spectral_properties' signature default
+KKT_EPS = 1e-32
+KKT_COLUMNS = ("kappa_2309", "kappa_2309@0.1", "kkT_max_eigenvalue", "kkT_min_nonzero_eigenvalue",
+               "kkT_zero_rate", "kkT_max_pseudo_zero", "kkT_average_eigenvalue", "kkT_average_nonzero_eigenvalue")
+
+
+def kkt_eigenvalues(svals: np.ndarray, rows: int) -> np.ndarray:
+    """The ``rows`` eigenvalues of K K^T (ascending) from the singular values of K (``rows`` x cols):
+    s^2, and rows - len(s) exact zeros when K has more rows than columns."""
+    s = np.asarray(svals, dtype=np.float64).ravel()
+    lam = np.concatenate([np.zeros(max(0, rows - s.size)), s * s])
+    return np.sort(lam)
+
+
+def kkt_columns(svals: np.ndarray, rows: int) -> dict[str, float]:
+    """arXiv 2309.03004's statistics of K K^T for a weight K stored as ``[rows, cols]`` (an
+    ``nn.Linear`` weight ``[out, in]``: rows are the neurons; for the MLP key weight, the d_ff neurons).
+
+    From cdgyp's ``SpectralObservationPlugin.spectral_properties`` ['kkT'], eigenvalues clamped at 0,
+    threshold t = ratio x mean(eigenvalues), non-zero = eigenvalue > t:
+
+    - ``kappa_2309``: max eigenvalue / (smallest non-zero eigenvalue + 1e-32), ratio 10 (the value the
+      reference's after-training script ``spectral.py`` runs with); 0 when no eigenvalue exceeds t
+      (their code then divides 0 by eps);
+    - ``kappa_2309@0.1``: the same with the function's default ratio 0.1;
+    - ``kkT_max_eigenvalue``, ``kkT_min_nonzero_eigenvalue`` (their ``max_eigenvalue`` and
+      ``min_nonzero_eigenvalue``, ratio 10), ``kkT_zero_rate`` (fraction of eigenvalues <= t),
+      ``kkT_max_pseudo_zero`` (the largest eigenvalue <= t), ``kkT_average_eigenvalue`` (their
+      ``average_eigenvalues``, = trace / rows) and ``kkT_average_nonzero_eigenvalue``.
+
+    The eigenvalues are s^2 of K in float64 (their code: ``torch.linalg.eigvals`` of K K^T in float32,
+    real part clamped at 0; the two agree except for eigenvalues within float32 rounding of t).
+    """
+    lam = kkt_eigenvalues(svals, rows)
+    out: dict[str, float] = {}
+    mean = float(lam.mean())
+    for ratio, key in ((KKT_RATIO_THRESHOLD, "kappa_2309"), (KKT_RATIO_THRESHOLD_DEFAULT, "kappa_2309@0.1")):
+        nz = lam > mean * ratio
+        top = float(lam[nz].max()) if nz.any() else 0.0
+        low = float(lam[nz].min()) if nz.any() else 0.0
+        out[key] = top / (low + KKT_EPS)
+        if ratio == KKT_RATIO_THRESHOLD:
+            out.update(kkT_max_eigenvalue=top, kkT_min_nonzero_eigenvalue=low,
+                       kkT_zero_rate=float(np.count_nonzero(~nz)) / lam.size,
+                       kkT_max_pseudo_zero=float(lam[~nz].max()) if (~nz).any() else 0.0,
+                       kkT_average_eigenvalue=mean,
+                       kkT_average_nonzero_eigenvalue=float(lam[nz].mean()) if nz.any() else math.nan)
+    return out
 
 
 # --------------------------------------------------------------------------- Marchenko-Pastur fit

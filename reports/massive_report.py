@@ -425,20 +425,21 @@ def intervene_attention_summary_lines(result) -> list[str]:
 
     lines: list[str] = []
     info = result.info
-    if result.intervene:
+    intervene, attention = getattr(result, "intervene", None), getattr(result, "attention", None)  # older results
+    if intervene:
         iv = info.get("intervene") or {}
-        first = result.intervene[0]
+        first = intervene[0]
         lines += ["", f"Intervention (Sun et al. 2024 exp3) at layer {first['layer']} (0-based, "
                       f"{md_escape(first['canonical_name'])}; {md_escape(iv.get('layer_rule', ''))}), channels "
                       f"{first['channels']} ({md_escape(iv.get('channel_rule', ''))}), positions 0 and each "
                       f"sequence's largest-{md_escape('|h|')} position, on {first['n_sequences']} sequences "
                       f"({first['n_targets']} targets):", "",
                   "| mode | PPL | x original | mean NLL |", "|---|---:|---:|---:|"]
-        for r in result.intervene:
+        for r in intervene:
             lines.append(f"| {r['mode']} | {fmt(r['ppl'])} | {fmt(r['ppl_ratio'], 6)} | {fmt(r['nll_mean'])} |")
-    if result.attention:
+    if attention:
         at = info.get("attention") or {}
-        per = attention_by_layer(result.attention)
+        per = attention_by_layer(attention)
         lines += ["", f"Attention (Sun et al. 2024 exp4): share of attention probability per layer, mean over heads "
                       f"(max head in brackets), every query at position >= 1; reference layer "
                       f"{at.get('reference_layer')} ({md_escape(at.get('layer_rule', ''))}); "

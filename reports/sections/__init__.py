@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "sparsity": "reports.sections.sparsity:SECTION",
     "massive": "reports.sections.massive:SECTION",
     "gradients": "reports.sections.gradients:SECTION",
+    "flatness": "reports.sections.flatness:SECTION",
     "curve": "reports.sections.curve:SECTION",
     "pplp": "reports.sections.pplp:SECTION",
     "spectrum": "reports.sections.spectrum:SECTION",

@@ -15,7 +15,8 @@ SECTION = ReportSection(
     name="spectrum",
     manifest_key=None,
     prefixes=(("alpha", None), ("esd", None), ("spectrum", None)),
-    tables={"spectrum": TableSpec(("name", "part"), ("num_evals",), kind_col="layer_type")},
+    # kkT_rows is a size (the neurons of K in arXiv 2309.03004's K K^T), not a measurement
+    tables={"spectrum": TableSpec(("name", "part"), ("num_evals", "kkT_rows"), kind_col="layer_type")},
     figures=(
         FigureSpec("alpha_by_layer", lambda c: "WeightWatcher power-law exponent alpha (top) and Marchenko-Pastur "
                    "sigma_mp (bottom) of every weight matrix by block (0-based; tensors outside the blocks at "
