@@ -34,6 +34,8 @@ def sparsity_output(result, title: str):
     chunk = next((k for k in first if k.startswith("chunk_sparsity@")), None)
     cols = [name_col(), col("width", "width", drop=4),
             col("tokens", "n_tokens", drop=5), col("zero %", "zero_frac", pct)]
+    if "zero_frac_se" in first:  # the standard error over windows (probes.uncertainty); dropped first when narrow
+        cols.append(col("± se", "zero_frac_se", lambda v: fmt(100 * v, 2) if isinstance(v, float) else fmt(v), drop=6))
     if eps:
         e, key = eps[-1]
         cols.append(col(f"|a|<={fmt(e)} %", key, pct))

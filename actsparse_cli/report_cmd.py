@@ -44,6 +44,8 @@ def verdict_line(res) -> str:
     n = compare_counts(res)
     line = (f"{'FAIL' if res.failed else 'PASS'}: {n['values_compared']} values compared, {n['changed']} changed, "
             f"{n['rules_broken']} of {n['rules']} rules broken")
+    if res.noise_clause():  # both sides carry *_se columns: how many changes are beyond noise
+        line += f", {res.noise_clause()}"
     if n["mismatches"]:
         line += (f", {n['mismatches']} difference{'s' if n['mismatches'] != 1 else ''} in what was measured"
                  + (" (--strict)" if res.strict else ""))
@@ -82,6 +84,9 @@ def compare_output(res, top: int):
             col("metric", "metric", str, left=True), col("baseline", "baseline", lambda v: fmt(v, 6), drop=2),
             col("candidate", "candidate", lambda v: fmt(v, 6)), col("delta", "delta", lambda v: fmt(v, 6), drop=4),
             col("delta %", "rel_delta", lambda v: pct(v, signed=True, suffix=" %"))]
+    if res.has_error_bars:  # both sides carry *_se columns: within z sigma of the difference or not
+        cols.append(col("noise", "within_noise", lambda v: "" if v is None or pd.isna(v) else
+                        ("within" if v else "beyond"), drop=1))
     if not len(ch):
         empty = f"no value changed ({n['values_compared']} values compared)"
     else:

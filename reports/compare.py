@@ -18,6 +18,19 @@ name or a glob; ``TABLE/METRIC`` restricts it to one table):
 
 A matched value that is missing or NaN in the candidate (finite in the baseline) breaks the rule
 too; values new in the candidate or NaN in the baseline are not checked (and are counted).
+
+Noise: a column ``X_se`` (standard error over windows, ``probes.uncertainty``) beside a column
+``X`` is an error bar, not a metric (``X_lo``/``X_hi`` intervals likewise; neither is diffed nor
+matched by rules). When both sides carry ``X_se``, each value of X gets
+``sigma = sqrt(se_baseline^2 + se_candidate^2)`` and ``within_noise = |delta| <= z * sigma``
+(``z`` = 1.96 by default: the two-sided 95 % normal quantile); the report marks each changed
+value and the verdict counts the changes beyond noise. Values without error bars on both sides
+compare as before. Rules are not relaxed by noise: a broken rule says whether its change is
+within noise. The test treats the two sides as independent samples of windows: "within noise"
+means the change is smaller than what measuring on another sample of the corpus could give. Two
+runs over the same windows (same corpus, --max-tokens, --seed) are paired, so for them the test is
+conservative: a systematic change smaller than the sampling noise (bf16 against float32, say) is
+real but called within noise.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from probes.errors import EXIT_RULE_BROKEN, ActsparseError, did_you_mean  # noqa: F401  (re-exported for the CLI)
+from probes.uncertainty import DEFAULT_Z, bar_column, is_uncertainty_column
 from reports import sections
 from reports.numbers import fmt, pct
 from reports.sections import TableSpec
@@ -83,7 +97,7 @@ def _fmt_key(v: Any) -> str:
 
 @dataclass
 class Issue:
-    kind: str  # schema | missing | tokens | method | text | keys
+    kind: str  # schema | missing | tokens | method | text | keys | noise (error bars on one side only)
     message: str
     table: str | None = None
 
@@ -120,6 +134,16 @@ def long_form(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.DataFrame,
         issues.append(Issue("keys", f"{int(dup.sum())} rows are not unique by ({', '.join(keys) or 'no key'}); "
                                     "matched by order of appearance", table))
     skip = set(keys) | set(spec.meta) | set(TOKEN_COLUMNS) | ({kind_col} if kind_col else set())
+    bars = [c for c in df.columns if is_uncertainty_column(str(c), df.columns)]  # X_se / X_lo / X_hi
+    skip |= set(bars)
+
+    def se_of(col: str) -> dict[str, Any]:
+        if not bars:
+            return {}
+        se = bar_column(col, "_se")
+        return {"se": pd.to_numeric(df[se], errors="coerce").astype(float) if se in df.columns
+                else pd.Series(np.nan, index=df.index)}
+
     frames, texts = [], []
     if spec.value_cols and "metric" in df.columns:
         for vc in spec.value_cols:
@@ -127,7 +151,7 @@ def long_form(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.DataFrame,
                 continue
             frames.append(pd.DataFrame({"table": table, "name": vc, "layer": ident["layer"], "kind": ident["kind"],
                                         "metric": ident["metric_row"],
-                                        "value": pd.to_numeric(df[vc], errors="coerce").astype(float)}))
+                                        "value": pd.to_numeric(df[vc], errors="coerce").astype(float), **se_of(vc)}))
     else:
         for col in df.columns:
             if col in skip:
@@ -136,7 +160,7 @@ def long_form(df: pd.DataFrame, table: str) -> tuple[pd.DataFrame, pd.DataFrame,
                 v = pd.to_numeric(df[col].astype("float64") if pd.api.types.is_bool_dtype(df[col]) else df[col],
                                   errors="coerce").astype(float)
                 frames.append(pd.DataFrame({"table": table, "name": ident["name"], "layer": ident["layer"],
-                                            "kind": ident["kind"], "metric": str(col), "value": v}))
+                                            "kind": ident["kind"], "metric": str(col), "value": v, **se_of(col)}))
             else:
                 texts.append(pd.DataFrame({"table": table, "name": ident["name"], "layer": ident["layer"],
                                            "kind": ident["kind"], "column": str(col),
@@ -285,6 +309,29 @@ class CompareResult:
     compared_tables: list[str]
     skipped_tables: dict[str, str] = field(default_factory=dict)
     strict: bool = False  # a mismatch (tables, columns, rows, tokens, method options) fails too
+    z: float = DEFAULT_Z  # a change is within noise when |delta| <= z * sqrt(se_baseline^2 + se_candidate^2)
+
+    @property
+    def has_error_bars(self) -> bool:
+        """Some value has a standard error on both sides (``within_noise`` is known for it)."""
+        return "within_noise" in self.diff.columns and bool(self.diff.within_noise.notna().any())
+
+    def noise_counts(self) -> dict[str, int]:
+        """Changed values with error bars on both sides, and how many of them change beyond noise."""
+        ch = self.changed()
+        if "within_noise" not in ch.columns:
+            return {"changed_with_error_bars": 0, "beyond_noise": 0}
+        known = ch[ch.within_noise.notna()]
+        beyond = int((~known.within_noise.astype(bool)).sum())
+        return {"changed_with_error_bars": len(known), "beyond_noise": beyond}
+
+    def noise_clause(self) -> str:
+        """``3 of 40 changes with error bars beyond noise (z 1.96)`` ('' when no value has error bars on both sides)."""
+        if not self.has_error_bars:
+            return ""
+        n = self.noise_counts()
+        return (f"{n['beyond_noise']} of {n['changed_with_error_bars']} changes with error bars beyond noise "
+                f"(|delta| > {fmt(self.z)} sigma)")
 
     @property
     def passed(self) -> bool:
@@ -314,9 +361,14 @@ class CompareResult:
         return render_markdown(self, top)
 
 
-def _diff(base: pd.DataFrame, cand: pd.DataFrame) -> pd.DataFrame:
-    b = base.rename(columns={"value": "baseline"})
-    c = cand.rename(columns={"value": "candidate"})
+def _diff(base: pd.DataFrame, cand: pd.DataFrame, z: float = DEFAULT_Z) -> pd.DataFrame:
+    bars = "se" in base.columns or "se" in cand.columns
+    b = base.rename(columns={"value": "baseline", "se": "se_baseline"})
+    c = cand.rename(columns={"value": "candidate", "se": "se_candidate"})
+    if bars:
+        for d, col in ((b, "se_baseline"), (c, "se_candidate")):
+            if col not in d.columns:
+                d[col] = np.nan
     for d in (b, c):
         d["layer"] = d["layer"].astype("Float64")
         d["kind"] = d["kind"].astype(str)
@@ -329,6 +381,16 @@ def _diff(base: pd.DataFrame, cand: pd.DataFrame) -> pd.DataFrame:
         rel = np.where(bv == 0, np.where(delta == 0, 0.0, np.sign(delta) * np.inf), delta / np.abs(bv))
     m["delta"] = delta
     m["rel_delta"] = rel
+    if bars:  # error bars: sigma of the difference, and whether it is within z sigma (NA without both se)
+        with np.errstate(invalid="ignore"):
+            sigma = np.sqrt(m.se_baseline.to_numpy(float) ** 2 + m.se_candidate.to_numpy(float) ** 2)
+            known = np.isfinite(sigma) & np.isfinite(delta)
+            within = np.abs(delta) <= z * sigma
+        m["sigma"] = sigma
+        m["within_noise"] = pd.array(np.where(known, within, False), dtype="boolean")
+        m.loc[~known, "within_noise"] = pd.NA
+        m = m[[c for c in m.columns if c not in ("se_baseline", "se_candidate", "sigma", "within_noise")]
+              + ["se_baseline", "se_candidate", "sigma", "within_noise"]]
     return m
 
 
@@ -362,10 +424,12 @@ def _short_list(items: Sequence[str], n: int = 6) -> str:
 
 
 def compare(baseline: str | Path, candidate: str | Path, rules: Sequence[str | Rule] = (),
-            strict: bool = False) -> CompareResult:
+            strict: bool = False, z: float = DEFAULT_Z) -> CompareResult:
     """Line up ``baseline`` and ``candidate`` (output folders or report bundles) and check ``rules``.
 
     ``strict``: the verdict (``CompareResult.failed``) also fails on any mismatch between the sides.
+    ``z``: where both sides carry ``X_se`` columns, a change of X is within noise when
+    ``|delta| <= z * sqrt(se_baseline^2 + se_candidate^2)``.
     """
     parsed = [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
     base, cand = load_result_set(baseline), load_result_set(candidate)
@@ -404,6 +468,16 @@ def compare(baseline: str | Path, candidate: str | Path, rules: Sequence[str | R
             continue
         compared.append(t)
         only_b, only_c = [c for c in db.columns if c not in dc.columns], [c for c in dc.columns if c not in db.columns]
+        def bar_col(c: Any, cols) -> bool:  # an error bar, or the window count behind them
+            return str(c) == "n_windows" or is_uncertainty_column(str(c), cols)
+
+        for side, only, cols in (("baseline", only_b, db.columns), ("candidate", only_c, dc.columns)):
+            bars = [c for c in only if bar_col(c, cols)]
+            if bars:  # error bars on one side only: no noise verdict for them, but nothing measured differs
+                issues.append(Issue("noise", f"{t}: error-bar columns only in the {side} ({_short_list(bars, 3)}): "
+                                             "no within-noise verdict for their metrics", t))
+        only_b = [c for c in only_b if not bar_col(c, db.columns)]
+        only_c = [c for c in only_c if not bar_col(c, dc.columns)]
         if only_b:
             issues.append(Issue("schema", f"{t}: columns only in the baseline: {_short_list(only_b)}", t))
         if only_c:
@@ -431,7 +505,7 @@ def compare(baseline: str | Path, candidate: str | Path, rules: Sequence[str | R
     empty = pd.DataFrame(columns=list(LONG_COLUMNS))
     lb = pd.concat([x for x in longs_b if len(x)], ignore_index=True) if any(len(x) for x in longs_b) else empty.copy()
     lc = pd.concat([x for x in longs_c if len(x)], ignore_index=True) if any(len(x) for x in longs_c) else empty.copy()
-    diff = _diff(lb, lc)
+    diff = _diff(lb, lc, z)
     # rows (sites, layers, ...) on one side only, per table; metrics of shared rows missing on one side
     row_cols = ["table", "name", "layer", "kind"]
     for status, side in (("baseline_only", "baseline"), ("candidate_only", "candidate")):
@@ -471,8 +545,8 @@ def compare(baseline: str | Path, candidate: str | Path, rules: Sequence[str | R
         ex = g.iloc[0]
         issues.append(Issue("text", f"{t}: {col} changed in {len(g)} row(s), e.g. {ex['name']}: "
                                     f"{ex['baseline']!r} -> {ex['candidate']!r}", t))
-    results = [_check_rule(r, diff) for r in parsed]
-    return CompareResult(base, cand, diff, issues, results, text_changes, compared, skipped, strict)
+    results = [_check_rule(r, diff, z) for r in parsed]
+    return CompareResult(base, cand, diff, issues, results, text_changes, compared, skipped, strict, z)
 
 
 def _text_changes(tb: list[pd.DataFrame], tc: list[pd.DataFrame]) -> pd.DataFrame:
@@ -489,7 +563,17 @@ def _text_changes(tb: list[pd.DataFrame], tc: list[pd.DataFrame]) -> pd.DataFram
     return m[cols].reset_index(drop=True)
 
 
-def _check_rule(rule: Rule, diff: pd.DataFrame) -> RuleResult:
+def _noise_note(r: Any, z: float) -> str:
+    """`` (within noise, 0.4 sigma)`` for a row of the diff with error bars on both sides, else ''."""
+    w = getattr(r, "within_noise", None)
+    if w is None or w is pd.NA or pd.isna(w):
+        return ""
+    sig = float(r.sigma)
+    k = abs(float(r.delta)) / sig if sig > 0 else (0.0 if float(r.delta) == 0 else math.inf)
+    return f" ({'within' if bool(w) else 'beyond'} noise, {fmt(k, 3)} sigma)"
+
+
+def _check_rule(rule: Rule, diff: pd.DataFrame, z: float = DEFAULT_Z) -> RuleResult:
     hit = diff[[rule.matches(t, m) for t, m in zip(diff.table, diff.metric)]] if len(diff) else diff
     if hit.empty:
         known = sorted(set(diff.metric)) if len(diff) else []
@@ -511,7 +595,8 @@ def _check_rule(rule: Rule, diff: pd.DataFrame) -> RuleResult:
             broken.append({**r._asdict(), "why": "NaN in the candidate"})
         elif rule.broken_by(b, c):
             ch = rule.change(b, c)
-            broken.append({**r._asdict(), "why": f"{'%+.2f %%' % (100 * ch) if rule.relative else '%+.4g' % ch}"})
+            broken.append({**r._asdict(), "why": f"{'%+.2f %%' % (100 * ch) if rule.relative else '%+.4g' % ch}"
+                                                 + _noise_note(r, z)})
     cols = list(diff.columns) + ["why"]
     return RuleResult(rule, n_checked, n_skipped, pd.DataFrame(broken, columns=cols), sorted(set(hit.table)))
 
@@ -534,6 +619,8 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
         head = f"PASS: all {len(res.rules)} rule(s) hold"
     else:
         head = "no rules given"
+    if res.has_error_bars:
+        head += f"; {res.noise_clause()}"
     lines = [f"## actsparse compare: {head}", "",
              f"- baseline: {md_code(res.baseline.path)}: {md_escape(res.baseline.describe())}",
              f"- candidate: {md_code(res.candidate.path)}: {md_escape(res.candidate.describe())}",
@@ -552,11 +639,14 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
             lines.append(f"| {md_code(r.rule.text)} | {status} | {md_escape(r.rule.describe())} | {r.n_checked} | "
                          f"{len(r.broken)} | {md_escape(worst)} |")
         lines.append("")
-    problems = [i for i in res.issues if i.kind != "text"]
+    problems = [i for i in res.issues if i.kind not in ("text", "noise")]
     if problems:
         lines += ["### Differences in what was measured (reported, not joined)", ""]
         lines += [f"- **{i.kind}**: {md_escape(i.message)}" for i in problems]
         lines.append("")
+    bars = [i for i in res.issues if i.kind == "noise"]
+    if bars:
+        lines += ["### Error bars on one side only", ""] + [f"- {md_escape(i.message)}" for i in bars] + [""]
     texts = [i for i in res.issues if i.kind == "text"]
     if texts:
         lines += ["### Changed text columns", ""] + [f"- {md_escape(i.message)}" for i in texts] + [""]
@@ -564,13 +654,19 @@ def render_markdown(res: CompareResult, top: int = 25) -> str:
     n_both = int((res.diff.status == "both").sum())
     lines += [f"### Largest changes ({min(top, len(ch))} of {len(ch)} changed values; {n_both} values on both sides)",
               ""]
+    noise = res.has_error_bars
+    if noise:
+        lines += [f"Noise: where both sides carry a standard error (`X_se`), sigma = sqrt(se_baseline^2 + "
+                  f"se_candidate^2) and a change is within noise when abs(delta) <= {fmt(res.z)} sigma.", ""]
     if len(ch):
-        lines += ["| table | site | layer | kind | metric | baseline | candidate | delta | delta % |",
-                  "|---|---|---:|---|---|---:|---:|---:|---:|"]
+        lines += ["| table | site | layer | kind | metric | baseline | candidate | delta | delta % |"
+                  + (" noise |" if noise else ""),
+                  "|---|---|---:|---|---|---:|---:|---:|---:|" + ("---|" if noise else "")]
         for r in ch.head(top).itertuples(index=False):
             lines.append(f"| {md_escape(r.table)} | {md_escape(r.name)} | {_layer(r.layer)} | {md_escape(r.kind)} | "
                          f"{md_escape(r.metric)} | {fmt(r.baseline, 6)} | {fmt(r.candidate, 6)} | {fmt(r.delta, 6)} | "
-                         f"{pct(r.rel_delta, signed=True, suffix=' %')} |")
+                         f"{pct(r.rel_delta, signed=True, suffix=' %')} |"
+                         + (f" {_noise_note(r, res.z).strip(' ()') or '-'} |" if noise else ""))
     else:
         lines.append("No value changed.")
     for r in res.rules:

@@ -127,9 +127,12 @@ def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens
         x = range(len(g))
         labels = [str(int(v)) if pd.notna(v) else str(i) for i, v in enumerate(g.layer)]
         width = 0.8 / (1 + len(near))
-        ax.bar([i - 0.4 + width / 2 for i in x], 100 * g.zero_frac, width, label="exactly 0")
+        bars = dict(error_kw={"ecolor": "0.1", "elinewidth": 0.9, "capsize": 2})  # bootstrap intervals, if any
+        ax.bar([i - 0.4 + width / 2 for i in x], 100 * g.zero_frac, width, label="exactly 0",
+               yerr=interval_err(g, "zero_frac"), **bars)
         for j, c in enumerate(near):
-            ax.bar([i - 0.4 + width * (j + 1.5) for i in x], 100 * g[c], width, label=f"|a| <= {c.split('@')[1]}")
+            ax.bar([i - 0.4 + width * (j + 1.5) for i in x], 100 * g[c], width, label=f"|a| <= {c.split('@')[1]}",
+                   yerr=interval_err(g, c), **bars)
         ax.set_xticks(list(x), labels)
         ax.set_xlabel("layer")
         ax.set_ylabel("% of entries")
@@ -139,9 +142,26 @@ def sparsity_by_layer(df: pd.DataFrame, folder: str | Path, title: str, n_tokens
     axes[0][0].legend()
     if is_smooth(df):
         smooth_note(fig)
-    fig.suptitle(f"{title}: activation sparsity per layer over {n_tokens} counted tokens")
+    n_win = pd.to_numeric(df.get("n_windows", pd.Series(dtype=float)), errors="coerce").max()
+    bars_note = (f"\nerror bars: bootstrap interval over {int(n_win)} windows"
+                 if interval_err(df, "zero_frac") is not None and pd.notna(n_win) else "")
+    fig.suptitle(f"{title}: activation sparsity per layer over {n_tokens} counted tokens{bars_note}")
     fig.tight_layout()
     return save(fig, folder, "sparsity_by_layer")
+
+
+def interval_err(g: pd.DataFrame, col: str):
+    """Error bars in % (``[below, above]``) from ``col``'s interval columns (``probes.uncertainty.bar_column``:
+    ``zero_frac_lo``/``_hi``), or None when the table has none (older outputs)."""
+    from probes.uncertainty import bar_column
+
+    lo, hi = bar_column(col, "_lo"), bar_column(col, "_hi")
+    if lo not in g or hi not in g:
+        return None
+    v = 100 * pd.to_numeric(g[col], errors="coerce")
+    below = (v - 100 * pd.to_numeric(g[lo], errors="coerce")).clip(lower=0).fillna(0)
+    above = (100 * pd.to_numeric(g[hi], errors="coerce") - v).clip(lower=0).fillna(0)
+    return [below.to_numpy(float), above.to_numpy(float)]
 
 
 # Colours of layer lines on white: Okabe-Ito without its yellow (low contrast) for a few layers, and for

@@ -8,7 +8,7 @@ from typing import Any
 from reports.bundle import atomic_output_dir
 from reports.figures import sparsity_by_layer
 from reports.manifest import build_manifest, model_section, short_name, write_manifest
-from reports.numbers import fixed, pct
+from reports.numbers import fixed, fmt, pct
 from reports.tables import write_tables
 
 
@@ -38,6 +38,11 @@ def write_measure_outputs(output: str | Path, result, lm, options: dict[str, Any
     return Path(output)
 
 
+def _se_pct(v) -> str:
+    """A standard error of a fraction, in % with 2 significant digits (a GELU's se of zero_frac is ~1e-5)."""
+    return fmt(100 * v, 2) if isinstance(v, float) else fmt(v)
+
+
 def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict[str, Any] | None = None) -> str:
     """A short markdown summary for terminals and pull requests (checkpoint, corpus and module names escaped)."""
     from reports.markdown import md_code, md_escape
@@ -48,16 +53,28 @@ def write_summary_md(folder: Path, result, options: dict[str, Any], extras: dict
              f"max_length {info['max_length']}, model dtype {info['model_dtype']}, device {info['device']}).", "",
              "| site | module | kind | width | zero % | nonzero/token % | dead | always on |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    se = any("zero_frac_se" in r for r in result.rows)  # error bars over windows (probes.uncertainty)
+    if se:
+        lines[-2:] = ["| site | module | kind | width | zero % | ± se | nonzero/token % | dead | always on |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result.rows:
         lines.append(f"| {md_escape(r['canonical_name'])} | {md_code(r['module_path'])} | {md_escape(r['kind'])} | "
                      f"{r['width']} | "
-                     f"{pct(r['zero_frac'])} | {fixed(r['nonzero_pct_per_token'], 2)} | {r['dead_neurons']} | "
+                     f"{pct(r['zero_frac'])} | " + (f"{_se_pct(r.get('zero_frac_se'))} | " if se else "")
+                     + f"{fixed(r['nonzero_pct_per_token'], 2)} | {r['dead_neurons']} | "
                      f"{r['always_on_neurons']} |")
     summ = result.summary()
     if len(summ):
         z = summ[summ.metric == "zero_frac"]
+        ses = z["mean_over_layers_se"] if "mean_over_layers_se" in z else [None] * len(z)
         lines += ["", "Mean over layers (unweighted): " + ", ".join(
-            f"{k} zero_frac {pct(v, suffix=' %')}" for k, v in zip(z.kind, z.mean_over_layers))]
+            f"{k} zero_frac {pct(v, suffix=' %')}" + (f" ± {fmt(100 * e, 2)} %" if e is not None and e == e else "")
+            for k, v, e in zip(z.kind, z.mean_over_layers, ses))]
+        if se:
+            lines += ["", "± se: standard error over the windows (the `_se` columns); `_lo`/`_hi` columns: "
+                          f"{fmt(100 * info['uncertainty']['level'])} % bootstrap interval over "
+                          f"{info['uncertainty']['n_resamples']} resamples of the windows."
+                      if "uncertainty" in info else "± se: standard error over the windows (the `_se` columns)."]
     from reports import sections as registry
 
     for name, res in (extras or {}).items():  # one section per analysis in the bundle

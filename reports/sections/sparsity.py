@@ -9,6 +9,7 @@ import pandas as pd
 
 from reports.figures import (is_smooth, kind_rows, layer_key, layer_labels, percent_ylim, pyplot, save_into, site_kinds,
                              smooth_note, tick_labels)
+from probes.uncertainty import bar_column
 from reports.sections import FigureSpec, ReportSection, TableSpec
 
 SUMMARY = TableSpec(("kind", "metric"), ("n_layers",), value_cols=("mean_over_layers", "width_weighted_mean"))
@@ -93,6 +94,11 @@ def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[s
         x = list(range(len(g)))
         y = g["nonzero_pct_per_token"].astype(float)
         ax.plot(x, y, "o-", color="C0", label="mean % non-zero per token")
+        lo, hi = bar_column("nonzero_pct_per_token", "_lo"), bar_column("nonzero_pct_per_token", "_hi")
+        if lo in g and hi in g:  # the mean's bootstrap interval over windows (probes.uncertainty)
+            err = [(y - g[lo].astype(float)).clip(lower=0).fillna(0), (g[hi].astype(float) - y).clip(lower=0).fillna(0)]
+            ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.1", elinewidth=0.9, capsize=2.5,
+                        label="interval of the mean over windows")
         lo, hi = "nonzero_pct_per_token_p05_hist", "nonzero_pct_per_token_p95_hist"
         if lo in g and hi in g:
             ax.fill_between(x, g[lo].astype(float), g[hi].astype(float), color="C0", alpha=0.2,
@@ -112,7 +118,7 @@ def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[s
     fig.suptitle(f"{title}: non-zero activations per token", fontsize=10)
     fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=7,
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3), fontsize=7,
                frameon=False)
     return save_into(fig, folder, "nonzero_per_token")
 
@@ -121,11 +127,14 @@ SECTION = ReportSection(
     name="sparsity",
     manifest_key="measurement",
     prefixes=(("sparsity", "measurement"), ("nonzero", "measurement"), ("summary", "measurement")),
-    tables={"sparsity": TableSpec(("canonical_name", "kind", "layer"), ("width", "n_chunks")), "summary": SUMMARY},
+    tables={"sparsity": TableSpec(("canonical_name", "kind", "layer"), ("width", "n_chunks", "n_windows")),
+            "summary": SUMMARY},
     figures=(
         FigureSpec("sparsity_by_layer", lambda c: "Activation sparsity per layer at each MLP activation site (the "
                    "input of the output projection; one panel per site kind): % of entries exactly 0 and with "
-                   f"|a| <= eps for eps in {c.get('eps', 'the eps grid')}.", ("sparsity",),
+                   f"|a| <= eps for eps in {c.get('eps', 'the eps grid')}. Error bars (outputs that have them): "
+                   "percentile bootstrap interval over windows (level and resamples in the manifest's "
+                   "measurement.uncertainty).", ("sparsity",),
                    "reports.sections.sparsity:draw_sparsity_by_layer"),
         FigureSpec("sparsity_vs_threshold", lambda c: "Sparsity against the threshold: % of activation entries with "
                    f"|a| <= eps for eps in {c.get('eps', 'the eps grid')} (log x axis), one line per layer; the "
@@ -133,7 +142,8 @@ SECTION = ReportSection(
                    "reports.sections.sparsity:draw_sparsity_vs_threshold"),
         FigureSpec("nonzero_per_token", lambda c: "Per-token activation density (Lazy Neuron): mean % of non-zero "
                    "entries per token at each layer, with the 5th-95th percentile range over tokens (from a fixed "
-                   "1000-bin histogram), and the dead / always-on neuron shares.", ("sparsity",),
+                   "1000-bin histogram), the bootstrap interval over windows of the mean (error bars, where the "
+                   "output has them), and the dead / always-on neuron shares.", ("sparsity",),
                    "reports.sections.sparsity:draw_nonzero_per_token"),
     ),
 )
