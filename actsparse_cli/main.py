@@ -49,11 +49,11 @@ def main(ctx: typer.Context,
 
 
 def _register() -> None:
-    from actsparse_cli import (analyze_cmd, drift_cmd, flatness_cmd, grad_cmd, massive_cmd, measure_cmd, pplp_cmd,
-                               report_cmd, sites_cmd, spectrum_cmd)
+    from actsparse_cli import (analyze_cmd, cliff_cmd, drift_cmd, flatness_cmd, grad_cmd, massive_cmd, measure_cmd,
+                               pplp_cmd, report_cmd, sites_cmd, spectrum_cmd)
 
-    for mod in (analyze_cmd, sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, drift_cmd, grad_cmd,
-                flatness_cmd, report_cmd):
+    for mod in (analyze_cmd, sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, cliff_cmd, drift_cmd,
+                grad_cmd, flatness_cmd, report_cmd):
         mod.register(app)
     from typer.core import TyperCommand
 

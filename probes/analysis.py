@@ -86,6 +86,9 @@ ANALYSES: dict[str, Analysis] = {
         Analysis("massive", "massive", "probes.massive:MassiveOptions", "probes.massive:massive",
                  "massive activations on the residual stream, Sun et al. 2024",
                  data_exclude=("batch_size", "seed", "stride")),
+        Analysis("cliff", "cliff", "probes.cliff:CliffOptions", "probes.cliff:cliff",
+                 "the sparsity cliff, Bug-or-Feature^2, with SPARLING thresholds post hoc",
+                 check="probes.cliff:check_cliff"),
         # from the weights alone: no corpus, no forward pass, so never beside `measure`
         Analysis("drift", "drift", "probes.drift:DriftOptions", "probes.drift:run_drift",
                  "per-linear weight statistics, Bug-or-Feature^2", with_measure=False),

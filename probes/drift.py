@@ -14,7 +14,9 @@ run this shows the negative drift the paper describes. Here:
 Tensors stream one at a time through ``probes.formats.iter_tensors`` (no model is built, any format
 works without an architecture). Every floating tensor with 2+ dims is a row; ``kind`` says
 ``linear``, ``embedding``, ``lm_head`` or ``conv`` (4-D kernels), ``role`` guesses mlp_up / mlp_down /
-attn from the name. Biases and norms (1-D) are skipped and counted.
+attn from the name. Biases and norms (1-D) are skipped and counted, but ``bias_mean`` gives the mean
+of the bias that belongs to a weight (``<prefix>.bias`` beside ``<prefix>.weight``; float64; NaN
+without one): the reference's ``stats['bias_mean'] = self.bias.mean()``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def tensor_role(name: str) -> str:
 def layer_of(name: str) -> int | None:
     m = re.search(r"(?:^|\.)(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def bias_name(weight_name: str) -> str:
+    """The bias beside a weight: ``x.weight`` -> ``x.bias`` (any other name: ``name + ".bias"``)."""
+    return weight_name[: -len("weight")] + "bias" if weight_name.endswith("weight") else weight_name + ".bias"
 
 
 def extreme_threshold(a, q: float = QUANTILE) -> float:
@@ -154,6 +161,7 @@ def summarize(rows: list[dict[str, Any]]):
                     "neg_pct_mean": float(g["neg_pct"].mean()),
                     "neg_pct_weighted": float((g["neg_pct"] * n).sum() / n.sum()),
                     "std_mean": float(g["std"].mean()), "extreme_frac_mean": float(g["extreme_frac"].mean()),
+                    "bias_mean_of_means": float(g["bias_mean"].mean()) if "bias_mean" in g else math.nan,
                     "max_abs": float(g["max_abs"].max())})
     return pd.DataFrame(out)
 
@@ -172,28 +180,48 @@ def run_drift(loaded: Any, options: DriftOptions, progress: Callable[[int, int],
 def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
                  progress: Callable[[int | None, int], Any] | None = None, q: float = QUANTILE,
                  kinds: Iterable[str] | None = None) -> DriftResult:
-    """Per-weight drift statistics of one or more checkpoints (same run at different steps)."""
+    """Per-weight drift statistics of one or more checkpoints (same run at different steps).
+
+    Runs with one torch thread: the statistics are reductions over one tensor at a time, memory-
+    bound, and torch's thread pool on cores that other processes keep busy turns 0.06 s into 4 s
+    (the bundled model on a loaded 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds) -> DriftResult:
     from probes.formats import count_tensors, iter_tensors, sniff
 
     cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not cks:
         raise CheckpointError("no checkpoint given", "give one or more checkpoint paths")
+    sniffed = [sniff(ck) for ck in cks]
+    counts = [count_tensors(sn) for sn in sniffed]  # one bar over every checkpoint's tensors; None: unknown
+    total = None if any(c is None for c in counts) else sum(counts)
+    if progress:
+        progress(total, 0)
     keep = set(kinds) if kinds else None
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     sources = []
-    for ci, ck in enumerate(cks):
-        sn = sniff(ck)
+    for ci, (ck, sn) in enumerate(zip(cks, sniffed)):
         sources.append({"checkpoint": str(ck), "kind": sn.kind.value, "files": sn.files})
-        total = count_tensors(sn)
-        if progress:
-            progress(total, 0)
         n_seen = 0
+        first_row = len(rows)
+        bias_means: dict[str, float] = {}
         for name, t in iter_tensors(sn, unsafe_pickle=unsafe_pickle):
             n_seen += 1
             if progress:
                 progress(total, 1)
+            if t.is_floating_point() and t.dim() == 1 and name.endswith("bias") and t.numel():
+                bias_means[name] = float(t.detach().double().mean())
             if not t.is_floating_point() or t.dim() < 2:
                 skipped.append({"checkpoint_index": ci, "name": name, "shape": list(t.shape),
                                 "reason": "not floating" if not t.is_floating_point() else f"{t.dim()}-D"})
@@ -207,6 +235,8 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
                          "shape": "x".join(str(s) for s in t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                          **st})
             del t
+        for r in rows[first_row:]:  # biases may come before or after their weight in the file
+            r["bias_mean"] = bias_means.get(bias_name(r["name"]), math.nan)
         if n_seen == 0:
             raise CheckpointError(f"no tensors found in {ck}", "check that this is a model checkpoint")
     info = {"checkpoints": sources, "n_tensors_measured": len(rows), "n_tensors_skipped": len(skipped),

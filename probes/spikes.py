@@ -6,6 +6,13 @@ over each batch's counted entries, averaged over batches; ``spike_ratio_batchmed
 that; the same over the non-zero entries only (``*_nonzero_*``: a ReLU input's median is 0 once half
 of it is 0); ``zero_frac`` = fraction of entries exactly 0 (their input-sparsity figure); signed
 max/min. Measured in the forward passes of ``probes.gradients`` (``--spikes``).
+
+The reference's other per-linear statistics (``compute_statistics``, eval mode), over counted
+positions where it takes every entry of the batch: ``neg_frac`` / ``pos_frac`` = its
+``input_negative_percentage`` / ``input_positive_percentage`` (fractions of input entries < 0 / > 0,
+despite the name), ``out_neg_frac`` / ``out_pos_frac`` = its ``output_negative_percentage`` /
+``output_positive_percentage`` (the same on the layer's output, bias included), and ``bias_mean`` =
+its ``bias_mean`` (``bias.mean()``, here in float64; NaN without a bias).
 """
 
 from __future__ import annotations
@@ -61,17 +68,21 @@ class LinearInputProbe:
     """Spike statistics of one linear layer's input: max |x|, per-batch exact median of |x|, zeros."""
 
     name = "spikes"
-    REDUCE = {"n_tokens": "sum", "n_entries": "sum", "zero": "sum", "neg": "sum", "max_abs": "max",
+    REDUCE = {"n_tokens": "sum", "n_entries": "sum", "zero": "sum", "neg": "sum", "pos": "sum", "out_entries": "sum",
+              "out_neg": "sum", "out_pos": "sum", "max_abs": "max",
               "max": "max", "min": "min", "median_sum": "sum", "median_nz_sum": "sum", "n_batches": "sum",
               "n_batches_nz": "sum"}
 
-    def __init__(self, width: int, device: Any = "cpu"):
+    def __init__(self, width: int, device: Any = "cpu", bias_mean: float = math.nan):
         import torch
 
         self.width = int(width)
+        self.bias_mean = float(bias_mean)  # of the layer's bias (a weight statistic: merges as is)
         f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
         self.state = {"n_tokens": torch.zeros((), **i64), "n_entries": torch.zeros((), **i64),
-                      "zero": torch.zeros((), **i64), "neg": torch.zeros((), **i64),
+                      "zero": torch.zeros((), **i64), "neg": torch.zeros((), **i64), "pos": torch.zeros((), **i64),
+                      "out_entries": torch.zeros((), **i64), "out_neg": torch.zeros((), **i64),
+                      "out_pos": torch.zeros((), **i64),
                       "max_abs": torch.zeros((), **f64), "max": torch.full((), -math.inf, **f64),
                       "min": torch.full((), math.inf, **f64), "median_sum": torch.zeros((), **f64),
                       "median_nz_sum": torch.zeros((), **f64), "n_batches": torch.zeros((), **i64),
@@ -89,6 +100,7 @@ class LinearInputProbe:
         s["n_entries"] += v.numel()
         s["zero"] += (a == 0).sum()
         s["neg"] += (v < 0).sum()
+        s["pos"] += (v > 0).sum()
         s["max_abs"] = torch.maximum(s["max_abs"], a.max().double())
         s["max"] = torch.maximum(s["max"], v.max().double())
         s["min"] = torch.minimum(s["min"], v.min().double())
@@ -98,6 +110,16 @@ class LinearInputProbe:
         if med_nz is not None:  # ReLU inputs: the plain median is 0 once half the entries are
             s["median_nz_sum"] += med_nz
             s["n_batches_nz"] += 1
+
+    def update_output(self, y, mask=None) -> None:
+        """Sign counts of the layer's output ``y`` ``[batch, pos, out]`` (counted positions)."""
+        v = counted_rows(y, mask)
+        if v.numel() == 0:
+            return
+        s = self.state
+        s["out_entries"] += v.numel()
+        s["out_neg"] += (v < 0).sum()
+        s["out_pos"] += (v > 0).sum()
 
     def merge(self, other: "LinearInputProbe") -> "LinearInputProbe":
         import torch
@@ -110,7 +132,7 @@ class LinearInputProbe:
 
     def to_row(self) -> dict[str, Any]:
         s = {k: v.detach().cpu() for k, v in self.state.items()}
-        ent, nb = int(s["n_entries"]), int(s["n_batches"])
+        ent, nb, oe = int(s["n_entries"]), int(s["n_batches"]), int(s["out_entries"])
         nan = float("nan")
         nbz = int(s["n_batches_nz"])
         med = float(s["median_sum"]) / nb if nb else nan
@@ -124,6 +146,9 @@ class LinearInputProbe:
                 "spike_max": mx, "median_abs_batchmean": med, "spike_ratio_batchmedian": ratio(med),
                 "median_abs_nonzero_batchmean": mednz, "spike_ratio_nonzero_batchmedian": ratio(mednz),
                 "zero_frac": int(s["zero"]) / ent if ent else nan, "neg_frac": int(s["neg"]) / ent if ent else nan,
+                "pos_frac": int(s["pos"]) / ent if ent else nan,
+                "out_neg_frac": int(s["out_neg"]) / oe if oe else nan,
+                "out_pos_frac": int(s["out_pos"]) / oe if oe else nan, "bias_mean": self.bias_mean,
                 "max_input_value": float(s["max"]) if ent else nan,
                 "min_input_value": float(s["min"]) if ent else nan, "n_batches": nb}
 
@@ -156,20 +181,33 @@ def spike_hooks(model, mode: str, down_paths: set[str], probes: dict[str, Linear
 
     from probes.vision import as_tokens
 
-    def observer(name: str):
+    def observer(name: str, lin):
         def observe(x, hc: HookCall) -> None:
             xt, m = as_tokens(x.detach(), hc.mask)  # [batch, pos, in_features]
             p = probes.get(name)
             if p is None:
-                p = probes[name] = LinearInputProbe(int(xt.shape[-1]), xt.device)
+                b = getattr(lin, "bias", None)
+                bm = float(b.detach().double().mean()) if isinstance(b, torch.Tensor) and b.numel() else math.nan
+                p = probes[name] = LinearInputProbe(int(xt.shape[-1]), xt.device, bias_mean=bm)
             with torch.no_grad():
                 p.update(xt, m)
         return observe
 
+    def out_observer(name: str):
+        def observe(y, hc: HookCall) -> None:
+            p = probes.get(name)  # made by the input hook, which runs first
+            if p is None or not isinstance(y, torch.Tensor):
+                return
+            yt, m = as_tokens(y.detach(), hc.mask)  # [batch, pos, out_features]
+            with torch.no_grad():
+                p.update_output(yt, m)
+        return observe
+
     if mode == "none":
         return []
-    return [(HookPoint(f"linear.{name}.hook_in", lin, "input"), observer(name)) for name, lin in linear_modules(model)
-            if mode == "all" or name in down_paths]
+    chosen = [(name, lin) for name, lin in linear_modules(model) if mode == "all" or name in down_paths]
+    return ([(HookPoint(f"linear.{name}.hook_in", lin, "input"), observer(name, lin)) for name, lin in chosen]
+            + [(HookPoint(f"linear.{name}.hook_out", lin, "output"), out_observer(name)) for name, lin in chosen])
 
 
 def spike_rows(probes: dict[str, LinearInputProbe], down_paths: set[str], dtype: str) -> list[dict[str, Any]]:

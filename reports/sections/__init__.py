@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "flatness": "reports.sections.flatness:SECTION",
     "curve": "reports.sections.curve:SECTION",
     "pplp": "reports.sections.pplp:SECTION",
+    "cliff": "reports.sections.cliff:SECTION",
     "spectrum": "reports.sections.spectrum:SECTION",
     "drift": "reports.sections.drift:SECTION",
     "track": "reports.sections.track:SECTION",

@@ -78,11 +78,11 @@ def drift_summary_md(folder: str | Path, result, options: dict[str, Any]) -> str
              f"{result.info['n_tensors_measured']} weight tensors (2+ dims), {result.info['n_tensors_skipped']} "
              f"skipped (biases, norms, integer buffers). extreme = |w| >= exact 99.9th percentile of |W|.", "",
              "| checkpoint | kind | tensors | weights | mean (weighted) | % negative (weighted) | mean std | "
-             "mean extreme frac |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "mean extreme frac | mean bias mean |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for _, r in summ.iterrows():
         lines.append(f"| {md_escape(short_name(r.checkpoint))} | {md_escape(r.kind)} | {r.n_tensors} | {r.n_weights} | "
                      f"{fmt(r.mean_weighted)} | {fmt(r.neg_pct_weighted)} | {fmt(r.std_mean)} | "
-                     f"{fmt(r.extreme_frac_mean)} |")
+                     f"{fmt(r.extreme_frac_mean)} | {fmt(r.get('bias_mean_of_means'))} |")
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
     return "summary.md"
 

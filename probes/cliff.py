@@ -1,0 +1,499 @@
+"""The sparsity cliff (Bug or Feature^2, code On-Point-RND/BugOrFeature): quality against enforced
+activation sparsity at the MLP activation, and where it breaks.
+
+Sparsity is enforced at the input of each MLP output projection (the MLP activation; ``act(gate)``
+decides for GLU MLPs) by a forward pre-hook that zeroes entries (``probes.runner``, the same place
+``probes.pplp_session`` masks), over a grid of target sparsities, for four families:
+
+- ``topk_sample``: Bug or Feature^2's rule (modifiers/decorators.py ``topk_sparse_module``, used as
+  ``TopKSparseGELU`` in modifiers/activations.py): per sequence, over all its positions x channels,
+  zero the entries whose **signed** value is below a k-th value. Their code computes
+  ``n_keep = int((1 - sparsity_level) * n)`` and zeroes ``x < torch.kthvalue(x, n_keep)``;
+  ``kthvalue`` counts from the smallest, so it zeroes ``n_keep - 1`` entries, a fraction of about
+  ``1 - sparsity_level``. We parameterise by the fraction zeroed, s: ``n_drop = int(s * n)`` and zero
+  ``x < kthvalue(x, n_drop + 1)`` (their rule at ``n_keep = n_drop + 1``); the k-th value is taken over
+  the sequence's counted positions and applied to all its positions;
+- ``topk_token``: per token, keep the ``C - int(s * C)`` largest |x| (every token the same count);
+- ``magnitude_layer``: per layer, zero |x| <= t_l with t_l the k-th smallest |x| (k = max(1, int(s n)))
+  over the calibration sample: a magnitude threshold fixed before the evaluated windows are seen;
+- ``sparling_posthoc``: SPARLING's per-channel k-th-value thresholds, post hoc (``probes.sparling``).
+
+The calibrated families (``magnitude_layer``, ``sparling_posthoc``) take their thresholds from
+calibration windows (``calib_share`` of the windows, evenly spaced); every family and the dense run
+are evaluated on the remaining, held-out windows, so all ratios share one set of tokens. s = 0 is
+the dense run. Quality is the perplexity ratio exp(CE_sparse - CE_dense) of a causal LM on those
+tokens; classifiers (accuracy or loss with labels) are not measured (the data layer's labelled
+examples feed only ``grad``'s loss).
+
+The cliff of each family is located by two stated rules on (achieved mean sparsity, PPL ratio):
+``sparsity_within_p``: the largest achieved sparsity such that it and every grid point below it stay
+within 1 + p/100 (``sparsity_within_p_interp``: the crossing of 1 + p, linear in ln ratio between that
+point and the next); ``knee_sparsity``: the point of maximum curvature as Kneedle (Satopaa et al. 2011)
+finds it: with the achieved sparsity and ln(ratio) min-max normalised over the family's points (equal
+sparsities merged, the first kept), the interior point farthest below the chord from the first point
+to the last (``knee_distance``, in normalised units). Finite-difference curvature on the non-uniform
+grid was tried first and rejected: points a few hundredths of a percent apart next to the dense run
+turn noise of 1e-4 in the ratio into the largest curvature. With ``refine`` rounds, the targets
+halfway to the knee's neighbours are added and the knee recomputed (finer near the knee).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from probes.data import DataOptions, token_windows
+from probes.errors import DataError, ModelError
+from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
+                             sparling_masker, learned_thresholds)
+
+FAMILIES = ("topk_sample", "topk_token", "magnitude_layer", "sparling_posthoc")
+CALIBRATED = ("magnitude_layer", "sparling_posthoc")
+DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95)
+DEFAULT_P = 1.0
+DEFAULT_MAX_TOKENS = 8192  # counted tokens when --max-tokens is not given: ~70 sparse passes
+DEFAULT_CALIB_SHARE = 0.25
+MIN_TOKENS = 4096
+LABELS = {"topk_sample": "top-k per sequence (signed), Bug or Feature^2 rule",
+          "topk_token": "top-k |x| per token",
+          "magnitude_layer": "|x| threshold per layer (calibrated)",
+          "sparling_posthoc": "SPARLING per-channel threshold, post hoc"}
+SCOPES = {"topk_sample": "per sequence", "topk_token": "per token", "magnitude_layer": "per layer",
+          "sparling_posthoc": "per channel"}
+
+
+@dataclass
+class CliffOptions(DataOptions):
+    sites: tuple[str, ...] = ()
+    families: tuple[str, ...] = FAMILIES
+    grid: tuple[float, ...] = DEFAULT_GRID
+    p: float = DEFAULT_P
+    refine: int = 1
+    calib_share: float = DEFAULT_CALIB_SHARE
+    calib_rows: int = DEFAULT_CALIB_ROWS
+    sparling_detail: float = 0.9  # the target sparsity whose per-channel densities are tabled
+
+
+# ------------------------------------------------------------------------------------------- masks
+def topk_token_mask(v, s: float):
+    """Drop mask keeping the ``C - int(s C)`` largest |v| of each token (last dim)."""
+    import torch
+
+    a = v.float().abs()
+    C = a.shape[-1]
+    n_drop = int(float(s) * C)
+    if n_drop <= 0:
+        return torch.zeros_like(a, dtype=torch.bool)
+    if n_drop >= C:
+        return torch.ones_like(a, dtype=torch.bool)
+    drop = torch.ones_like(a, dtype=torch.bool)
+    drop.scatter_(-1, a.topk(C - n_drop, dim=-1).indices, False)
+    return drop
+
+
+def topk_sample_mask(v, mask, s: float):
+    """Bug or Feature^2's per-sample rule: per sequence b, over its counted entries (positions x
+    channels), ``n_drop = int(s n)`` and drop ``v < kthvalue(v, n_drop + 1)`` (signed)."""
+    import torch
+
+    vf = v.float()
+    drop = torch.zeros_like(vf, dtype=torch.bool)
+    if vf.dim() == 2:  # [N, C]: one sample
+        vf, drop, mask = vf.unsqueeze(0), drop.unsqueeze(0), None
+    for b in range(vf.shape[0]):
+        vals = (vf[b][mask[b]] if mask is not None else vf[b]).reshape(-1)
+        n = vals.numel()
+        n_drop = int(float(s) * n)
+        if n == 0 or n_drop <= 0:
+            continue
+        if n_drop >= n:
+            drop[b] = True
+            continue
+        kth = torch.kthvalue(vals, n_drop + 1).values
+        drop[b] = vf[b] < kth
+    return drop.reshape(v.shape)
+
+
+def layer_abs_thresholds(cal: SparlingCalibration, s: float) -> list[float]:
+    """Per layer: the k-th smallest |v| of the calibration sample, k = max(1, int(s n)); -inf at s = 0."""
+    out = []
+    for i in range(cal.n_layers):
+        a = cal.sample(i).abs().reshape(-1)
+        n = a.numel()
+        out.append(-math.inf if s <= 0 or n == 0 else float(a.kthvalue(max(1, int(float(s) * n))).values))
+    return out
+
+
+def family_masker(family: str, s: float, cal: SparlingCalibration | None):
+    """``(masker(layer, x3, g3, m) -> bool drop mask, thresholds per layer)`` of one family at sparsity s."""
+    if family == "topk_token":
+        return (lambda layer, x3, g3, m: topk_token_mask(g3 if g3 is not None else x3, s)), \
+            [f"keep C - int({s:g} C) largest |x| per token"] * (cal.n_layers if cal else 1)
+    if family == "topk_sample":
+        return (lambda layer, x3, g3, m: topk_sample_mask(g3 if g3 is not None else x3, m, s)), \
+            [f"drop the int({s:g} n) smallest signed entries per sequence"] * (cal.n_layers if cal else 1)
+    if cal is None:
+        raise ValueError(f"{family} needs a calibration")
+    if family == "magnitude_layer":
+        ts = layer_abs_thresholds(cal, s)
+
+        def m_mag(layer, x3, g3, m):
+            return (g3 if g3 is not None else x3).float().abs() <= ts[layer.index]
+
+        return m_mag, ts
+    if family == "sparling_posthoc":
+        return sparling_masker(cal.thresholds(s))
+    raise ValueError(f"unknown cliff family {family!r}")
+
+
+# ------------------------------------------------------------------------------------ cliff rules
+def cliff_location(points: Sequence[tuple[float, float]], p: float = DEFAULT_P) -> dict[str, Any]:
+    """The two cliff rules on ``points`` = (achieved sparsity, PPL ratio); see the module docstring.
+
+    Points with the same sparsity (to 1e-9) keep the first given. Returns ``sparsity_within_p``,
+    ``ratio_within_p``, ``sparsity_within_p_interp``, ``p_exceeded`` and ``knee_sparsity``,
+    ``knee_ratio``, ``knee_distance`` (NaN where a rule has no answer)."""
+    nan = math.nan
+    pts: list[tuple[float, float]] = []
+    for x, r in sorted(((float(x), float(r)) for x, r in points if x == x and r == r), key=lambda t: t[0]):
+        if pts and abs(x - pts[-1][0]) <= 1e-9:
+            continue
+        pts.append((x, r))
+    out = {"sparsity_within_p": nan, "ratio_within_p": nan, "sparsity_within_p_interp": nan, "p_exceeded": False,
+           "knee_sparsity": nan, "knee_ratio": nan, "knee_distance": nan}
+    limit = 1.0 + float(p) / 100.0
+    last = None
+    for i, (x, r) in enumerate(pts):
+        if r > limit:
+            out["p_exceeded"] = True
+            if last is not None:
+                x0, r0 = pts[last]
+                y0, y1, yl = math.log(r0), math.log(r), math.log(limit)
+                out["sparsity_within_p_interp"] = x0 + (x - x0) * (yl - y0) / (y1 - y0) if y1 > y0 else x0
+            break
+        last = i
+    if last is not None:
+        out["sparsity_within_p"], out["ratio_within_p"] = pts[last]
+    if len(pts) >= 3:
+        xs = [x for x, _ in pts]
+        ys = [math.log(max(r, 1e-300)) for _, r in pts]
+        xr, yr = xs[-1] - xs[0], max(ys) - min(ys)
+        if xr > 0 and yr > 0:
+            xn = [(x - xs[0]) / xr for x in xs]
+            yn = [(y - min(ys)) / yr for y in ys]
+            slope = (yn[-1] - yn[0]) / (xn[-1] - xn[0])
+            best, best_k = 0.0, None
+            for i in range(1, len(pts) - 1):
+                gap = yn[0] + slope * (xn[i] - xn[0]) - yn[i]  # how far below the chord
+                if gap > best:
+                    best, best_k = gap, i
+            if best_k is not None:
+                out["knee_sparsity"], out["knee_ratio"] = pts[best_k]
+                out["knee_distance"] = best
+    return out
+
+
+# ------------------------------------------------------------------------------------------ passes
+@dataclass
+class Pass:
+    ce_sum: float
+    n_tokens: int
+    zeros: list[float]
+    entries: list[float]
+    seconds: float
+
+    @property
+    def ce(self) -> float:
+        return self.ce_sum / max(self.n_tokens, 1)
+
+    def sparsity(self) -> list[float]:
+        return [z / e if e else math.nan for z, e in zip(self.zeros, self.entries)]
+
+
+def _sites(layers):
+    gate_of = {l.gate_site.canonical_name: l.site.canonical_name for l in layers if l.gate_site}
+    sites = [l.site for l in layers] + [l.gate_site for l in layers if l.gate_site]
+    return sites, gate_of
+
+
+def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
+                observe: Callable | None = None, progress: Callable[[int], Any] | None = None) -> Pass:
+    """One pass over ``batches``: ``observe(layer, v3, mask)`` sees each MLP activation before masking
+    (``v`` = act(gate) for GLU MLPs, else the projection input), ``masker(layer, x3, g3, m)`` gives the
+    entries zeroed before the output projection. Sums the next-token cross-entropy of counted tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from probes.runner import TokenBatches, run, token_layout
+
+    by_name = {l.site.canonical_name: l for l in layers}
+    sites, gate_of = _sites(layers)
+    L = len(layers)
+    zeros, entries = [0.0] * L, [0.0] * L
+    gates: dict[str, Any] = {}
+
+    def hook(x, hc):
+        name = hc.site.canonical_name
+        if name in gate_of:
+            gates[gate_of[name]] = x
+            return None
+        layer = by_name[name]
+        x3, m = token_layout(hc.site, x, hc.mask)
+        g = gates.pop(name, None)
+        g3 = g.reshape(x3.shape) if g is not None and g.numel() == x3.numel() else None
+        if observe is not None:
+            observe(layer, g3 if g3 is not None else x3, m)
+        xs = x3 if masker is None else x3.masked_fill(masker(layer, x3, g3, m), 0)
+        xc = xs[m] if m is not None else xs.reshape(-1, xs.shape[-1])
+        zeros[layer.index] += float((xc == 0).sum())
+        entries[layer.index] += float(xc.numel())
+        return None if masker is None else xs.reshape(x.shape)
+
+    tot = {"ce": 0.0, "n": 0}
+
+    def step(batch, out) -> None:
+        gates.clear()
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            raise ModelError(f"{type(loaded.model).__name__} returned no logits",
+                             "the cliff needs a causal LM with a language-model head")
+        for b in range(logits.shape[0]):  # one row at a time bounds the float32 copy of the logits
+            lab = batch.labels[b]
+            keep = lab != -100
+            if bool(keep.any()):
+                tot["ce"] += float(F.cross_entropy(logits[b][keep].float(), lab[keep], reduction="sum").double())
+                tot["n"] += int(keep.sum())
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        run(loaded.model, batches, fwd_hooks=[(s, hook) for s in sites], adapter=TokenBatches(need_logits=True),
+            step=step, progress=progress)
+    if tot["n"] == 0:
+        raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus with --data")
+    return Pass(tot["ce"], tot["n"], zeros, entries, time.perf_counter() - t0)
+
+
+def calib_split(n: int, share: float) -> tuple[list[int], list[int]]:
+    """Indices of calibration and held-out windows: ``round(share n)`` (at least 1) evenly spaced ones."""
+    if n < 2:
+        raise DataError(f"only {n} token window(s): the cliff needs one to calibrate and one to evaluate",
+                        "give a longer corpus with --data or raise --max-tokens")
+    k = min(max(1, round(float(share) * n)), n - 1)
+    cal = sorted({min(n - 1, int(i * n / k)) for i in range(k)})
+    held = [i for i in range(n) if i not in set(cal)]
+    return cal, held
+
+
+# ------------------------------------------------------------------------------------------ result
+@dataclass
+class CliffResult:
+    points: list[dict[str, Any]]
+    layer_rows: list[dict[str, Any]]
+    cliffs: list[dict[str, Any]]
+    sparling_rows: list[dict[str, Any]]
+    sparling_channels: list[dict[str, Any]]
+    learned: list[dict[str, Any]]
+    info: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def tables(self) -> dict[str, Any]:
+        import pandas as pd
+
+        out = {"cliff": pd.DataFrame(self.cliffs), "cliff_points": pd.DataFrame(self.points),
+               "cliff_layers": pd.DataFrame(self.layer_rows)}
+        if self.sparling_rows:
+            out["cliff_sparling"] = pd.DataFrame(self.sparling_rows)
+            out["cliff_sparling_channels"] = pd.DataFrame(self.sparling_channels)
+        if self.learned:
+            out["cliff_sparling_learned"] = pd.DataFrame(self.learned)
+        return out
+
+
+def check_cliff(loaded, options: CliffOptions) -> None:
+    """Refuse, before any batch, what the cliff cannot measure."""
+    if not getattr(loaded, "is_causal_lm", False):
+        raise ModelError(f"{type(loaded.model).__name__} has no causal language-model head: the cliff measures "
+                         "perplexity, and classifier accuracy with labels is not supported yet",
+                         "give a causal LM checkpoint (…ForCausalLM / …LMHeadModel); for activation sparsity of "
+                         "this model use `actsparse measure`")
+    bad = [f for f in options.families if f not in FAMILIES]
+    if bad:
+        from probes.errors import did_you_mean
+
+        raise DataError(f"unknown cliff family {bad[0]!r}{did_you_mean(bad[0], FAMILIES)}",
+                        f"use --family with some of {', '.join(FAMILIES)}")
+    bad_s = [s for s in options.grid if not 0.0 <= float(s) < 1.0]
+    if bad_s:
+        raise DataError(f"target sparsity {bad_s[0]} is outside [0, 1)", "give --grid values like 0,0.5,0.9,0.95")
+    if not 0.0 < float(options.calib_share) < 1.0:
+        raise DataError(f"calibration share {options.calib_share} is outside (0, 1)", "give --calib-share 0.25")
+
+
+def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int | None, int], Any] | None = None,
+          log: Callable[[str], Any] | None = None) -> CliffResult:
+    """The sparsity cliff of ``loaded`` (the registered analysis and the library of ``actsparse cliff``)."""
+    import torch
+
+    from probes import corpus as corpus_mod
+    from probes.pplp_session import resolve_layers
+
+    opts = options or CliffOptions()
+    log = log or (lambda msg: None)
+    check_cliff(loaded, opts)
+    t0 = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    layers = resolve_layers(loaded, opts.sites)
+    data_opts = DataOptions(**{k: getattr(opts, k) for k in DataOptions.__dataclass_fields__})
+    capped = data_opts.max_tokens is None
+    if capped:
+        data_opts.max_tokens = DEFAULT_MAX_TOKENS
+    td = token_windows(loaded, data_opts, causal=True)
+    cal_idx, held_idx = calib_split(len(td.windows), opts.calib_share)
+    cal_w = [td.windows[i] for i in cal_idx]
+    held_w = [td.windows[i] for i in held_idx]
+    cal_batches, held_batches = list(td.batches(cal_w)), list(td.batches(held_w))
+    n_held = corpus_mod.n_counted(held_w)
+    warnings: list[str] = []
+    if n_held < MIN_TOKENS:
+        warnings.append(f"only {n_held} held-out counted tokens (< {MIN_TOKENS}): PPL ratios this close to 1 are "
+                        f"not stable on so few tokens; use a longer corpus (--data) or raise --max-tokens")
+    families = list(dict.fromkeys(opts.families))
+    grid = sorted({float(s) for s in opts.grid})
+    n_planned = 1 + len(families) * (len([s for s in grid if s > 0]) + 2 * max(opts.refine, 0))
+    total = len(cal_batches) + n_planned * len(held_batches)
+    if progress:
+        progress(total, 0)
+    tick = (lambda k: progress(total, k)) if progress else None
+
+    widths = [l.site.width or int(l.col_norms.numel()) for l in layers]
+    need_cal = any(f in CALIBRATED for f in families)
+    cal = None
+    if need_cal:
+        rows_cap = max(1, min(int(opts.calib_rows), CALIB_BYTES // (4 * max(sum(widths), 1))))
+        cal = SparlingCalibration(len(layers), rows_cap)
+        sparse_pass(loaded, layers, cal_batches, observe=lambda l, v, m: cal.update(l.index, v, m), progress=tick)
+        log(f"calibration: {cal.n_rows[0]} rows per layer from {len(cal_w)} windows")
+    dense = sparse_pass(loaded, layers, held_batches, progress=tick)
+    log(f"dense: CE {dense.ce:.6f} over {dense.n_tokens} held-out tokens")
+    dense_sp = dense.sparsity()
+    points: list[dict[str, Any]] = []
+    layer_rows: list[dict[str, Any]] = []
+    sp_rows: list[dict[str, Any]] = []
+    sp_channels: list[dict[str, Any]] = []
+    cliffs: list[dict[str, Any]] = []
+    n_pass = [1 + (1 if need_cal else 0)]
+
+    def mean(v):
+        v = [a for a in v if a == a]
+        return sum(v) / len(v) if v else math.nan
+
+    def evaluate(family: str, s: float, refined: bool) -> dict[str, Any]:
+        kept = [None] * len(layers)
+        rows = [0] * len(layers)
+        if s <= 0:
+            st, thr = dense, [math.nan] * len(layers)
+            pass_no = 0
+        else:
+            masker, thr = family_masker(family, s, cal if cal is not None else _NoCal(len(layers)))
+            observe = None
+            if family == "sparling_posthoc":
+                def observe(l, v, m):
+                    k, n = reached_density(v, thr[l.index], m)
+                    kept[l.index] = k if kept[l.index] is None else kept[l.index] + k
+                    rows[l.index] += n
+            st = sparse_pass(loaded, layers, held_batches, masker=masker, observe=observe, progress=tick)
+            n_pass[0] += 1
+            pass_no = n_pass[0]
+        ratio = math.exp(st.ce - dense.ce)
+        sp = st.sparsity()
+        pt = {"family": family, "label": LABELS[family], "post_hoc": family == "sparling_posthoc",
+              "threshold_scope": SCOPES[family], "target_sparsity": s, "refined": refined,
+              "mean_sparsity": mean(sp),
+              "width_weighted_sparsity": sum(a * w for a, w in zip(sp, widths)) / sum(widths),
+              "ppl_ratio": ratio, "ce_dense": dense.ce, "ce_sparse": st.ce, "n_tokens": st.n_tokens, "pass": pass_no}
+        points.append(pt)
+        log(f"  {family}@{s:g}: PPL ratio {ratio:.6f}, mean sparsity {100 * pt['mean_sparsity']:.2f} %")
+        for l, a, t in zip(layers, sp, thr):
+            layer_rows.append({"family": family, "target_sparsity": s, **l.row(), "sparsity": a,
+                               "dense_sparsity": dense_sp[l.index],
+                               "threshold": float(t) if isinstance(t, (int, float)) else math.nan,
+                               "threshold_note": t if isinstance(t, str) else (
+                                   "per channel: see cliff_sparling" if not isinstance(t, (int, float)) else None),
+                               "ppl_ratio": ratio})
+        if family == "sparling_posthoc" and s > 0:
+            target = 1.0 - s
+            for l in layers:
+                d = (kept[l.index] / max(rows[l.index], 1)).float()
+                t = thr[l.index].float().cpu()
+                fin = t[t.isfinite()]
+                sp_rows.append({"target_sparsity": s, "target_density": target, **l.row(),
+                                "calib_rows": cal.n_rows[l.index], "heldout_rows": rows[l.index],
+                                "density_mean": float(d.mean()),
+                                "density_std": float(d.std()) if d.numel() > 1 else 0.0,
+                                "density_min": float(d.min()), "density_p05": float(d.quantile(0.05)),
+                                "density_p95": float(d.quantile(0.95)), "density_max": float(d.max()),
+                                "density_abs_err_mean": float((d - target).abs().mean()),
+                                "threshold_mean": float(fin.mean()) if fin.numel() else math.nan,
+                                "threshold_min": float(fin.min()) if fin.numel() else math.nan,
+                                "threshold_max": float(fin.max()) if fin.numel() else math.nan})
+                if abs(s - opts.sparling_detail) < 1e-9:
+                    dc = d.cpu().tolist()
+                    for c, (dv, tv) in enumerate(zip(dc, t.tolist())):
+                        sp_channels.append({"target_sparsity": s, "layer": l.row()["layer"],
+                                            "canonical_name": l.site.canonical_name, "channel": c, "threshold": tv,
+                                            "density": dv, "target_density": target})
+        return pt
+
+    for family in families:
+        done: dict[float, dict[str, Any]] = {}
+        for s in grid:
+            done[s] = evaluate(family, s, False)
+        for _ in range(max(int(opts.refine), 0)):
+            loc = cliff_location([(d["mean_sparsity"], d["ppl_ratio"]) for _, d in sorted(done.items())], opts.p)
+            if loc["knee_sparsity"] != loc["knee_sparsity"]:
+                break
+            ts = sorted(done)
+            ki = next(i for i, s in enumerate(ts) if done[s]["mean_sparsity"] == loc["knee_sparsity"])
+            new = [round((ts[ki] + ts[j]) / 2, 6) for j in (ki - 1, ki + 1) if 0 <= j < len(ts)]
+            new = [s for s in new if s not in done]
+            if not new:
+                break
+            for s in new:
+                done[s] = evaluate(family, s, True)
+        loc = cliff_location([(d["mean_sparsity"], d["ppl_ratio"]) for _, d in sorted(done.items())], opts.p)
+        knee_t = next((s for s, d in sorted(done.items()) if d["mean_sparsity"] == loc["knee_sparsity"]), math.nan)
+        cliffs.append({"family": family, "label": LABELS[family], "post_hoc": family == "sparling_posthoc",
+                       "p": float(opts.p), "dense_sparsity": mean(dense_sp), **loc, "knee_target": knee_t,
+                       "n_points": len(done), "max_ratio": max(d["ppl_ratio"] for d in done.values()),
+                       "n_tokens": dense.n_tokens})
+    points.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"]))
+    layer_rows.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"], r["layer"]))
+    sp_rows.sort(key=lambda r: (r["target_sparsity"], r["layer"]))
+    learned = learned_thresholds(loaded.model)
+    info = {"corpus": td.corpus, "corpus_is_default": td.corpus_is_default, "n_windows": len(td.windows),
+            "calibration_windows": len(cal_w), "heldout_windows": len(held_w),
+            "n_counted_tokens": n_held, "calibration_tokens": corpus_mod.n_counted(cal_w),
+            "calibration_rows_per_layer": cal.n_rows if cal is not None else None,
+            "max_tokens": data_opts.max_tokens, "max_tokens_default_applied": capped,
+            "max_length": td.max_length, "stride": td.stride, "window_scheme": td.window_scheme,
+            "families": families, "grid": grid, "p": float(opts.p), "refine": int(opts.refine),
+            "dense_ce": dense.ce, "dense_ppl": math.exp(dense.ce), "full_passes": n_pass[0],
+            "site": "input of each MLP output projection (act(gate) decides for GLU MLPs)",
+            "quality": "PPL ratio exp(CE_sparse - CE_dense) on the held-out windows",
+            "rules": {"sparsity_within_p": "largest achieved mean sparsity whose point and every lower one have "
+                                           "PPL ratio <= 1 + p/100",
+                      "knee_sparsity": "Kneedle: the point farthest below the chord of ln(PPL ratio) vs achieved "
+                                       "sparsity, both min-max normalised"},
+            "sparling_learned_layers": len(learned), "notes": list(td.notes),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "options": {**asdict(opts), "grid": grid}}
+    return CliffResult(points, layer_rows, cliffs, sp_rows, sp_channels, learned, info, warnings)
+
+
+class _NoCal:
+    """Stands in for a calibration where a family needs none (top-k): only the layer count is read."""
+
+    def __init__(self, n: int):
+        self.n_layers = n

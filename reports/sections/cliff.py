@@ -1,0 +1,206 @@
+"""The sparsity cliff (``cliff``, ``measure --also cliff``): Bug or Feature^2 (On-Point-RND/BugOrFeature),
+with SPARLING's per-channel thresholds post hoc (kavigupta/sparling). The metric is ``probes/cliff.py``
+and ``probes/sparling.py``; the command ``actsparse_cli/cliff_cmd.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports.figures import panel_size, pyplot, save
+from reports.numbers import fixed, pct
+from reports.sections import FigureSpec, ReportSection, TableSpec
+
+_MARKERS = {"topk_sample": "o", "topk_token": "s", "magnitude_layer": "^", "sparling_posthoc": "D"}
+
+
+def draw_cliff(table, folder, title, manifest) -> list[str]:
+    n = (manifest.get("cliff") or {}).get("n_counted_tokens")
+    n_tokens = int(n) if isinstance(n, (int, float)) else 0
+    return plot_cliff(table("cliff_points"), table("cliff"), folder, title, n_tokens)
+
+
+def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | Path, title: str,
+               n_tokens: int) -> list[str]:
+    """PPL ratio (log) against the achieved activation sparsity, one line per family, with each family's
+    cliff marked: the last point within 1 + p (open square) and the knee (filled triangle); the dense
+    run's natural sparsity as a dotted vertical line and 1 + p as a dashed horizontal line."""
+    if points is None or points.empty:
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=panel_size(1.6, 1.15))
+    p = float(cliffs["p"].iloc[0]) if cliffs is not None and len(cliffs) else 1.0
+    for i, (fam, g) in enumerate(points.groupby("family", sort=False)):
+        g = g.sort_values("mean_sparsity")
+        post = bool(g["post_hoc"].iloc[0]) if "post_hoc" in g else False
+        lab = str(g["label"].iloc[0]) if "label" in g else str(fam)
+        color = f"C{i}"
+        ax.plot(100 * g["mean_sparsity"].astype(float), g["ppl_ratio"].astype(float), marker=_MARKERS.get(fam, "o"),
+                ms=4, lw=1.3, ls="--" if post else "-", color=color, label=f"{fam}: {lab}")
+        if cliffs is not None and len(cliffs):
+            c = cliffs[cliffs["family"] == fam]
+            if len(c):
+                c = c.iloc[0]
+                if c["sparsity_within_p"] == c["sparsity_within_p"]:
+                    ax.plot(100 * c["sparsity_within_p"], c["ratio_within_p"], "s", ms=10, mfc="none", mec=color,
+                            mew=1.5)
+                if c["knee_sparsity"] == c["knee_sparsity"]:
+                    ax.plot(100 * c["knee_sparsity"], c["knee_ratio"], "v", ms=10, color=color, mec="k", mew=0.6)
+    ax.set_yscale("log")
+    ax.axhline(1 + p / 100, color="grey", ls="--", lw=0.9)
+    ax.text(0.01, 1 + p / 100, f" PPL ratio 1 + {p:g} %", transform=ax.get_yaxis_transform(), va="bottom",
+            fontsize=7, color="grey")
+    if cliffs is not None and len(cliffs) and cliffs["dense_sparsity"].notna().any():
+        d = 100 * float(cliffs["dense_sparsity"].iloc[0])
+        ax.axvline(d, color="k", ls=":", lw=0.9)
+        ax.text(d, 0.45, "dense run (natural zeros) ", transform=ax.get_xaxis_transform(), rotation=90, ha="right",
+                va="center", fontsize=7)
+    xmin, xmax = float(100 * points["mean_sparsity"].min()), float(100 * points["mean_sparsity"].max())
+    ax.set_xlim(max(0.0, xmin - 3), min(100.0, xmax + 2))
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    top = float(points["ppl_ratio"].max())
+    steps = (1, 1.01, 1.02, 1.05, 1.1, 1.2) if top < 1.25 else (1, 1.05, 1.1, 1.2)
+    ticks = [t for t in steps + (1.5, 2, 3, 5, 10, 20, 50, 100, 1000) if t <= top * 1.05]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.plot([], [], "s", ms=8, mfc="none", mec="0.3", label=f"last point within 1 + {p:g} %")
+    ax.plot([], [], "v", ms=8, color="0.5", mec="k", mew=0.6, label="knee (Kneedle: max curvature)")
+    ax.set_xlabel("achieved activation sparsity at the MLP activation, % (mean over layers)")
+    ax.set_ylabel("PPL ratio, sparse / dense (log)")
+    ax.set_title(f"{title}: sparsity cliff over {n_tokens} held-out tokens")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save(fig, folder, "cliff")
+
+
+def draw_cliff_sparling(table, folder, title, manifest) -> list[str]:
+    return plot_sparling(table("cliff_sparling"), folder, title)
+
+
+def plot_sparling(df: pd.DataFrame | None, folder: str | Path, title: str) -> list[str]:
+    """Per layer: the density the post-hoc SPARLING thresholds reach on held-out windows against the target
+    density (mean over channels, 5th-95th percentile band), with the diagonal."""
+    if df is None or df.empty:
+        return []
+    from reports.figures import layer_colors
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=panel_size(1.3, 1.1))
+    layers = sorted(df["layer"].dropna().unique())
+    colors = layer_colors(len(layers))
+    for c, (layer, g) in zip(colors, ((v, df[df["layer"] == v]) for v in layers)):
+        g = g.sort_values("target_density")
+        x = 100 * g["target_density"].astype(float)
+        ax.plot(x, 100 * g["density_mean"].astype(float), "o-", ms=3, lw=1.2, color=c, label=f"layer {int(layer)}")
+        ax.fill_between(x, 100 * g["density_p05"].astype(float), 100 * g["density_p95"].astype(float), color=c,
+                        alpha=0.12, lw=0)
+    hi = float(100 * df["target_density"].max())
+    ax.plot([0, hi], [0, hi], color="grey", ls="--", lw=0.9, label="reached = target")
+    ax.set_xlim(0, hi * 1.02)
+    ax.set_ylim(0, max(hi, float(100 * df["density_p95"].max())) * 1.05)
+    ax.set_xlabel("target density per channel, % (1 - target sparsity)")
+    ax.set_ylabel("density reached on held-out windows, %")
+    ax.set_title(f"{title}: SPARLING thresholds post hoc\n(mean over channels, band: 5th-95th percentile)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(layers) > 6 else 1, loc="upper left")
+    fig.tight_layout()
+    return save(fig, folder, "cliff_sparling")
+
+
+def write_files(folder, result, title: str) -> list[str]:
+    from reports.tables import write_tables
+
+    tables = result.tables()
+    files = write_tables(tables, folder)
+    files += plot_cliff(tables["cliff_points"], tables["cliff"], folder, title, result.info["n_counted_tokens"])
+    if "cliff_sparling" in tables:
+        files += plot_sparling(tables["cliff_sparling"], folder, title)
+    return files
+
+
+def manifest_section(result) -> dict[str, Any]:
+    # its warnings inside its own section: a top-level "warnings" would overwrite another analysis' in a bundle
+    return {**result.info, "warnings": list(result.warnings)}
+
+
+def summary_lines(result, options: dict[str, Any] | None = None) -> list[str]:
+    """The cliff of each family as a markdown table."""
+    from reports.markdown import md_escape
+
+    info = result.info
+    lines = [f"> **WARNING:** {md_escape(w)}" for w in result.warnings] + ([""] if result.warnings else [])
+    lines += [f"Enforced sparsity at the MLP activation; PPL ratio on {info['n_counted_tokens']} held-out tokens "
+             f"(thresholds of the calibrated families from {info['calibration_tokens']} other tokens); dense "
+             f"sparsity {pct(result.cliffs[0]['dense_sparsity']) if result.cliffs else '-'} %.", "",
+             f"| family | post hoc | sparsity within 1 + {info['p']:g} % | crossing (interp.) | knee sparsity | "
+             "knee PPL ratio | max PPL ratio |", "|---|---|---:|---:|---:|---:|---:|"]
+    for c in result.cliffs:
+        lines.append(f"| {md_escape(c['family'])} | {'yes' if c['post_hoc'] else 'no'} | "
+                     f"{pct(c['sparsity_within_p'])} % | "
+                     f"{pct(c['sparsity_within_p_interp'])} % | {pct(c['knee_sparsity'])} % | "
+                     f"{fixed(c['knee_ratio'], 4)} | {fixed(c['max_ratio'], 4)} |")
+    if result.learned:
+        lines += ["", f"{len(result.learned)} SPARLING layer(s) in the checkpoint; learned thresholds in "
+                      "`cliff_sparling_learned`."]
+    return lines
+
+
+def write_cliff_outputs(output: str | Path, result, lm, options: dict[str, Any], force: bool = False) -> Path:
+    """The standalone ``actsparse cliff`` folder: tables, figures, summary.md, manifest.json."""
+    from reports.bundle import atomic_output_dir
+    from reports.manifest import build_manifest, model_section, short_name, write_manifest
+    from reports.markdown import md_code, md_escape
+
+    with atomic_output_dir(output, force) as tmp:
+        files = write_files(tmp, result, short_name(options.get("checkpoint")))
+        lines = [f"# actsparse cliff: {md_escape(options.get('checkpoint'))}", ""]
+        lines += [f"Corpus {md_code(result.info['corpus'])}; dense PPL {fixed(result.info['dense_ppl'], 4)}; "
+                  f"{result.info['full_passes']} full passes.", ""] + summary_lines(result, options)
+        (Path(tmp) / "summary.md").write_text("\n".join(lines) + "\n")
+        files.append("summary.md")
+        manifest = build_manifest("cliff", options, model=model_section(lm), cliff=manifest_section(result),
+                                  warnings=list(result.warnings), files=files + ["manifest.json"])
+        write_manifest(tmp, manifest)
+    return Path(output)
+
+
+def _caption_cliff(ctx: dict[str, Any]) -> str:
+    return ("The sparsity cliff (Bug or Feature^2): PPL ratio (log) against the activation sparsity actually "
+            "reached when sparsity is enforced at the MLP activation, one line per family (dashed: post hoc "
+            "SPARLING thresholds); open squares: the last point within 1 + p; triangles: the knee (maximum "
+            "curvature, found as Kneedle does); dotted: the dense run's natural sparsity.")
+
+
+SECTION = ReportSection(
+    name="cliff",
+    manifest_key="cliff",
+    prefixes=(("cliff", "cliff"),),
+    tables={
+        "cliff": TableSpec(("family",), ("p", "n_points", "n_tokens", "knee_distance")),
+        "cliff_points": TableSpec(("family", "target_sparsity"), ("n_tokens", "pass")),
+        "cliff_layers": TableSpec(("family", "target_sparsity", "canonical_name", "layer"), ("width",)),
+        "cliff_sparling": TableSpec(("target_sparsity", "canonical_name", "layer"),
+                                    ("width", "calib_rows", "heldout_rows", "target_density")),
+        "cliff_sparling_channels": TableSpec(("target_sparsity", "canonical_name", "layer", "channel"),
+                                             ("target_density",)),
+        "cliff_sparling_learned": TableSpec(("module_path",), ("channels",)),
+    },
+    figures=(
+        FigureSpec("cliff", _caption_cliff, ("cliff_points",), "reports.sections.cliff:draw_cliff"),
+        FigureSpec("cliff_sparling", lambda c: "SPARLING post hoc: per layer, the density each channel reaches on "
+                   "held-out windows with per-channel k-th-value thresholds from the calibration windows, against "
+                   "the target density (line: mean over channels; band: 5th-95th percentile; dashed: reached = "
+                   "target). ReLU channels already sparser than the target stay below the diagonal.",
+                   ("cliff_sparling",), "reports.sections.cliff:draw_cliff_sparling"),
+    ),
+    summary="reports.sections.cliff:summary_lines",
+    write="reports.sections.cliff:write_files",
+    manifest="reports.sections.cliff:manifest_section",
+)
