@@ -65,6 +65,10 @@ def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pick
                              dtype=getattr(dtype, "value", dtype), trust_remote_code=trust_remote_code,
                              unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
                              device_map=getattr(device_map, "value", device_map))
+    if getattr(lm.device, "type", str(lm.device)) == "cpu":
+        from probes.threads import apply_cpu_threads
+
+        lm.source["cpu_threads"] = apply_cpu_threads()  # few threads when other processes hold the cores
     if lm.source.get("assumed"):  # a config built from shapes: say what was guessed (also in the manifest)
         c.stderr_console().print(f"note: --arch {arch}: {lm.source['assumed']}", highlight=False)
     return lm
