@@ -38,6 +38,9 @@ COMMANDS = {
     "pplp": (["pplp", "--p", "5", *T], [("L0 mlp_post", "blocks.0.mlp.hook_post"), "dense PPL"]),
     "curve": (["curve", "--method", "cett,topk", "--values", "cett=0.1,0.3", "--values", "topk=0.5,0.2",
                "--no-plot", *T], ["cett", "topk"]),
+    "flatness": (["flatness", *T], ["L0 mlp_post", "L3 mlp_post", "kappa_2309"]),
+    "cliff": (["cliff", "--max-tokens", "512", "--device", "cpu", "--grid", "0,0.9", "--refine", "0"],
+              ["topk_sample", "sparling_posthoc", "PPL ratio"]),
     "track": (["track", "--analyses", "drift,spectrum", "--max-tokens", "64", "--device", "cpu"],
               ["alpha_mean", "neg_pct_linear", "step 50"]),
 }
