@@ -27,6 +27,11 @@ class SearchChoice(str, Enum):
     bisection = "bisection"
 
 
+class TealEvalChoice(str, Enum):
+    last_half = "last-half"
+    all = "all"
+
+
 # Each CETT chunk holds (grid x d_model) floats per token, so the grid is bounded: 4096 candidates are far finer
 # than the search needs (default 128) and keep a chunk near 130 MB at d_model 8192.
 MAX_CETT_GRID = 4096
@@ -106,6 +111,9 @@ def curve_output(result, title: str):
     cols = [col("method", "method", str, left=True), col("param", "param", lambda v: fmt(v, na=""), left=True),
             col("value", "value", lambda v: fmt(v, 6, na="")), col("PPL ratio", "ppl_ratio", lambda v: fixed(v, 5)),
             col("sparsity %", "mean_sparsity", pct)]
+    if any(r.get("effective_sparsity") == r.get("effective_sparsity") for r in result.points
+           if r.get("effective_sparsity") is not None):
+        cols.append(col("effective %", "effective_sparsity", lambda v: pct(v) if v == v else ""))
     out = Output(items=[View(title, list(result.points), cols, key=1)], tables=result_tables(result), main="curve")
     tensors = {}
     for r in result.points:
@@ -241,8 +249,9 @@ def register(app: typer.Typer) -> None:
     def curve(
         checkpoint: CheckpointOpt = None,
         method: Annotated[Optional[list[str]], typer.Option("--method", help="Threshold families, comma-separated or "
-                                                            "repeated: cett, topk, topk_global, teal, cats, chess, "
-                                                            "fat. Default cett,topk,teal,cats,fat.",
+                                                            "repeated: cett, topk, topk_global, teal, teal_greedy, "
+                                                            "absq_down, cats, chess, chess_plus, fat. Default "
+                                                            "cett,topk,teal,cats,fat.",
                                                             rich_help_panel=PANEL_CURVE)] = None,
         values: Annotated[Optional[list[str]], typer.Option("--values", help="Parameter grid of one method, e.g. "
                                                             "'fat=0.01,0.1' or 'teal=0.5,0.9' (repeatable).",
@@ -251,17 +260,30 @@ def register(app: typer.Typer) -> None:
                                                      "folder (default: on with -o).", rich_help_panel=PANEL_CURVE)]
         = None,
         cett_grid: GridOpt = 128,
+        teal_eval: Annotated[TealEvalChoice, typer.Option("--teal-eval", help="Positions teal / teal_greedy sparsify: "
+                                                          "last-half (TEAL's default: the last half of each window, "
+                                                          "its stand-in for decoding) or all.",
+                                                          rich_help_panel=PANEL_CURVE)] = TealEvalChoice.last_half,
+        calib_fraction: Annotated[float, typer.Option("--calib-fraction", callback=float_check(0.01, 0.9),
+                                                      help="Fraction of the windows (the first ones) that calibrate "
+                                                      "teal, teal_greedy and chess; every method is then evaluated "
+                                                      "on the other windows. 0.01 to 0.9.",
+                                                      rich_help_panel=PANEL_CURVE)] = 0.25,
         *,
         data, text_field, encoding, batch_size, max_length, max_tokens, stride, seed, skip_first, site, config, arch,
         tokenizer, device, device_map, dtype, trust_remote_code, unsafe_pickle, output, force, quiet, debug,
         output_format,
     ) -> None:
-        """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens."""
+        """Sparsity vs PPL ratio of each threshold family (CETT, top-k, TEAL, CATS, CHESS, FAT) on the same tokens.
+
+        teal / teal_greedy / chess calibrate on the first --calib-fraction of the windows; the curve is then
+        evaluated on the other windows (all methods)."""
         methods = _parse_methods(method)
         grid = _parse_values(values, methods)
         if plot and output is None:
             raise typer.BadParameter("--plot writes into the output folder: add -o FOLDER", param_hint="--plot")
         _curve(checkpoint=checkpoint, data=data, methods=methods, grid=grid, plot=plot, cett_grid=cett_grid,
+               teal_eval=teal_eval.value, calib_fraction=calib_fraction,
                text_field=text_field, encoding=encoding, batch_size=batch_size, max_length=max_length,
                max_tokens=max_tokens, stride=stride, seed=seed, skip_first=skip_first, site=site, config=config,
                arch=arch, tokenizer=tokenizer, device=device, device_map=device_map, dtype=dtype,
@@ -270,7 +292,8 @@ def register(app: typer.Typer) -> None:
                output_format=output_format)
 
     @handle_errors
-    def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, text_field, encoding, batch_size, max_length,
+    def _curve(*, checkpoint, data, methods, grid, plot, cett_grid, teal_eval, calib_fraction, text_field, encoding,
+               batch_size, max_length,
                max_tokens, stride, seed, skip_first, site, config, arch, tokenizer, device, dtype, trust_remote_code,
                unsafe_pickle, output, force, quiet, debug, device_map=None, output_format=None) -> None:
         from probes.pplp import CurveOptions
@@ -292,7 +315,7 @@ def register(app: typer.Typer) -> None:
         opts = CurveOptions(data=data, text_field=text_field, encoding=encoding, batch_size=batch_size,
                             max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
                             skip_first=skip_first, sites=tuple(site or ()), methods=methods, values=grid,
-                            cett_grid=cett_grid)
+                            cett_grid=cett_grid, teal_eval=teal_eval, calib_fraction=calib_fraction)
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
@@ -316,6 +339,8 @@ def register(app: typer.Typer) -> None:
                     **info_of(result.info, ("n_counted_tokens",)), "warnings": list(result.warnings)}
         emit(shown, out)
         if output is not None and not quiet:
-            stderr_console().print(f"wrote {output}/ (curve, curve_layers .parquet/.csv"
+            extra = ", teal_projections" if result.proj_rows else ""
+            stderr_console().print(f"wrote {output}/ (curve, curve_layers{extra}"
+                                   f" .parquet/.csv"
                                    f"{', curve.png/.svg' if plot is not False else ''}, summary.md, manifest.json)",
                                    markup=False)

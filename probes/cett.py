@@ -14,8 +14,9 @@ from one sparse-dense product, a cumulative sum over the grid, a norm per grid p
 d_model) work per token, a few times a forward pass for a tiny model, a small fraction of one
 for a real LLM) and summed in float64. State is O(layers x grid). Between grid points the
 threshold is linearly interpolated in t. CETT at grid points is exact; only the placement of
-the grid depends on the first batch. Quantile thresholds of the other families (teal, cats,
-chess) come from fixed log-spaced histograms (``LogHistogram``).
+the grid depends on the first batch. Quantile thresholds of ``absq_down`` and ``cats`` come from
+fixed log-spaced histograms (``LogHistogram``); TEAL and CHESS use their references' own rules
+(``probes.teal``, ``probes.chess``).
 
 Search for c (``search_cett``): plain bisection on [0, 1] is the reference. The default is a
 safeguarded secant search on log(PPL ratio) against log(c) (the curve is close to a power law),
@@ -39,9 +40,8 @@ DEFAULT_MAX_PASSES = 40  # sparse passes per target before giving up (status not
 SEARCH_METHODS = ("secant", "bisection")
 C_TOL = 1e-9  # a bracket narrower than this in c cannot be refined further
 SECANT_START = 0.2  # first probe when nothing is known yet: c ~ 0.2 is near PPL-1% for ReLU-like LMs
-# Fixed log-spaced histograms for quantile thresholds (teal/cats: per layer; chess: per channel).
+# Fixed log-spaced histogram for the per-layer quantile thresholds of absq_down and cats.
 LAYER_HIST = (1e-10, 1e6, 4096)
-CHANNEL_HIST = (1e-8, 1e4, 192)
 _SPARSE_CHUNK_ELEMS = 1 << 22  # bound on tokens x grid x d_model floats in one CETT chunk
 
 
@@ -303,34 +303,6 @@ class LogHistogram:
     @property
     def total(self) -> int:
         return int(self.counts.sum())
-
-
-def _mixture_quantile(hist: LogHistogram, scales, q: float) -> float:
-    """The q-quantile of v_ic * scales[c] pooled over channels, from per-channel histograms."""
-    import numpy as np
-
-    total = hist.total
-    if total == 0:
-        return math.nan
-    target = q * total
-    if target <= float(hist.counts[:, 0].sum()):
-        return 0.0
-    s = np.asarray(scales, dtype=np.float64)
-    pos = s[s > 0]
-    if pos.size == 0:
-        return math.nan
-    count = hist.scaled_counter(s)
-    lo = hist.lo * float(pos.min()) * 1e-3
-    hi = max(float(hist.max.max()), hist.hi) * float(pos.max()) * 2
-    for _ in range(100):  # bisection in log t on a monotone count
-        mid = math.sqrt(lo * hi)
-        if count(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-7:
-            break
-    return float(math.sqrt(lo * hi))
 
 
 # ------------------------------------------------------------------------------------------ search

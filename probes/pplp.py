@@ -20,16 +20,30 @@ search on log PPL ratio against log c): ``probes.cett``. The passes over the tok
 ``probes.pplp_session``. This module holds the options, the results and the two entry points,
 ``pplp`` and ``curve``.
 
-Other threshold families (curve points, each naming the tensor it thresholds, all zeroing
-entries of the projection input through the same pre-hook):
+Other threshold families (curve points, each naming the tensor it thresholds):
 - ``fat@eps``: |act(gate)| < eps (GLU); the activation x itself for non-GLU MLPs.
 - ``topk@r`` / ``topk_global@r``: keep the r fraction of largest |act(gate)| (x for non-GLU)
   per token, or over all counted tokens of a batch (Sparsing Law's global mode).
-- ``teal@s``: |x| < the s-quantile of |x| per layer (FasterDecoding/TEAL; down-proj input only).
-- ``cats@s``: |act(gate)| < the s-quantile of |act(gate)| per layer (ScalingIntelligence/CATS).
-- ``chess@s``: channel-wise: |act(gate)_i| * mean|up_i| < the s-quantile of that importance per
-  layer (junhuihe-hjh/CHESS). Quantiles come from fixed log-spaced histograms (documented
-  in the rows); mean|up_i| is estimated as |x_i| / |act(gate)_i| where act(gate)_i != 0.
+- ``teal@s`` / ``teal_greedy@s``: TEAL (FasterDecoding/TEAL) as its code does it, ``probes.teal``:
+  the inputs of all seven projections of a block (q k v o gate up down; the matching Linear layers
+  of GPT-2 / BERT), per-layer per-projection thresholds from TEAL's histogram rule on calibration
+  windows disjoint from the evaluated ones, TEAL's last-half-of-prefill evaluation by default
+  (``teal_eval="all"``: every position), effective sparsity = parameter-weighted mean of the
+  measured per-projection sparsities; ``teal_greedy`` is TEAL's greedy block-wise allocation.
+- ``absq_down@s``: NOT TEAL: |x| < the s-quantile of |x| per layer on the MLP output projection's
+  input only, calibrated in-sample from a log-spaced histogram (``LAYER_HIST``; what ``teal@s``
+  meant before).
+- ``cats@s``: |act(gate)| < the s-quantile of |act(gate)| per layer (ScalingIntelligence/CATS),
+  in-sample, log-spaced histogram (``LAYER_HIST``).
+- ``chess_plus@s``: CHESS+ (the reference's attention thresholds added: the q projection's input
+  and the o projection's input, per-layer exact k-th |x|); refused for fused q/k/v projections.
+- ``chess@s``: CHESS (junhuihe-hjh/CHESS), ``probes.chess``: |act(gate)_i| < T_layer / mean|up_i|
+  with mean|up_i| from the captured up-projection output and T_layer the exact k-th importance
+  averaged over calibration windows (disjoint from the evaluated ones).
+
+TEAL and CHESS (and CHESS+) need calibration windows: ``CurveOptions.calib_fraction`` (default 0.25) of the
+windows, the first ones of the corpus; when a curve asks for either, EVERY method of that curve is
+evaluated on the remaining windows only, so all rows share the same tokens.
 """
 
 from __future__ import annotations
@@ -40,28 +54,35 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from probes.cett import (  # noqa: F401  (re-exported: the PPL-p% API in one place)
-    C_TOL, CHANNEL_HIST, DEFAULT_CETT_GRID, DEFAULT_MAX_PASSES, DEFAULT_TOL, LAYER_HIST, SEARCH_METHODS,
+    C_TOL, DEFAULT_CETT_GRID, DEFAULT_MAX_PASSES, DEFAULT_TOL, LAYER_HIST, SEARCH_METHODS,
     SECANT_START, CettGrid, LogHistogram, SearchOutcome, cett, down_column_norms, down_weight_io,
     neuron_output_norms, ppl_ratio, search_cett, threshold_for_cett)
 from probes.data import DataOptions
 from probes.loading import LoadedModel
 from probes.pplp_session import (  # noqa: F401  (re-exported)
-    MIN_TOKENS, Evaluation, Layer, PassStats, PplpSession, PplpTarget, resolve_layers, token_loss_sum)
+    DEFAULT_CALIB_FRACTION, MIN_TOKENS, SPLIT_METHODS, Evaluation, Layer, PassStats, PplpSession, PplpTarget,
+    resolve_layers, token_loss_sum)
+from probes.teal import DEFAULT_TEAL_EVAL, GREEDY_BASE_STEP, GREEDY_LAST_FRACTION, TEAL_EVAL_MODES, TEAL_NUM_BINS
 
 DEFAULT_P = (1.0,)
-CURVE_METHODS = ("cett", "topk", "topk_global", "teal", "cats", "chess", "fat")
+CURVE_METHODS = ("cett", "topk", "topk_global", "teal", "teal_greedy", "absq_down", "cats", "chess", "chess_plus",
+                 "fat")
 DEFAULT_CURVE_METHODS = ("cett", "topk", "teal", "cats", "fat")
+_S_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_CURVE_VALUES: dict[str, tuple[float, ...]] = {
     "cett": (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6),
     "topk": (0.5, 0.3, 0.2, 0.1, 0.05, 0.02),
     "topk_global": (0.5, 0.3, 0.2, 0.1, 0.05, 0.02),
-    "teal": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
-    "cats": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
-    "chess": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
+    "teal": (0.25, 0.4, 0.5, 0.65, 0.8),  # around the 25-50 % model-wide levels TEAL's paper reports
+    "teal_greedy": (0.25, 0.4, 0.5),
+    "absq_down": _S_GRID,
+    "cats": _S_GRID,
+    "chess": _S_GRID,
+    "chess_plus": _S_GRID,
     "fat": (0.001, 0.01, 0.03, 0.1, 0.3),
 }
-CURVE_PARAM = {"cett": "c", "topk": "r_kept", "topk_global": "r_kept", "teal": "s", "cats": "s", "chess": "s",
-               "fat": "eps"}
+CURVE_PARAM = {"cett": "c", "topk": "r_kept", "topk_global": "r_kept", "teal": "s", "teal_greedy": "s",
+               "absq_down": "s", "cats": "s", "chess": "s", "chess_plus": "s", "fat": "eps"}
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -81,6 +102,8 @@ class CurveOptions(DataOptions):
     methods: Sequence[str] = DEFAULT_CURVE_METHODS
     values: dict[str, Sequence[float]] = field(default_factory=dict)  # method -> parameter grid override
     cett_grid: int = DEFAULT_CETT_GRID
+    calib_fraction: float = DEFAULT_CALIB_FRACTION  # first windows calibrating teal / teal_greedy / chess
+    teal_eval: str = DEFAULT_TEAL_EVAL  # last-half (TEAL's default) or all positions
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -230,7 +253,9 @@ def pplp(loaded: LoadedModel, opts: PplpOptions | None = None, *,
 # ------------------------------------------------------------------------------------------- curves
 TENSOR_LABEL = {
     "cett": "n_i = |x_i| * ||W_down[:, i]||_2 (x = input of the MLP output projection)",
-    "teal": "|x| (input of the MLP output projection)",
+    "absq_down": "|x| (input of the MLP output projection only; not TEAL)",
+    "teal": "|x| of the input of every projection of a block (q k v o gate up down)",
+    "teal_greedy": "|x| of the input of every projection of a block (q k v o gate up down)",
 }
 
 
@@ -238,26 +263,39 @@ def _tensor_label(method: str, glu: bool) -> str:
     if method in TENSOR_LABEL:
         return TENSOR_LABEL[method]
     if method == "chess":
-        return ("|act(gate)_i| * mean|up_i| (mlp.hook_gate_act, channel-wise)" if glu
-                else "|x| (no GLU up projection: the cats rule)")
+        return ("|act(gate)_i| vs T / mean|up_i| (mlp.hook_gate_act; up = the up projection's output)" if glu
+                else "|x| (no up projection: importance = |x|)")
+    if method == "chess_plus":
+        return ("|act(gate)_i| vs T / mean|up_i|, and |x| of the q and o projections' inputs" if glu
+                else "|x| of the MLP activation and of the q and o projections' inputs")
     return "|act(gate)| (mlp.hook_gate_act)" if glu else "|x| (activation = input of the MLP output projection)"
 
 
-def _rule(method: str, value: float) -> str:
+def _rule(method: str, value: float, teal_eval: str = DEFAULT_TEAL_EVAL) -> str:
+    where = "on the last half of each window's positions" if teal_eval == "last-half" else "on every position"
     return {"cett": f"zero where n_i < t_layer, t_layer = largest t with CETT(t) <= {value:g}",
             "fat": f"zero where |a| < {value:g}",
             "topk": f"keep the top {value:g} fraction of |a| per token",
             "topk_global": f"keep the top {value:g} fraction of |a| over all counted tokens of a batch",
-            "teal": f"zero where |x| < q_{value:g}(|x|) per layer",
+            "teal": f"zero where |x| <= icdf(0.5 + {value:g}/2) of each projection input, {where}",
+            "teal_greedy": f"per block the greedy step with effective sparsity closest to {value:g}; zero where "
+                           f"|x| <= icdf(0.5 + s_proj/2), {where}",
+            "absq_down": f"zero where |x| < q_{value:g}(|x|) per layer",
             "cats": f"zero where |a| < q_{value:g}(|a|) per layer",
-            "chess": f"zero where |a_i| * mean|up_i| < q_{value:g} of that importance, per layer"}[method]
+            "chess": f"zero where |a_i| < T_layer / mean|up_i|, T_layer = k-th importance, k = int(N * {value:g})",
+            "chess_plus": f"chess@{value:g}, and zero the q / o projection inputs where |x| < their k-th |x|, "
+                          f"k = int(N * {value:g})"}[method]
 
 
 def _calibration_label(method: str) -> str:
-    return {"cett": "exact CETT on a per-layer grid, interpolated",
-            "teal": f"quantile from a {LAYER_HIST[2]}-bin log histogram",
-            "cats": f"quantile from a {LAYER_HIST[2]}-bin log histogram",
-            "chess": f"quantile of a mixture of per-channel {CHANNEL_HIST[2]}-bin log histograms",
+    return {"cett": "exact CETT on a per-layer grid, interpolated (in-sample)",
+            "teal": f"TEAL histogram ({TEAL_NUM_BINS} bins, 1 % outlier bins) on the calibration windows",
+            "teal_greedy": f"TEAL histogram on the calibration windows + greedyopt (step {GREEDY_BASE_STEP}, error on "
+                           f"the last {GREEDY_LAST_FRACTION:g} of positions)",
+            "absq_down": f"quantile from a {LAYER_HIST[2]}-bin log histogram (in-sample)",
+            "cats": f"quantile from a {LAYER_HIST[2]}-bin log histogram (in-sample)",
+            "chess": "exact k-th value per calibration window, averaged (CHESS thresholds.py)",
+            "chess_plus": "exact k-th values per calibration window, averaged (CHESS thresholds.py)",
             "fat": "none (absolute eps)", "topk": "none (per token)",
             "topk_global": "none (per batch)"}[method]
 
@@ -268,6 +306,7 @@ class CurveResult:
     layer_rows: list[dict[str, Any]]
     info: dict[str, Any]
     warnings: list[str]
+    proj_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self):
         import pandas as pd
@@ -279,9 +318,18 @@ class CurveResult:
 
         return pd.DataFrame(self.layer_rows)
 
+    def projection_table(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.proj_rows)
+
     def tables(self) -> dict[str, Any]:
-        """Every table of the result, by the name it is written under (``probes.analysis.Result``)."""
-        return {"curve": self.table(), "curve_layers": self.layer_table()}
+        """Every table of the result, by the name it is written under (``probes.analysis.Result``);
+        ``teal_projections`` only when a TEAL method ran."""
+        out = {"curve": self.table(), "curve_layers": self.layer_table()}
+        if self.proj_rows:
+            out["teal_projections"] = self.projection_table()
+        return out
 
 
 def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
@@ -296,11 +344,21 @@ def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
         close = difflib.get_close_matches(bad[0], CURVE_METHODS, n=1)
         raise ValueError(f"unknown curve method {bad[0]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                          + f"; valid: {', '.join(CURVE_METHODS)}")
-    t0 = time.perf_counter()
-    s = session or PplpSession(loaded, opts, docs_tokens=docs_tokens, progress=progress, log=log)
+    if opts.teal_eval not in TEAL_EVAL_MODES:
+        raise ValueError(f"unknown TEAL evaluation {opts.teal_eval!r}; valid: {', '.join(TEAL_EVAL_MODES)}")
     methods = list(dict.fromkeys(opts.methods))
-    s.calibrate(cett="cett" in methods, quantiles=any(m in methods for m in ("teal", "cats", "chess")),
-                chess="chess" in methods and any(l.glu for l in s.layers), cett_grid=opts.cett_grid)
+    split = any(m in SPLIT_METHODS for m in methods)
+    t0 = time.perf_counter()
+    s = session or PplpSession(loaded, opts, docs_tokens=docs_tokens, progress=progress, log=log,
+                               calib_fraction=opts.calib_fraction if split else None, teal_eval=opts.teal_eval)
+    s.calibrate(cett="cett" in methods, quantiles=any(m in methods for m in ("absq_down", "cats")),
+                cett_grid=opts.cett_grid)
+    if "chess" in methods:
+        s.chess_calibrate(tuple(opts.values.get("chess") or DEFAULT_CURVE_VALUES["chess"]))
+    if "chess_plus" in methods:
+        s.chess_plus_calibrate(tuple(opts.values.get("chess_plus") or DEFAULT_CURVE_VALUES["chess_plus"]))
+    if "teal_greedy" in methods:
+        s.teal_greedy(max(opts.values.get("teal_greedy") or DEFAULT_CURVE_VALUES["teal_greedy"]))
     glu = any(l.glu for l in s.layers)
     widths = [l.site.width or int(l.col_norms.numel()) for l in s.layers]
     dense_sp = s.dense.sparsity()
@@ -308,21 +366,42 @@ def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
                "threshold_scope": None, "calibration": None, "ppl_ratio": 1.0, "ce_dense": s.dense.ce,
                "ce_sparse": s.dense.ce, "mean_sparsity": sum(dense_sp) / len(dense_sp),
                "width_weighted_sparsity": sum(a * w for a, w in zip(dense_sp, widths)) / sum(widths),
-               "n_tokens": s.n_tokens, "pass": 1}]
+               "effective_sparsity": math.nan, "n_tokens": s.n_tokens, "pass": 1}]
     layer_rows = []
+    proj_rows = []
+    scopes = {"cett": "per layer", "teal": "per layer and projection", "teal_greedy": "per layer and projection",
+              "absq_down": "per layer", "cats": "per layer", "fat": "global constant", "topk": "per token",
+              "topk_global": "per batch", "chess": "per channel",
+              "chess_plus": "per channel (MLP), per layer (q and o inputs)"}
     for method in methods:
         values = tuple(opts.values.get(method) or DEFAULT_CURVE_VALUES[method])
         for v in values:
             ev = s.evaluate(method, float(v))
-            scope = {"cett": "per layer", "teal": "per layer", "cats": "per layer", "fat": "global constant",
-                     "topk": "per token", "topk_global": "per batch", "chess": "per channel"}[method]
+            teal_like = ev.proj_rows is not None
             points.append({"method": method, "param": CURVE_PARAM[method], "value": float(v),
-                           "thresholded_tensor": _tensor_label(method, glu), "rule": _rule(method, v),
-                           "threshold_scope": scope, "calibration": _calibration_label(method),
+                           "thresholded_tensor": _tensor_label(method, glu), "rule": _rule(method, v, opts.teal_eval),
+                           "threshold_scope": scopes[method], "calibration": _calibration_label(method),
                            "ppl_ratio": ev.ratio, "ce_dense": s.dense.ce, "ce_sparse": ev.ce_sparse,
                            "mean_sparsity": ev.mean_sparsity,
-                           "width_weighted_sparsity": sum(a * w for a, w in zip(ev.layer_sparsity, widths))
-                           / sum(widths), "n_tokens": s.n_tokens, "pass": ev.pass_index})
+                           "width_weighted_sparsity": (math.nan if teal_like else
+                                                       sum(a * w for a, w in zip(ev.layer_sparsity, widths))
+                                                       / sum(widths)),
+                           "effective_sparsity": ev.effective_sparsity if teal_like else math.nan,
+                           "n_tokens": s.n_tokens, "pass": ev.pass_index})
+            if teal_like:
+                layers_ = sorted({r["layer"] for r in ev.proj_rows})
+                for li, sp, thr in zip(layers_, ev.layer_sparsity, ev.thresholds):
+                    block = next(p.block_path for p in s.teal_projs if p.layer == li)
+                    layer_rows.append({"method": method, "param": CURVE_PARAM[method], "value": float(v),
+                                       "layer": li, "canonical_name": f"blocks.{li}", "module_path": block,
+                                       "width": None, "threshold": math.nan, "threshold_note": thr,
+                                       "sparsity": sp, "cett_in_sparse_run": math.nan, "ppl_ratio": ev.ratio,
+                                       "n_tokens": s.n_tokens})
+                for r in ev.proj_rows:
+                    proj_rows.append({"method": method, "param": CURVE_PARAM[method], "value": float(v), **r,
+                                      "teal_eval": opts.teal_eval, "ppl_ratio": ev.ratio,
+                                      "effective_sparsity": ev.effective_sparsity})
+                continue
             for l, sp, rc, thr in zip(s.layers, ev.layer_sparsity, ev.layer_removed_cett, ev.thresholds):
                 layer_rows.append({"method": method, "param": CURVE_PARAM[method], "value": float(v), **l.row(),
                                    "threshold": thr if isinstance(thr, (int, float)) else math.nan,
@@ -333,8 +412,39 @@ def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
             "values": {m: list(opts.values.get(m) or DEFAULT_CURVE_VALUES[m]) for m in methods},
             "full_passes": s.passes, "dense_ce": s.dense.ce, "dense_ppl": math.exp(s.dense.ce),
             "seconds": round(time.perf_counter() - t0, 3),
-            "quantile_histograms": {"per_layer": {"lo": LAYER_HIST[0], "hi": LAYER_HIST[1], "bins": LAYER_HIST[2]},
-                                    "per_channel": {"lo": CHANNEL_HIST[0], "hi": CHANNEL_HIST[1],
-                                                    "bins": CHANNEL_HIST[2]}},
+            "quantile_histograms": {"per_layer": {"lo": LAYER_HIST[0], "hi": LAYER_HIST[1], "bins": LAYER_HIST[2]}},
             "options": {**asdict(opts), "stride": s.stride if opts.stride is not None else None}}
-    return CurveResult(points, layer_rows, info, list(s.warnings))
+    if split:
+        info["calibration_split"] = _split_info(s)
+    if s.teal_projs is not None:
+        info["teal"] = {"projection_set": s.teal_family, "n_projections": len(s.teal_projs),
+                        "projections": sorted({p.module_path.split(f".{p.layer}.", 1)[-1] for p in s.teal_projs}),
+                        "eval": opts.teal_eval, "histogram_bins": TEAL_NUM_BINS,
+                        "threshold_rule": "icdf(0.5 + s/2) of the signed histogram (FasterDecoding/TEAL "
+                                          "utils/utils.py SparsifyFn.set_threshold)",
+                        "effective_sparsity": "parameter-weighted mean of measured per-projection sparsities "
+                                              "(weight.numel()), on the positions the mask applies to",
+                        **({"greedy": {"base_step": GREEDY_BASE_STEP, "last_fraction": GREEDY_LAST_FRACTION,
+                                       "target": s.teal_greedy_target,
+                                       "steps_per_layer": {str(k): len(v) for k, v in s.teal_greedy_rows.items()}}}
+                           if s.teal_greedy_rows else {})}
+    if s.chess_up_mean is not None:
+        info["chess"] = {"samples": s.chess_samples, "up_projection_captured": any(l.glu for l in s.layers),
+                         "quantile": "exact k-th value (full sort), k = int(N * s), per calibration window, averaged",
+                         "chess_plus_attention": ("chess_plus: q projection input and o projection input, "
+                                                  "per-layer exact k-th value" if s.chess_attn_thr
+                                                  else "chess_plus not run")}
+    return CurveResult(points, layer_rows, info, list(s.warnings), proj_rows)
+
+
+def _split_info(s: PplpSession) -> dict[str, Any]:
+    from probes.corpus import n_counted
+
+    k = len(s.calib_windows)
+    return {"fraction": s.calib_fraction,
+            "calibration_windows": [0, k], "evaluation_windows": [k, k + len(s.windows)],
+            "calibration_counted_tokens": n_counted(s.calib_windows),
+            "evaluation_counted_tokens": s.n_tokens,
+            "rule": "the first windows of the corpus calibrate teal / teal_greedy / chess, the following ones are "
+                    "evaluated (half-open window index ranges); every method of the curve is evaluated on the "
+                    "evaluation windows only"}

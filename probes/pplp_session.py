@@ -5,6 +5,9 @@ for GLU MLPs, the gate activation) and the dense pass that also calibrates the t
 (``probes.cett``). Every pass goes through ``probes.runner.Runner`` over the same batches, so dense
 and sparse losses are on the same tokens; a sparse pass replaces the input of each output projection
 (a forward hook that returns the masked tensor) and zeroes the entries its threshold family drops.
+TEAL passes (``probes.teal``) hook the inputs of every projection instead; CHESS+ adds hooks on the
+q and o projections' inputs. With ``calib_fraction`` the first windows are kept apart as
+calibration windows (TEAL, CHESS) and every pass runs over the remaining ones.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from probes.cett import (CHANNEL_HIST, DEFAULT_CETT_GRID, DEFAULT_MAX_PASSES, DEFAULT_TOL, LAYER_HIST,
-                         SEARCH_METHODS, CettGrid, LogHistogram, _mixture_quantile, down_column_norms,
-                         down_weight_io, neuron_output_norms, ppl_ratio, search_cett)
+from probes.cett import (DEFAULT_CETT_GRID, DEFAULT_MAX_PASSES, DEFAULT_TOL, LAYER_HIST, SEARCH_METHODS,
+                         CettGrid, LogHistogram, down_column_norms, down_weight_io, neuron_output_norms, ppl_ratio,
+                         search_cett)
+from probes.corpus import n_counted
 from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
 from probes.hooks import HookCall
 from probes.loading import LoadedModel
 from probes.runner import TokenBatches, run
 from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
+
+# Methods whose thresholds come from the calibration windows (disjoint from the evaluated ones).
+SPLIT_METHODS = ("teal", "teal_greedy", "chess", "chess_plus")
+DEFAULT_CALIB_FRACTION = 0.25  # the first quarter of the windows calibrates, the rest is evaluated
 
 # Below this many counted tokens a PPL ratio of 1.01 is within noise of the corpus itself:
 # the outputs carry a loud warning (stderr, summary table, manifest).
@@ -128,6 +136,8 @@ class Evaluation:
     thresholds: list[Any]  # per layer: float, or a description for per-channel / per-token rules
     pass_index: int
     seconds: float
+    effective_sparsity: float | None = None  # TEAL: parameter-weighted over the sparsified projections
+    proj_rows: list[dict[str, Any]] | None = None  # TEAL: one row per (layer, projection)
 
     @property
     def mean_sparsity(self) -> float:
@@ -161,10 +171,12 @@ class PplpSession:
     def __init__(self, loaded: LoadedModel, opts: DataOptions | None = None, *,
                  docs_tokens: Sequence[Sequence[int]] | None = None,
                  progress: Callable[[int | None, int], Any] | None = None,
-                 log: Callable[[str], Any] | None = None):
+                 log: Callable[[str], Any] | None = None, calib_fraction: float | None = None,
+                 teal_eval: str = "last-half"):
         import torch
 
         self.loaded = loaded
+        self.teal_eval = teal_eval
         self.opts = opts or DataOptions()
         self.progress = progress
         self.log = log or (lambda msg: None)
@@ -177,8 +189,21 @@ class PplpSession:
         self.corpus, self.n_documents, self.n_corpus_tokens, self.read_note = (td.corpus, td.n_documents,
                                                                                td.n_corpus_tokens, td.read_note)
         self.windows = td.windows
-        self.batches = list(td.batches())  # every pass runs over these same batches
-        self.n_tokens = td.n_counted
+        self.calib_windows: list = []
+        self.calib_batches: list = []
+        self.calib_fraction = calib_fraction
+        if calib_fraction:
+            # the first windows calibrate TEAL / CHESS, the following ones are evaluated (disjoint)
+            n = len(td.windows)
+            k = max(1, int(round(n * calib_fraction)))
+            if n - k < 1:
+                raise DataError(f"the corpus gives {n} token window(s): no room for calibration windows AND disjoint "
+                                f"evaluation windows",
+                                "raise --max-tokens or lower --max-length so the corpus gives at least 2 windows")
+            self.calib_windows, self.windows = td.windows[:k], td.windows[k:]
+            self.calib_batches = list(td.batches(self.calib_windows))
+        self.batches = list(td.batches(self.windows))  # every pass runs over these same batches
+        self.n_tokens = n_counted(self.windows)
         self.warnings: list[str] = []
         if self.n_tokens < MIN_TOKENS:
             self.warnings.append(
@@ -189,14 +214,21 @@ class PplpSession:
         self.cett_grids: list[CettGrid] | None = None
         self.hist_x: list[LogHistogram] | None = None
         self.hist_g: list[LogHistogram] | None = None
-        self.hist_gc: list[LogHistogram] | None = None
-        self.up_sum: list[Any] | None = None
-        self.up_cnt: list[Any] | None = None
+        self.teal_family: str | None = None
+        self.teal_projs: list | None = None
+        self.teal_dists: dict | None = None
+        self.teal_greedy_rows: dict[int, list] = {}
+        self.teal_greedy_target = 0.0
+        self.chess_up_mean: list[Any] | None = None
+        self.chess_thr: dict[float, list[float]] = {}
+        self.chess_samples = 0
+        self.chess_attn_thr: dict[float, list[tuple]] = {}
         self.trace: list[Evaluation] = []
         self._cache: dict[tuple[str, float], Evaluation] = {}
 
     # ---- one pass over the batches
-    def _run(self, masker: Callable | None, calibrate: Callable | None, what: str) -> PassStats:
+    def _run(self, masker: Callable | None, calibrate: Callable | None, what: str,
+             extra_hooks: Sequence | None = None) -> PassStats:
         """A pass through ``probes.runner``: ``calibrate(layer, x, g, mask, W)`` sees each projection input,
         ``masker(layer, x, g, mask)`` (a sparse pass) returns the entries to zero before the projection."""
         import torch
@@ -268,7 +300,7 @@ class PplpSession:
         n_b = len(self.batches)
         if self.progress:
             self.progress(n_b * self.passes, 0)
-        run(self.loaded.model, self.batches, fwd_hooks=[(s, hook) for s in sites],
+        run(self.loaded.model, self.batches, fwd_hooks=[(s, hook) for s in sites] + list(extra_hooks or ()),
             adapter=TokenBatches(need_logits=True), step=loss,
             progress=(lambda k: self.progress(n_b * self.passes, k)) if self.progress else None)
         ce_sum, n_tok = totals["ce_sum"], totals["n_tok"]
@@ -281,51 +313,147 @@ class PplpSession:
     # ---- calibration (pass 1: dense loss + threshold statistics)
     def calibrate(self, *, cett: bool = True, quantiles: bool = False, chess: bool = False,
                   cett_grid: int = DEFAULT_CETT_GRID) -> PassStats:
-        """The dense pass: CE_dense, natural sparsity, and the calibration statistics asked for."""
+        """The dense pass: CE_dense, natural sparsity, and the in-sample calibration statistics asked for
+        (CETT grids; per-layer histograms of ``absq_down`` / ``cats``). ``chess`` is accepted for older
+        callers and ignored: CHESS calibrates on the calibration windows (``chess_calibrate``)."""
         if self.dense is not None and (not cett or self.cett_grids is not None) \
-                and (not quantiles or self.hist_x is not None) and (not chess or self.hist_gc is not None):
+                and (not quantiles or self.hist_x is not None):
             return self.dense
-        import torch
-
         dev = self.layers[0].col_norms.device
         L = len(self.layers)
         grids = [CettGrid(cett_grid) for _ in range(L)] if cett else None
         hx = [LogHistogram(*LAYER_HIST, device=dev) for _ in range(L)] if quantiles else None
         hg = [LogHistogram(*LAYER_HIST, device=dev) for _ in range(L)] if quantiles else None
-        hgc = [LogHistogram(*CHANNEL_HIST, channels=l.site.width or int(l.col_norms.numel()), device=dev)
-               for l in self.layers] if chess else None
-        up_sum = [torch.zeros(int(l.col_norms.numel()), dtype=torch.float64, device=dev) for l in self.layers] \
-            if chess else None
-        up_cnt = [torch.zeros(int(l.col_norms.numel()), dtype=torch.float64, device=dev) for l in self.layers] \
-            if chess else None
 
         def calib(layer: Layer, x3, g3, m, w):
             xc = (x3[m] if m is not None else x3.reshape(-1, x3.shape[-1])).float()
             i = layer.index
             if grids is not None:
                 grids[i].update(xc, w, layer.col_norms)
-            if hx is not None or hgc is not None:
+            if hx is not None:
                 gc = (g3[m] if m is not None else g3.reshape(-1, g3.shape[-1])).float() if g3 is not None else xc
-                if hx is not None:
-                    hx[i].update(xc.abs())
-                    hg[i].update(gc.abs())
-                if hgc is not None:
-                    hgc[i].update(gc.abs())
-                    if g3 is not None:
-                        nz = gc != 0
-                        up = torch.where(nz, xc.abs() / gc.abs().clamp_min(1e-30), torch.zeros_like(xc))
-                        up_sum[i] += up.double().sum(0)
-                        up_cnt[i] += nz.double().sum(0)
+                hx[i].update(xc.abs())
+                hg[i].update(gc.abs())
 
-        self.dense = self._run(None, calib, "dense + calibration")
+        self.dense = self._run(None, calib if (grids is not None or hx is not None) else None, "dense + calibration")
         if grids is not None:
             self.cett_grids = grids
         if hx is not None:
             self.hist_x, self.hist_g = hx, hg
-        if hgc is not None:
-            self.hist_gc, self.up_sum, self.up_cnt = hgc, up_sum, up_cnt
         self._cache.clear()
         return self.dense
+
+    # ---- TEAL (probes.teal) and CHESS (probes.chess): calibrated on the calibration windows
+    def _need_split(self, what: str) -> None:
+        if not self.calib_batches:
+            raise DataError(f"{what} needs calibration windows disjoint from the evaluation windows",
+                            "build the session with calib_fraction (the CLI's --calib-fraction)")
+
+    def teal_calibrate(self) -> None:
+        from probes import teal
+
+        if self.teal_dists is not None:
+            return
+        self._need_split("TEAL")
+        self.teal_family, self.teal_projs = teal.find_projections(self.loaded.model)
+        self.teal_dists = teal.calibrate(self.loaded, self.calib_batches, self.teal_projs, log=self.log)
+
+    def teal_greedy(self, target: float) -> None:
+        """TEAL's greedy block-wise allocation up to ``target`` (rows kept; re-run only for a larger one)."""
+        from probes import teal
+
+        self.teal_calibrate()
+        if self.teal_greedy_rows and target <= self.teal_greedy_target:
+            return
+        t0 = time.perf_counter()
+        by_layer: dict[int, list] = {}
+        for p in self.teal_projs:
+            by_layer.setdefault(p.layer, []).append(p)
+        self.teal_greedy_rows = {l: teal.greedy_block(self.loaded, self.calib_batches, ps, self.teal_dists, target)
+                                 for l, ps in by_layer.items()}
+        self.teal_greedy_target = target
+        self.log(f"TEAL greedy allocation to {target:g}: {sum(len(r) for r in self.teal_greedy_rows.values())} steps, "
+                 f"{time.perf_counter() - t0:.1f}s")
+
+    def teal_sparsities(self, method: str, value: float) -> dict[str, float]:
+        """Target sparsity of each projection (``Projection.key``): uniform s, or the greedy row closest to s."""
+        from probes import teal
+
+        if method == "teal":
+            return {p.key: float(value) for p in self.teal_projs}
+        out = {}
+        for l, rows in self.teal_greedy_rows.items():
+            sp = teal.pick_greedy(rows, float(value))
+            for p in self.teal_projs:
+                if p.layer == l:
+                    out[p.key] = float(sp.get(p.name, 0.0))
+        return out
+
+    def _teal_evaluate(self, method: str, value: float) -> Evaluation:
+        import torch
+
+        from probes import teal
+        from probes.runner import TokenBatches, run
+
+        self.teal_calibrate()
+        if method == "teal_greedy":
+            self.teal_greedy(max(float(value), self.teal_greedy_target))
+        sp = self.teal_sparsities(method, value)
+        thr = teal.thresholds_for(self.teal_dists, self.teal_projs, sp)
+        tracker = teal.BatchTracker(self.batches)
+        stats: dict[str, teal.ProjStats] = {}
+        totals = {"ce_sum": 0.0, "n_tok": 0}
+
+        def loss(batch, out) -> None:
+            s_, n_ = token_loss_sum(out.logits, batch.labels)
+            totals["ce_sum"] += s_
+            totals["n_tok"] += n_
+
+        t0 = time.perf_counter()
+        self.passes += 1
+        n_b = len(self.batches)
+        if self.progress:
+            self.progress(n_b * self.passes, 0)
+        with torch.inference_mode():
+            run(self.loaded.model, tracker, adapter=TokenBatches(need_logits=True), step=loss,
+                fwd_hooks=teal.mask_hooks(self.teal_projs, thr, self.teal_eval, tracker, stats),
+                progress=(lambda k: self.progress(n_b * self.passes, k)) if self.progress else None)
+        if totals["n_tok"] == 0:
+            raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus")
+        ce = totals["ce_sum"] / totals["n_tok"]
+        self.log(f"pass {self.passes} ({method}@{value:.6g}, {self.teal_eval}): CE {ce:.6f} over {totals['n_tok']} "
+                 f"tokens, {time.perf_counter() - t0:.1f}s")
+        per = {k: v.sparsity for k, v in stats.items()}
+        rows = [{**p.row(), "target_sparsity": sp[p.key], "threshold": thr[p.key],
+                 "sparsity": per.get(p.key, math.nan)} for p in self.teal_projs]
+        layers = sorted({p.layer for p in self.teal_projs})
+        layer_sp = [teal.effective_sparsity([p for p in self.teal_projs if p.layer == l], per) for l in layers]
+        eff = teal.effective_sparsity(self.teal_projs, per)
+        return Evaluation(method, float(value), ppl_ratio(ce, self.dense.ce), ce, layer_sp, [math.nan] * len(layers),
+                          ["per projection (teal_projections table)"] * len(layers), self.passes,
+                          time.perf_counter() - t0, effective_sparsity=eff, proj_rows=rows)
+
+    def chess_calibrate(self, values: Sequence[float]) -> None:
+        """CHESS thresholds for every s in ``values`` (``probes.chess``), on the calibration windows."""
+        from probes import chess
+
+        self._need_split("CHESS")
+        need = [float(v) for v in values if float(v) not in self.chess_thr]
+        if not need and self.chess_up_mean is not None:
+            return
+        res = chess.calibrate(self.loaded, self.calib_batches, self.layers, need, up_mean=self.chess_up_mean)
+        self.chess_up_mean = res.up_mean
+        self.chess_samples = res.n_samples
+        self.chess_thr.update(res.importance_thresholds)
+
+    def chess_plus_calibrate(self, values: Sequence[float]) -> None:
+        """CHESS+: the CHESS MLP thresholds and the attention thresholds (``probes.chess``) for every s."""
+        from probes import chess
+
+        self.chess_calibrate(values)
+        need = [float(v) for v in values if float(v) not in self.chess_attn_thr]
+        if need:
+            self.chess_attn_thr.update(chess.calibrate_attention(self.loaded, self.calib_batches, need))
 
     # ---- thresholds of each family
     def cett_thresholds(self, c: float) -> list[float]:
@@ -376,30 +504,26 @@ class PplpSession:
 
             scope = "per token" if method == "topk" else "per batch (global over counted tokens)"
             return m_topk, [f"top {r:g} kept {scope}"] * len(self.layers)
-        if method in ("teal", "cats"):
-            hs = self.hist_x if method == "teal" else self.hist_g
+        if method in ("absq_down", "cats"):
+            hs = self.hist_x if method == "absq_down" else self.hist_g
             ts = [h.quantile(float(value)) for h in hs]
 
             def m_q(layer, x3, g3, m):
-                a = (x3 if method == "teal" or g3 is None else g3).float().abs()
+                a = (x3 if method == "absq_down" or g3 is None else g3).float().abs()
                 return a < ts[layer.index]
 
             return m_q, list(ts)
-        if method == "chess":
+        if method in ("chess", "chess_plus"):
+            self.chess_calibrate([value])
+            layer_thr = list(self.chess_thr[float(value)])
             ch_thr = []
-            layer_thr = []
-            for layer in self.layers:
-                i = layer.index
-                if not layer.glu:  # no up projection: CHESS's rule is CATS' rule on x
-                    t = self.hist_g[i].quantile(float(value))
-                    layer_thr.append(t)
-                    ch_thr.append(torch.full((int(layer.col_norms.numel()),), t, device=layer.col_norms.device))
-                    continue
-                up_mean = (self.up_sum[i] / self.up_cnt[i].clamp_min(1)).cpu().numpy()
-                t = _mixture_quantile(self.hist_gc[i], up_mean, float(value))
-                layer_thr.append(t)
-                um = torch.as_tensor(up_mean, dtype=torch.float32, device=layer.col_norms.device)
-                ch_thr.append(torch.where(um > 0, t / um.clamp_min(1e-30), torch.full_like(um, math.inf)))
+            for layer, t in zip(self.layers, layer_thr):
+                um = self.chess_up_mean[layer.index]
+                if um is None:  # no up projection: importance = |x| itself
+                    ch_thr.append(torch.tensor(t, dtype=torch.float32, device=layer.col_norms.device))
+                else:  # CHESS: t_i = T_layer / mean|up_i| (T / 0 = inf, as the reference divides)
+                    ch_thr.append((torch.tensor(t, dtype=torch.float64) / um.double()).float()
+                                  .to(layer.col_norms.device))
 
             def m_chess(layer, x3, g3, m):
                 a = (g3 if g3 is not None else x3).float().abs()
@@ -417,9 +541,19 @@ class PplpSession:
             raise RuntimeError("calibrate() first")
         if method == "cett" and float(value) == 0.0:
             ev = self._c0_evaluation()
+        elif method in ("teal", "teal_greedy"):
+            ev = self._teal_evaluate(method, float(value))
+            self.log(f"  {method}@{value:.6g}: PPL ratio {ev.ratio:.6f}, effective sparsity "
+                     f"{100 * ev.effective_sparsity:.2f} %")
         else:
             masker, thr = self._masker(method, value)
-            st = self._run(masker, None, f"{method}@{value:.6g}")
+            extra = None
+            if method == "chess_plus":
+                from probes import chess
+
+                self.chess_plus_calibrate([value])
+                extra = chess.attention_hooks(self.loaded, self.chess_attn_thr[float(value)])
+            st = self._run(masker, None, f"{method}@{value:.6g}", extra_hooks=extra)
             ev = Evaluation(method, float(value), ppl_ratio(st.ce, self.dense.ce), st.ce, st.sparsity(),
                             st.removed_cett(), thr, self.passes, st.seconds)
             self.log(f"  {method}@{value:.6g}: PPL ratio {ev.ratio:.6f}, mean sparsity {100 * ev.mean_sparsity:.2f} %")

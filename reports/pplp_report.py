@@ -101,13 +101,16 @@ def curve_manifest_section(result) -> dict[str, Any]:
     return {**result.info, "warnings": list(result.warnings)}
 
 
-_MARKERS = {"cett": "o", "topk": "s", "topk_global": "D", "teal": "^", "cats": "v", "chess": "P", "fat": "X"}
-# Per method: (line style, line width, marker size, hollow marker). TEAL and CATS threshold the same |x| and
-# coincide on a ReLU model: TEAL is drawn wide, dashed and with large hollow markers under a thin dotted CATS
+_MARKERS = {"cett": "o", "topk": "s", "topk_global": "D", "teal": "^", "teal_greedy": "<", "absq_down": ">",
+            "cats": "v", "chess": "P", "chess_plus": "*", "fat": "X"}
+_EFFECTIVE = ("teal", "teal_greedy")  # x = parameter-weighted effective sparsity over all projection inputs
+# Per method: (line style, line width, marker size, hollow marker). absq_down and CATS threshold the same |x| and
+# coincide on a ReLU model: absq_down is drawn wide, dashed and with large hollow markers under a thin dotted CATS
 # with small filled ones, so both stay visible.
 _LINES = {"cett": ("-", 1.4, 4, False), "topk": ("-.", 1.4, 4, False), "topk_global": ((0, (5, 1, 1, 1)), 1.4, 4, True),
-          "teal": ("--", 2.4, 8, True), "cats": (":", 1.4, 4, False), "chess": ((0, (3, 1)), 1.4, 5, True),
-          "fat": ((0, (1, 1)), 1.4, 5, False)}
+          "teal": ("-", 2.0, 6, False), "teal_greedy": ((0, (4, 2)), 2.0, 6, True),
+          "absq_down": ("--", 2.4, 8, True), "cats": (":", 1.4, 4, False), "chess": ((0, (3, 1)), 1.4, 5, True),
+          "chess_plus": ((0, (3, 1, 1, 1)), 1.4, 5, False), "fat": ((0, (1, 1)), 1.4, 5, False)}
 
 
 def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "curve") -> list[str]:
@@ -117,14 +120,17 @@ def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "c
     1-10 % region PPL-p% is about stays readable next to ratios of 2 or more.
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     dense = df[df.method == "dense"]
     for method, g in df[df.method != "dense"].groupby("method", sort=False):
-        g = g.sort_values("mean_sparsity")
+        eff = method in _EFFECTIVE and "effective_sparsity" in g
+        xcol = "effective_sparsity" if eff else "mean_sparsity"
+        g = g.sort_values(xcol)
         tensor = str(g.thresholded_tensor.iloc[0]).split(" (")[0]
+        label = (f"{method}: all projection inputs (x = effective sparsity)" if eff else f"{method} on {tensor}")
         ls, lw, ms, hollow = _LINES.get(method, ("-", 1.4, 4, False))
-        line, = ax.plot(100 * g.mean_sparsity, 100 * (g.ppl_ratio - 1), marker=_MARKERS.get(method, "o"), ms=ms,
-                        lw=lw, ls=ls, label=f"{method} on {tensor}", zorder=2 if hollow else 3)
+        line, = ax.plot(100 * g[xcol], 100 * (g.ppl_ratio - 1), marker=_MARKERS.get(method, "o"), ms=ms,
+                        lw=lw, ls=ls, label=label, zorder=2 if hollow else 3)
         if hollow:
             line.set_markerfacecolor("none")
             line.set_markeredgewidth(1.3)
@@ -132,16 +138,20 @@ def plot_curve(df, folder: str | Path, title: str, n_tokens: int, stem: str = "c
         ax.plot(100 * dense.mean_sparsity, 100 * (dense.ppl_ratio - 1), marker="*", ms=11, ls="none", color="k",
                 label="dense (natural zeros)")
     ax.set_yscale("symlog", linthresh=0.5)
-    xmin = float(100 * df.mean_sparsity.min()) if len(df) else 0.0
+    xs = [df.mean_sparsity] + ([df[df.method.isin(_EFFECTIVE)].effective_sparsity] if "effective_sparsity" in df
+                               else [])
+    xmin = float(100 * min(x.min() for x in xs if len(x.dropna()))) if len(df) else 0.0
     ax.set_xlim(max(0.0, xmin - 5), 100)
     for p, ls in ((1, "--"), (5, ":"), (10, "-.")):
         ax.axhline(p, color="grey", lw=0.8, ls=ls)
         ax.text(ax.get_xlim()[0], p, f" PPL +{p}%", va="bottom", fontsize=7, color="grey")
-    ax.set_xlabel("activation sparsity of the sparse run, % (mean over layers)")
+    ax.set_xlabel("activation sparsity of the sparse run, % (MLP activation, mean over layers;\n"
+                  "teal: parameter-weighted over all projection inputs)" if df.method.isin(_EFFECTIVE).any()
+                  else "activation sparsity of the sparse run, % (mean over layers)")
     ax.set_ylabel("PPL increase, % (sparse / dense - 1)")
     ax.set_title(f"{title}: sparsity vs PPL over {n_tokens} tokens")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: never on data
     fig.tight_layout()
     return save(fig, folder, stem)
 
@@ -168,11 +178,23 @@ def write_curve_summary_md(folder: Path, result, options: dict[str, Any]) -> str
         lines += [f"> **WARNING:** {md_escape(w)}", ""]
     lines += [f"{info['n_counted_tokens']} counted tokens from {md_code(info['corpus'])}; dense PPL "
               f"{fixed(info['dense_ppl'], 4)}; "
-              f"{info['full_passes']} full passes.", "",
-              "| method | value | thresholded tensor | PPL ratio | mean sparsity % |", "|---|---:|---|---:|---:|"]
+              f"{info['full_passes']} full passes.", ""]
+    split = info.get("calibration_split")
+    if split:
+        cw, ew = split["calibration_windows"], split["evaluation_windows"]
+        lines += [f"Calibration (teal, teal_greedy, chess): windows {cw[0]}-{cw[1] - 1} "
+                  f"({split['calibration_counted_tokens']} tokens); every method evaluated on windows "
+                  f"{ew[0]}-{ew[1] - 1} ({split['evaluation_counted_tokens']} tokens).", ""]
+    lines += ["| method | value | thresholded tensor | PPL ratio | mean sparsity % | effective sparsity % |",
+              "|---|---:|---|---:|---:|---:|"]
     for r in result.points:
         tensor = md_escape(r["thresholded_tensor"]) if isinstance(r["thresholded_tensor"], str) else "-"
+        eff = r.get("effective_sparsity")
         lines.append(f"| {r['method']} | {fmt(r['value'], 6)} | {tensor} | "
-                     f"{fixed(r['ppl_ratio'], 5)} | {pct(r['mean_sparsity'])} |")
+                     f"{fixed(r['ppl_ratio'], 5)} | {pct(r['mean_sparsity'])} | "
+                     f"{pct(eff) if eff is not None and eff == eff else '-'} |")
+    if "teal" in info:
+        lines += ["", f"TEAL ({md_escape(info['teal']['eval'])} positions): effective sparsity = parameter-weighted "
+                  "mean of the measured per-projection input sparsities (teal_projections table)."]
     (Path(folder) / "summary.md").write_text("\n".join(lines) + "\n")
     return "summary.md"

@@ -1,4 +1,5 @@
-"""Sparsity-vs-PPL curves (``curve``): CETT, top-k, TEAL, CATS, CHESS, FAT threshold families."""
+"""Sparsity-vs-PPL curves (``curve``): CETT, top-k, TEAL (uniform and greedy), absq_down, CATS, CHESS, FAT;
+per-projection TEAL rows in ``teal_projections``."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ SECTION = ReportSection(
     tables={
         "curve": TableSpec(("method", "param", "value"), ("pass",)),
         "curve_layers": TableSpec(("method", "param", "value", "canonical_name", "layer"), ("width",)),
+        "teal_projections": TableSpec(("method", "param", "value", "layer", "projection"), ("params", "width")),
     },
     figures=(
         FigureSpec("curve", lambda c: "Sparsity-vs-PPL curves: mean activation sparsity of the sparse run (x) "
                    "against the PPL increase (y, symmetric log) for each threshold family, labelled with the tensor "
-                   "it thresholds; dense and sparse runs on the same tokens.", ("curve",),
+                   "it thresholds (TEAL methods: their parameter-weighted effective sparsity over all projection "
+                   "inputs); dense and sparse runs on the same tokens.", ("curve",),
                    "reports.sections.curve:draw_curve"),
     ),
 )

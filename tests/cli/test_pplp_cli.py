@@ -151,7 +151,27 @@ def test_curve_writes_table_and_plot(workdir):
     assert man["command"] == "curve" and man["curve"]["methods"] == ["cett", "topk", "teal"]
 
 
+def test_curve_teal_options_reach_the_bundle(workdir):
+    out = workdir / "out_curve_teal"
+    r = run("curve", workdir / "lm", "--data", workdir / "corpus.txt", "--method", "teal,absq_down",
+            "--values", "teal=0.5", "--values", "absq_down=0.5", "--teal-eval", "all", "--calib-fraction", "0.5",
+            *COMMON, "-o", out)
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())["curve"]
+    split = man["calibration_split"]
+    assert split["fraction"] == 0.5 and split["calibration_windows"][1] == split["evaluation_windows"][0]
+    assert man["teal"]["eval"] == "all" and man["teal"]["projection_set"] == "gpt2"
+    proj = pd.read_parquet(out / "teal_projections.parquet")
+    assert set(proj.projection) == {"qkv", "o", "up", "down"} and (proj.teal_eval == "all").all()
+    df = pd.read_parquet(out / "curve.parquet").set_index("method")
+    eff = (proj.params * proj.sparsity).sum() / proj.params.sum()
+    assert df.loc["teal"].effective_sparsity == pytest.approx(eff)
+    assert "effective sparsity" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("args,code,needle", [
+    (("curve", "{lm}", "--calib-fraction", "0.95"), 2, "--calib-fraction"),
+    (("curve", "{lm}", "--teal-eval", "decode"), 2, "--teal-eval"),
     (("curve", "{lm}", "--method", "cets"), 2, "did you mean 'cett'"),
     (("curve", "{lm}", "--values", "nope=1"), 2, "METHOD=v1"),
     (("curve", "{lm}", "--plot"), 2, "-o FOLDER"),

@@ -361,9 +361,12 @@ def test_pplp_several_targets_share_passes_and_report_unreachable(gpt2, docs):
 @pytest.mark.parametrize("which,gate_label", [("gpt2", "|x|"), ("llama", "|act(gate)|")])
 def test_curve_runs_every_family_on_glu_and_non_glu(which, gate_label, request, docs):
     lm = request.getfixturevalue(which)
-    values = {"cett": (0.1, 0.3), "topk": (0.5, 0.2), "topk_global": (0.3,), "teal": (0.5, 0.8),
-              "cats": (0.5, 0.8), "chess": (0.6,), "fat": (0.01, 0.1)}
-    res = P.curve(lm, P.CurveOptions(**OPTS, methods=P.CURVE_METHODS, values=values), docs_tokens=docs)
+    values = {"cett": (0.1, 0.3), "topk": (0.5, 0.2), "topk_global": (0.3,), "teal": (0.5, 0.8), "teal_greedy": (0.1,),
+              "absq_down": (0.5, 0.8), "cats": (0.5, 0.8), "chess": (0.6,), "fat": (0.01, 0.1)}
+    if which == "llama":  # CHESS+ needs a q projection of its own (GPT-2 fuses q, k, v)
+        values["chess_plus"] = (0.6,)
+    assert set(P.CURVE_METHODS) - set(values) <= {"chess_plus"}
+    res = P.curve(lm, P.CurveOptions(**OPTS, methods=tuple(values), values=values), docs_tokens=docs)
     df = res.table()
     assert df.iloc[0].method == "dense" and df.iloc[0].ppl_ratio == 1.0
     assert len(df) == 1 + sum(len(v) for v in values.values())
@@ -376,7 +379,7 @@ def test_curve_runs_every_family_on_glu_and_non_glu(which, gate_label, request, 
     first = lay[lay.layer == 0]
     # Layer 0 sees the dense inputs, so its quantile thresholds hit the asked sparsity (when the
     # quantile is above the natural zeros) and top-k keeps exactly the asked fraction.
-    for method in ("teal", "cats"):
+    for method in ("absq_down", "cats"):
         for _, r in first[first.method == method].iterrows():
             if r.threshold > 0:
                 assert r.sparsity == pytest.approx(r.value, abs=0.01)
@@ -384,6 +387,12 @@ def test_curve_runs_every_family_on_glu_and_non_glu(which, gate_label, request, 
         assert r.sparsity >= int(r.width * (1 - r.value)) / r.width - 1e-12
     top = df[df.method == "topk"].sort_values("value")
     assert top.mean_sparsity.is_monotonic_decreasing
+    # TEAL rows carry the effective sparsity; the others do not
+    assert df[df.method.isin(["teal", "teal_greedy"])].effective_sparsity.between(0, 1).all()
+    assert df[~df.method.isin(["teal", "teal_greedy"])].effective_sparsity.isna().all()
+    # calibration windows come before, and apart from, the evaluated ones
+    split = res.info["calibration_split"]
+    assert split["calibration_windows"][1] == split["evaluation_windows"][0] >= 1
 
 
 def test_few_tokens_warn_loudly(gpt2):

@@ -139,8 +139,10 @@ def test_pplp_tables(tmp_path):
 
 
 def test_curve_tables(tmp_path):
-    res = CurveResult(rows("curve", "curve"), rows("curve", "curve_layers"), {}, [])
-    assert set(res.tables()) == golden_tables("curve") == {"curve", "curve_layers"}
+    res = CurveResult(rows("curve", "curve"), rows("curve", "curve_layers"), {}, [], rows("curve", "teal_projections"))
+    assert set(res.tables()) == golden_tables("curve") == {"curve", "curve_layers", "teal_projections"}
+    assert set(CurveResult(rows("curve", "curve"), rows("curve", "curve_layers"), {}, []).tables()) == {
+        "curve", "curve_layers"}  # teal_projections only when a TEAL method ran
     from reports.pplp_report import write_curve_tables
 
     write_curve_tables(tmp_path, res)
