@@ -89,12 +89,12 @@ ANALYSES: dict[str, Analysis] = {
         Analysis("cliff", "cliff", "probes.cliff:CliffOptions", "probes.cliff:cliff",
                  "the sparsity cliff, Bug-or-Feature^2, with SPARLING thresholds post hoc",
                  check="probes.cliff:check_cliff"),
-        # from the weights alone: no corpus, no forward pass, so never beside `measure`
-        Analysis("drift", "drift", "probes.drift:DriftOptions", "probes.drift:run_drift",
-                 "per-linear weight statistics, Bug-or-Feature^2", with_measure=False),
         Analysis("flatness", "flatness", "probes.flatness:FlatnessOptions", "probes.flatness:flatness",
                  "flatness, gradient density and diagonality per MLP layer, arXiv 2309.03004",
                  check="probes.flatness:check_flatness"),
+        # from the weights alone: no corpus, no forward pass, so never beside `measure`
+        Analysis("drift", "drift", "probes.drift:DriftOptions", "probes.drift:run_drift",
+                 "per-linear weight statistics, Bug-or-Feature^2", with_measure=False),
     )
 }
 
