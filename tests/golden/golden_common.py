@@ -81,12 +81,20 @@ CASES: tuple[Case, ...] = (
     # a second measure, so that compare has changed values to report and a rule to break
     Case("measure-skip-first", ("measure", *_T, *_B, "--seed", "0", "--skip-first", "1", "-q", "-o", "{out}")),
     Case("grad", ("grad", *_T, *_B, "--seed", "0", "-q", "-o", "{out}")),
+    # arXiv 2309.03004's flatness / gradient density / diagonality per MLP layer (same loss protocol as grad)
+    Case("flatness", ("flatness", *_T, *_B, "--seed", "0", "-q", "-o", "{out}")),
     Case("drift", ("drift", MODEL, "-q", "-o", "{out}")),
     # sun2024 fixes its own seed (1); --top-k 10 keeps massive_topk.csv small (measure --massive pins 100)
     Case("massive", ("massive", *_T, "--top-k", "10", "-q", "-o", "{out}")),
+    # Sun et al.'s exp3 and exp4: the intervention's PPL and the attention shares; a short heat-map prompt
+    Case("massive-sun", ("massive", *_T, "--top-k", "3", "--intervene", "zero,mean", "--attention",
+                         "--attention-prompt", "Return the value of x.", "-q", "-o", "{out}")),
     Case("spectrum", ("spectrum", MODEL, "-q", "-o", "{out}")),
     Case("pplp", ("pplp", "--p", "1", "--p", "5", *_T, *_B, "--seed", "0", "-q", "-o", "{out}")),
     Case("curve", ("curve", *_T, *_B, "--seed", "0", "--no-plot", "-q", "-o", "{out}")),
+    # the sparsity cliff: all four families on a short grid (1000 tokens: 1 calibration window, 3 held out)
+    Case("cliff", ("cliff", *_T, *_B, "--seed", "0", "--grid", "0,0.5,0.85,0.9,0.95", "--refine", "1", "-q", "-o",
+                   "{out}")),
     Case("report", ("report", "{out:measure}", "{out:spectrum}", "-q", "-o", "{out}")),
     Case("compare", ("compare", "{out:measure}", "{out:measure-skip-first}",
                      "--fail-on", "sparsity/zero_frac:-0.02", "--fail-on", "dead_frac:+10%",
