@@ -255,6 +255,7 @@ def register(app: typer.Typer) -> None:
 
         from reports.bundle import check_output_dir, scratch_dir
         from reports.bundle_report import build_report
+        from reports.manifest import short_name
 
         from actsparse_cli.common import stderr_console
 
@@ -315,7 +316,7 @@ def register(app: typer.Typer) -> None:
                     raise typer.Exit(rc)
                 runs.append(work / name)
             say(f"analyze: writing the report into {out}/")
-            build_report(runs, out, force=force, title=title or f"actsparse analyze: {Path(checkpoint).name}",
+            build_report(runs, out, force=force, title=title or f"actsparse analyze: {short_name(checkpoint)}",
                          run={"command": "analyze", "profile": profile, "settings": str(settings) if settings else None,
                               "steps": [["actsparse", *argv, "-o", f"{{work}}/{name}"] for name, argv in steps],
                               "left_out": notes})

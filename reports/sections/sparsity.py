@@ -93,22 +93,30 @@ def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[s
         g = (df if kind == "all" else df[df["kind"].astype(str) == kind]).reset_index(drop=True)
         x = list(range(len(g)))
         y = g["nonzero_pct_per_token"].astype(float)
-        ax.plot(x, y, "o-", color="C0", label="mean % non-zero per token")
+        ax.plot(x, y, "o-", color="C0", label="mean % non-zero per token", clip_on=False, zorder=3)
+        visible = 0.5  # % on a 0-100 axis: anything smaller is not seen, so it gets no legend entry
         lo, hi = bar_column("nonzero_pct_per_token", "_lo"), bar_column("nonzero_pct_per_token", "_hi")
         if lo in g and hi in g:  # the mean's bootstrap interval over windows (probes.uncertainty)
             err = [(y - g[lo].astype(float)).clip(lower=0).fillna(0), (g[hi].astype(float) - y).clip(lower=0).fillna(0)]
-            ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.1", elinewidth=0.9, capsize=2.5,
-                        label="interval of the mean over windows")
+            if float(max(err[0].max(), err[1].max())) >= visible / 2:
+                ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.1", elinewidth=0.9, capsize=2.5,
+                            label="interval of the mean over windows")
         lo, hi = "nonzero_pct_per_token_p05_hist", "nonzero_pct_per_token_p95_hist"
-        if lo in g and hi in g:
+        if lo in g and hi in g and float((g[hi].astype(float) - g[lo].astype(float)).max()) >= visible:
             ax.fill_between(x, g[lo].astype(float), g[hi].astype(float), color="C0", alpha=0.2,
                             label="5th-95th percentile over tokens")
-        if "dead_frac" in g:
-            ax.bar([i - 0.15 for i in x], 100 * g["dead_frac"].astype(float), 0.3, color="C3", alpha=0.7,
-                   label="dead neurons %")
-        if "always_on_frac" in g:
-            ax.bar([i + 0.15 for i in x], 100 * g["always_on_frac"].astype(float), 0.3, color="C2", alpha=0.7,
-                   label="always-on neurons %")
+        hidden = []
+        for col, dx, color, name in (("dead_frac", -0.15, "C3", "dead neurons %"),
+                                     ("always_on_frac", 0.15, "C2", "always-on neurons %")):
+            if col not in g:
+                continue
+            v = 100 * g[col].astype(float)
+            if float(v.max()) >= visible:
+                ax.bar([i + dx for i in x], v, 0.3, color=color, alpha=0.7, label=name)
+            else:
+                hidden.append(f"{name.replace(' %', '')}: {'none' if float(v.max()) == 0 else 'below 0.5 %'}")
+        if hidden:
+            ax.text(0.01, 0.01, "; ".join(hidden), transform=ax.transAxes, fontsize=7, color="0.3", va="bottom")
         tick_labels(ax, layer_labels(g))
         ax.set_xlabel("layer")
         ax.set_ylabel("%")
@@ -117,9 +125,12 @@ def plot_nonzero_per_token(df: pd.DataFrame, folder: Path, title: str) -> list[s
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{title}: non-zero activations per token", fontsize=10)
     fig.tight_layout()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3), fontsize=7,
-               frameon=False)
+    seen: dict = {}
+    for ax in axes[0]:  # every panel's entries, once
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(seen), 3), fontsize=7, frameon=False)
     return save_into(fig, folder, "nonzero_per_token")
 
 
