@@ -22,6 +22,13 @@ when ``tags`` (a ``probes.uncertainty.WindowTags``) gives it, else by arrival or
 gives the analytic standard errors over windows of the window-ratio columns (``uncertain_columns``);
 ``window_ratios()`` the per-window numerators and denominators for a bootstrap. ``to_row()`` does
 not change with them.
+
+Cost (issue 16 goal 3, ``benchmarks/bench_probes.py``): every count (zero, the near-zero grid, negative,
+per channel, chunk unions, per window) comes from 0/1 float32 planes, one comparison and one sum over
+channels each, summed per token once; per-window values are sums of those per-token counts (no second
+pass). The counts are exact integers (see ``update``), so the numbers are those of boolean counting. On
+the CPU the work buffers are reused between updates; on a GPU no step waits for the host except the
+mask's layout, once per batch.
 """
 
 from __future__ import annotations
@@ -84,7 +91,6 @@ class ActivationSparsityProbe:
             "n_chunks": torch.zeros((), **i64),
             "nonfinite": torch.zeros((), **i64),
         }
-        self._eps = torch.tensor(self.eps_grid, dtype=torch.float32, device=device)
         # per-window rows (probes.uncertainty.WindowValues state): O(windows), a dict of lists so that
         # probes.distributed.probe_to_cpu moves it with the probe
         self.tags = tags
@@ -92,62 +98,110 @@ class ActivationSparsityProbe:
 
     # ------------------------------------------------------------------ update
     def update(self, x, mask=None) -> None:
-        """``x``: ``[batch, pos, channels]`` (or ``[tokens, channels]``); ``mask``: ``[batch, pos]``, True = counted."""
+        """``x``: ``[batch, pos, channels]`` (or ``[tokens, channels]``); ``mask``: ``[batch, pos]``, True = counted.
+
+        All counts come from one family of 0/1 float32 "planes" (``_planes``): ``|a| <= t`` for the sorted
+        thresholds ``t`` in ``(0, *eps_grid)`` (one broadcast comparison), ``a < 0``, and on a GPU
+        ``|a| <= FLT_MAX`` (finite). One sum over channels gives every per-token count; the zero plane gives
+        the per-channel activity and, by a minimum over k tokens, the chunk unions. Exactness: a plane holds
+        0s and 1s, and every partial sum of a reduction over at most 2^24 of them is an integer below 2^24,
+        exact in float32 whatever the summation order (wider tensors are summed in float64). So every count
+        equals the boolean count it replaces, and NaN/inf fall on the same side of each comparison as before
+        (NaN: not zero, not near zero, not negative). The float sums (``sum``, ``sum_abs``, ``sum_sq``) use the
+        same float32-per-token, float64-across-tokens operations as always.
+        """
         import torch
 
+        x = x.detach()  # statistics only; work buffers are written with out=
         if x.dim() == 2:
             x = x.unsqueeze(1)  # [batch, 1, channels]
         if x.shape[-1] != self.width:
             raise ValueError(f"probe built for width {self.width}, got {x.shape[-1]}")
         c = self.width
-        full_rows = mask is None or bool(mask.all())
+        full_rows, mask, lens = _mask_layout(mask, x)
         if full_rows:
             valid = x.reshape(-1, c)  # no gather copy in the common case of full windows
-            lens = [x.shape[1]] * x.shape[0]
         else:
-            mask = mask.to(device=x.device, dtype=torch.bool)  # a 0/1 attention mask must not index rows
             valid = x[mask]  # [n_valid, channels], kept in (batch, pos) order
-            lens = mask.sum(1).tolist()
         if valid.dtype != torch.float32:
             valid = valid.float()  # statistics in float32 whatever the model dtype
         n = valid.shape[0]
         if n == 0:
             return
         s = self.state
-        a = valid.abs()
-        per_window = _RowSums(lens, full_rows, x.device)
-        # Non-zero indicator as float32: its row/column sums are exact integers (< 2^24 per batch)
-        # and run several times faster than count_nonzero along a dimension. -0.0 counts as zero.
-        # Per-token counts (<= channels: exact in float32) are added up per window in float64 (exact).
-        nzf = (valid != 0).to(torch.float32)
-        per_token_nz = nzf.sum(1)  # [n]
-        zero_w = per_window(c - per_token_nz)
-        neg_w = per_window((valid < 0).to(torch.float32).sum(1))
-        near_w = [per_window((a <= self._eps[j]).to(torch.float32).sum(1)) for j in range(len(self.eps_grid))]
+        G = len(self.eps_grid)
+        a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
+        amax = a.max()
+        per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
+        chunk_w, nchunk_w = self._update_chunks(zero_planes, lens)
+        acc = torch.float32 if n < _EXACT_F32 else torch.float64
+        zero_channel = zero_planes.sum(0, dtype=acc)  # [c]: tokens on which each channel is exactly 0
+        del zero_planes
+        per_window = _window_sums(per_token, lens, full_rows)  # [batch, P] float64
+        zero_w, near_w, neg_w = per_window[:, 0], per_window[:, 1:G + 1], per_window[:, G + 1]
         s["n_tokens"] += n
         s["zero"] += zero_w.sum().long()
-        for j in range(len(self.eps_grid)):
-            s["near_zero"][j] += near_w[j].sum().long()
+        s["near_zero"] += near_w.sum(0).long()
         s["neg"] += neg_w.sum().long()
         # float32 within a token (c entries), float64 across tokens (METRICS.md conventions):
         # no float64 copy of the whole tensor.
         s["sum"] += valid.sum(1).double().sum()
         s["sum_abs"] += a.sum(1).double().sum()
         s["sum_sq"] += torch.linalg.vecdot(valid, valid).double().sum()
-        amax = a.max()
-        if not bool(torch.isfinite(amax)):
+        if per_token.shape[0] > G + 2:  # the finite plane (no host sync on a GPU)
+            s["nonfinite"] += n * c - per_token[G + 2].sum(dtype=torch.float64).long()
+        elif not bool(torch.isfinite(amax)):
             s["nonfinite"] += (~torch.isfinite(valid)).sum()
         s["max_abs"] = torch.maximum(s["max_abs"], amax.double())
-        s["channel_active"] += nzf.sum(0).long()
+        s["channel_active"] += n - zero_channel.long()
+        per_token_nz = c - per_token[0]  # the same float32 integers as a sum of a non-zero indicator
         frac = per_token_nz.double() / c
         s["token_nz_sum"] += frac.sum()
         bins = (frac * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
-        s["token_hist"] += torch.bincount(bins, minlength=HIST_BINS)
-        chunk_w, nchunk_w = self._update_chunks(a, lens)
-        f64 = dict(dtype=torch.float64, device=zero_w.device)
-        rows = torch.stack([torch.tensor(lens, **f64), zero_w, neg_w, *near_w, chunk_w.to(**f64),
-                            nchunk_w.to(**f64)], dim=1)  # [batch, window_fields]
+        s["token_hist"].index_add_(0, bins, torch.ones_like(bins))  # bincount would wait for its max on a GPU
+        f64 = dict(dtype=torch.float64, device=per_window.device)
+        rows = torch.cat([_lens_tensor(lens, per_window.device)[:, None], zero_w[:, None], neg_w[:, None], near_w,
+                          chunk_w.to(**f64)[:, None], nchunk_w.to(**f64)[:, None]], dim=1)  # [batch, window_fields]
         self._add_windows(rows, lens)
+
+    def _planes(self, valid, a):
+        """Per-token counts ``[P, n]`` (float32 exact integers; float64 past 2^24 channels) of the planes
+        ``a <= 0``, ``a <= eps`` (grid order), ``valid < 0`` and, on a GPU, ``a <= FLT_MAX``; and the zero
+        plane ``[n, c]`` (1.0 where the entry is 0, -0 included), valid until the next ``update``.
+
+        Each plane is one comparison written as float32 into a work buffer and one sum over channels (measured
+        on a 2-core CPU: faster than boolean planes, than one broadcast comparison into a buffer of all planes,
+        and than ``bucketize``). The zero plane has a buffer of its own (chunks and channel activity read it
+        afterwards); the others share one. On the CPU the buffers are reused across updates (``_scratch``)."""
+        import torch
+
+        n, c = valid.shape
+        dev = valid.device
+        thr = self._thresholds(dev)  # float32 [T]: 0, eps grid, (FLT_MAX)
+        G = len(self.eps_grid)
+        acc = torch.float32 if c < _EXACT_F32 else torch.float64
+        out = torch.empty((thr.shape[0] + 1, n), dtype=acc, device=dev)
+        zero = torch.le(a, thr[0], out=_scratch("zero", (n, c), dev))
+        torch.sum(zero, -1, dtype=acc, out=out[0])
+        plane = _scratch("plane", (n, c), dev)
+        for j in range(1, thr.shape[0]):  # near-zero planes 1..G, then the finite plane (stored at G + 2)
+            torch.le(a, thr[j], out=plane)
+            torch.sum(plane, -1, dtype=acc, out=out[j if j <= G else j + 1])
+        torch.lt(valid, 0, out=plane)
+        torch.sum(plane, -1, dtype=acc, out=out[G + 1])
+        return out, zero
+
+    def _thresholds(self, device):
+        import torch
+
+        key = str(device)
+        cache = self.__dict__.setdefault("_thr_cache", {})
+        if key not in cache or cache[key].device != torch.device(device):  # e.g. after probe_to_cpu
+            vals = [0.0, *self.eps_grid]
+            if torch.device(device).type != "cpu":
+                vals.append(float(torch.finfo(torch.float32).max))  # finite plane: no host sync per batch
+            cache[key] = torch.tensor(vals, dtype=torch.float32, device=device)  # as the float32 eps compared
+        return cache[key]
 
     def _add_windows(self, rows, lens: list[int]) -> None:
         ids = None
@@ -168,23 +222,28 @@ class ActivationSparsityProbe:
 
         return WindowValues(window_fields(self.eps_grid), self.windows)
 
-    def _update_chunks(self, a, lens: list[int]):
+    def _update_chunks(self, zero, lens: list[int]):
         """Union of non-zero channels over each run of k consecutive counted tokens of a sequence.
 
-        Returns the chunk-sparsity sum and the number of full chunks per window (float64 ``[batch]`` each)."""
+        ``zero``: the zero plane ``[n_valid, channels]`` (1.0 where the entry is 0). A channel is in a chunk's
+        union unless it is 0 on all k tokens (minimum of the plane over the chunk = 1), so the union size is
+        ``c - sum_channels(min_k zero)``: an exact integer, equal to the non-zero count of the chunk's sum of
+        ``|a|`` used before. Returns the chunk-sparsity sum and the number of full chunks per window (float64
+        ``[batch]`` each)."""
         import torch
 
-        k, c = self.chunk_k, a.shape[1]
+        k, c = self.chunk_k, zero.shape[1]
         B = len(lens)
-        f64 = dict(dtype=torch.float64, device=a.device)
+        f64 = dict(dtype=torch.float64, device=zero.device)
+        acc = torch.float32 if c < _EXACT_F32 else torch.float64
         if k <= 0:
             return torch.zeros(B, **f64), torch.zeros(B, **f64)
         if len(set(lens)) == 1:  # equal lengths: one reshape, no loop
             L, full = lens[0], lens[0] // k
             if not full:
                 return torch.zeros(B, **f64), torch.zeros(B, **f64)
-            blocks = a.view(len(lens), L, c)[:, :full * k].reshape(-1, k, c)
-            u = torch.count_nonzero(blocks.sum(1), dim=1)  # |a| >= 0: a chunk's sum is 0 iff all are 0
+            blocks = zero.view(B, L, c)[:, :full * k].reshape(-1, k, c)
+            u = c - blocks.amin(1).sum(1, dtype=acc)  # union sizes, exact integers
             per = 1.0 - u.double() / c
             chunk_w = per.view(B, full).sum(1)
             nchunk_w = torch.full((B,), float(full), **f64)
@@ -193,7 +252,7 @@ class ActivationSparsityProbe:
             for L in lens:
                 full = L // k
                 if full:
-                    parts.append(torch.count_nonzero(a[off:off + full * k].view(full, k, c).sum(1), dim=1))
+                    parts.append(c - zero[off:off + full * k].view(full, k, c).amin(1).sum(1, dtype=acc))
                 counts.append(full)
                 off += L
             if not parts:
@@ -201,7 +260,7 @@ class ActivationSparsityProbe:
             u = torch.cat(parts)
             per = 1.0 - u.double() / c
             nchunk_w = torch.tensor(counts, **f64)
-            row = torch.repeat_interleave(torch.arange(B, device=a.device), torch.tensor(counts, device=a.device))
+            row = torch.repeat_interleave(torch.arange(B, device=zero.device), torch.tensor(counts, device=zero.device))
             chunk_w = torch.zeros(B, **f64).index_add_(0, row, per)
         self.state["chunk_sum"] += per.sum()
         self.state["n_chunks"] += u.numel()
@@ -279,24 +338,84 @@ class ActivationSparsityProbe:
         return row
 
 
-class _RowSums:
-    """Per-window sums of per-token values ``[n_valid]`` (in (batch, pos) order) as float64 ``[batch]``."""
+_EXACT_F32 = 1 << 24  # float32 holds every integer up to 2^24 exactly
+SCRATCH_MAX = 64 << 20  # CPU work buffers up to this size are kept between updates (``_scratch``)
+_SCRATCH: dict = {}
 
-    def __init__(self, lens: list[int], full_rows: bool, device: Any):
-        import torch
 
-        self.B = len(lens)
-        self.full = full_rows
-        if not full_rows:
-            self.row = torch.repeat_interleave(torch.arange(self.B, device=device),
-                                               torch.tensor(lens, device=device))
+def _scratch(name: str, shape: tuple, device):
+    """A float32 work buffer of ``shape``, contents undefined. On the CPU, buffers up to ``SCRATCH_MAX`` bytes
+    are kept by name and reused (at most 3 x SCRATCH_MAX in all): a fresh multi-megabyte buffer per update
+    costs a page fault per 4 KiB, often more than the pass that fills it. Elsewhere (a GPU's caching
+    allocator reuses memory already) and for bigger buffers: a new tensor."""
+    import math
 
-    def __call__(self, t):
-        import torch
+    import torch
 
-        if self.full:
-            return t.view(self.B, -1).double().sum(1)
-        return torch.zeros(self.B, dtype=torch.float64, device=t.device).index_add_(0, self.row, t.double())
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel * 4 > SCRATCH_MAX:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buf = _SCRATCH.get(name)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = _SCRATCH[name] = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
+
+
+def _window_sums(per_token, lens: list[int], full_rows: bool):
+    """Per-window sums ``[batch, P]`` (float64, exact for integers) of per-token values ``[P, n_valid]`` (in
+    (batch, pos) order)."""
+    import torch
+
+    B = len(lens)
+    t = per_token.double()
+    if full_rows:
+        return t.view(t.shape[0], B, -1).sum(-1).T
+    row = torch.repeat_interleave(torch.arange(B, device=t.device), torch.tensor(lens, device=t.device))
+    return torch.zeros(B, t.shape[0], dtype=torch.float64, device=t.device).index_add_(0, row, t.T)
+
+
+_LAST_MASK: list = [None, None]  # (mask seen last, its layout): every site of one batch gets the same mask
+
+
+def _mask_layout(mask, x):
+    """``(full_rows, bool mask on x's device or None, counted tokens per row)`` of a batch, worked out once
+    per batch: the sites of one forward share the mask object, so the host syncs (``all``, ``tolist``) run
+    once per batch, not once per site."""
+    import torch
+
+    if mask is None:
+        return True, None, [x.shape[1]] * x.shape[0]
+    last, layout = _LAST_MASK
+    if last is mask and layout[0] == _version(mask) and layout[2].device == x.device:
+        return layout[1:]
+    m = mask.to(device=x.device, dtype=torch.bool)  # a 0/1 attention mask must not index rows
+    full = bool(m.all())
+    layout = (full, m, [x.shape[1]] * x.shape[0] if full else m.sum(1).tolist())
+    _LAST_MASK[0], _LAST_MASK[1] = mask, (_version(mask), *layout)  # the version: changed in place since?
+    return layout
+
+
+def _lens_tensor(lens: list[int], device):
+    """``lens`` as a float64 tensor on ``device``, made once per batch (a host-to-GPU copy waits for the GPU)."""
+    import torch
+
+    key = (tuple(lens), str(device))
+    if _LENS[0] != key:
+        _LENS[0], _LENS[1] = key, torch.tensor(lens, dtype=torch.float64, device=device)
+    return _LENS[1]
+
+
+_LENS: list = [None, None]
+
+
+def _version(t):
+    """The tensor's in-place version counter; None for an inference tensor (it has none: a mask made in
+    ``torch.inference_mode`` is then recognised by identity alone)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _hist_quantile(counts: list[int], q: float) -> float:

@@ -427,3 +427,150 @@ def test_merge_of_arbitrary_splits_equals_one_probe(data, k, n_parts, pos_cut, a
     # the state tensors that do not depend on chunking are identical, element by element
     for key in ("n_tokens", "zero", "near_zero", "neg", "channel_active", "token_hist", "nonfinite", "max_abs"):
         assert torch.equal(full.state[key], merged.state[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused counting path (issue 16 goal 3): comparison planes, reused work buffers, the per-batch
+# mask cache and the GPU's sync-free finite plane give exactly the counts of plain boolean code.
+
+def _bool_counts(x: torch.Tensor, m: torch.Tensor | None, eps=(1e-6, 1e-3, 1e-2), k: int = 2) -> dict:
+    """Counts from boolean tensors (independent of the probe's planes): zero, near-zero, neg, channel
+    activity, nonfinite, chunk unions per window and per-window rows."""
+    if m is None:
+        m = torch.ones(x.shape[:2], dtype=torch.bool)
+    m = m.bool()
+    v = x[m].float()
+    e32 = torch.tensor(eps, dtype=torch.float32)
+    out = {"zero": int((v == 0).sum()), "neg": int((v < 0).sum()),
+           "near": [int((v.abs() <= e).sum()) for e in e32], "active": (v != 0).sum(0).tolist(),
+           "nonfinite": int((~torch.isfinite(v)).sum())}
+    rows = []
+    for i in range(x.shape[0]):
+        seq = x[i][m[i]].float()
+        if not len(seq):
+            continue
+        unions = [int((seq[s:s + k] != 0).any(0).sum()) for s in range(0, len(seq) - k + 1, k)]
+        rows.append([len(seq), int((seq == 0).sum()), int((seq < 0).sum()),
+                     *[int((seq.abs() <= e).sum()) for e in e32],
+                     sum(1 - u / x.shape[-1] for u in unions), len(unions)])
+    out["rows"] = rows
+    return out
+
+
+def _probe_counts(p: ActivationSparsityProbe) -> dict:
+    s = p.state
+    _, vals = p._window_values().arrays()
+    return {"zero": int(s["zero"]), "neg": int(s["neg"]), "near": s["near_zero"].tolist(),
+            "active": s["channel_active"].tolist(), "nonfinite": int(s["nonfinite"]), "rows": vals.tolist()}
+
+
+def _messy(seed: int, b=3, t=11, c=7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, c, generator=g) * 1e-2
+    x[torch.rand(b, t, c, generator=g) < 0.4] = 0.0
+    x[torch.rand(b, t, c, generator=g) < 0.1] = -0.0
+    x[0, 0, 0], x[0, 1, 1], x[1, 2, 2] = float("nan"), float("inf"), -float("inf")
+    x[1, 0, :3] = torch.tensor([1e-3, -1e-3, 1e-2], dtype=torch.float32)  # on the thresholds
+    m = torch.rand(b, t, generator=g) < 0.7
+    return x, m
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counts_equal_boolean_counts_with_nan_inf_and_boundaries(seed):
+    x, m = _messy(seed)
+    p = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    p.update(x, m)
+    got, want = _probe_counts(p), _bool_counts(x, m)
+    np.testing.assert_allclose(np.array(got.pop("rows")), np.array(want.pop("rows")), rtol=0, atol=1e-12)
+    assert got == want
+
+
+def test_finite_plane_gives_the_same_state_as_the_host_check():
+    """On a GPU the probe counts non-finite entries with an extra plane (no host sync); forced here on the CPU."""
+    x, m = _messy(7)
+    a, b = ActivationSparsityProbe(x.shape[-1], chunk_k=3), ActivationSparsityProbe(x.shape[-1], chunk_k=3)
+    b._thr_cache = {"cpu": torch.tensor([0.0, *b.eps_grid, torch.finfo(torch.float32).max])}
+    for probe in (a, b):
+        probe.update(x, m)
+        probe.update(x[:, :4], None)
+    assert b.state["nonfinite"].item() == a.state["nonfinite"].item() == _bool_counts(x, m)["nonfinite"] + 3
+    for key in a.state:
+        assert torch.allclose(a.state[key], b.state[key], rtol=0, atol=0, equal_nan=True), key
+    assert np.array_equal(a._window_values().arrays()[1], b._window_values().arrays()[1])
+
+
+def test_reused_work_buffers_do_not_leak_between_probes():
+    """Probes of different widths updated in turn (the scratch buffers shrink and grow) give the rows of
+    probes updated alone."""
+    xs = [_messy(s, c=c) for s, c in ((1, 7), (2, 40), (3, 7), (4, 3))]
+    shared = {c: ActivationSparsityProbe(c, chunk_k=2) for c in (7, 40, 3)}
+    for x, m in xs:
+        shared[x.shape[-1]].update(x, m)
+    for c in (7, 40, 3):
+        alone = ActivationSparsityProbe(c, chunk_k=2)
+        for x, m in xs:
+            if x.shape[-1] == c:
+                alone.update(x, m)
+        assert _probe_counts(alone) == _probe_counts(shared[c]), c
+
+
+def test_mask_read_again_when_changed_in_place():
+    """Sites of one batch share the mask object and its layout is worked out once; a mask changed in place
+    in between is read again."""
+    x, m = _messy(5)
+    p1, p2, ref = (ActivationSparsityProbe(x.shape[-1], chunk_k=2) for _ in range(3))
+    p1.update(x, m)
+    m[0, :] = False
+    m[1, :] = True
+    p2.update(x, m)
+    ref.update(x, m.clone())
+    assert _probe_counts(p2) == _probe_counts(ref)
+    assert _probe_counts(p1) != _probe_counts(p2)
+
+
+def test_float64_accumulation_path_is_exact(monkeypatch):
+    """Past 2^24 channels (or tokens in a batch) the plane sums switch to float64; forced here with a tiny limit."""
+    import probes.sparsity as sp
+
+    x, m = _messy(9)
+    want = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    want.update(x, m)
+    monkeypatch.setattr(sp, "_EXACT_F32", 2)
+    got = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    got.update(x, m)
+    assert _probe_counts(got) == _probe_counts(want)
+    for key in want.state:
+        assert torch.equal(want.state[key], got.state[key]), key
+
+
+def test_mask_made_in_inference_mode():
+    """Inference tensors have no version counter: the mask cache must still work (measure's batches)."""
+    x, m = _messy(6)
+    with torch.inference_mode():
+        mi = m.clone()
+        p = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+        p.update(x, mi)
+        p.update(x, mi)
+    ref = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    ref.update(x, m)
+    ref.update(x, m)
+    assert _probe_counts(p) == _probe_counts(ref)
+
+
+def test_inference_mode_grad_mode_and_plain_calls_mix():
+    """The CPU work buffers outlive one update: a probe updated inside ``torch.inference_mode`` (measure) and then
+    outside it, or on a tensor that requires grad, must work and count the same."""
+    import probes.sparsity as sp
+
+    x, m = _messy(8)
+    sp._SCRATCH.clear()
+    p = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    with torch.inference_mode():
+        p.update(x, m)
+    p.update(x.clone().requires_grad_(True), m)
+    with torch.no_grad():
+        p.update(x, m)
+    ref = ActivationSparsityProbe(x.shape[-1], chunk_k=2)
+    for _ in range(3):
+        ref.update(x, m.clone())
+    assert _probe_counts(p) == _probe_counts(ref)
