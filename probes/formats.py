@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from probes.errors import CheckpointError
 
@@ -677,9 +677,14 @@ def count_tensors(sn: Sniffed) -> int | None:
     return sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
 
 
-def safetensors_raw_tensors(f: str) -> Iterator[tuple[str, str, list[int], bytearray]]:
+def safetensors_raw_tensors(f: str, skip: Callable[[str, str, list[int]], bool] | None = None
+                            ) -> Iterator[tuple[str, str, list[int], bytearray | None]]:
     """``(name, safetensors dtype, shape, bytes)`` of each tensor in file order, each read with one
     plain ``read`` after the header is validated; truncation is a CheckpointError.
+
+    ``skip(name, dtype, shape)``: tensors it is true for are not read (their bytes are None; the file
+    must still be long enough to hold them), e.g. ``spectrum``'s weights beyond WeightWatcher's size
+    limits, whose rows need only the shape.
 
     No memory map: a mapped file's touched pages count as resident for the whole walk, so peak
     memory would grow with the file instead of staying near the largest tensor.
@@ -692,11 +697,17 @@ def safetensors_raw_tensors(f: str) -> Iterator[tuple[str, str, list[int], bytea
                          key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in entries:
             start, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = str(info.get("dtype", "")), [int(x) for x in info.get("shape", [])]
+            if skip is not None and skip(name, dtype, shape):
+                if os.fstat(fh.fileno()).st_size < base + end:
+                    raise CheckpointError(f"{f} is truncated inside tensor {name!r}", "re-download or re-save the file")
+                yield name, dtype, shape, None
+                continue
             fh.seek(base + start)
             buf = bytearray(end - start)
             if fh.readinto(buf) != end - start:
                 raise CheckpointError(f"{f} is truncated inside tensor {name!r}", "re-download or re-save the file")
-            yield name, str(info.get("dtype", "")), [int(x) for x in info.get("shape", [])], buf
+            yield name, dtype, shape, buf
 
 
 def _iter_safetensors(f: str) -> Iterator[tuple[str, Any]]:

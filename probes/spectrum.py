@@ -9,7 +9,9 @@ worker pool, and the table.
 
 ``analyze_checkpoint`` reads each tensor once (safetensors and GGUF straight into numpy, no torch),
 upcasts it alone, and batches same-shape matrices into one batched eigenvalue or SVD call
-under a byte budget, so peak memory follows the largest tensor rather than the model.
+under a byte budget, so peak memory follows the largest tensor rather than the model. On two or
+more CPUs those LAPACK calls run in one helper thread (``_ThreadBatcher``) while the main thread
+reads the next tensors and fits the finished rows; the numbers are bit-for-bit the same.
 Failed fits are NaN (WW writes -1).
 """
 
@@ -250,24 +252,102 @@ class _SvdBatcher:
         return [job for group in groups.values() for job in self._run(group)]
 
     def _run(self, group: list[tuple[_Job, str, Any]]) -> list[_Job]:
+        return self._assign(group, self._compute(group))
+
+    def _compute(self, group: list[tuple[_Job, str, Any]]) -> np.ndarray:
         stack = group[0][2] if len(group) == 1 else np.concatenate([s for _, _, s in group])
         if stack.shape[1] < stack.shape[2]:
             stack = stack.transpose(0, 2, 1)
         if self.device == "cpu":
-            svals = svals_cpu(stack, self.method)
-        else:
-            import torch
+            return svals_cpu(stack, self.method)
+        import torch
 
-            t = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device, torch.float32)
-            svals = torch.linalg.svdvals(t).to("cpu", torch.float64).numpy()
+        t = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device, torch.float32)
+        return torch.linalg.svdvals(t).to("cpu", torch.float64).numpy()
+
+    def direct(self, job: _Job, key: str, compute: Callable[[], np.ndarray]) -> list[_Job]:
+        """A job's singular values from ``compute()`` (a tall matrix's own path), not batched."""
+        return self._assign([(job, key, None)], compute())
+
+    @staticmethod
+    def _assign(group: list[tuple[_Job, str, Any]], svals: np.ndarray) -> list[_Job]:
         done, start = [], 0
         for job, key, s in group:
-            job.svals[key] = svals[start:start + s.shape[0]]
-            start += s.shape[0]
+            k = svals.shape[0] if s is None else s.shape[0]
+            job.svals[key] = svals[start:start + k]
+            start += k
             job.waiting -= 1
             if job.waiting == 0:
                 done.append(job)
         return done
+
+    def close(self, abort: bool = False) -> None:
+        return None
+
+
+class _ThreadBatcher(_SvdBatcher):
+    """``_SvdBatcher`` whose LAPACK calls run in one helper thread (CPU only), overlapping the main
+    thread's reading, fits and imports: numpy releases the GIL inside LAPACK, so on two cores the
+    eigenvalue solvers and the Python-level work run at the same time. The same calls on the same
+    arrays in the same order as ``_SvdBatcher``, so the numbers are identical. At most ``in_flight``
+    (1) group is computed while the main thread reads and prepares the next (memory: about one
+    tensor more than without the thread; ``tests/unit/test_arrays.py`` bounds it); results are
+    harvested in submission order.
+    """
+
+    workers = 1
+
+    def __init__(self, budget: int, method: str = "auto", in_flight: int = 1):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().__init__(budget, "cpu", method)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actsparse-spectrum")
+        self.futures: deque = deque()
+        self.in_flight = in_flight
+
+    def _run(self, group):
+        self.futures.append((group, self.pool.submit(self._compute, group)))
+        return self._harvest()
+
+    def direct(self, job, key, compute):
+        self.futures.append(([(job, key, None)], self.pool.submit(compute)))
+        return self._harvest()
+
+    def _harvest(self, wait_all: bool = False) -> list[_Job]:
+        done: list[_Job] = []
+        while self.futures and (wait_all or len(self.futures) > self.in_flight or self.futures[0][1].done()):
+            group, future = self.futures.popleft()
+            done += self._assign(group, future.result())
+        return done
+
+    def flush(self) -> list[_Job]:
+        done = super().flush()  # submits the pending groups
+        return done + self._harvest(wait_all=True)
+
+    def close(self, abort: bool = False) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=abort)
+
+
+def _tall_svals(W, block_bytes: int, method: str) -> np.ndarray:
+    """Singular values ``[1, M]`` of a large tall (or wide) 2-D weight without a float64 copy of it:
+    Gram eigenvalues accumulated over row blocks where accurate (``method`` auto), else the SVD of its
+    R factor (TSQR)."""
+    if method == "auto":
+        lam = np.linalg.eigvalsh(gram_matrix(W, block_bytes))
+        if gram_evals_ok(lam):
+            return np.sqrt(lam[::-1])[None]
+    return svals_cpu(r_factor(W, block_bytes), method)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def resolve_device(device: str | None) -> str:
@@ -373,16 +453,24 @@ def analyze_tensors(
     batch_bytes: int = 8 << 20,
     svd: str = "auto",
     workers: int = 1,
+    compute_thread: bool | None = None,
 ):
     """Spectrum table for ``(name, tensor)`` pairs (torch tensors or numpy arrays); see
-    :func:`analyze_checkpoint`."""
+    :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in a helper
+    thread that overlaps reading and fitting (None: when this process may use 2 or more CPUs and
+    ``workers`` is 1); the numbers are the same either way."""
     if svd not in ("auto", "exact"):
         raise ValueError(f"svd must be 'auto' or 'exact', not {svd!r}")
     dev = resolve_device(device)
     if workers > 1 and dev != "cpu":
         raise DeviceError(f"--workers {workers} runs CPU processes, but the SVDs are on {dev}",
                           "use --workers 1 with --device cuda")
-    runner = _PoolRunner(workers, svd, randomize) if workers > 1 else None
+    if workers > 1:
+        runner = _PoolRunner(workers, svd, randomize)
+    elif dev == "cpu" and (compute_thread if compute_thread is not None else _cpus() >= 2):
+        runner = _ThreadBatcher(batch_bytes, svd)
+    else:
+        runner = None
     try:
         df = _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd,
                       runner)
@@ -430,6 +518,8 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
             tall = W.ndim == 2 and N >= 2 * M and N * M * item_bytes >= batch_bytes and not randomize
             if tall:
                 check_finite(W, name)
+                if isinstance(batcher, _SvdBatcher) and dev == "cpu":  # in the helper thread if there is one
+                    return batcher.direct(job, "main", lambda: _tall_svals(W, batch_bytes, svd))
                 if dev == "cpu" and svd == "auto":
                     lam = np.linalg.eigvalsh(gram_matrix(W, batch_bytes))
                     if gram_evals_ok(lam):
@@ -493,6 +583,7 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         if c in df:
             df[c] = df[c].astype("Int64")
     df.attrs["notes"] = [f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in notes.items()]
+    df.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
     df.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd, "workers": runner.workers if runner else 1,
                        "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
                                "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
@@ -527,6 +618,34 @@ def load_config(sn: Sniffed) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) else None
 
 
+def _checkpoint_arrays(sn: Sniffed, unsafe_pickle: bool, split_fused: bool):
+    """``probes.arrays.iter_arrays``, except that 2-D/4-D float weights of safetensors files beyond
+    WeightWatcher's size limits (e.g. GPT-2's 50257 x 768 token embedding) are not read: their rows
+    need only the shape (status ``skipped``), so they come as a zero-strided placeholder of that shape.
+    That is 150 MB of GPT-2's 500 MB not read, and not held (peak memory). With ``split_fused`` every
+    tensor is read (a fused tensor's parts can be within the limits)."""
+    from probes import arrays
+    from probes.formats import Kind, is_safetensors, safetensors_raw_tensors
+
+    if split_fused or sn.kind in (Kind.GGUF, Kind.HUB_ID) or not sn.files or not all(is_safetensors(f) for f in sn.files):
+        yield from iter_arrays(sn, unsafe_pickle=unsafe_pickle)
+        return
+
+    def beyond_limits(name: str, st_dtype: str, shape: list[int]) -> bool:
+        if len(shape) not in (2, 4) or 0 in shape or not st_dtype.startswith(("F", "BF")) or _is_bias(name):
+            return False
+        N, M, rf, _ = ww_dims(shape)
+        return _too_large(N, M, rf)
+
+    for f in sn.files:
+        for name, st_dtype, shape, raw in safetensors_raw_tensors(f, skip=beyond_limits):
+            label = arrays._ST_WIDENED.get(st_dtype) or np.dtype(arrays._ST_NUMPY.get(st_dtype, np.uint8)).name
+            if raw is None:
+                yield name, np.broadcast_to(np.zeros((), np.float32), shape), label
+            else:
+                yield name, arrays._decode(raw, st_dtype, shape, f"{f}: tensor {name!r}"), label
+
+
 def analyze_checkpoint(
     source: str | Path | Sniffed,
     *,
@@ -541,6 +660,7 @@ def analyze_checkpoint(
     svd: str = "auto",
     workers: int = 1,
     blas_threads: int | None = 1,
+    compute_thread: bool | None = None,
 ):
     """One row per weight matrix of a checkpoint, with WW's column names and ours.
 
@@ -559,10 +679,11 @@ def analyze_checkpoint(
     one each): on a 2-core machine with another CPU-bound job, MiniLM took 1.8-1.9 s with one
     thread and 2.9-3.9 s with the default two (OpenMP threads spin-waiting for a busy core); the
     batched eigen/SVD calls gain little from a second thread when the machine is quiet. None: the
-    library default. The policy is recorded in ``df.attrs['thread_policy']``.
+    library default. ``compute_thread`` (default: when 2 or more CPUs are available and ``workers`` is
+    1) runs those calls in one helper thread, overlapping reading, fits and imports; the numbers are
+    identical. The policy is recorded in ``df.attrs['thread_policy']``.
     """
     import contextlib
-    import os
 
     sn = source if isinstance(source, Sniffed) else sniff(source)
     limit: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -575,13 +696,13 @@ def analyze_checkpoint(
             pass
     with limit:
         df = analyze_tensors(
-            iter_arrays(sn, unsafe_pickle=unsafe_pickle), device=device, split_fused=split_fused,
+            _checkpoint_arrays(sn, unsafe_pickle, split_fused), device=device, split_fused=split_fused,
             randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
-            workers=workers)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            workers=workers, compute_thread=compute_thread)
     df.attrs["thread_policy"] = {"blas_threads_main": blas_threads or "library default",
-                                 "blas_threads_per_worker": 1, "workers": workers, "cpus_available": cpus}
+                                 "blas_threads_per_worker": 1, "workers": workers, "cpus_available": _cpus(),
+                                 "compute_thread": bool(df.attrs.get("compute_thread"))}
     return df
 
 

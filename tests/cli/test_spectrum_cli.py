@@ -234,6 +234,7 @@ def test_thread_policy_is_one_blas_thread_and_recorded(ckpt, tmp_path, monkeypat
     assert runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q"]).exit_code == 0
     pol = json.loads((out / "manifest.json").read_text())["thread_policy"]
     assert pol["blas_threads_main"] == 1 and pol["blas_threads_per_worker"] == 1 and pol["cpus_available"] >= 1
+    assert pol["compute_thread"] == (pol["cpus_available"] >= 2)  # LAPACK in a helper thread on 2+ CPUs
     assert seen[0] == {1} or not seen[0]  # every BLAS/OpenMP pool at one thread during the analysis
     out = tmp_path / "lib"
     assert runner.invoke(app, ["spectrum", str(ckpt), "-o", str(out), "-q", "--blas-threads", "0"]).exit_code == 0

@@ -242,6 +242,40 @@ def test_mp_fit_of_gaussian_matrix():
     assert mp.mp_softrank == pytest.approx(mp.bulk_max / evals.max())
 
 
+def _scipy_mp_sigma(evals, N, M):
+    """The MP fit's polish as WW runs it: scipy's fmin from the best grid point (the reference)."""
+    from scipy.optimize import fmin
+
+    Q = N / M
+    W_scale = np.sqrt(evals.size) / np.sqrt(np.sum(evals))  # WW's rescaling, as written in RMT_Util.py
+    x = (W_scale * W_scale) * evals
+    s0 = np.sqrt(x.max() / np.square(1 + 1.0 / np.sqrt(Q)))
+    kde = spectrum_fit.kde_on_grid(np.sqrt(x) if Q == 1 else x)
+    grid = np.mgrid[0.05 * s0:2.0 * s0:0.01 * s0]
+    start = grid[int(np.argmin(spectrum_fit._mp_sse(grid, kde, Q)))]
+    return float(fmin(lambda p: spectrum_fit._mp_sse(p, kde, Q)[0], start, full_output=True, disp=False)[0][0])
+
+
+@pytest.mark.parametrize("shape", [(300, 100), (120, 120), (64, 40), (500, 60)])
+def test_nelder_mead_is_scipy_fmin_bit_for_bit(shape):
+    """Our Nelder-Mead replaces scipy.optimize.fmin (0.4-1 s of import) in the MP fit: same sigma_mp, bit for
+    bit, on noise with spikes (MP law and Q = 1 quarter circle), and on plain functions of one and two variables."""
+    from scipy.optimize import fmin
+
+    g = np.random.default_rng(sum(shape))
+    W = g.standard_normal(shape) + 3 * np.outer(g.standard_normal(shape[0]), g.standard_normal(shape[1])) / shape[0]
+    evals = np.sort(np.linalg.svd(W, compute_uv=False) ** 2)
+    N, M = max(shape), min(shape)
+    assert sp.fit_marchenko_pastur(evals, N, M).sigma_mp == _scipy_mp_sigma(evals, N, M)
+    for f, x0 in ((lambda x: (x[0] - 1.3) ** 2 + 0.1 * np.sin(7 * x[0]), [0.2]), (lambda x: abs(x[0]), [0.0]),
+                  (lambda x: (x[0] - 2) ** 2 + 3 * (x[1] + x[0] * x[1] - 1) ** 2, [0.5, -0.3]),
+                  (lambda x: -np.exp(-x[0] ** 2), [40.0])):  # flat far away: stops on ftol, not on the minimum
+        assert np.array_equal(spectrum_fit.nelder_mead(f, x0), fmin(f, x0, disp=False))
+    # the 200 N evaluations cap: a function that never settles
+    f = lambda x: -abs(x[0]) ** 1.5  # noqa: E731
+    assert np.array_equal(spectrum_fit.nelder_mead(f, [1.0]), fmin(f, [1.0], disp=False))
+
+
 def test_mp_fit_rejects_zero_esd():
     with pytest.raises(ValueError, match="all eigenvalues are zero"):
         sp.fit_marchenko_pastur(np.zeros(10), 20, 10)
@@ -454,6 +488,39 @@ def test_worker_processes_give_the_same_table():
     assert two["status"].tolist() == one["status"].tolist()
 
 
+@pytest.mark.parametrize("svd", ["auto", "exact"])
+@pytest.mark.parametrize("batch_bytes", [4096, 8 << 20])
+def test_compute_thread_gives_the_identical_table(svd, batch_bytes):
+    """The helper thread that runs the eigenvalue/SVD calls (default on 2+ CPUs) makes the same LAPACK
+    calls on the same arrays: every cell equal, bit for bit, on every path (batched stacks, the tall
+    Gram / R-factor path at a small budget, an ill-conditioned tall matrix that falls back to the SVD,
+    randomize), and every row reaches on_layer once."""
+    import pandas as pd
+
+    w = _weights(6)
+    g = torch.Generator().manual_seed(4)
+    w["big.weight"] = torch.randn(300, 40, generator=g)  # tall: row-blocked Gram at 4096 bytes
+    ill = torch.randn(400, 30, generator=g)
+    ill[:, 0] *= 1e5  # kappa > 1e3: the Gram check fails, the R factor's SVD is used
+    w["ill.weight"] = ill
+    seen = []
+    one = sp.analyze_tensors(w.items(), svd=svd, batch_bytes=batch_bytes, randomize=True, seed=2, compute_thread=False)
+    two = sp.analyze_tensors(w.items(), svd=svd, batch_bytes=batch_bytes, randomize=True, seed=2, compute_thread=True,
+                             on_layer=lambda r, e: seen.append(r["name"]))
+    assert two.attrs["compute_thread"] and not one.attrs["compute_thread"]
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    assert sorted(seen) == sorted(two.loc[two["status"].isin(["success", "failed"]), "name"].tolist())
+
+
+def test_compute_thread_default_follows_the_cpus(monkeypatch):
+    w = list(_weights(1).items())
+    monkeypatch.setattr(sp, "_cpus", lambda: 1)
+    assert not sp.analyze_tensors(w).attrs["compute_thread"]
+    monkeypatch.setattr(sp, "_cpus", lambda: 2)
+    assert sp.analyze_tensors(w).attrs["compute_thread"]
+    assert not sp.analyze_tensors(w, workers=2).attrs["compute_thread"]  # worker processes instead
+
+
 def test_the_cuda_code_path_runs_end_to_end_on_a_cpu_torch_device():
     """No GPU here: drive the CUDA branch (float32 torch svdvals, R factors of tall matrices,
     float64 fits) with torch's "cpu:0" device, and compare with the float64 numpy path."""
@@ -469,3 +536,45 @@ def test_the_cuda_code_path_runs_end_to_end_on_a_cpu_torch_device():
     for col in ("lambda_max", "norm", "stable_rank", "sv_max"):
         assert gpu_like.loc[ok, col].astype(float).to_numpy() == pytest.approx(
             exact.loc[ok, col].astype(float).to_numpy(), rel=1e-4), col
+
+
+def test_weights_beyond_ww_limits_are_not_read(tmp_path, monkeypatch):
+    """A safetensors weight past WW's size limits (N > 50000) gets its row from the header alone: the
+    same row as when it is read, and its bytes are never read (peak memory: GPT-2's 154 MB token
+    embedding). With --split-fused every tensor is read. A file too short for it is still an error."""
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    from probes import arrays, formats
+    from probes.arrays import iter_arrays
+    from probes.errors import CheckpointError
+
+    g = np.random.default_rng(0)
+    save_file({"wte.weight": g.standard_normal((50001, 2)).astype(np.float32),
+               "h.0.mlp.weight": g.standard_normal((64, 16)).astype(np.float32)}, str(tmp_path / "model.safetensors"))
+    read = []
+    orig = formats.safetensors_raw_tensors
+
+    def spy(f, skip=None):
+        for item in orig(f, skip):
+            read.append((item[0], item[3] is not None))
+            yield item
+
+    monkeypatch.setattr(formats, "safetensors_raw_tensors", spy)
+    df = sp.analyze_checkpoint(tmp_path)
+    assert dict(read) == {"wte.weight": False, "h.0.mlp.weight": True}
+    row = df.set_index("name").loc["wte.weight"]
+    assert row["status"] == "skipped" and row["shape"] == "50001x2" and row["dtype"] == "float32" and row["N"] == 50001
+    with_read = sp.analyze_tensors(iter_arrays(formats.sniff(tmp_path)))
+    pd.testing.assert_frame_equal(df, with_read, check_exact=True)
+    read.clear()
+    monkeypatch.setattr(arrays, "safetensors_raw_tensors", spy)  # iter_arrays' reader (--split-fused)
+    sp.analyze_checkpoint(tmp_path, split_fused=True)
+    assert dict(read) == {"wte.weight": True, "h.0.mlp.weight": True}
+    # truncate inside the skipped tensor: still reported
+    data = (tmp_path / "model.safetensors").read_bytes()
+    hdr = 8 + int.from_bytes(data[:8], "little")
+    off = formats.safetensors_header(str(tmp_path / "model.safetensors"))["wte.weight"]["data_offsets"]
+    (tmp_path / "model.safetensors").write_bytes(data[:hdr + off[1] - 10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        list(orig(str(tmp_path / "model.safetensors"), skip=lambda *a: True))
