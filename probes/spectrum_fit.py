@@ -500,98 +500,11 @@ def _mp_sse(sigmas: np.ndarray, kde: _KdeGrid, Q: float) -> np.ndarray:
     return np.sum(resid ** 2, axis=1)
 
 
-class _MaxCalls(Exception):
-    pass
-
-
-def nelder_mead(func, x0, xtol: float = 1e-4, ftol: float = 1e-4) -> np.ndarray:
-    """scipy.optimize.fmin(func, x0, disp=False)'s minimiser, step for step (scipy 1.17
-    ``optimize/_optimize.py``, ``_minimize_neldermead`` with its defaults: rho 1, chi 2, psi 0.5,
-    sigma 0.5, initial step 5 % (0.00025 at 0), at most 200 N iterations and evaluations, stop when
-    the simplex spans <= xtol and its values <= ftol). The same floating-point operations in the
-    same order, so the result is bit-for-bit fmin's (``tests/unit/test_spectrum.py`` checks that
-    against scipy); written out because ``import scipy.optimize`` alone costs 0.4-1 s, more than
-    every fit of a model together.
-    """
-    x0 = np.asarray(np.atleast_1d(x0).flatten(), dtype=np.float64)
-    N = len(x0)
-    sim = np.empty((N + 1, N), dtype=x0.dtype)
-    sim[0] = x0
-    for k in range(N):
-        y = np.array(x0, copy=True)
-        y[k] = (1 + 0.05) * y[k] if y[k] != 0 else 0.00025
-        sim[k + 1] = y
-    maxiter = maxfun = N * 200
-    calls = [0]
-
-    def f(x) -> float:
-        if calls[0] >= maxfun:
-            raise _MaxCalls
-        calls[0] += 1
-        fx = func(np.copy(x))
-        return fx if np.isscalar(fx) else np.asarray(fx).item()
-
-    fsim = np.full((N + 1,), np.inf, dtype=float)
-    try:
-        for k in range(N + 1):
-            fsim[k] = f(sim[k])
-    except _MaxCalls:
-        pass
-    ind = np.argsort(fsim)
-    sim, fsim = np.take(sim, ind, 0), np.take(fsim, ind, 0)
-    ind = np.argsort(fsim)
-    fsim, sim = np.take(fsim, ind, 0), np.take(sim, ind, 0)
-    rho, chi, psi, shrink = 1, 2, 0.5, 0.5
-    iterations = 1
-    while calls[0] < maxfun and iterations < maxiter:
-        try:
-            if np.max(np.ravel(np.abs(sim[1:] - sim[0]))) <= xtol and np.max(np.abs(fsim[0] - fsim[1:])) <= ftol:
-                break
-            xbar = np.add.reduce(sim[:-1], 0) / N
-            xr = (1 + rho) * xbar - rho * sim[-1]
-            fxr = f(xr)
-            if fxr < fsim[0]:
-                xe = (1 + rho * chi) * xbar - rho * chi * sim[-1]
-                fxe = f(xe)
-                if fxe < fxr:
-                    sim[-1], fsim[-1] = xe, fxe
-                else:
-                    sim[-1], fsim[-1] = xr, fxr
-            elif fxr < fsim[-2]:
-                sim[-1], fsim[-1] = xr, fxr
-            else:
-                doshrink = False
-                if fxr < fsim[-1]:  # outside contraction
-                    xc = (1 + psi * rho) * xbar - psi * rho * sim[-1]
-                    fxc = f(xc)
-                    if fxc <= fxr:
-                        sim[-1], fsim[-1] = xc, fxc
-                    else:
-                        doshrink = True
-                else:  # inside contraction
-                    xcc = (1 - psi) * xbar + psi * sim[-1]
-                    fxcc = f(xcc)
-                    if fxcc < fsim[-1]:
-                        sim[-1], fsim[-1] = xcc, fxcc
-                    else:
-                        doshrink = True
-                if doshrink:
-                    for j in range(1, N + 1):
-                        sim[j] = sim[0] + shrink * (sim[j] - sim[0])
-                        fsim[j] = f(sim[j])
-            iterations += 1
-        except _MaxCalls:
-            pass
-        ind = np.argsort(fsim)
-        sim, fsim = np.take(sim, ind, 0), np.take(fsim, ind, 0)
-    return sim[0]
-
-
 def fit_marchenko_pastur(evals: np.ndarray, N: int, M: int) -> MPFit:
     """WW's mp_fit: rescale x = lambda n / sum(lambda) (W_scale^2 = n / sum lambda), then
 
     sigma_mp minimises the MP-vs-KDE gap over the grid [0.05 s0, 2 s0) step 0.01 s0,
-    s0 = sqrt(max x)/(1 + 1/sqrt Q), polished by Nelder-Mead (scipy's brute + fmin; ``nelder_mead``). Q = 1
+    s0 = sqrt(max x)/(1 + 1/sqrt Q), polished by Nelder-Mead (scipy's brute + fmin). Q = 1
     fits the quarter-circle law to sqrt(x). bulk_max/min = sigma^2 (1 +- 1/sqrt Q)^2 / W_scale^2;
     num_spikes = #{x > lambda+ + sqrt(Q^-1/2 lambda+^(2/3) M^(-2/3))} (Tracy-Widom margin);
     mp_softrank = lambda+ / max x. Raises ValueError when the ESD is all zeros.
@@ -610,7 +523,9 @@ def fit_marchenko_pastur(evals: np.ndarray, N: int, M: int) -> MPFit:
         raise ValueError("the kernel density is below 0.01 everywhere")
     grid = np.mgrid[0.05 * s0:2.0 * s0:0.01 * s0]
     start = grid[int(np.argmin(_mp_sse(grid, kde, Q)))]
-    sigma = float(nelder_mead(lambda p: _mp_sse(p, kde, Q)[0], start)[0])
+    from scipy.optimize import fmin  # imported here: 0.4-1 s, paid only when an MP fit runs
+
+    sigma = float(fmin(lambda p: _mp_sse(p, kde, Q)[0], start, full_output=True, disp=False)[0][0])
     lam_plus = (sigma * (1 + 1 / np.sqrt(Q))) ** 2
     lam_minus = (sigma * (1 - 1 / np.sqrt(Q))) ** 2
     tw = 1 / np.sqrt(Q) * np.power(lam_plus, 2 / 3) * np.power(M, -2 / 3)

@@ -256,25 +256,6 @@ def _scipy_mp_sigma(evals, N, M):
     return float(fmin(lambda p: spectrum_fit._mp_sse(p, kde, Q)[0], start, full_output=True, disp=False)[0][0])
 
 
-@pytest.mark.parametrize("shape", [(300, 100), (120, 120), (64, 40), (500, 60)])
-def test_nelder_mead_is_scipy_fmin_bit_for_bit(shape):
-    """Our Nelder-Mead replaces scipy.optimize.fmin (0.4-1 s of import) in the MP fit: same sigma_mp, bit for
-    bit, on noise with spikes (MP law and Q = 1 quarter circle), and on plain functions of one and two variables."""
-    from scipy.optimize import fmin
-
-    g = np.random.default_rng(sum(shape))
-    W = g.standard_normal(shape) + 3 * np.outer(g.standard_normal(shape[0]), g.standard_normal(shape[1])) / shape[0]
-    evals = np.sort(np.linalg.svd(W, compute_uv=False) ** 2)
-    N, M = max(shape), min(shape)
-    assert sp.fit_marchenko_pastur(evals, N, M).sigma_mp == _scipy_mp_sigma(evals, N, M)
-    for f, x0 in ((lambda x: (x[0] - 1.3) ** 2 + 0.1 * np.sin(7 * x[0]), [0.2]), (lambda x: abs(x[0]), [0.0]),
-                  (lambda x: (x[0] - 2) ** 2 + 3 * (x[1] + x[0] * x[1] - 1) ** 2, [0.5, -0.3]),
-                  (lambda x: -np.exp(-x[0] ** 2), [40.0])):  # flat far away: stops on ftol, not on the minimum
-        assert np.array_equal(spectrum_fit.nelder_mead(f, x0), fmin(f, x0, disp=False))
-    # the 200 N evaluations cap: a function that never settles
-    f = lambda x: -abs(x[0]) ** 1.5  # noqa: E731
-    assert np.array_equal(spectrum_fit.nelder_mead(f, [1.0]), fmin(f, [1.0], disp=False))
-
 
 def test_mp_fit_rejects_zero_esd():
     with pytest.raises(ValueError, match="all eigenvalues are zero"):
