@@ -202,10 +202,25 @@ class _PoolRunner:
         done = []
         if len(stacks) == job.waiting:
             del self.pending[id(job)]
-            self.futures.append(self.pool.submit(_finish_in_worker, job, stacks, self.method, self.randomize))
+            self.futures.append(self._submit(_finish_in_worker, job, stacks, self.method, self.randomize))
             while len(self.futures) > 2 * self.workers:
                 done.append(self.futures.popleft().result())
         return done
+
+    def _submit(self, *args):
+        """``pool.submit`` with SIGINT ignored meanwhile: the workers it starts inherit the ignore, so a
+        Ctrl-C between a worker's fork and its initializer cannot interrupt that worker mid-start (the
+        main process stops the pool instead). A Ctrl-C inside this short window is dropped."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self.pool.submit(*args)
+        prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return self.pool.submit(*args)
+        finally:
+            signal.signal(signal.SIGINT, prev)
 
     def flush(self) -> list[_Job]:
         done = [f.result() for f in self.futures]
