@@ -195,6 +195,78 @@ def cliff_location(points: Sequence[tuple[float, float]], p: float = DEFAULT_P) 
     return out
 
 
+# ------------------------------------------------------------------------------------- error bars
+CLIFF_BAR_COLUMNS = ("sparsity_within_p", "sparsity_within_p_interp", "knee_sparsity")
+
+
+def cliff_intervals(dense: "Pass", passes: Sequence["Pass"], p: float = DEFAULT_P, seed: int = 0,
+                    n_resamples: int | None = None, level: float | None = None) -> dict[str, float]:
+    """Bootstrap intervals over held-out windows of the cliff rules of one family.
+
+    ``passes``: the family's grid points in target order (the dense pass at s = 0 included), each with its
+    per-window summed losses, counted tokens and per-layer zero and entry counts. Each resample draws the
+    held-out windows with replacement (``probes.uncertainty``'s seeded count vectors, the same for every
+    family), recomputes every point's PPL ratio exp((sum CE_sparse - sum CE_dense) / tokens) and mean
+    sparsity (mean over layers of sum zeros / sum entries) from the resampled window sums, and applies
+    ``cliff_location`` to them. The grid, the thresholds (calibrated on other windows) and the refined
+    targets are held fixed. ``X_lo``/``X_hi``: the percentiles of X over the resamples where the rule has an
+    answer (NaN resamples dropped; NaN when fewer than 2 have one)."""
+    import numpy as np
+
+    from probes.uncertainty import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+    from probes.uncertainty_extra import interval, replicate_counts
+
+    n_resamples = DEFAULT_RESAMPLES if n_resamples is None else n_resamples
+    level = DEFAULT_LEVEL if level is None else level
+    out = {f"{c}{x}": math.nan for c in CLIFF_BAR_COLUMNS for x in ("_lo", "_hi")}
+    wins = [dense, *passes]
+    if any(q.window_ce is None for q in wins) or len({len(q.window_ce) for q in wins}) != 1:
+        return out
+    keep = dense.window_tokens > 0
+    m = int(keep.sum())
+    C = replicate_counts(m, n_resamples, seed)  # [R, m]
+    if not len(C):
+        return out
+    D, N = C @ dense.window_ce[keep], C @ dense.window_tokens[keep]
+    xs, rs = [], []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for q in passes:
+            rs.append(np.exp((C @ q.window_ce[keep] - D) / N))
+            sp = (C @ q.window_zeros[keep]) / (C @ q.window_entries[keep])  # [R, L]; NaN: a layer with no entry
+            ok = ~np.isnan(sp)
+            xs.append(np.where(ok, sp, 0.0).sum(1) / ok.sum(1))  # mean over layers with a value, as the point's
+    X, R = np.stack(xs, 1), np.stack(rs, 1)  # [R, points]
+    reps = {c: np.full(len(C), math.nan) for c in CLIFF_BAR_COLUMNS}
+    for i in range(len(C)):
+        loc = cliff_location(list(zip(X[i].tolist(), R[i].tolist())), p)
+        for c in CLIFF_BAR_COLUMNS:
+            reps[c][i] = loc[c]
+    for c in CLIFF_BAR_COLUMNS:
+        out[f"{c}_lo"], out[f"{c}_hi"] = interval(reps[c], level)
+    return out
+
+
+def point_bars(dense: "Pass", st: "Pass", seed: int = 0) -> dict[str, float]:
+    """Error bars over held-out windows of one grid point (thresholds fixed): ``ppl_ratio_se`` (delta method)
+    / ``_lo`` / ``_hi`` and ``mean_sparsity_se`` / ``_lo`` / ``_hi`` (mean over layers, layers kept correlated),
+    from the same seeded resamples as ``cliff_intervals``."""
+    import numpy as np
+
+    from probes.uncertainty_extra import exp_ratio_bars, mean_of_ratios_bars
+
+    out = {f"{c}{x}": math.nan for c in ("ppl_ratio", "mean_sparsity") for x in ("_se", "_lo", "_hi")}
+    if dense.window_ce is None or st.window_ce is None or len(st.window_ce) != len(dense.window_ce):
+        return out
+    keep = dense.window_tokens > 0
+    out.update(exp_ratio_bars("ppl_ratio", (st.window_ce - dense.window_ce)[keep], dense.window_tokens[keep],
+                              seed=seed))
+    Z, E = st.window_zeros[keep], st.window_entries[keep]
+    ok = E.sum(0) > 0
+    w = np.where(ok, 1.0 / max(1, int(ok.sum())), 0.0)
+    out.update(mean_of_ratios_bars("mean_sparsity", Z, E, w, seed=seed)[0])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ passes
 @dataclass
 class Pass:
@@ -203,6 +275,12 @@ class Pass:
     zeros: list[float]
     entries: list[float]
     seconds: float
+    # per window (batch row, batch order), for the error bars: summed token losses and counted tokens [m],
+    # zeros and entries of each layer [m, L]; None when a layer's input had no window layout
+    window_ce: Any = field(repr=False, default=None)
+    window_tokens: Any = field(repr=False, default=None)
+    window_zeros: Any = field(repr=False, default=None)
+    window_entries: Any = field(repr=False, default=None)
 
     @property
     def ce(self) -> float:
@@ -223,6 +301,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
     """One pass over ``batches``: ``observe(layer, v3, mask)`` sees each MLP activation before masking
     (``v`` = act(gate) for GLU MLPs, else the projection input), ``masker(layer, x3, g3, m)`` gives the
     entries zeroed before the output projection. Sums the next-token cross-entropy of counted tokens."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -233,6 +312,8 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
     L = len(layers)
     zeros, entries = [0.0] * L, [0.0] * L
     gates: dict[str, Any] = {}
+    cur: dict[int, tuple[Any, Any]] = {}  # this batch's per-row zero and entry counts per layer
+    win = {"ce": [], "tok": [], "zeros": [], "entries": [], "ok": True}
 
     def hook(x, hc):
         name = hc.site.canonical_name
@@ -247,7 +328,15 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
             observe(layer, g3 if g3 is not None else x3, m)
         xs = x3 if masker is None else x3.masked_fill(masker(layer, x3, g3, m), 0)
         xc = xs[m] if m is not None else xs.reshape(-1, xs.shape[-1])
-        zeros[layer.index] += float((xc == 0).sum())
+        if xs.dim() == 3:  # per-row counts (their sum is the exact integer count of the whole batch)
+            z = (xs == 0) if m is None else (xs == 0) & m.unsqueeze(-1)
+            n_pos = m.sum(1) if m is not None else torch.full((xs.shape[0],), xs.shape[1], device=xs.device)
+            zr = z.sum((1, 2))
+            cur[layer.index] = (zr.double().cpu(), (n_pos * xs.shape[-1]).double().cpu())
+            zeros[layer.index] += float(zr.sum())
+        else:
+            win["ok"] = False
+            zeros[layer.index] += float((xc == 0).sum())
         entries[layer.index] += float(xc.numel())
         return None if masker is None else xs.reshape(x.shape)
 
@@ -259,12 +348,28 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
         if logits is None:
             raise ModelError(f"{type(loaded.model).__name__} returned no logits",
                              "the cliff needs a causal LM with a language-model head")
-        for b in range(logits.shape[0]):  # one row at a time bounds the float32 copy of the logits
+        B = logits.shape[0]
+        for b in range(B):  # one row at a time bounds the float32 copy of the logits
             lab = batch.labels[b]
             keep = lab != -100
+            ce_b, n_b = 0.0, 0
             if bool(keep.any()):
-                tot["ce"] += float(F.cross_entropy(logits[b][keep].float(), lab[keep], reduction="sum").double())
-                tot["n"] += int(keep.sum())
+                ce_b = float(F.cross_entropy(logits[b][keep].float(), lab[keep], reduction="sum").double())
+                n_b = int(keep.sum())
+                tot["ce"] += ce_b
+                tot["n"] += n_b
+            win["ce"].append(ce_b)
+            win["tok"].append(float(n_b))
+        zr, er = np.zeros((B, L)), np.zeros((B, L))
+        for i in range(L):
+            got = cur.get(i)
+            if got is None or len(got[0]) != B:
+                win["ok"] = False
+                continue
+            zr[:, i], er[:, i] = got[0].numpy(), got[1].numpy()
+        win["zeros"].append(zr)
+        win["entries"].append(er)
+        cur.clear()
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -272,7 +377,11 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
             step=step, progress=progress)
     if tot["n"] == 0:
         raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus with --data")
-    return Pass(tot["ce"], tot["n"], zeros, entries, time.perf_counter() - t0)
+    st = Pass(tot["ce"], tot["n"], zeros, entries, time.perf_counter() - t0)
+    if win["ok"] and win["zeros"]:
+        st.window_ce, st.window_tokens = np.array(win["ce"]), np.array(win["tok"])
+        st.window_zeros, st.window_entries = np.concatenate(win["zeros"]), np.concatenate(win["entries"])
+    return st
 
 
 def calib_split(n: int, share: float) -> tuple[list[int], list[int]]:
@@ -384,6 +493,8 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
     sp_channels: list[dict[str, Any]] = []
     cliffs: list[dict[str, Any]] = []
     n_pass = [1 + (1 if need_cal else 0)]
+    pass_of: dict[tuple[str, float], Pass] = {}  # per-window values of every point (error bars)
+    seed = int(opts.seed) if opts.seed is not None else 0
 
     def mean(v):
         v = [a for a in v if a == a]
@@ -408,6 +519,7 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
             pass_no = n_pass[0]
         ratio = math.exp(st.ce - dense.ce)
         sp = st.sparsity()
+        pass_of[(family, s)] = st
         pt = {"family": family, "label": LABELS[family], "post_hoc": family == "sparling_posthoc",
               "threshold_scope": SCOPES[family], "target_sparsity": s, "refined": refined,
               "mean_sparsity": mean(sp),
@@ -468,6 +580,11 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
                        "p": float(opts.p), "dense_sparsity": mean(dense_sp), **loc, "knee_target": knee_t,
                        "n_points": len(done), "max_ratio": max(d["ppl_ratio"] for d in done.values()),
                        "n_tokens": dense.n_tokens})
+        # error bars over the held-out windows, after every measured column (thresholds and grid fixed)
+        cliffs[-1]["n_windows"] = int((dense.window_tokens > 0).sum()) if dense.window_tokens is not None else 0
+        cliffs[-1].update(cliff_intervals(dense, [pass_of[(family, s)] for s in sorted(done)], opts.p, seed))
+        for s, d in done.items():
+            d.update(point_bars(dense, pass_of[(family, s)], seed))
     points.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"]))
     layer_rows.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"], r["layer"]))
     sp_rows.sort(key=lambda r: (r["target_sparsity"], r["layer"]))
@@ -486,6 +603,15 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
                                            "PPL ratio <= 1 + p/100",
                       "knee_sparsity": "Kneedle: the point farthest below the chord of ln(PPL ratio) vs achieved "
                                        "sparsity, both min-max normalised"},
+            "error_bars": {
+                "unit": "held-out window (a batch row); n_windows in the cliff table",
+                "cliff": "sparsity_within_p, sparsity_within_p_interp, knee_sparsity _lo/_hi: 95 % percentile "
+                         "bootstrap over held-out windows; each resample recomputes every grid point's PPL ratio and "
+                         "mean sparsity from the resampled per-window loss and zero counts and reapplies both rules "
+                         "(grid, refined targets and calibrated thresholds held fixed; resamples where a rule has "
+                         "no answer dropped)",
+                "points": "ppl_ratio_se (delta method) / _lo / _hi and mean_sparsity_se / _lo / _hi per grid point",
+                "bootstrap": f"1000 resamples, numpy default_rng({seed}), the same resamples for every family"},
             "sparling_learned_layers": len(learned), "notes": list(td.notes),
             "seconds": round(time.perf_counter() - t0, 3),
             "options": {**asdict(opts), "grid": grid}}

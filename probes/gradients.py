@@ -98,6 +98,12 @@ class GradientSparsityProbe:
             "eta_abs_max": torch.zeros((), **f64),
             "nonfinite_grad": torch.zeros((), **i64),
         }
+        # per window (batch row), for the error bars (probes.uncertainty.WindowValues state, O(windows)): the
+        # forward pass adds (tokens, deriv zeros, deriv small) rows, the backward pass (grad tokens, eta zeros,
+        # eta < tau) rows, each numbered by its own batch-row count, so the two halves of one window add up
+        from probes.uncertainty import new_state
+
+        self.windows = {**new_state(), "fwd_seen": 0, "bwd_seen": 0, "ok": True}
 
     _valid = staticmethod(counted_rows)  # counted rows as [n, channels] float32 (bool kept on request)
 
@@ -116,6 +122,7 @@ class GradientSparsityProbe:
         v = self._valid(d, mask, keep_bool=True)
         if v.shape[-1] != self.width:
             raise ValueError(f"probe built for width {self.width}, got {v.shape[-1]}")
+        self._window_rows(d, mask, "fwd")
         if v.numel() == 0:
             return
         s = self.state
@@ -135,6 +142,7 @@ class GradientSparsityProbe:
         import torch
 
         v = self._valid(eta, mask)
+        self._window_rows(eta, mask, "bwd")
         if v.numel() == 0:
             return
         s = self.state
@@ -150,8 +158,74 @@ class GradientSparsityProbe:
             s["nonfinite_grad"] += (~torch.isfinite(v)).sum()
         s["eta_abs_max"] = torch.maximum(s["eta_abs_max"], amax.double())
 
+    def window_fields(self) -> tuple[str, ...]:
+        return ("n_tokens", "deriv_zero", "deriv_small", "n_grad_tokens", "eta_zero",
+                *(f"eta_small@{tau_label(t)}" for t in self.taus))
+
+    def _window_rows(self, x, mask, half: str) -> None:
+        """Per batch row of ``x`` ``[batch, pos, channels]``: the counts of this half (``fwd``: act'(h) == 0 and
+        |act'(h)| <= eps_d; ``bwd``: eta == 0 and |eta| < tau) on counted positions, added to the window values.
+        Another layout (no batch rows) turns the error bars off for this probe."""
+        import torch
+
+        from probes.uncertainty import WindowValues
+
+        w = self.windows
+        if x.dim() != 3 or (mask is not None and tuple(mask.shape) != tuple(x.shape[:2])):
+            w["ok"] = False
+            return
+        B = x.shape[0]
+        m = (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None
+             else mask.to(x.device).bool())
+        m3 = m.unsqueeze(-1)
+        n_tok = m.sum(1).double()
+        cols = torch.zeros(B, len(self.window_fields()), dtype=torch.float64, device=x.device)
+        if half == "fwd":
+            if x.dtype == torch.bool:
+                zero = ((~x) & m3).sum((1, 2)).double()
+                small = zero
+            else:
+                zero = ((x == 0) & m3).sum((1, 2)).double()
+                small = ((x.abs() <= self.eps_d) & m3).sum((1, 2)).double()
+            cols[:, 0], cols[:, 1], cols[:, 2] = n_tok, zero, small
+        else:
+            a = x.abs()
+            cols[:, 3], cols[:, 4] = n_tok, ((a == 0) & m3).sum((1, 2)).double()
+            for j, t in enumerate(self.taus):
+                cols[:, 5 + j] = ((a < t) & m3).sum((1, 2)).double()
+        key = f"{half}_seen"
+        ids = list(range(w[key], w[key] + B))
+        w[key] += B
+        WindowValues(self.window_fields(), w).add(ids, cols)
+
+    def se_row(self) -> dict[str, Any]:
+        """``n_windows`` and the analytic standard errors over windows (batch rows; ``probes.uncertainty.ratio_se``)
+        of ``deriv_sparsity`` and each ``eff_grad_sparsity@tau`` (``eff_grad_sparsity_se@tau``): both are ratios
+        of window sums of counts over window sums of entries. NaN when the windows could not be told apart."""
+        from probes.uncertainty import WindowValues, bar_column, ratio_se
+
+        w = self.windows
+        nan = float("nan")
+        import numpy as np
+
+        _, v = WindowValues(self.window_fields(), w).arrays()
+        # windows are numbered by arrival, so ranks or shards merged give the same rows in another order: sort
+        # them by value, so that the float sums (and the se) are the same to the last bit however they came
+        v = v[np.lexsort(v.T[::-1])] if len(v) else v
+        ok = bool(w.get("ok", True)) and len(v) > 0
+        row: dict[str, Any] = {"n_windows": int((v[:, 0] > 0).sum()) if ok else 0}
+        c = self.width
+        num = v[:, 1] if self.exact_zero_region else v[:, 2]
+        row["deriv_sparsity_se"] = float(ratio_se(num, v[:, 0] * c)) if ok else nan
+        for j, t in enumerate(self.taus):
+            row[bar_column(f"eff_grad_sparsity@{tau_label(t)}", "_se")] = (
+                float(ratio_se(v[:, 5 + j], v[:, 3] * c)) if ok else nan)
+        return row
+
     def merge(self, other: "GradientSparsityProbe") -> "GradientSparsityProbe":
         import torch
+
+        from probes.uncertainty import WindowValues
 
         if (other.width, other.taus, other.eps_d, other.exact_zero_region) != \
                 (self.width, self.taus, self.eps_d, self.exact_zero_region):
@@ -159,6 +233,14 @@ class GradientSparsityProbe:
         for k, op in self.REDUCE.items():
             b = other.state[k].to(self.state[k].device)
             self.state[k] = self.state[k] + b if op == "sum" else torch.maximum(self.state[k], b)
+        # windows numbered by arrival: the other probe's come after this one's (concatenation)
+        mine, theirs = self.windows, other.windows
+        shift = max(mine["fwd_seen"], mine["bwd_seen"])
+        WindowValues(self.window_fields(), mine).merge(WindowValues(self.window_fields(), {
+            **theirs, "next": 0, "ids": [i + shift for i in theirs["ids"]]}))
+        mine["fwd_seen"] = shift + theirs["fwd_seen"]
+        mine["bwd_seen"] = shift + theirs["bwd_seen"]
+        mine["ok"] = bool(mine["ok"]) and bool(theirs["ok"])
         return self
 
     def to_row(self) -> dict[str, Any]:
@@ -182,6 +264,7 @@ class GradientSparsityProbe:
         row["eta_l2sq_per_token"] = float(s["eta_l2sq_sum"]) / ng if ng else nan
         row["eta_abs_max"] = float(s["eta_abs_max"]) if ng else nan
         row["nonfinite_grad"] = int(s["nonfinite_grad"])
+        row.update(self.se_row())  # after every measured column
         return row
 
 
@@ -291,7 +374,10 @@ def summarize(rows: list[dict[str, Any]]):
     out = []
     if df.empty:
         return pd.DataFrame(out)
-    metrics = [c for c in df.columns if c.startswith(SUMMARY_PREFIXES) and c != "deriv_sparsity_rule"]
+    from probes.uncertainty import is_uncertainty_column
+
+    metrics = [c for c in df.columns if c.startswith(SUMMARY_PREFIXES) and c != "deriv_sparsity_rule"
+               and not is_uncertainty_column(c, df.columns)]
     for kind, g in df.groupby("kind", sort=False):
         for m in metrics:
             v = g[m].astype(float)

@@ -129,6 +129,10 @@ def _wins(new_abs, new_sample, old_abs, old_sample):
     return (new_abs > old_abs) | tie
 
 
+# per-sequence values kept for the error bars, and the columns that get them
+SEQ_FIELDS = ("top1", "top2", "top3", "median")
+BAR_COLUMNS = ("top1_mean", "median_mean", "ratio_top1_median")
+
 _TOPK_FIELDS = ("abs", "value", "sample", "position", "channel", "token_id", "seq_median", "token_median")
 
 
@@ -137,10 +141,17 @@ class MassiveProbe:
 
     name = "massive"
 
-    def __init__(self, width: int, device: Any = "cpu", top_k: int = DEFAULT_TOP_K, ctx: BatchContext | None = None):
+    def __init__(self, width: int, device: Any = "cpu", top_k: int = DEFAULT_TOP_K, ctx: BatchContext | None = None,
+                 seed: int = 0):
         import torch
 
+        from probes.uncertainty import new_state
+
         self.width, self.top_k, self.ctx = int(width), int(top_k), ctx
+        self.seed = int(seed)  # of the bootstrap over sequences (error bars)
+        # per sequence (top1, top2, top3, median), keyed by sample id (probes.uncertainty.WindowValues state):
+        # O(sequences), for the error bars of top*_mean / median_mean / ratio_top1_median
+        self.windows = {**new_state(), "global": ctx is not None}
         f64 = dict(dtype=torch.float64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
@@ -207,6 +218,8 @@ class MassiveProbe:
         s["sum_median"] = s["sum_median"] + torch.where(rows, med, 0.0).double().sum()
         seq_ratio = torch.where(rows, top[:, 0] / med.clamp_min(torch.finfo(torch.float32).tiny), -1.0)
         s["max_seq_ratio"] = torch.maximum(s["max_seq_ratio"], seq_ratio.max().double())
+        if bool(rows.any()):
+            self._seq_values().add(sample_ids[rows], torch.cat([top, med[:, None]], 1)[rows].double())
 
         # Massive entries: |a| > 100 and |a| >= 1000 x that sequence's median.
         massive = (a > SUN_ABS_THRESHOLD) & (a >= SUN_RATIO_THRESHOLD * med.view(B, 1, 1)) & m3  # [B, T, C]
@@ -368,7 +381,39 @@ class MassiveProbe:
         pad = torch.nn.functional.pad
         s["pos_massive"] = pad(a, (0, n - a.numel())) + pad(b, (0, n - b.numel()))
         self._merge_topk({f: o[f"topk_{f}"] for f in _TOPK_FIELDS})
+        if other.windows.get("global") != self.windows.get("global"):
+            raise ValueError("cannot merge a massive probe keyed by sample id with one numbered by arrival")
+        self._seq_values().merge(other._seq_values(), offset_arrival=not self.windows.get("global"))
         return self
+
+    # ------------------------------------------------------------------------------------------ error bars
+    def _seq_values(self):
+        from probes.uncertainty import WindowValues
+
+        return WindowValues(SEQ_FIELDS, self.windows)
+
+    def seq_arrays(self):
+        """``(sample ids [m], values [m, 4])``: per sequence top-1, top-2, top-3 and lower median of |h|."""
+        return self._seq_values().arrays()
+
+    def bar_row(self, n_resamples: int | None = None) -> dict[str, Any]:
+        """Error bars over sequences (the units Sun et al. average over): ``X_se`` (analytic) and ``X_lo`` /
+        ``X_hi`` (95 % percentile bootstrap over sequences, seeded by ``seed``, all columns from the same
+        resamples) for X in ``BAR_COLUMNS``. top1_mean and median_mean are plain means of per-sequence values
+        (se = sd / sqrt(m)); ratio_top1_median = sum top1 / sum median is a ratio of means: its se is the
+        linearised (delta-method) ratio estimator's and its interval the bootstrap of the ratio of resampled
+        means (``probes.uncertainty_extra.ratio_bars``)."""
+        import numpy as np
+
+        from probes.uncertainty import DEFAULT_RESAMPLES
+        from probes.uncertainty_extra import ratio_bars
+
+        _, v = self.seq_arrays()
+        ones = np.ones(len(v))
+        nums = np.stack([v[:, 0], v[:, 3], v[:, 0]], 1) if len(v) else np.zeros((0, 3))
+        dens = np.stack([ones, ones, v[:, 3]], 1) if len(v) else np.zeros((0, 3))
+        return ratio_bars(BAR_COLUMNS, nums, dens, seed=self.seed,
+                          n_resamples=DEFAULT_RESAMPLES if n_resamples is None else n_resamples)
 
     # ------------------------------------------------------------------------------------------ results
     def to_row(self) -> dict[str, Any]:
@@ -417,6 +462,7 @@ class MassiveProbe:
             row[name] = maxact_abs_quantile(hist, n0, tot, q)
         row["abs_hist_count"] = tot
         row["abs_hist_zero_frac"] = n0 / tot if tot else nan
+        row.update(self.bar_row())  # after every measured column: X_se, X_lo, X_hi
         return row
 
     def topk(self) -> list[dict[str, Any]]:
@@ -755,7 +801,7 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
         return forward_batch(m, b, is_encoder_decoder=loaded.is_encoder_decoder)
 
     def make_probe(site, width, device):
-        return MassiveProbe(width, device=device, top_k=opts.top_k, ctx=ctx)
+        return MassiveProbe(width, device=device, top_k=opts.top_k, ctx=ctx, seed=seed)
 
     t0 = time.perf_counter()
     probes = run_probes(model, td.batches(), sites, make_probe, forward=forward, progress=tick)
@@ -833,6 +879,12 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
             "first_delimiter": "first token after position 0 whose text is '.' or a newline (Sun et al.)",
         },
         "top_k": opts.top_k,
+        "error_bars": {"columns": [f"{c}_{x}" for c in BAR_COLUMNS for x in ("se", "lo", "hi")],
+                       "unit": "sequence (the units Sun et al. average over); n_sequences of them per layer",
+                       "se": "top1_mean, median_mean: sd of the per-sequence values / sqrt(m); ratio_top1_median "
+                             "(a ratio of means): linearised ratio-estimator se (probes.uncertainty.ratio_se)",
+                       "interval": "95 % percentile bootstrap over sequences, 1000 resamples, numpy "
+                                   f"default_rng({seed}), the three columns from the same resamples"},
         "global_max_over_kinds": list(STREAM_KINDS),
         "statistics_dtype": "float32 (float64 sums)",
         "model_dtype": dtype,

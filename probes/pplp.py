@@ -61,7 +61,7 @@ from probes.data import DataOptions
 from probes.loading import LoadedModel
 from probes.pplp_session import (  # noqa: F401  (re-exported)
     DEFAULT_CALIB_FRACTION, MIN_TOKENS, SPLIT_METHODS, Evaluation, Layer, PassStats, PplpSession, PplpTarget,
-    resolve_layers, token_loss_sum)
+    resolve_layers, token_loss_rows, token_loss_sum)
 from probes.teal import DEFAULT_TEAL_EVAL, GREEDY_BASE_STEP, GREEDY_LAST_FRACTION, TEAL_EVAL_MODES, TEAL_NUM_BINS
 
 DEFAULT_P = (1.0,)
@@ -116,6 +116,8 @@ class PplpResult:
     info: dict[str, Any]
     warnings: list[str]
     trace: list[dict[str, Any]]
+    # error bars over windows per target p (``target_bars``): summary columns, per-layer columns
+    bars: dict[float, dict[str, Any]] = field(default_factory=dict)
 
     def table(self):
         """One row per (p, layer); unreachable targets have no layer rows (see ``summary``)."""
@@ -136,7 +138,9 @@ class PplpResult:
                              "dense_zero_frac": self.dense["layer_zero_frac"][i],
                              "cett_in_sparse_run": ev.layer_removed_cett[i],
                              "achieved_ratio": ev.ratio, "ce_dense": self.dense["ce"], "ce_sparse": ev.ce_sparse,
-                             "n_tokens": self.dense["n_tokens"], "calibration": self.info["cett_calibration"]})
+                             "n_tokens": self.dense["n_tokens"], "calibration": self.info["cett_calibration"],
+                             **{k: (self.bars.get(t.p, {}).get("layers") or {}).get(k, [math.nan] * (i + 1))[i]
+                                for k in LAYER_BAR_COLUMNS}})
         return pd.DataFrame(rows)
 
     def summary(self):
@@ -162,6 +166,9 @@ class PplpResult:
                          "full_passes_total": self.info["full_passes"], "n_tokens": self.dense["n_tokens"],
                          "reason": t.reason, "bound_ratio": t.bound_ratio if t.bound_ratio is not None else math.nan,
                          "warning": warn})
+            # error bars after every measured column; NaN for an unreachable target
+            rows[-1].update({c: (self.bars.get(t.p, {}).get("summary") or {}).get(c, math.nan)
+                             for c in SUMMARY_BAR_COLUMNS})
         return pd.DataFrame(rows)
 
     def trace_table(self):
@@ -176,6 +183,47 @@ class PplpResult:
 
         return {"pplp": self.table(), "pplp_summary": self.summary(), "pplp_trace": self.trace_table(),
                 "cett_calibration": pd.DataFrame(self.calibration)}
+
+
+LAYER_BAR_COLUMNS = ("sparsity_se", "sparsity_lo", "sparsity_hi")
+SUMMARY_BAR_COLUMNS = ("n_windows", "achieved_ratio_se", "achieved_ratio_lo", "achieved_ratio_hi", "mean_sparsity_se",
+                       "mean_sparsity_lo", "mean_sparsity_hi", "width_weighted_sparsity_se",
+                       "width_weighted_sparsity_lo", "width_weighted_sparsity_hi")
+
+
+def target_bars(dense: PassStats, ev: Evaluation | None, widths: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """Error bars over windows of one found threshold (``probes.uncertainty_extra``), the thresholds held fixed
+    (their calibration on the same windows is not resampled): ``{"summary": {...}, "layers": {col: [L]}}``.
+
+    - ``achieved_ratio``: R = exp((sum_i CE_sparse,i - sum_i CE_dense,i) / sum_i n_i) over windows i (summed
+      token losses of each window in the dense and the sparse pass, n_i its counted tokens): ``_se`` by the
+      delta method (R x the linearised ratio-estimator se of the exponent), ``_lo``/``_hi`` the percentile
+      bootstrap of exp(resampled exponent);
+    - ``mean_sparsity`` / ``width_weighted_sparsity``: weighted sums over layers of sum_i zeros_il / sum_i
+      entries_il (``weighted_ratios_se``, layers kept correlated), and per layer ``sparsity_se``/``_lo``/``_hi``.
+    All intervals from the same seeded resamples of the windows. Empty when a pass kept no per-window values."""
+    import numpy as np
+
+    from probes.uncertainty_extra import exp_ratio_bars, mean_of_ratios_bars
+
+    st = ev.stats if ev is not None else None
+    if st is None or st.window_ce is None or dense.window_ce is None or len(st.window_ce) != len(dense.window_ce):
+        return {}
+    m = int((dense.window_tokens > 0).sum())
+    summary: dict[str, Any] = {"n_windows": m}
+    summary.update(exp_ratio_bars("achieved_ratio", st.window_ce - dense.window_ce, dense.window_tokens, seed=seed))
+    Z, E = st.window_zeros, st.window_entries
+    ok = E.sum(0) > 0
+    w_mean = np.where(ok, 1.0 / max(1, int(ok.sum())), 0.0)
+    wd = np.where(ok, np.asarray(widths, dtype=float), 0.0)
+    w_width = wd / wd.sum() if wd.sum() > 0 else wd
+    b_mean, (se, lo, hi) = mean_of_ratios_bars("mean_sparsity", Z, E, w_mean, seed=seed)
+    b_width, _ = mean_of_ratios_bars("width_weighted_sparsity", Z, E, w_width, seed=seed)
+    summary.update(b_mean)
+    summary.update(b_width)
+    layers = {"sparsity_se": [float(v) for v in se], "sparsity_lo": [float(v) for v in lo],
+              "sparsity_hi": [float(v) for v in hi]}
+    return {"summary": summary, "layers": layers}
 
 
 def _session_info(s: PplpSession) -> dict[str, Any]:
@@ -247,7 +295,21 @@ def pplp(loaded: LoadedModel, opts: PplpOptions | None = None, *,
             "options": {**asdict(opts), "stride": s.stride if opts.stride is not None else None}}
     trace = [{"pass": e.pass_index, "method": e.method, "value": e.value, "ppl_ratio": e.ratio,
               "mean_sparsity": e.mean_sparsity, "seconds": round(e.seconds, 3)} for e in s.trace]
-    return PplpResult(targets, layers, _dense_section(s), calib, info, list(s.warnings), trace)
+    widths = [l.site.width or int(l.col_norms.numel()) for l in s.layers]
+    seed = int(opts.seed) if opts.seed is not None else 0
+    bars = {t.p: target_bars(s.dense, t.evaluation if t.status != "unreachable" else None, widths, seed)
+            for t in targets}
+    if any(bars.values()):
+        info["error_bars"] = {
+            "unit": "window (a batch row of the rolling windows); n_windows in pplp_summary",
+            "threshold": "held fixed at the found c* (its calibration and search are not resampled)",
+            "achieved_ratio": "se: delta method, R x se of (sum CE_sparse - sum CE_dense) / tokens over windows "
+                              "(linearised ratio estimator); lo/hi: 95 % percentile bootstrap of R over windows",
+            "sparsity": "mean_sparsity, width_weighted_sparsity and per-layer sparsity: ratio of window sums "
+                        "of zeros over entries; se linearised (layers kept correlated), lo/hi bootstrap",
+            "bootstrap": f"1000 resamples of the windows, numpy default_rng({seed}), all columns from the same "
+                         "resamples"}
+    return PplpResult(targets, layers, _dense_section(s), calib, info, list(s.warnings), trace, bars)
 
 
 # ------------------------------------------------------------------------------------------- curves

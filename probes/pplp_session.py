@@ -110,6 +110,13 @@ class PassStats:
     removed_sum: list[float]  # per layer: sum over tokens of ||(x - x') W|| / ||x W||
     layer_tokens: list[float]  # per layer: counted tokens seen
     seconds: float
+    # per window (batch row, in batch order; the same windows in every pass of a session), for error bars:
+    # summed token losses and counted tokens [m], zeros and entries of each layer [m, L]; None when a layer's
+    # input had no window layout (a 2-D tensor without a matching mask)
+    window_ce: Any = field(repr=False, default=None)
+    window_tokens: Any = field(repr=False, default=None)
+    window_zeros: Any = field(repr=False, default=None)
+    window_entries: Any = field(repr=False, default=None)
 
     @property
     def ce(self) -> float:
@@ -138,6 +145,7 @@ class Evaluation:
     seconds: float
     effective_sparsity: float | None = None  # TEAL: parameter-weighted over the sparsified projections
     proj_rows: list[dict[str, Any]] | None = None  # TEAL: one row per (layer, projection)
+    stats: PassStats | None = field(repr=False, default=None)  # the pass (per-window values for error bars)
 
     @property
     def mean_sparsity(self) -> float:
@@ -242,6 +250,24 @@ class PplpSession:
         removed = [0.0] * L
         ltok = [0.0] * L
         gate_store: dict[str, Any] = {}
+        # per window (error bars): this batch's per-row zero and entry counts per layer, then the pass's rows
+        cur: dict[int, tuple[Any, Any]] = {}
+        win = {"ce": [], "tok": [], "zeros": [], "entries": [], "ok": True}
+
+        def count(layer_i: int, xx, m) -> float:
+            """Zeros of ``xx`` on counted positions, kept per row; returns the total (an exact integer)."""
+            if xx.dim() != 3:
+                win["ok"] = False
+                return float((xx == 0).sum())
+            z = (xx == 0)
+            if m is not None:
+                z = z & m.unsqueeze(-1)
+                n_pos = m.sum(1)
+            else:
+                n_pos = torch.full((xx.shape[0],), xx.shape[1], device=xx.device)
+            zr = z.sum((1, 2))
+            cur[layer_i] = (zr.double().cpu(), (n_pos * xx.shape[-1]).double().cpu())
+            return float(zr.sum())
         # float32 [in, out] copies of the projections: kept for the pass when small, else made per call.
         need_w = masker is not None or calibrate is not None
         small = sum(l.col_norms.numel() * (l.site.module.weight.numel() // max(l.col_norms.numel(), 1))
@@ -264,7 +290,7 @@ class PplpSession:
                 calibrate(layer, x3, g3, m, weight(layer.index))
             if masker is None:
                 xc = x3[m] if m is not None else x3.reshape(-1, x3.shape[-1])
-                zeros[layer.index] += float((xc == 0).sum())
+                zeros[layer.index] += count(layer.index, x3, m)
                 entries[layer.index] += float(xc.numel())
                 ltok[layer.index] += float(xc.shape[0])
                 return None
@@ -272,7 +298,7 @@ class PplpSession:
             xs = x3.masked_fill(drop, 0)
             xc = x3[m] if m is not None else x3.reshape(-1, x3.shape[-1])
             xsc = xs[m] if m is not None else xs.reshape(-1, xs.shape[-1])
-            zeros[layer.index] += float((xsc == 0).sum())
+            zeros[layer.index] += count(layer.index, xs, m)
             entries[layer.index] += float(xsc.numel())
             ltok[layer.index] += float(xsc.shape[0])
             if xc.numel():
@@ -291,9 +317,25 @@ class PplpSession:
             if logits is None:
                 raise ModelError(f"{type(self.loaded.model).__name__} returned no logits",
                                  "PPL-p% needs a causal LM with a language-model head")
-            s, n = token_loss_sum(logits, batch.labels)
+            per_row = token_loss_rows(logits, batch.labels)
+            s, n = _add_rows(per_row)
             totals["ce_sum"] += s
             totals["n_tok"] += n
+            B = len(per_row)
+            win["ce"] += [r[0] for r in per_row]
+            win["tok"] += [float(r[1]) for r in per_row]
+            import numpy as np
+
+            zr, er = np.zeros((B, L)), np.zeros((B, L))
+            for i in range(L):
+                got = cur.get(i)
+                if got is None or len(got[0]) != B:
+                    win["ok"] = False
+                    continue
+                zr[:, i], er[:, i] = got[0].numpy(), got[1].numpy()
+            win["zeros"].append(zr)
+            win["entries"].append(er)
+            cur.clear()
 
         t0 = time.perf_counter()
         self.passes += 1
@@ -307,6 +349,11 @@ class PplpSession:
         if n_tok == 0:
             raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus")
         st = PassStats(ce_sum, n_tok, zeros, entries, removed, ltok, time.perf_counter() - t0)
+        if win["ok"] and win["zeros"]:
+            import numpy as np
+
+            st.window_ce, st.window_tokens = np.array(win["ce"]), np.array(win["tok"])
+            st.window_zeros, st.window_entries = np.concatenate(win["zeros"]), np.concatenate(win["entries"])
         self.log(f"pass {self.passes} ({what}): CE {st.ce:.6f} over {n_tok} tokens, {st.seconds:.1f}s")
         return st
 
@@ -555,7 +602,7 @@ class PplpSession:
                 extra = chess.attention_hooks(self.loaded, self.chess_attn_thr[float(value)])
             st = self._run(masker, None, f"{method}@{value:.6g}", extra_hooks=extra)
             ev = Evaluation(method, float(value), ppl_ratio(st.ce, self.dense.ce), st.ce, st.sparsity(),
-                            st.removed_cett(), thr, self.passes, st.seconds)
+                            st.removed_cett(), thr, self.passes, st.seconds, stats=st)
             self.log(f"  {method}@{value:.6g}: PPL ratio {ev.ratio:.6f}, mean sparsity {100 * ev.mean_sparsity:.2f} %")
         self._cache[key] = ev
         self.trace.append(ev)
@@ -570,7 +617,7 @@ class PplpSession:
         # c = 0 removes only neurons whose output is the zero vector: the sparse run IS the dense run.
         d = self.dense
         return Evaluation("cett", 0.0, 1.0, d.ce, d.sparsity(), [0.0] * len(self.layers),
-                          self.cett_thresholds(0.0), 0, 0.0)
+                          self.cett_thresholds(0.0), 0, 0.0, stats=d)
 
     # ---- PPL-p%
     def search(self, p: float, method: str = "secant", tol: float = DEFAULT_TOL,
@@ -608,17 +655,32 @@ def token_loss_sum(logits, labels) -> tuple[float, int]:
 
     ``labels`` are already the next tokens (probes.corpus windows): no extra shift.
     """
+    return _add_rows(token_loss_rows(logits, labels))
+
+
+def token_loss_rows(logits, labels) -> list[tuple[float, int]]:
+    """Per row (window) of the batch: the float64 sum and count of its next-token cross-entropies
+    (``(0.0, 0)`` for a row with no target); ``token_loss_sum`` adds them up in row order."""
     import torch.nn.functional as F
 
-    total = 0.0
-    n = 0
+    out = []
     for b in range(logits.shape[0]):  # one row at a time bounds the float32 copy of the logits
         lab = labels[b]
         keep = lab != -100
         if not bool(keep.any()):
+            out.append((0.0, 0))
             continue
         lg = logits[b][keep].float()
         losses = F.cross_entropy(lg, lab[keep], reduction="none")
-        total += float(losses.double().sum())
-        n += int(keep.sum())
+        out.append((float(losses.double().sum()), int(keep.sum())))
+    return out
+
+
+def _add_rows(rows: Sequence[tuple[float, int]]) -> tuple[float, int]:
+    total = 0.0
+    n = 0
+    for s, k in rows:  # the order and the float64 additions of the one-pass sum: the same totals
+        if k:
+            total += s
+            n += k
     return total, n

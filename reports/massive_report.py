@@ -88,6 +88,11 @@ def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str, kinds: Ite
         for col, lab, color, marker in series:
             ax.plot(x, g[col].to_numpy(float), label=lab, color=color, marker=marker, markerfacecolor="none",
                     markersize=5)
+            lo, hi = f"{col}_lo", f"{col}_hi"  # bootstrap interval over sequences (top-1 and median)
+            if lo in g and hi in g:
+                ax.fill_between(x, pd.to_numeric(g[lo], errors="coerce").to_numpy(float),
+                                pd.to_numeric(g[hi], errors="coerce").to_numpy(float), color=color, alpha=0.3,
+                                linewidth=0)
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axhline(100, color="0.6", linestyle=":", linewidth=1)
@@ -97,9 +102,31 @@ def plot_layers(layers: pd.DataFrame, folder: str | Path, title: str, kinds: Ite
         ax.grid(axis="x")
         # below the axes: inside, it covered the |a| = 100 guide line
         ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-    fig.suptitle(f"{title}: top-1/2/3 and median of |h| per layer (mean over sequences)")
+    fig.suptitle(f"{title}: top-1/2/3 and median of |h| per layer (mean over sequences)" + _bands_note(panels))
     fig.tight_layout()
     return save(fig, folder, "massive_layers")
+
+
+def _bands_note(panels: list[tuple[str, pd.DataFrame]]) -> str:
+    """The figure's line on its bands: what they are, over how many sequences, and their widest relative
+    half-width (on a log axis a band of a few % is thinner than a line)."""
+    import numpy as np
+
+    widest, n_seq = [], []
+    for _, g in panels:
+        for col in ("top1_mean", "median_mean"):
+            if f"{col}_lo" not in g or f"{col}_hi" not in g:
+                return ""
+            v = pd.to_numeric(g[col], errors="coerce").to_numpy(float)
+            half = (pd.to_numeric(g[f"{col}_hi"], errors="coerce").to_numpy(float)
+                    - pd.to_numeric(g[f"{col}_lo"], errors="coerce").to_numpy(float)) / 2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                widest += [x for x in half / np.abs(v) if np.isfinite(x)]
+        n_seq += [int(n) for n in pd.to_numeric(g.get("n_sequences", pd.Series(dtype=float)), errors="coerce").dropna()]
+    if not widest or not n_seq:
+        return ""
+    return (f"\nbands: 95 % bootstrap interval of top-1 and median over {max(n_seq)} sequences "
+            f"(at most ±{fmt(100 * max(widest), 2)} % of the value)")
 
 
 def plot_heatmap(layers: pd.DataFrame, channel_max: dict[str, Any], folder: str | Path, title: str,

@@ -33,6 +33,7 @@ def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=panel_size(1.6, 1.15))
     p = float(cliffs["p"].iloc[0]) if cliffs is not None and len(cliffs) else 1.0
+    bars = False
     for i, (fam, g) in enumerate(points.groupby("family", sort=False)):
         g = g.sort_values("mean_sparsity")
         post = bool(g["post_hoc"].iloc[0]) if "post_hoc" in g else False
@@ -40,6 +41,13 @@ def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | 
         color = f"C{i}"
         ax.plot(100 * g["mean_sparsity"].astype(float), g["ppl_ratio"].astype(float), marker=_MARKERS.get(fam, "o"),
                 ms=4, lw=1.3, ls="--" if post else "-", color=color, label=f"{fam}: {lab}")
+        if {"ppl_ratio_lo", "ppl_ratio_hi"} <= set(g.columns):  # 95 % interval of each point's ratio over windows
+            bars = True
+            r = g["ppl_ratio"].astype(float)
+            ax.errorbar(100 * g["mean_sparsity"].astype(float), r,
+                        yerr=[(r - g["ppl_ratio_lo"].astype(float)).clip(lower=0).fillna(0),
+                              (g["ppl_ratio_hi"].astype(float) - r).clip(lower=0).fillna(0)],
+                        fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.8)
         if cliffs is not None and len(cliffs):
             c = cliffs[cliffs["family"] == fam]
             if len(c):
@@ -49,6 +57,10 @@ def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | 
                             mew=1.5)
                 if c["knee_sparsity"] == c["knee_sparsity"]:
                     ax.plot(100 * c["knee_sparsity"], c["knee_ratio"], "v", ms=10, color=color, mec="k", mew=0.6)
+                    lo, hi = c.get("knee_sparsity_lo", float("nan")), c.get("knee_sparsity_hi", float("nan"))
+                    if lo == lo and hi == hi:  # the knee's bootstrap interval, drawn at the knee's ratio
+                        ax.plot([100 * lo, 100 * hi], [c["knee_ratio"]] * 2, color=color, lw=3, alpha=0.45,
+                                solid_capstyle="butt")
     ax.set_yscale("log")
     ax.axhline(1 + p / 100, color="grey", ls="--", lw=0.9)
     ax.text(0.01, 1 + p / 100, f" PPL ratio 1 + {p:g} %", transform=ax.get_yaxis_transform(), va="bottom",
@@ -56,7 +68,7 @@ def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | 
     if cliffs is not None and len(cliffs) and cliffs["dense_sparsity"].notna().any():
         d = 100 * float(cliffs["dense_sparsity"].iloc[0])
         ax.axvline(d, color="k", ls=":", lw=0.9)
-        ax.text(d, 0.45, "dense run (natural zeros) ", transform=ax.get_xaxis_transform(), rotation=90, ha="right",
+        ax.text(d, 0.3, "dense run (natural zeros) ", transform=ax.get_xaxis_transform(), rotation=90, ha="right",
                 va="center", fontsize=7)
     xmin, xmax = float(100 * points["mean_sparsity"].min()), float(100 * points["mean_sparsity"].max())
     ax.set_xlim(max(0.0, xmin - 3), min(100.0, xmax + 2))
@@ -71,9 +83,16 @@ def plot_cliff(points: pd.DataFrame, cliffs: pd.DataFrame | None, folder: str | 
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([], [], "s", ms=8, mfc="none", mec="0.3", label=f"last point within 1 + {p:g} %")
     ax.plot([], [], "v", ms=8, color="0.5", mec="k", mew=0.6, label="knee (Kneedle: max curvature)")
+    if bars:
+        ax.plot([], [], color="0.5", lw=3, alpha=0.45, label="knee: 95 % bootstrap interval over windows")
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor="0.4", elinewidth=0.8, capsize=2,
+                    label="PPL ratio: 95 % interval over windows")
     ax.set_xlabel("achieved activation sparsity at the MLP activation, % (mean over layers)")
     ax.set_ylabel("PPL ratio, sparse / dense (log)")
-    ax.set_title(f"{title}: sparsity cliff over {n_tokens} held-out tokens")
+    n_win = (int(pd.to_numeric(cliffs["n_windows"], errors="coerce").max())
+             if bars and cliffs is not None and "n_windows" in cliffs and cliffs["n_windows"].notna().any() else None)
+    ax.set_title(f"{title}: sparsity cliff over {n_tokens} held-out tokens"
+                 + (f" ({n_win} windows)" if n_win else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -141,11 +160,20 @@ def summary_lines(result, options: dict[str, Any] | None = None) -> list[str]:
              f"sparsity {pct(result.cliffs[0]['dense_sparsity']) if result.cliffs else '-'} %.", "",
              f"| family | post hoc | sparsity within 1 + {info['p']:g} % | crossing (interp.) | knee sparsity | "
              "knee PPL ratio | max PPL ratio |", "|---|---|---:|---:|---:|---:|---:|"]
+    def iv(c, col) -> str:  # " (lo–hi)": the 95 % bootstrap interval over held-out windows, when there is one
+        lo, hi = c.get(f"{col}_lo", float("nan")), c.get(f"{col}_hi", float("nan"))
+        return f" ({pct(lo)}–{pct(hi)})" if lo == lo and hi == hi else ""
+
     for c in result.cliffs:
         lines.append(f"| {md_escape(c['family'])} | {'yes' if c['post_hoc'] else 'no'} | "
-                     f"{pct(c['sparsity_within_p'])} % | "
-                     f"{pct(c['sparsity_within_p_interp'])} % | {pct(c['knee_sparsity'])} % | "
+                     f"{pct(c['sparsity_within_p'])} %{iv(c, 'sparsity_within_p')} | "
+                     f"{pct(c['sparsity_within_p_interp'])} %{iv(c, 'sparsity_within_p_interp')} | "
+                     f"{pct(c['knee_sparsity'])} %{iv(c, 'knee_sparsity')} | "
                      f"{fixed(c['knee_ratio'], 4)} | {fixed(c['max_ratio'], 4)} |")
+    if any(c.get("knee_sparsity_lo", float("nan")) == c.get("knee_sparsity_lo") for c in result.cliffs):
+        lines += ["", f"In brackets: 95 % bootstrap intervals over the {result.cliffs[0].get('n_windows')} held-out "
+                      "windows (each resample recomputes every point and reapplies the rule; grid and thresholds "
+                      "fixed)."]
     if result.learned:
         lines += ["", f"{len(result.learned)} SPARLING layer(s) in the checkpoint; learned thresholds in "
                       "`cliff_sparling_learned`."]
@@ -175,7 +203,9 @@ def _caption_cliff(ctx: dict[str, Any]) -> str:
     return ("The sparsity cliff (Bug or Feature^2): PPL ratio (log) against the activation sparsity actually "
             "reached when sparsity is enforced at the MLP activation, one line per family (dashed: post hoc "
             "SPARLING thresholds); open squares: the last point within 1 + p; triangles: the knee (maximum "
-            "curvature, found as Kneedle does); dotted: the dense run's natural sparsity.")
+            "curvature, found as Kneedle does); dotted: the dense run's natural sparsity. Error bars (when the "
+            "tables carry them): each point's 95 % bootstrap interval of the PPL ratio over held-out windows, and "
+            "the knee's interval (thick bar) from the rule reapplied to every resample.")
 
 
 SECTION = ReportSection(

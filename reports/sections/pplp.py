@@ -38,7 +38,10 @@ def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd
         for j, p in enumerate(ps):
             g = pplp[pplp["p_pct"] == p].sort_values("layer") if "layer" in pplp else pplp[pplp["p_pct"] == p]
             xs = [layers.index(v) - 0.4 + w * (j + 0.5) for v in g["layer"]] if layers else list(range(len(g)))
-            ax.bar(xs, 100 * g["sparsity"].astype(float), w, label=f"p = {p:g} %")
+            err = _interval(g, "sparsity")  # bootstrap interval over windows, the threshold held fixed
+            ax.bar(xs, 100 * g["sparsity"].astype(float), w, label=f"p = {p:g} %",
+                   yerr=None if err is None else 100 * err, capsize=2 if err is not None else 0,
+                   error_kw={"elinewidth": 0.8})
         if layers:
             ax.set_xticks(range(len(layers)), [str(int(v)) for v in layers])
         ax.set_xlabel("layer")
@@ -55,6 +58,11 @@ def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd
                 ms=4, color="C0", label="search passes")
         if summary is not None and {"p_pct", "achieved_ratio", "mean_sparsity"} <= set(summary.columns):
             ok = summary[summary["achieved_ratio"].notna()]
+            xe, ye = _interval(ok, "mean_sparsity"), _interval(ok, "achieved_ratio")
+            if xe is not None and ye is not None:  # 95 % bootstrap intervals over windows
+                ax.errorbar(100 * ok["mean_sparsity"].astype(float), 100 * (ok["achieved_ratio"].astype(float) - 1),
+                            xerr=100 * xe, yerr=100 * ye, fmt="none", ecolor="C3", elinewidth=1, capsize=3,
+                            label="95 % interval over windows")
             ax.plot(100 * ok["mean_sparsity"].astype(float), 100 * (ok["achieved_ratio"].astype(float) - 1), "*",
                     ms=12, color="C3", label="reported c*")
             for p in summary["p_pct"].dropna().unique():
@@ -66,9 +74,24 @@ def plot_pplp(pplp: pd.DataFrame | None, trace: pd.DataFrame | None, summary: pd
     else:
         ax.text(0.5, 0.5, "no search trace", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("search passes: sparsity vs PPL", fontsize=9)
-    fig.suptitle(f"{title}: PPL-p% sparsity", fontsize=10)
+    n_win = (pd.to_numeric(summary["n_windows"], errors="coerce").max()
+             if summary is not None and "n_windows" in summary and "achieved_ratio_lo" in summary else float("nan"))
+    fig.suptitle(f"{title}: PPL-p% sparsity" + (f"\nerror bars: 95 % bootstrap intervals over {int(n_win)} windows, "
+                                                 "the threshold held at c*" if n_win == n_win else ""), fontsize=10)
     fig.tight_layout()
     return save_into(fig, folder, "pplp_by_layer")
+
+
+def _interval(g: pd.DataFrame, col: str):
+    """``[below, above]`` distances of ``col``'s ``_lo``/``_hi`` columns from it, or None without them."""
+    import numpy as np
+
+    if f"{col}_lo" not in g or f"{col}_hi" not in g:
+        return None
+    v = pd.to_numeric(g[col], errors="coerce").to_numpy(float)
+    lo = pd.to_numeric(g[f"{col}_lo"], errors="coerce").to_numpy(float)
+    hi = pd.to_numeric(g[f"{col}_hi"], errors="coerce").to_numpy(float)
+    return np.nan_to_num(np.clip(np.stack([v - lo, hi - v]), 0, None))
 
 
 def write_files(folder, result, title: str) -> list[str]:
@@ -100,7 +123,9 @@ SECTION = ReportSection(
     figures=(
         FigureSpec("pplp_by_layer", lambda c: "PPL-p% sparsity: per-layer sparsity at the shared CETT value c* for "
                    "each target p (left), and every pass of the search, mean sparsity against the PPL ratio, with "
-                   "the targets as dashed lines (right).", draw="reports.sections.pplp:draw_pplp_by_layer",
+                   "the targets as dashed lines (right). Error bars (when the tables carry them): 95 % bootstrap "
+                   "intervals over windows with the threshold held at c*.",
+                   draw="reports.sections.pplp:draw_pplp_by_layer",
                    needs_any=("pplp", "pplp_trace")),
     ),
     summary="reports.sections.pplp:summary_lines",
