@@ -432,8 +432,11 @@ def test_failure_while_writing_leaves_nothing(exc, code, words, model_dir, corpu
 
 
 _DRIVER = """
-import functools, sys, time
+import functools, signal, sys, time
 import transformers
+
+# as a terminal starts it: a run launched from a background job (`cmd &` in a script) inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _forward = transformers.GPT2LMHeadModel.forward
 

@@ -182,7 +182,8 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
     out = tmp_path / "out"
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, not a background job
         import probes.spectrum as sp
         real = sp.svals_cpu
         def slow(*a, **k):
