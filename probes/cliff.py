@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
+from probes.pplp_session import PassStats as Pass
 from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
                              sparling_masker, learned_thresholds)
 
@@ -268,26 +269,7 @@ def point_bars(dense: "Pass", st: "Pass", seed: int = 0) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ passes
-@dataclass
-class Pass:
-    ce_sum: float
-    n_tokens: int
-    zeros: list[float]
-    entries: list[float]
-    seconds: float
-    # per window (batch row, batch order), for the error bars: summed token losses and counted tokens [m],
-    # zeros and entries of each layer [m, L]; None when a layer's input had no window layout
-    window_ce: Any = field(repr=False, default=None)
-    window_tokens: Any = field(repr=False, default=None)
-    window_zeros: Any = field(repr=False, default=None)
-    window_entries: Any = field(repr=False, default=None)
-
-    @property
-    def ce(self) -> float:
-        return self.ce_sum / max(self.n_tokens, 1)
-
-    def sparsity(self) -> list[float]:
-        return [z / e if e else math.nan for z, e in zip(self.zeros, self.entries)]
+# One pass: the PPL-p% session's record (its CETT fields stay empty here): ``Pass``, imported above.
 
 
 def _sites(layers):
@@ -377,7 +359,8 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
             step=step, progress=progress)
     if tot["n"] == 0:
         raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus with --data")
-    st = Pass(tot["ce"], tot["n"], zeros, entries, time.perf_counter() - t0)
+    st = Pass(tot["ce"], tot["n"], zeros, entries, removed_sum=[], layer_tokens=[],
+              seconds=time.perf_counter() - t0)
     if win["ok"] and win["zeros"]:
         st.window_ce, st.window_tokens = np.array(win["ce"]), np.array(win["tok"])
         st.window_zeros, st.window_entries = np.concatenate(win["zeros"]), np.concatenate(win["entries"])

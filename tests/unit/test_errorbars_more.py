@@ -119,7 +119,8 @@ def _pass(ce, tok, zeros, entries):
 
     ce, tok = np.asarray(ce, float), np.asarray(tok, float)
     z, e = np.asarray(zeros, float), np.asarray(entries, float)
-    return Pass(float(ce.sum()), int(tok.sum()), list(z.sum(0)), list(e.sum(0)), 0.0, ce, tok, z, e)
+    return Pass(float(ce.sum()), int(tok.sum()), list(z.sum(0)), list(e.sum(0)), removed_sum=[], layer_tokens=[],
+                seconds=0.0, window_ce=ce, window_tokens=tok, window_zeros=z, window_entries=e)
 
 
 def test_cliff_intervals_collapse_when_every_window_is_the_same():
