@@ -197,9 +197,10 @@ def ratio_se(num, den) -> float:
     if m < 2:
         return math.nan
     big_n = n.sum()
-    r = y.sum() / big_n
-    resid = y - r * n
-    return math.sqrt(m / (m - 1) * float(np.dot(resid, resid))) / abs(big_n)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite window values (fp16 overflow): NaN, quietly
+        r = y.sum() / big_n
+        resid = y - r * n
+        return math.sqrt(m / (m - 1) * float(np.dot(resid, resid))) / abs(big_n)
 
 
 def mean_se(values) -> float:
