@@ -66,7 +66,7 @@ from probes.teal import DEFAULT_TEAL_EVAL, GREEDY_BASE_STEP, GREEDY_LAST_FRACTIO
 
 DEFAULT_P = (1.0,)
 CURVE_METHODS = ("cett", "topk", "topk_global", "teal", "teal_greedy", "absq_down", "cats", "chess", "chess_plus",
-                 "fat")
+                 "sparling_posthoc", "fat")
 DEFAULT_CURVE_METHODS = ("cett", "topk", "teal", "cats", "fat")
 _S_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_CURVE_VALUES: dict[str, tuple[float, ...]] = {
@@ -79,10 +79,11 @@ DEFAULT_CURVE_VALUES: dict[str, tuple[float, ...]] = {
     "cats": _S_GRID,
     "chess": _S_GRID,
     "chess_plus": _S_GRID,
+    "sparling_posthoc": (0.5, 0.8, 0.9, 0.95),
     "fat": (0.001, 0.01, 0.03, 0.1, 0.3),
 }
 CURVE_PARAM = {"cett": "c", "topk": "r_kept", "topk_global": "r_kept", "teal": "s", "teal_greedy": "s",
-               "absq_down": "s", "cats": "s", "chess": "s", "chess_plus": "s", "fat": "eps"}
+               "absq_down": "s", "cats": "s", "chess": "s", "chess_plus": "s", "sparling_posthoc": "s", "fat": "eps"}
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -327,6 +328,8 @@ def _tensor_label(method: str, glu: bool) -> str:
     if method == "chess":
         return ("|act(gate)_i| vs T / mean|up_i| (mlp.hook_gate_act; up = the up projection's output)" if glu
                 else "|x| (no up projection: importance = |x|)")
+    if method == "sparling_posthoc":
+        return "act(gate) signed (mlp.hook_gate_act)" if glu else "a signed (activation = input of the MLP output projection)"
     if method == "chess_plus":
         return ("|act(gate)_i| vs T / mean|up_i|, and |x| of the q and o projections' inputs" if glu
                 else "|x| of the MLP activation and of the q and o projections' inputs")
@@ -346,7 +349,9 @@ def _rule(method: str, value: float, teal_eval: str = DEFAULT_TEAL_EVAL) -> str:
             "cats": f"zero where |a| < q_{value:g}(|a|) per layer",
             "chess": f"zero where |a_i| < T_layer / mean|up_i|, T_layer = k-th importance, k = int(N * {value:g})",
             "chess_plus": f"chess@{value:g}, and zero the q / o projection inputs where |x| < their k-th |x|, "
-                          f"k = int(N * {value:g})"}[method]
+                          f"k = int(N * {value:g})",
+            "sparling_posthoc": f"zero where a_i <= t_i, t_i = channel i's k-th value, k = int(N * {value:g}) "
+                                "(SPARLING EnforceSparsityPerChannel, post hoc)"}[method]
 
 
 def _calibration_label(method: str) -> str:
@@ -358,6 +363,8 @@ def _calibration_label(method: str) -> str:
             "cats": f"quantile from a {LAYER_HIST[2]}-bin log histogram (in-sample)",
             "chess": "exact k-th value per calibration window, averaged (CHESS thresholds.py)",
             "chess_plus": "exact k-th values per calibration window, averaged (CHESS thresholds.py)",
+            "sparling_posthoc": "exact per-channel k-th values of a sample of the calibration windows (fixed, not "
+                                "SPARLING's moving average over training)",
             "fat": "none (absolute eps)", "topk": "none (per token)",
             "topk_global": "none (per batch)"}[method]
 
@@ -433,7 +440,7 @@ def curve(loaded: LoadedModel, opts: CurveOptions | None = None, *,
     proj_rows = []
     scopes = {"cett": "per layer", "teal": "per layer and projection", "teal_greedy": "per layer and projection",
               "absq_down": "per layer", "cats": "per layer", "fat": "global constant", "topk": "per token",
-              "topk_global": "per batch", "chess": "per channel",
+              "topk_global": "per batch", "chess": "per channel", "sparling_posthoc": "per channel",
               "chess_plus": "per channel (MLP), per layer (q and o inputs)"}
     for method in methods:
         values = tuple(opts.values.get(method) or DEFAULT_CURVE_VALUES[method])

@@ -29,7 +29,7 @@ from probes.runner import TokenBatches, run
 from probes.sites import MLP_GATE_ACT, MLP_POST, Site, find_sites
 
 # Methods whose thresholds come from the calibration windows (disjoint from the evaluated ones).
-SPLIT_METHODS = ("teal", "teal_greedy", "chess", "chess_plus")
+SPLIT_METHODS = ("teal", "teal_greedy", "chess", "chess_plus", "sparling_posthoc")
 DEFAULT_CALIB_FRACTION = 0.25  # the first quarter of the windows calibrates, the rest is evaluated
 
 # Below this many counted tokens a PPL ratio of 1.01 is within noise of the corpus itself:
@@ -231,6 +231,7 @@ class PplpSession:
         self.chess_thr: dict[float, list[float]] = {}
         self.chess_samples = 0
         self.chess_attn_thr: dict[float, list[tuple]] = {}
+        self.sparling_cal: Any = None
         self.trace: list[Evaluation] = []
         self._cache: dict[tuple[str, float], Evaluation] = {}
 
@@ -502,6 +503,30 @@ class PplpSession:
         if need:
             self.chess_attn_thr.update(chess.calibrate_attention(self.loaded, self.calib_batches, need))
 
+    def sparling_calibrate(self) -> None:
+        """SPARLING's per-channel k-th-value thresholds, post hoc (``probes.sparling``), from a sample of the
+        calibration windows' signed values (act(gate) for GLU MLPs, else the activation)."""
+        from probes.chess import _rows
+        from probes.runner import TokenBatches, run
+        from probes.sparling import SparlingCalibration
+        from probes.teal import BatchTracker
+
+        if self.sparling_cal is not None:
+            return
+        self._need_split("SPARLING post hoc")
+        cal = SparlingCalibration(len(self.layers))
+        tracker = BatchTracker(self.calib_batches)
+        hooks_ = []
+        for layer in self.layers:
+            def fn(x, hc, i=layer.index):
+                for r in _rows(x, getattr(tracker.current, "attention_mask", None)):
+                    cal.update(i, r)
+                return None
+
+            hooks_.append((layer.gate_site if layer.glu else layer.site, fn))
+        run(self.loaded.model, tracker, fwd_hooks=hooks_, adapter=TokenBatches())
+        self.sparling_cal = cal
+
     # ---- thresholds of each family
     def cett_thresholds(self, c: float) -> list[float]:
         if self.cett_grids is None:
@@ -577,6 +602,12 @@ class PplpSession:
                 return a < ch_thr[layer.index]
 
             return m_chess, layer_thr
+        if method == "sparling_posthoc":
+            self.sparling_calibrate()
+            masker, per_channel = self.sparling_cal.masker(float(value))
+            # one number per layer for the tables: the mean of the finite per-channel thresholds
+            return masker, [float(t[torch.isfinite(t)].mean()) if bool(torch.isfinite(t).any()) else math.nan
+                            for t in per_channel]
         raise ValueError(f"unknown method {method!r}")
 
     def evaluate(self, method: str, value: float) -> Evaluation:

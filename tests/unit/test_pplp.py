@@ -362,7 +362,7 @@ def test_pplp_several_targets_share_passes_and_report_unreachable(gpt2, docs):
 def test_curve_runs_every_family_on_glu_and_non_glu(which, gate_label, request, docs):
     lm = request.getfixturevalue(which)
     values = {"cett": (0.1, 0.3), "topk": (0.5, 0.2), "topk_global": (0.3,), "teal": (0.5, 0.8), "teal_greedy": (0.1,),
-              "absq_down": (0.5, 0.8), "cats": (0.5, 0.8), "chess": (0.6,), "fat": (0.01, 0.1)}
+              "absq_down": (0.5, 0.8), "cats": (0.5, 0.8), "chess": (0.6,), "sparling_posthoc": (0.8,), "fat": (0.01, 0.1)}
     if which == "llama":  # CHESS+ needs a q projection of its own (GPT-2 fuses q, k, v)
         values["chess_plus"] = (0.6,)
     assert set(P.CURVE_METHODS) - set(values) <= {"chess_plus"}
