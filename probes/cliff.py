@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
 from probes.pplp_session import PassStats as Pass
+from probes.pplp_session import append_window_counts
 from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
                              sparling_masker, learned_thresholds)
 
@@ -342,16 +343,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
                 tot["n"] += n_b
             win["ce"].append(ce_b)
             win["tok"].append(float(n_b))
-        zr, er = np.zeros((B, L)), np.zeros((B, L))
-        for i in range(L):
-            got = cur.get(i)
-            if got is None or len(got[0]) != B:
-                win["ok"] = False
-                continue
-            zr[:, i], er[:, i] = got[0].numpy(), got[1].numpy()
-        win["zeros"].append(zr)
-        win["entries"].append(er)
-        cur.clear()
+        append_window_counts(win, cur, B, L)
 
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -325,18 +325,7 @@ class PplpSession:
             B = len(per_row)
             win["ce"] += [r[0] for r in per_row]
             win["tok"] += [float(r[1]) for r in per_row]
-            import numpy as np
-
-            zr, er = np.zeros((B, L)), np.zeros((B, L))
-            for i in range(L):
-                got = cur.get(i)
-                if got is None or len(got[0]) != B:
-                    win["ok"] = False
-                    continue
-                zr[:, i], er[:, i] = got[0].numpy(), got[1].numpy()
-            win["zeros"].append(zr)
-            win["entries"].append(er)
-            cur.clear()
+            append_window_counts(win, cur, B, L)
 
         t0 = time.perf_counter()
         self.passes += 1
@@ -705,6 +694,23 @@ def token_loss_rows(logits, labels) -> list[tuple[float, int]]:
         losses = F.cross_entropy(lg, lab[keep], reduction="none")
         out.append((float(losses.double().sum()), int(keep.sum())))
     return out
+
+
+def append_window_counts(win: dict, cur: dict, B: int, L: int) -> None:
+    """This batch's per-row zeros and entries of each layer (``cur[layer] = (zeros [B], entries [B])``) as
+    ``[B, L]`` rows of ``win``; a layer with no per-row counts marks the pass as without window values."""
+    import numpy as np
+
+    zr, er = np.zeros((B, L)), np.zeros((B, L))
+    for i in range(L):
+        got = cur.get(i)
+        if got is None or len(got[0]) != B:
+            win["ok"] = False
+            continue
+        zr[:, i], er[:, i] = got[0].numpy(), got[1].numpy()
+    win["zeros"].append(zr)
+    win["entries"].append(er)
+    cur.clear()
 
 
 def _add_rows(rows: Sequence[tuple[float, int]]) -> tuple[float, int]:
