@@ -121,13 +121,15 @@ def _cap_workers(workers: int) -> tuple[int, str | None]:
 
 
 def _prefetch_imports(output) -> None:
-    """Import pandas (the table) and, with -o, pyarrow's Parquet writer in a helper thread while the
-    main thread reads weights and runs LAPACK (which releases the GIL): 0.3-0.7 s of imports that
-    otherwise come after the analysis. Failures are left to the main thread's own import."""
+    """Import pandas (the table), scipy.optimize (the Marchenko-Pastur fit's minimiser) and, with -o,
+    pyarrow's Parquet writer in a helper thread while the main thread reads weights and waits for
+    LAPACK (which releases the GIL): 0.7-1.5 s of imports that otherwise come after the first
+    eigenvalues. Failures are left to the main thread's own import."""
     import threading
 
     def run() -> None:
         try:
+            import scipy.optimize  # noqa: F401
             import pandas  # noqa: F401
 
             if output is not None:

@@ -301,25 +301,26 @@ class _SvdBatcher:
 
 
 class _ThreadBatcher(_SvdBatcher):
-    """``_SvdBatcher`` whose LAPACK calls run in one helper thread (CPU only), overlapping the main
-    thread's reading, fits and imports: numpy releases the GIL inside LAPACK, so on two cores the
-    eigenvalue solvers and the Python-level work run at the same time. The same calls on the same
-    arrays in the same order as ``_SvdBatcher``, so the numbers are identical. At most ``in_flight``
-    (1) group is computed while the main thread reads and prepares the next (memory: about one
-    tensor more than without the thread; ``tests/unit/test_arrays.py`` bounds it); results are
-    harvested in submission order.
+    """``_SvdBatcher`` whose LAPACK calls run in ``threads`` helper threads (CPU only), overlapping the
+    main thread's reading, fits and imports, and each other: numpy releases the GIL inside LAPACK, so on
+    two free cores two eigenvalue solvers and the Python-level work run at the same time. The same calls
+    on the same arrays as ``_SvdBatcher`` (each call single-threaded BLAS, so its result does not depend
+    on which thread runs it), harvested in submission order, so the numbers are identical. At most one
+    group per thread is computed while the main thread reads and prepares the next (memory: about
+    ``threads`` tensors more than without the threads; ``tests/unit/test_arrays.py`` bounds it).
     """
 
     workers = 1
 
-    def __init__(self, budget: int, method: str = "auto", in_flight: int = 1):
+    def __init__(self, budget: int, method: str = "auto", threads: int = 1):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         super().__init__(budget, "cpu", method)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actsparse-spectrum")
+        self.threads = max(1, int(threads))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actsparse-spectrum")
         self.futures: deque = deque()
-        self.in_flight = in_flight
+        self.in_flight = self.threads  # one group per thread computes while the main thread reads the next
 
     def _run(self, group):
         self.futures.append((group, self.pool.submit(self._compute, group)))
@@ -469,11 +470,12 @@ def analyze_tensors(
     svd: str = "auto",
     workers: int = 1,
     compute_thread: bool | None = None,
+    compute_threads: int | None = None,
 ):
     """Spectrum table for ``(name, tensor)`` pairs (torch tensors or numpy arrays); see
-    :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in a helper
-    thread that overlaps reading and fitting (None: when this process may use 2 or more CPUs and
-    ``workers`` is 1); the numbers are the same either way."""
+    :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in helper
+    threads that overlap reading and fitting (None: when this process may use 2 or more CPUs and
+    ``workers`` is 1), ``compute_threads`` of them (None: 1); the numbers are the same either way."""
     if svd not in ("auto", "exact"):
         raise ValueError(f"svd must be 'auto' or 'exact', not {svd!r}")
     dev = resolve_device(device)
@@ -483,7 +485,7 @@ def analyze_tensors(
     if workers > 1:
         runner = _PoolRunner(workers, svd, randomize)
     elif dev == "cpu" and (compute_thread if compute_thread is not None else _cpus() >= 2):
-        runner = _ThreadBatcher(batch_bytes, svd)
+        runner = _ThreadBatcher(batch_bytes, svd, compute_threads or 1)
     else:
         runner = None
     try:
@@ -599,6 +601,7 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
             df[c] = df[c].astype("Int64")
     df.attrs["notes"] = [f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in notes.items()]
     df.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
+    df.attrs["compute_threads"] = runner.threads if isinstance(runner, _ThreadBatcher) else 0
     df.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd, "workers": runner.workers if runner else 1,
                        "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
                                "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
@@ -676,6 +679,7 @@ def analyze_checkpoint(
     workers: int = 1,
     blas_threads: int | None = 1,
     compute_thread: bool | None = None,
+    compute_threads: int | None = None,
 ):
     """One row per weight matrix of a checkpoint, with WW's column names and ours.
 
@@ -696,11 +700,18 @@ def analyze_checkpoint(
     batched eigen/SVD calls gain little from a second thread when the machine is quiet. None: the
     library default. ``compute_thread`` (default: when 2 or more CPUs are available and ``workers`` is
     1) runs those calls in one helper thread, overlapping reading, fits and imports; the numbers are
-    identical. The policy is recorded in ``df.attrs['thread_policy']``.
+    identical. ``compute_threads`` (default: ``free_cpus()``, the CPUs available minus those the 1-minute
+    load average says other processes keep busy, at least 1) is how many such threads run at once: two
+    on a quiet 2-core machine, one when another job takes a core, so the calls never oversubscribe the
+    cores (each is single-threaded BLAS; a call waits for a core instead of spinning). The policy is
+    recorded in ``df.attrs['thread_policy']``.
     """
     import contextlib
 
+    from probes.threads import free_cpus
+
     sn = source if isinstance(source, Sniffed) else sniff(source)
+    free = free_cpus() if compute_threads is None else {}
     limit: contextlib.AbstractContextManager = contextlib.nullcontext()
     if blas_threads:
         try:
@@ -714,10 +725,14 @@ def analyze_checkpoint(
             _checkpoint_arrays(sn, unsafe_pickle, split_fused), device=device, split_fused=split_fused,
             randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
-            workers=workers, compute_thread=compute_thread)
+            workers=workers, compute_thread=compute_thread,
+            compute_threads=compute_threads if compute_threads is not None else free.get("threads"))
     df.attrs["thread_policy"] = {"blas_threads_main": blas_threads or "library default",
                                  "blas_threads_per_worker": 1, "workers": workers, "cpus_available": _cpus(),
-                                 "compute_thread": bool(df.attrs.get("compute_thread"))}
+                                 "compute_thread": bool(df.attrs.get("compute_thread")),
+                                 "compute_threads": int(df.attrs.get("compute_threads", 0)),
+                                 "compute_threads_rule": ("given" if compute_threads is not None else free.get("rule")),
+                                 "load_average_1min": free.get("load_average_1min")}
     return df
 
 

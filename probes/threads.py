@@ -48,6 +48,14 @@ def choose_cpu_threads(cpus: int | None = None, load: float | None = None,
             "cpus_available": cpus, "load_average_1min": round(load, 2)}
 
 
+def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, Any]:
+    """The CPUs this process may use minus those the 1-minute load average says other processes keep
+    busy (rounded), at least 1: how many single-threaded compute calls can run at once without
+    oversubscribing. ``ACTSPARSE_CPU_THREADS`` wins (``OMP_NUM_THREADS`` does not: it sets BLAS threads
+    per call, not how many calls run). ``{"threads": n, "rule": ..., "cpus_available", "load_average_1min"}``."""
+    return choose_cpu_threads(cpus, load, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+
+
 def apply_cpu_threads() -> dict[str, Any]:
     """Choose (``choose_cpu_threads``) and set torch's intra-op thread count; returns the choice."""
     import torch

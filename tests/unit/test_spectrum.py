@@ -491,6 +491,26 @@ def test_compute_thread_gives_the_identical_table(svd, batch_bytes):
     assert two.attrs["compute_thread"] and not one.attrs["compute_thread"]
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     assert sorted(seen) == sorted(two.loc[two["status"].isin(["success", "failed"]), "name"].tolist())
+    # Three threads computing at once (groups finish out of order; harvested in submission order).
+    three = sp.analyze_tensors(w.items(), svd=svd, batch_bytes=batch_bytes, randomize=True, seed=2,
+                               compute_thread=True, compute_threads=3)
+    assert three.attrs["compute_threads"] == 3 and two.attrs["compute_threads"] == 1
+    pd.testing.assert_frame_equal(one, three, check_exact=True)
+
+
+def test_compute_threads_follow_the_free_cores(monkeypatch):
+    """analyze_checkpoint runs as many LAPACK threads as cores are free: available CPUs minus the
+    1-minute load average (rounded), at least 1; ACTSPARSE_CPU_THREADS wins, OMP_NUM_THREADS does not."""
+    from probes import threads
+
+    monkeypatch.delenv("ACTSPARSE_CPU_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.free_cpus(cpus=2, load=0.3)["threads"] == 2
+    assert threads.free_cpus(cpus=2, load=1.2)["threads"] == 1
+    assert threads.free_cpus(cpus=2, load=9.0)["threads"] == 1
+    assert threads.free_cpus(cpus=8, load=2.6)["threads"] == 5
+    monkeypatch.setenv("ACTSPARSE_CPU_THREADS", "3")
+    assert threads.free_cpus(cpus=2, load=9.0)["threads"] == 3
 
 
 def test_compute_thread_default_follows_the_cpus(monkeypatch):
