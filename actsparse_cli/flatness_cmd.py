@@ -96,10 +96,9 @@ def register(app: typer.Typer) -> None:
         from probes.flatness import FlatnessOptions, check_flatness
         from probes.flatness import flatness as run_flatness
         from probes.gradients import DEFAULT_TAUS
-        from probes.loading import load_checkpoint
+        from actsparse_cli.loading_opts import load as load_model
         from reports.bundle import check_output_dir
         from reports.manifest import short_name
-        from reports.sections.flatness import write_flatness_outputs
 
         from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
@@ -119,8 +118,8 @@ def register(app: typer.Typer) -> None:
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
-        lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
-                             trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
+        # the status line while it loads, and the CPU thread policy (probes/threads.py) as every model command
+        lm = load_model(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
         check_flatness(lm, opts)  # a model without a loss or without MLPs fails here, before the progress bar
         with batch_progress(quiet, "flatness") as progress:
             result = run_flatness(lm, opts, progress=progress)
@@ -129,6 +128,8 @@ def register(app: typer.Typer) -> None:
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
                    "output": str(output) if output else None, "force": force}
         if output is not None:
+            from reports.sections.flatness import write_flatness_outputs  # imported late: not before the status line
+
             write_flatness_outputs(output, result, lm, options, force=force)
         n = result.info.get("n_counted_tokens") or result.info.get("n_items")
         out = flatness_output(result, f"flatness (arXiv 2309.03004): {short_name(checkpoint)} ({result.info['loss']} "

@@ -146,9 +146,8 @@ def register(app: typer.Typer) -> None:
             check_loss,
             measure_gradients,
         )
-        from probes.loading import load_checkpoint
+        from actsparse_cli.loading_opts import load as load_model
         from reports.bundle import check_output_dir
-        from reports.grad_report import write_grad_outputs
         from reports.manifest import short_name
 
         from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
@@ -172,8 +171,8 @@ def register(app: typer.Typer) -> None:
         if not is_image_spec(data):
             check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
-        lm = load_checkpoint(checkpoint, config=config, arch=arch, device=device, dtype=dtype.value,
-                             trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer)
+        # the status line while it loads, and the CPU thread policy (probes/threads.py) as every model command
+        lm = load_model(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer)
         check_loss(lm, opts)  # a model without a loss fails here, before the progress bar
         with batch_progress(quiet, "grad") as progress:
             result = measure_gradients(lm, opts, progress=progress)
@@ -182,6 +181,8 @@ def register(app: typer.Typer) -> None:
                    "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
                    "output": str(output) if output else None, "force": force}
         if output is not None:
+            from reports.grad_report import write_grad_outputs  # after the model work: its imports (pandas, matplotlib) do not delay the status line
+
             write_grad_outputs(output, result, lm, options, force=force)
         n = result.info.get("n_counted_tokens") or result.info.get("n_items")
         out = grad_output(result, f"gradient sparsity: {short_name(checkpoint)} ({result.info['loss']} loss, {n} "

@@ -151,7 +151,6 @@ def register(app: typer.Typer) -> None:
         from probes.sparsity import DEFAULT_EPS_GRID
         from reports.bundle import check_output_dir
         from reports.manifest import short_name
-        from reports.measure_report import write_measure_outputs
 
         from actsparse_cli.common import run_inputs
         from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
@@ -217,6 +216,8 @@ def register(app: typer.Typer) -> None:
                    "device_map": device_map.value if device_map is not None else None,
                    "world_size": ctx.world_size}
         if output is not None:
+            from reports.measure_report import write_measure_outputs  # imported late: not before the status line
+
             write_measure_outputs(output, result, lm, options, force=force, extras=extras)
         out = sparsity_output(result, f"activation sparsity: {short_name(checkpoint)} "
                                       f"({result.info['n_counted_tokens']} tokens, {dtype_name(lm.dtype)})")

@@ -201,7 +201,6 @@ def register(app: typer.Typer) -> None:
         from probes.pplp import pplp as run_pplp
         from reports.bundle import check_output_dir
         from reports.manifest import short_name
-        from reports.pplp_report import write_pplp_outputs
 
         from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
@@ -232,6 +231,8 @@ def register(app: typer.Typer) -> None:
                    "output": str(output) if output else None, "force": force,
                    "device_map": getattr(device_map, "value", None)}
         if output is not None:
+            from reports.pplp_report import write_pplp_outputs  # imported late: not before the status line
+
             write_pplp_outputs(output, result, lm, options, force=force)
         out = pplp_output(result, f"PPL-p% sparsity: {short_name(checkpoint)} ({result.dense['n_tokens']} tokens, "
                                   f"{dtype_name(lm.dtype)})")
@@ -300,7 +301,6 @@ def register(app: typer.Typer) -> None:
         from probes.pplp import curve as run_curve
         from reports.bundle import check_output_dir
         from reports.manifest import short_name
-        from reports.pplp_report import write_curve_outputs
 
         from actsparse_cli.display import dtype_name, emit, info_of, stdout_format
 
@@ -331,6 +331,8 @@ def register(app: typer.Typer) -> None:
                    "output": str(output) if output else None, "force": force, "plot": plot is not False,
                    "device_map": getattr(device_map, "value", None)}
         if output is not None:
+            from reports.pplp_report import write_curve_outputs  # imported late: not before the status line
+
             write_curve_outputs(output, result, lm, options, force=force, plot=plot is not False)
         out = curve_output(result, f"sparsity vs PPL: {short_name(checkpoint)} ({result.info['n_counted_tokens']} "
                                    f"tokens, {dtype_name(lm.dtype)})")
