@@ -34,7 +34,9 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
         lin = df
     panels = (("mean", "mean weight"), ("neg_pct", "% negative"), ("std", "std"),
               ("extreme_frac", "fraction |w| >= q99.9(|W|)"), ("extreme_threshold", "q99.9(|W|)"))
-    ncols = 3  # a grid (2 x 3, the sixth cell holds the legend) that stays legible inside a report
+    if "bias_mean" in lin and pd.to_numeric(lin["bias_mean"], errors="coerce").notna().any():
+        panels += (("bias_mean", "mean bias (tensor's own bias)"),)  # Bug or Feature^2's stats['bias_mean']
+    ncols = 3  # a grid (2 x 3) that stays legible inside a report; a spare cell holds the legend
     nrows = -(-len(panels) // ncols)
     fig, grid = plt.subplots(nrows, ncols, figsize=panel_size(ncols, nrows), squeeze=False)
     cells = list(grid.flat)
@@ -59,14 +61,19 @@ def drift_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[str
         ax.grid(alpha=0.3)
     axes[0][0].axhline(0, color="0.5", linewidth=0.8)
     axes[0][1].axhline(50, color="0.5", linewidth=0.8, linestyle=":")
+    if len(panels) > 5:
+        axes[0][5].axhline(0, color="0.5", linewidth=0.8)
+    below = False
     if lin.checkpoint_index.nunique() > 1:
         handles, labels = axes[0][0].get_legend_handles_labels()
         if len(cells) > len(panels):  # the spare grid cell
             cells[-1].legend(handles, labels, title="checkpoint", loc="center", frameon=False)
-        else:
-            axes[0][0].legend(fontsize=7)
+        else:  # every cell holds a panel: one legend under the grid
+            fig.legend(handles, labels, title="checkpoint", loc="lower center", ncol=min(len(labels), 6),
+                       frameon=False, fontsize=8, title_fontsize=8)
+            below = True
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1) if below else (0, 0, 1, 1))
     return save(fig, folder, "drift_by_layer")
 
 
