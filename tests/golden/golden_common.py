@@ -100,6 +100,10 @@ CASES: tuple[Case, ...] = (
                      "--fail-on", "sparsity/zero_frac:-0.02", "--fail-on", "dead_frac:+10%",
                      "-q", "--markdown", "{out}/compare.md"), texts=("compare.md",), mkdir=True),
     Case("track", ("track", *_T, *_B, "--seed", "0", "-q", "-o", "{out}")),
+    # linear probing: the bundled model as a 5-topic classifier (its GPT-2 `score` head) on 120 examples
+    Case("fit-head", ("fit-head", MODEL, "--data", "probes/data/topics.jsonl", "--labels", "label",
+                      "--max-examples", "120", "--max-length", "64", "--device", "cpu", "--format", "csv", "-q",
+                      "-o", "{out}"), stdout="stdout.csv"),
 )
 BY_NAME = {c.name: c for c in CASES}
 
