@@ -133,7 +133,9 @@ def register(app: typer.Typer) -> None:
             write_flatness_outputs(output, result, lm, options, force=force)
         n = result.info.get("n_counted_tokens") or result.info.get("n_items")
         out = flatness_output(result, f"flatness (arXiv 2309.03004): {short_name(checkpoint)} ({result.info['loss']} "
-                                      f"loss, {result.info['loss_reduction']}, {n} tokens, {dtype_name(lm.dtype)})")
+                                      f"loss, {result.info['loss_reduction']}, {n} "
+                                      f"{'tokens' if result.info.get('n_counted_tokens') else 'examples'}, "
+                                      f"{dtype_name(lm.dtype)})")
         out.info = {"command": "flatness", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
                     "output": str(output) if output is not None else None,
                     **info_of(result.info, ("loss", "loss_reduction", "n_counted_tokens", "n_items"))}

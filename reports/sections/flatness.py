@@ -5,6 +5,8 @@ gradient-density and diagonality analyses (code cdgyp/sparsity, codes/modules/ho
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,15 @@ def flatness_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
+    lo, hi = ax.get_ylim()
+    wide = hi > 0 and lo > 0 and math.log10(hi / lo) > 1.2  # over about a decade: label only 2x and 5x minors
+
+    def minor(v, _):
+        m = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) if v > 0 else 0
+        return f"{v:g}" if not wide or m in (2, 5) else ""
+
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("% of the mass on the diagonal (p = 1)")
     ax.set_title("3. diagonality")
@@ -86,8 +95,15 @@ def flatness_by_layer(df: pd.DataFrame, folder: str | Path, title: str) -> list[
     ax.legend(fontsize=7)
 
     ax = axes[5]
-    ax.bar(x, 100 * col("act_zero_frac"), color="C1")
-    ax.set_ylim(0, 100)
+    z = 100 * col("act_zero_frac")
+    ax.bar(x, z, color="C1")
+    top = float(z.max()) if z.notna().any() else 0.0
+    if top < 5:  # a smooth activation (GELU, SiLU): exact zeros are rare; a 0-100 axis would show nothing
+        ax.set_ylim(0, max(0.5, 1.3 * top))
+        ax.text(0.5, 0.92, f"few exact zeros (at most {top:.2g} %): a smooth activation", transform=ax.transAxes,
+                ha="center", va="top", fontsize=8, color="0.35")
+    else:
+        ax.set_ylim(0, 100)
     ax.set_ylabel("% of entries with a = 0")
     ax.set_title("6. activation sparsity (value input)")
 
