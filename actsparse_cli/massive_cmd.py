@@ -68,10 +68,16 @@ def massive_output(result, title: str, kinds=None):
                 f"  sample {g.get('sample')}, position {g.get('position')}, channel {g.get('channel')}, "
                 f"token {g.get('token')!r}")
     if result.intervene:
-        iv = [col("mode", "mode", str, left=True), col("PPL", "ppl"),
-              col("x original", "ppl_ratio", lambda v: fmt(v, 6)),
-              col("targets", "n_targets", drop=2)]
         first = result.intervene[0]
+        if "accuracy" in first:  # a sequence classifier with --labels
+            iv = [col("mode", "mode", str, left=True), col("CE", "ce_mean"),
+                  col("loss ratio", "loss_ratio", lambda v: fmt(v, 6)),
+                  col("accuracy", "accuracy", lambda v: fmt(v, 4)),
+                  col("acc drop", "accuracy_drop", lambda v: fmt(v, 4)), col("examples", "n_sequences", drop=2)]
+        else:
+            iv = [col("mode", "mode", str, left=True), col("PPL", "ppl"),
+                  col("x original", "ppl_ratio", lambda v: fmt(v, 6)),
+                  col("targets", "n_targets", drop=2)]
         out.add(View(f"intervention at layer {first['layer']} ({first['canonical_name']}), channels "
                      f"{first['channels']}", list(result.intervene), iv))
     if result.attention:
@@ -80,7 +86,9 @@ def massive_output(result, title: str, kinds=None):
         at = [col("layer", "layer"), col("share pos 0", "attn_share_first"), col("share peak", "attn_share_peak"),
               col("share massive", "attn_share_massive", drop=3), col("uniform pos 0", "uniform_share_first", drop=2),
               col("max head pos 0", "max_head_share_first", drop=4)]
-        out.add(View("attention share per layer (mean over heads)", attention_by_layer(result.attention), at))
+        kind = result.attention[0].get("attention_kind", "causal")
+        out.add(View(f"attention share per layer (mean over heads; {kind} attention)",
+                     attention_by_layer(result.attention), at))
     if result.int8:
         first = result.int8[0]
         site = first.get("canonical_name")
@@ -170,14 +178,19 @@ def register(app: typer.Typer) -> None:
         intervene: Annotated[Optional[str], typer.Option(
             "--intervene", help="Sun et al.'s exp3: PPL with the massive activations of the first layer that has "
             "them (positions 0 and the largest |h|, the massive channels) set to zero and/or to their mean over "
-            "the sequences, e.g. zero,mean; one extra pass each plus the original.",
+            "the sequences, e.g. zero,mean; one extra pass each plus the original. A sequence classifier: "
+            "cross-entropy and accuracy on --data FILE.jsonl with --labels.",
             rich_help_panel=PANEL_MASSIVE)] = None,
+        labels: Annotated[Optional[str], typer.Option(
+            "--labels", help="Label field of the --data .jsonl: --intervene on a sequence classifier measures "
+            "cross-entropy and accuracy against it.", rich_help_panel=PANEL_DATA)] = None,
         intervene_layer: Annotated[Optional[int], typer.Option(
             "--intervene-layer", min=0, help="0-based layer for --intervene / --attention (default: the first "
             "layer with massive activations, else the largest top1/median).", rich_help_panel=PANEL_MASSIVE)] = None,
         attention: Annotated[bool, typer.Option(
             "--attention", help="Sun et al.'s exp4: per layer and head, the attention share on position 0 and on "
-            "the massive positions, mean logits, and per-layer logit heat maps of one prompt (eager attention).",
+            "the massive positions, mean logits, and per-layer logit heat maps of one prompt (eager attention; causal "
+            "decoders and bidirectional encoders, where --bos puts [CLS] at position 0).",
             rich_help_panel=PANEL_MASSIVE)] = False,
         attention_prompt: Annotated[Optional[str], typer.Option(
             "--attention-prompt", help="Text of the --attention heat maps (default: Sun et al.'s exp4 prompt).",
@@ -217,6 +230,9 @@ def register(app: typer.Typer) -> None:
         if intervene_layer is not None and not (modes or attention):
             raise ActsparseError("--intervene-layer picks the layer of --intervene / --attention",
                                  "use it with --intervene zero,mean or --attention", exit_code=2)
+        if labels is not None and not modes:
+            raise ActsparseError("--labels gives the labels of --intervene on a sequence classifier",
+                                 "add --intervene zero,mean, or drop --labels", exit_code=2)
         if attention_prompt is not None and not attention:
             raise ActsparseError("--attention-prompt is the text of the --attention heat maps",
                                  "add --attention", exit_code=2)
@@ -240,7 +256,7 @@ def register(app: typer.Typer) -> None:
                               int8_calibration=int8_calibration.value,
                               capture_prompt=(prompt or SUN_DEFAULT_PROMPT) if want_3d else None,
                               intervene=modes, intervene_layer=intervene_layer, attention=attention,
-                              attention_prompt=attention_prompt)
+                              attention_prompt=attention_prompt, labels=labels)
         if prompt is None:
             from probes.corpus import check_corpus_spec
 

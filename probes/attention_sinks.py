@@ -7,8 +7,12 @@ one layer averaged over heads, lower triangle, for one prompt). The paper reads 
 attention concentrates on the tokens holding massive activations (position 0 and the first
 delimiter).
 
-Here, per layer and head, on the run's sequences (pooled over every real query at position >= 1;
-query 0 can only attend to itself):
+Here, per layer and head, on the run's sequences, pooled over the counted queries: with causal
+attention (decoders: each query sees the keys up to itself) every real query at position >= 1 (query 0
+can only attend to itself); with bidirectional attention (encoders, e.g. BERT: each query sees every
+real key of its sequence) every real query, position 0 included. Which kind was read is the module's
+own ``is_causal`` flag (transformers' attention modules carry it), else read off the probabilities
+(no mass above the diagonal: causal); it goes into the ``attention_kind`` column and the manifest:
 
 - ``attn_share_first``: mean attention probability on key position 0;
 - ``attn_share_peak``: on the positions Sun's exp3 intervenes (0 and the position of the largest
@@ -16,9 +20,19 @@ query 0 can only attend to itself):
 - ``attn_share_massive``: on the positions holding Sun-massive entries (|a| > 100 and >= 1000 x the
   sequence's whole-tensor median) at the reference layer (NaN when no sequence has any);
 - ``uniform_share_first`` / ``uniform_share_peak``: the same shares if every query spread its
-  attention uniformly over the keys it sees (the baseline a share should be compared with);
+  attention uniformly over the keys it sees (the baseline a share should be compared with): causal,
+  query q puts 1/(q+1) on each key 0..q; bidirectional, 1/(number of real keys of its sequence) on
+  each of them, padding excluded;
 - ``logit_first_mean``, ``logit_peak_mean``, ``logit_other_mean``: the mean attention logit
   (q·k x scaling, before the mask) on key 0, on the peak positions, and on every other visible key.
+
+Non-causal models: Sun et al.'s code reads attention only for LLMs (the causal masks above); their
+ViT code (``monkey_patch/modify_vit.py`` ``vit_custom_attention_forward``) computes the same
+``attn_logits`` / ``attn_probs`` with no mask (every query sees every token) but plots none. For an
+encoder, position 0 is [CLS] only when the sequences start with it (``--bos`` puts the tokenizer's
+prefix token, [CLS] for BERT, at position 0); ``first_position`` in the manifest says which. The
+prompt map (``massive_attention_prompt``) is the lower triangle (key <= query) for causal attention
+and the full square for bidirectional attention.
 
 Probabilities come from the model's own eager attention function (its modeling file's
 ``eager_attention_forward``), run through a custom ``transformers`` attention implementation for the
@@ -36,7 +50,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 from probes.errors import ModelError
-from probes.massive_intervene import peak_positions, sun_massive_positions
+from probes.massive_intervene import check_attention_model, peak_positions, sun_massive_positions
 
 CAPTURE_IMPL = "actsparse_capture"
 SUN_ATTENTION_PROMPT = ("The following are multiple choice questions (with answers) about machine learning.\n\n "
@@ -106,6 +120,45 @@ def attention_logits(module, query, key, scaling):
     return torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(scaling)
 
 
+CAUSAL, BIDIRECTIONAL = "causal", "bidirectional"
+
+
+def attention_kind(module, probs, valid) -> str:
+    """``causal`` or ``bidirectional``: the attention module's own ``is_causal`` flag when it has one (transformers'
+    attention modules do), else read off ``probs`` ``[B, H, T, T]``: no probability above the diagonal between
+    real tokens (``valid`` ``[B, T]``) means causal."""
+    import torch
+
+    flag = getattr(module, "is_causal", None)
+    if isinstance(flag, bool):
+        return CAUSAL if flag else BIDIRECTIONAL
+    T = probs.shape[-1]
+    upper = torch.ones(T, T, dtype=torch.bool, device=probs.device).triu(1)
+    pair = upper[None] & valid[:, :, None] & valid[:, None, :]  # [B, Tq, Tk]
+    return BIDIRECTIONAL if bool((probs.float() * pair[:, None]).abs().amax() > 0) else CAUSAL
+
+
+def visible_keys(kind: str, valid, qmask):
+    """``[B, Tq, Tk]`` bool: the keys each counted query sees (causal: real keys up to itself; bidirectional: every
+    real key of its sequence)."""
+    import torch
+
+    T = valid.shape[1]
+    if kind == CAUSAL:
+        ar = torch.arange(T, device=valid.device)
+        return (ar[None, :] <= ar[:, None])[None] & qmask[:, :, None] & valid[:, None, :]
+    return qmask[:, :, None] & valid[:, None, :]
+
+
+def counted_queries(kind: str, valid):
+    """``[B, T]`` bool: the queries a share is pooled over (causal: real queries at position >= 1, query 0 sees only
+    itself; bidirectional: every real query)."""
+    qmask = valid.clone()
+    if kind == CAUSAL:
+        qmask[:, 0] = False
+    return qmask
+
+
 class _Layer:
     """Per-layer column sums of one batch: [B, H, T] probability mass and logit sums per key."""
 
@@ -124,6 +177,7 @@ class AttentionShares:
         self.n_seq_with_massive = 0
         self.logits_ok = True
         self.max_logit_gap = 0.0
+        self.kind: str | None = None  # CAUSAL or BIDIRECTIONAL, from the first attention call
 
     def begin(self, valid) -> None:
         self.valid = valid.bool()
@@ -137,22 +191,27 @@ class AttentionShares:
         if valid.shape != (B, T) or S != T:
             raise ModelError(f"attention of shape {tuple(probs.shape)} does not match the batch {tuple(valid.shape)} "
                              "(cross-attention or a key/value cache)", NOT_SUPPORTED_FIX)
-        qmask = valid.clone()
-        qmask[:, 0] = False  # query 0 sees only itself
+        kind = attention_kind(module, probs, valid)
+        if self.kind is None:
+            self.kind = kind
+        elif kind != self.kind:
+            raise ModelError(f"this model mixes {self.kind} and {kind} attention layers, which one table cannot "
+                             "pool", NOT_SUPPORTED_FIX)
+        qmask = counted_queries(kind, valid)  # causal: query 0 sees only itself and is not counted
         p = probs.float() * qmask[:, None, :, None]
         p_col = p.sum(2)  # [B, H, T]: mass each key receives from the counted queries
         logits = attention_logits(module, query, key, scaling)  # [B, H, T, T]
         ok = True
-        if mask is not None and torch.is_tensor(mask) and mask.is_floating_point():
-            check = torch.softmax(logits + mask[..., :T, :T].float(), dim=-1)
+        floating = mask is not None and torch.is_tensor(mask) and mask.is_floating_point()
+        if floating or (mask is None and kind == BIDIRECTIONAL):  # no mask: bidirectional without padding
+            check = torch.softmax(logits + mask[..., :T, :T].float() if floating else logits, dim=-1)
             gap = float((check - probs.float()).abs().masked_fill(~valid[:, None, :, None], 0).max())
             tol = LOGIT_CHECK_TOL.get(str(probs.dtype).replace("torch.", ""), 1e-2)
             self.max_logit_gap = max(self.max_logit_gap, gap)
             ok = gap <= tol
         else:
             ok = False
-        ar = torch.arange(T, device=probs.device)
-        vis = (ar[None, :] <= ar[:, None])[None] & qmask[:, :, None] & valid[:, None, :]  # [B, Tq, Tk]
+        vis = visible_keys(kind, valid, qmask)  # [B, Tq, Tk]
         l_col = (logits * vis[:, None]).sum(2)  # [B, H, T]
         self.layers.append(_Layer(p_col, l_col, ok))
         self.logits_ok = self.logits_ok and ok
@@ -168,19 +227,26 @@ class AttentionShares:
         B, T = valid.shape
         dev = self.layers[0].p_col.device
         valid = valid.to(dev)
-        qmask = valid.clone()
-        qmask[:, 0] = False
+        kind = self.kind or CAUSAL
+        qmask = counted_queries(kind, valid)
         first = torch.zeros((B, T), dtype=torch.bool, device=dev)
         first[:, 0] = valid[:, 0]
         peak, mass = peak_set.to(dev) & valid, massive_set.to(dev) & valid
         other = valid & ~peak
         ar = torch.arange(T, device=dev)
-        vis = (ar[None, :] <= ar[:, None])[None] & qmask[:, :, None] & valid[:, None, :]
+        vis = visible_keys(kind, valid, qmask)
         n_vis = vis.sum(1).double()  # [B, T]: counted queries that see each key
         n_q = float(qmask.sum())
-        # uniform baseline: a query q spreads 1/(q+1) on each key it sees
-        inv = torch.where(qmask, 1.0 / (ar[None, :] + 1.0), torch.zeros((), device=dev)).double()  # [B, Tq]
-        uni = {k: float((inv * (s.double().cumsum(1))).sum()) for k, s in (("first", first), ("peak", peak))}
+        if kind == CAUSAL:
+            # uniform baseline: a query q spreads 1/(q+1) on each key it sees
+            inv = torch.where(qmask, 1.0 / (ar[None, :] + 1.0), torch.zeros((), device=dev)).double()  # [B, Tq]
+            uni = {k: float((inv * (s.double().cumsum(1))).sum()) for k, s in (("first", first), ("peak", peak))}
+        else:
+            # uniform baseline: a query spreads 1/n on each of the n real keys of its sequence (padding excluded)
+            n_keys = valid.sum(1, keepdim=True).double().clamp(min=1)  # [B, 1]
+            inv = torch.where(qmask, 1.0 / n_keys, torch.zeros((), device=dev, dtype=torch.float64))  # [B, Tq]
+            uni = {k: float((inv * s.double().sum(1, keepdim=True)).sum()) for k, s in (("first", first),
+                                                                                         ("peak", peak))}
         self.n_seq += int(valid[:, 0].sum())
         self.n_seq_with_massive += int(mass.any(1).sum())
         for li, L in enumerate(self.layers):
@@ -220,7 +286,7 @@ class AttentionShares:
                             "uniform_share_peak": a["u_peak"] / nq if nq else math.nan,
                             "logit_first_mean": logit("first"), "logit_peak_mean": logit("peak"),
                             "logit_other_mean": logit("other"),
-                            "n_seq_with_massive": self.n_seq_with_massive})
+                            "n_seq_with_massive": self.n_seq_with_massive, "attention_kind": self.kind or CAUSAL})
         return out
 
 
@@ -232,10 +298,7 @@ def run_attention(loaded, ref: dict[str, Any], td, tick: Callable[[int], Any] | 
     ``massive_attention_prompt`` rows, manifest info)."""
     from probes.runner import forward_batch, run
 
-    if loaded.is_encoder_decoder or not loaded.is_causal_lm:
-        raise ModelError("--attention reads causal self-attention (each query sees the keys before it); this model "
-                         "is " + ("an encoder-decoder" if loaded.is_encoder_decoder else "not a causal language model"),
-                         NOT_SUPPORTED_FIX)
+    check_attention_model(loaded)
     site = ref["site"]
     shares = AttentionShares()
     sets: dict[str, Any] = {}
@@ -266,16 +329,28 @@ def run_attention(loaded, ref: dict[str, Any], td, tick: Callable[[int], Any] | 
 
     with eager_capture(loaded.model, shares.on_attention):
         run(loaded.model, td.batches(), fwd_hooks=[(site, at_layer)], forward=forward, step=step, progress=tick)
-        prompt_rows, prompt_info = _prompt_attention(loaded, prompt or SUN_ATTENTION_PROMPT, bos)
+        prompt_rows, prompt_info = _prompt_attention(loaded, prompt or SUN_ATTENTION_PROMPT, bos, shares.kind)
+    kind = shares.kind or CAUSAL
+    causal = kind == CAUSAL
     info = {"reference": "locuslab/massive-activations main_llm.py --exp4, monkey_patch/modify_llama.py "
-                         "llama_custom_attention_forward (attn_logits, attn_probs), lib/plot_utils_llm.py plot_attn",
+                         "llama_custom_attention_forward (attn_logits, attn_probs), lib/plot_utils_llm.py plot_attn"
+                         + ("" if causal else "; unmasked (bidirectional) attention as monkey_patch/modify_vit.py "
+                            "vit_custom_attention_forward"),
             "reference_layer": ref["layer"], "canonical_name": ref["canonical_name"],
             "layer_rule": ref["layer_rule"],
-            "queries": "every real query at position >= 1, pooled over sequences",
+            "attention_kind": kind,
+            "attention_kind_rule": "the attention modules' is_causal flag (else: no probability above the diagonal "
+                                   "between real tokens = causal)",
+            "first_position": first_position(loaded, bos),
+            "queries": ("every real query at position >= 1, pooled over sequences" if causal else
+                        "every real query (position 0 included: bidirectional attention), pooled over sequences"),
             "sets": {"first": "key position 0",
                      "peak": "key 0 and the position of the largest |h| at the reference layer (Sun's exp3 positions)",
                      "massive": "keys holding Sun-massive entries at the reference layer"},
-            "uniform": "share if each query q spread 1/(q+1) on every key it sees",
+            "uniform": ("share if each query q spread 1/(q+1) on every key it sees" if causal else
+                        "share if each query spread 1/n on each of the n real keys of its sequence (padding "
+                        "excluded)"),
+            "prompt_map": "lower triangle (key <= query)" if causal else "full square (every query, every key)",
             "logits": ("q k^T x scaling (the model's eager attention), checked against its probabilities"
                        if shares.logits_ok else "not plain softmax(q k^T x scaling + mask) for this model: logit "
                        "columns are NaN"),
@@ -284,9 +359,27 @@ def run_attention(loaded, ref: dict[str, Any], td, tick: Callable[[int], Any] | 
     return shares.rows(), prompt_rows, info
 
 
-def _prompt_attention(loaded, prompt: str, bos: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def first_position(loaded, bos: bool) -> str:
+    """What position 0 of the run's sequences holds, for the manifest and summary."""
+    from probes import corpus as corpus_mod
+
+    tok = loaded.tokenizer
+    if bos and tok is not None:
+        pre = corpus_mod.prefix_token(tok)
+        if pre is not None:
+            try:
+                text = tok.decode([int(pre)])
+            except Exception:
+                text = str(pre)
+            return f"the prefix token {text} (--bos)"
+    return "the first token of each sequence (no special tokens added)"
+
+
+def _prompt_attention(loaded, prompt: str, bos: bool, kind: str | None = None
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One forward of ``prompt`` (already inside ``eager_capture``): per layer, head-mean logits and
-    probabilities for every (query, key) with key <= query (their plot_attn: ``attn_logits[0].mean(0)``)."""
+    probabilities for every (query, key) with key <= query (their plot_attn: ``attn_logits[0].mean(0)``), every
+    key for bidirectional attention (``kind``)."""
     import torch
 
     from probes import corpus as corpus_mod
@@ -324,10 +417,11 @@ def _prompt_attention(loaded, prompt: str, bos: bool) -> tuple[list[dict[str, An
         _CURRENT["fn"] = prev
     toks = [decode_token(tok, t) for t in ids]
     rows = []
+    square = kind == BIDIRECTIONAL
     for li, (lg, pr) in enumerate(kept):
         T = lg.shape[0]
         for q in range(T):
-            for k in range(q + 1):
+            for k in range(T if square else q + 1):
                 rows.append({"layer": li, "query": q, "key": k, "query_token": toks[q], "key_token": toks[k],
                              "logit_mean": float(lg[q, k]), "prob_mean": float(pr[q, k])})
     return rows, {"prompt": prompt, "prompt_tokens": len(ids)}

@@ -658,6 +658,7 @@ class MassiveOptions(CorpusOptions):
     intervene_layer: int | None = None  # None: the first resid_post layer with massive entries
     attention: bool = False  # per-layer, per-head attention shares on the massive positions
     attention_prompt: str | None = None  # None: Sun's exp4 prompt, for the per-layer logit heat maps
+    labels: str | None = None  # --intervene on a sequence classifier: the label field of the --data .jsonl
 
 
 @dataclass
@@ -775,13 +776,12 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
     if (modes or opts.attention) and opts.prompt is not None:
         raise DataError("--intervene and --attention measure the preset's corpus sequences, not one --prompt",
                         "drop --prompt (use --attention-prompt for the attention heat maps' text)")
-    if (modes or opts.attention) and (loaded.is_encoder_decoder or not loaded.is_causal_lm):  # before any batch
-        what = " and ".join(o for o, on in (("--intervene", modes), ("--attention", opts.attention)) if on)
-        raise ModelError(f"{what} need a causal language model (next-token perplexity, causal self-attention); "
-                         f"this model is {'an encoder-decoder' if loaded.is_encoder_decoder else 'not causal'}",
-                         f"run massive without {what} on this model")
+    from probes.massive_intervene import prepare_intervention
+
+    labelled = prepare_intervention(loaded, opts, modes)  # refusals and the labelled examples, before any batch
     total = n_batches + (sum(td.n_batches([windows[i] for i in part]) for part in split8) if split8 else 0)
-    total += n_batches * ((1 + len(modes) if modes else 0) + (1 if opts.attention else 0))
+    total += (labelled.n_batches() if labelled else n_batches) * (1 + len(modes) if modes else 0)
+    total += n_batches * (1 if opts.attention else 0)
     if progress:
         progress(total, 0)
     tick = (lambda k: progress(total, k)) if progress else None
@@ -843,7 +843,8 @@ def massive(loaded, opts: MassiveOptions | None = None, progress: Callable[[int,
 
         ref = reference_layer(sites, rows, probes, opts.intervene_layer)
         if modes:
-            iv_rows, iv_vals, iv_info = run_intervention(loaded, sites, rows, probes, td, modes, tick=tick, ref=ref)
+            iv_rows, iv_vals, iv_info = run_intervention(loaded, sites, rows, probes, td, modes, tick=tick, ref=ref,
+                                                         labelled=labelled)
         if opts.attention:
             from probes.attention_sinks import run_attention
 

@@ -28,6 +28,22 @@ Here, for any model, on the run's own sequences:
 - perplexity is exp(sum of next-token NLL / number of targets) over every real token, the
   original and each intervention on the same sequences. ``eval_ppl`` averages per-sequence mean
   losses of equal-length sequences, which is the same number for equal lengths (sun2024 chunks).
+
+Sequence classifiers (``...ForSequenceClassification``, e.g. a BERT encoder with a linear probe from
+``actsparse fit-head``), with ``--data FILE.jsonl --labels FIELD``: the same layer, channels and
+positions rule (the layer and channels from the massive statistics of the run's own sequences, as
+above; per example, position 0 = [CLS] and the example's largest-|h| position at that layer), applied
+to each labelled example (one example per row, tokenized with the tokenizer's special tokens,
+truncated at ``--max-length`` or the model's limit); ``mean`` uses the means of those entries over
+the examples in the original forward. Quality is what Sun et al. measure on their non-causal models
+(main_vit.py ``--exp3`` with lib/eval_utils.py ``test_imagenet``: top-1 accuracy of the classifier,
+original vs intervened, on the same examples) plus the mean cross-entropy against the labels:
+``ce_mean`` (natural log, mean over examples), ``loss_ratio`` = exp(ce_mean - ce_mean of the original),
+``accuracy`` (argmax = label) and ``accuracy_drop`` = original accuracy - this accuracy. Their ViT
+intervention itself differs (lib/eval_utils.py ``fix_reg_mean``: the register tokens' whole feature
+vectors, at the input of every block, set to means over 10k training images; no ``set_zero``); the
+LLM rule above is the one used here. A model with neither a causal-LM head nor a classification head
+(a bare encoder) has no quality measure and is refused; no surrogate loss is substituted.
 """
 
 from __future__ import annotations
@@ -57,6 +73,101 @@ def parse_modes(modes: Sequence[str] | str | None) -> tuple[str, ...]:
         if m not in out:
             out.append(m)
     return tuple(out)
+
+
+QUALITY_PPL, QUALITY_CLASSIFICATION = "perplexity", "classification"
+FIT_HEAD_FIX = ("make it a classifier with `actsparse fit-head`, then run massive on the folder it writes with "
+                "--data FILE.jsonl --labels FIELD --intervene zero,mean (no surrogate loss is substituted)")
+LABELLED_BATCH_SIZE = 8  # labelled examples per batch when --batch-size is not given (padding is masked)
+
+
+def intervene_quality(loaded, labels: str | None) -> str:
+    """How ``--intervene`` measures quality on ``loaded``: ``perplexity`` (a causal LM, no labels) or
+    ``classification`` (a sequence classifier with ``labels``); a ``ModelError`` / ``DataError`` before any batch
+    for every other case."""
+    from probes.errors import ModelError
+    from probes.loss import model_head
+
+    name = type(loaded.model).__name__
+    if loaded.is_encoder_decoder:
+        raise ModelError(f"--intervene measures a causal LM's perplexity or a classifier's accuracy; {name} is an "
+                         "encoder-decoder", "run massive without --intervene on this model")
+    head = model_head(loaded.model)
+    if head == "classification":
+        if not labels:
+            raise DataError(f"--intervene on {name} (a sequence classifier) measures cross-entropy and accuracy "
+                            "against labels, and no --labels was given",
+                            "pass --data FILE.jsonl --labels FIELD (the .jsonl field holding each example's label)")
+        return QUALITY_CLASSIFICATION
+    if labels:
+        raise DataError(f"--labels gives a sequence classifier's labels; {name} is "
+                        + ("a causal language model, whose --intervene measures perplexity" if loaded.is_causal_lm
+                           else "not a sequence classifier"),
+                        "drop --labels" if loaded.is_causal_lm else FIT_HEAD_FIX)
+    if loaded.is_causal_lm:
+        return QUALITY_PPL
+    raise ModelError(f"--intervene compares the model's quality with and without its massive activations, and {name} "
+                     "has no causal-LM head and no classification head (a bare encoder has no loss on text)",
+                     FIT_HEAD_FIX)
+
+
+def check_attention_model(loaded) -> None:
+    """ModelError before any batch for a model whose self-attention ``--attention`` (``probes.attention_sinks``)
+    cannot read (encoder-decoders: cross-attention and two stacks); causal decoders and bidirectional encoders pass."""
+    from probes.errors import ModelError
+
+    if loaded.is_encoder_decoder:
+        raise ModelError("--attention reads one stack's self-attention (causal decoders, bidirectional encoders); "
+                         "this model is an encoder-decoder", "run massive without --attention on this model")
+
+
+def prepare_intervention(loaded, opts, modes: Sequence[str]) -> "LabelledData | None":
+    """What ``massive`` checks before any batch for ``--intervene`` / ``--attention`` / ``--labels``: the refusals
+    (``intervene_quality``, ``check_attention_model``) and, for a classifier, its labelled
+    examples (read now, so a bad file fails before the model runs). None unless a classifier is intervened on."""
+    labels = getattr(opts, "labels", None)
+    if labels and not modes:
+        raise DataError("--labels gives the labels of --intervene on a sequence classifier, and no --intervene was "
+                        "given", "add --intervene zero,mean, or drop --labels")
+    if getattr(opts, "attention", False):
+        check_attention_model(loaded)
+    if not modes:
+        return None
+    if intervene_quality(loaded, labels) == QUALITY_PPL:
+        return None
+    return LabelledData(loaded, opts)
+
+
+class LabelledData:
+    """The labelled examples of ``--data FILE.jsonl --labels FIELD``, read before any batch (``probes.loss``)."""
+
+    def __init__(self, loaded, opts):
+        from types import SimpleNamespace
+
+        from probes.data import resolve_max_length
+        from probes.loss import labeled_examples
+
+        self.max_length = resolve_max_length(loaded, opts.max_length)
+        self.examples = labeled_examples(opts, loaded)
+        self.batch_size = opts.batch_size or LABELLED_BATCH_SIZE
+        self.loaded = loaded
+        self._opts = SimpleNamespace(batch_size=self.batch_size)
+        self.labels_field = opts.labels
+        self.corpus = opts.data
+
+    def n_batches(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def batches(self):
+        from probes.loss import labeled_text_batches
+
+        return labeled_text_batches(self.examples, self._opts, self.loaded, self.max_length)
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "labels_field": self.labels_field, "n_examples": len(self.examples),
+                "max_length": self.max_length, "batch_size": self.batch_size,
+                "tokenization": "one example per row with the tokenizer's special tokens ([CLS] ... [SEP] for "
+                                "BERT), truncated at max_length, right padding masked"}
 
 
 def reference_layer(sites, rows: Sequence[dict[str, Any]], probes: dict[str, Any], layer: int | None = None,
@@ -190,6 +301,39 @@ class InterventionHook:
         return {c: (self.sums[c] / self.counts[c]) if self.counts[c] else None for c in self.sums}
 
 
+class ClassifierLoss:
+    """Cross-entropy against the labels and top-1 correctness, per example (``batch.labels`` ``[B]``)."""
+
+    def __init__(self):
+        self.ce: list[float] = []
+        self.correct: list[bool] = []
+
+    def step(self, batch, out) -> None:
+        import torch
+
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        lg = logits.float()
+        if lg.dim() != 2:
+            raise DataError(f"the classifier gave logits of shape {tuple(lg.shape)}, not [batch, classes]",
+                            "give a ...ForSequenceClassification checkpoint")
+        lab = batch.labels.to(lg.device)
+        ce = torch.nn.functional.cross_entropy(lg, lab, reduction="none").double()
+        self.ce += [float(v) for v in ce.cpu()]
+        self.correct += [bool(v) for v in (lg.argmax(-1) == lab).cpu()]
+
+    @property
+    def n(self) -> int:
+        return len(self.ce)
+
+    @property
+    def ce_mean(self) -> float:
+        return math.fsum(self.ce) / self.n if self.n else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / self.n if self.n else math.nan
+
+
 class NllSum:
     """Sum of next-token NLL over real tokens (targets whose token and predecessor are both real)."""
 
@@ -221,13 +365,17 @@ class NllSum:
 
 
 def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], layer: int | None = None,
-                     tick: Callable[[int], Any] | None = None, ref: dict[str, Any] | None = None
+                     tick: Callable[[int], Any] | None = None, ref: dict[str, Any] | None = None,
+                     labelled: LabelledData | None = None
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """PPL of the original model and of each intervention in ``modes`` on ``td``'s sequences.
+    """PPL of the original model and of each intervention in ``modes`` on ``td``'s sequences; with ``labelled``
+    (a sequence classifier), cross-entropy and accuracy on its examples instead.
 
     Returns (``massive_intervene`` rows, ``massive_intervene_values`` rows, manifest info)."""
     from probes.runner import TokenBatches, run
 
+    if labelled is not None:
+        return _run_classifier_intervention(loaded, sites, rows, probes, labelled, modes, layer, tick, ref)
     if loaded.is_encoder_decoder or not loaded.is_causal_lm:
         raise DataError("--intervene measures next-token perplexity, which needs a causal language model",
                         "run massive without --intervene on this model")
@@ -280,3 +428,75 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
             "ppl": "exp(sum of next-token NLL / number of targets), every real token (no --skip-first)",
             "ppl_original": base.ppl}
     return out, vals, info
+
+
+def _intervened_passes(loaded, site, channels, batches, modes, make_quality, tick):
+    """The original forward and one per mode over ``batches()`` (a fresh iterator each), the hook on ``site``;
+    the means of ``mean`` come from the original pass. Returns (quality per mode, hook per mode, means)."""
+    from probes.runner import TokenBatches, forward_batch, run
+
+    results: dict[str, Any] = {}
+    hooks: dict[str, InterventionHook] = {}
+    means = None
+    for mode in ("original", *modes):
+        hook = InterventionHook(channels, mode, means)
+        quality = make_quality()
+
+        def forward(m, b, _hook=hook):
+            _hook.valid = b.attention_mask.bool()
+            return forward_batch(m, b, is_encoder_decoder=False, need_logits=True)
+
+        run(loaded.model, batches(), fwd_hooks=[(site, hook)], adapter=TokenBatches(need_logits=True),
+            forward=forward, step=quality.step, progress=tick)
+        results[mode], hooks[mode] = quality, hook
+        if mode == "original":
+            means = hook.mean_values()
+    return results, hooks, means
+
+
+def _values_rows(ref, hooks, means) -> list[dict[str, Any]]:
+    orig = hooks["original"]
+    vals = []
+    for cls in ("first", "peak"):
+        m = means[cls] if means else None
+        for j, c in enumerate(ref["channels"]):
+            vals.append({"canonical_name": ref["canonical_name"], "layer": ref["layer"], "position_class": cls,
+                         "channel": int(c), "n_sequences": orig.counts[cls],
+                         "mean_value": float(m[j]) if m is not None else math.nan})
+    return vals
+
+
+def _run_classifier_intervention(loaded, sites, rows, probes, labelled: LabelledData, modes, layer, tick, ref):
+    """``run_intervention`` for a sequence classifier: cross-entropy and accuracy on the labelled examples."""
+    ref = ref or reference_layer(sites, rows, probes, layer)
+    results, hooks, means = _intervened_passes(loaded, ref["site"], ref["channels"], labelled.batches, modes,
+                                               ClassifierLoss, tick)
+    base = results["original"]
+    out = []
+    for mode, r in results.items():
+        out.append({"mode": mode, "canonical_name": ref["canonical_name"], "module_path": ref["module_path"],
+                    "layer": ref["layer"], "layer_1based": ref["layer"] + 1,
+                    "channels": ",".join(str(c) for c in ref["channels"]), "n_channels": len(ref["channels"]),
+                    "n_sequences": r.n, "ce_mean": r.ce_mean,
+                    "loss_ratio": math.exp(r.ce_mean - base.ce_mean) if base.n else math.nan,
+                    "accuracy": r.accuracy, "accuracy_drop": base.accuracy - r.accuracy})
+    peaks = hooks["original"].peaks
+    info = {"reference": "locuslab/massive-activations main_llm.py --exp3 with lib/hook.py Intervened_Layer.update "
+                         "(positions and channels); quality as main_vit.py --exp3, lib/eval_utils.py test_imagenet "
+                         "(top-1 accuracy, original vs intervened), plus mean cross-entropy against the labels",
+            "quality": QUALITY_CLASSIFICATION, "modes": list(modes), "layer": ref["layer"],
+            "canonical_name": ref["canonical_name"], "module_path": ref["module_path"],
+            "layer_rule": ref["layer_rule"] + " (from the run's own sequences)", "channels": ref["channels"],
+            "channel_rule": ref["channel_rule"],
+            "positions": "per example: 0 ([CLS] for BERT-style tokenizers) and the position of the largest |h| at this "
+                         "layer (when not 0)",
+            "n_sequences_peak_not_first": sum(1 for p in peaks if p != 0),
+            "mean_rule": "set_mean: per (position class, channel) mean of h over the labelled examples in the original "
+                         "forward (in-sample; the reference hard-codes its means)",
+            "columns": {"ce_mean": "mean over examples of the cross-entropy (natural log) against the label",
+                        "loss_ratio": "exp(ce_mean - ce_mean of the original)",
+                        "accuracy": "share of examples whose argmax logit is the label",
+                        "accuracy_drop": "original accuracy - this accuracy"},
+            "examples": labelled.describe(),
+            "ce_original": base.ce_mean, "accuracy_original": base.accuracy}
+    return out, _values_rows(ref, hooks, means), info

@@ -332,9 +332,12 @@ def attention_by_layer(rows) -> list[dict[str, Any]]:
 
 
 def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
-    """Sun et al. 2024 Table 3 as bars: perplexity of the original model and of each intervention (log scale)."""
+    """Sun et al. 2024 Table 3 as bars: perplexity of the original model and of each intervention (log scale);
+    for a sequence classifier (an ``accuracy`` column), accuracy and the loss ratio side by side."""
     if table is None or table.empty:
         return []
+    if "accuracy" in table:
+        return _plot_intervene_classifier(table, folder, title)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.55 * len(table)))
     modes = [str(m) for m in table["mode"]]
@@ -355,6 +358,45 @@ def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[
     first = table.iloc[0]
     ax.set_title(f"{title}: intervention at layer {int(first['layer'])} (0-based), channels {first['channels']}",
                  fontsize=10)
+    fig.tight_layout()
+    return save(fig, folder, "massive_intervene")
+
+
+_MODE_LABELS = {"original": "original", "zero": "set to zero", "mean": "set to mean"}
+
+
+def _plot_intervene_classifier(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
+    """A classifier's intervention (Sun et al. 2024's ViT Table 5 measure, top-1 accuracy, plus the loss ratio):
+    accuracy bars on [0, 1] on the left, exp(CE - CE original) on the right."""
+    modes = [str(m) for m in table["mode"]]
+    acc = table["accuracy"].to_numpy(float)
+    ratio = table["loss_ratio"].to_numpy(float)
+    colors = ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
+    y = list(range(len(modes)))[::-1]
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 1.6 + 0.55 * len(table)), sharey=True)
+    ax.barh(y, acc, color=colors, height=0.6)
+    for yi, v, d in zip(y, acc, table["accuracy_drop"].to_numpy(float)):
+        ax.text(v, yi, f" {fmt(v, 3)}" + (f" ({'-' if d > 0 else '+'}{fmt(100 * abs(d), 2)} points)" if d else ""),
+                va="center", fontsize=9)
+    ax.set_xlim(0, 1.35)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_xlabel("accuracy (share of examples, argmax = label)")
+    ax.set_yticks(y, [_MODE_LABELS.get(m, m) for m in modes])
+    bx.barh(y, ratio, color=colors, height=0.6)
+    for yi, v, ce in zip(y, ratio, table["ce_mean"].to_numpy(float)):
+        bx.text(v, yi, f" x{fmt(v, 6)} (CE {fmt(ce, 4)})", va="center", fontsize=9)
+    if max(ratio) > 3 * min(ratio):
+        bx.set_xscale("log")
+        bx.set_xlim(min(ratio) / 1.5, max(ratio) * 8)
+        bx.set_xlabel("loss ratio exp(CE - CE original), log scale")
+    else:
+        bx.set_xlim(0, max(ratio) * 1.7)
+        bx.set_xlabel("loss ratio exp(CE - CE original)")
+    bx.axvline(1.0, color="0.6", linestyle=":", linewidth=1)
+    first = table.iloc[0]
+    fig.suptitle(f"{title}: intervention at layer {int(first['layer'])} (0-based), channels {first['channels']}, "
+                 f"{int(first['n_sequences'])} labelled examples", fontsize=10)
     fig.tight_layout()
     return save(fig, folder, "massive_intervene")
 
@@ -398,14 +440,16 @@ def plot_attention_heads(table: pd.DataFrame, folder: str | Path, title: str) ->
         ax.tick_params(labelsize=7)
     fig.subplots_adjust(top=0.80, wspace=0.35)
     fig.colorbar(im, ax=list(axes[0]), label="mean attention probability", pad=0.02)
-    fig.suptitle(f"{title}: attention share per layer and head\n(uniform attention would put {fmt(uni, 3)} on "
-                 "position 0)", fontsize=10)
+    kind = str(table["attention_kind"].iloc[0]) if "attention_kind" in table else "causal"
+    fig.suptitle(f"{title}: attention share per layer and head ({kind} attention)\n(uniform {kind} attention would "
+                 f"put {fmt(uni, 3)} on position 0)", fontsize=10)
     return save(fig, folder, "massive_attention")
 
 
 def plot_attention_prompt(table: pd.DataFrame, folder: str | Path, title: str, max_layers: int = 36) -> list[str]:
     """Sun et al. 2024 Fig. 6 style (lib/plot_utils_llm.py ``plot_attn``): per layer, the attention logits of one
-    prompt averaged over heads, lower triangle (query down, key across); one panel per layer."""
+    prompt averaged over heads, lower triangle for causal attention, the full square for bidirectional attention
+    (the table holds every key then); query down, key across; one panel per layer."""
     import math as _math
 
     import numpy as np
@@ -440,7 +484,9 @@ def plot_attention_prompt(table: pd.DataFrame, folder: str | Path, title: str, m
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     first = toks[0].replace("\n", "\\n") if toks else ""
+    square = bool((table["key"] > table["query"]).any())
     fig.suptitle(f"{title}: attention logits averaged over heads, {T} prompt tokens (first {first!r}); "
+                 f"{'bidirectional attention, full square' if square else 'causal attention, lower triangle'}; "
                  "query down, key across, key 0 at the left", fontsize=10)
     fig.tight_layout()
     return save(fig, folder, "massive_attention_prompt")
@@ -448,12 +494,26 @@ def plot_attention_prompt(table: pd.DataFrame, folder: str | Path, title: str, m
 
 def intervene_attention_summary_lines(result) -> list[str]:
     """summary.md lines of the intervention and attention analyses (empty when neither ran)."""
-    from reports.markdown import md_escape
+    from reports.markdown import md_code, md_escape
 
     lines: list[str] = []
     info = result.info
     intervene, attention = getattr(result, "intervene", None), getattr(result, "attention", None)  # older results
-    if intervene:
+    if intervene and "accuracy" in intervene[0]:
+        iv = info.get("intervene") or {}
+        first = intervene[0]
+        ex = iv.get("examples") or {}
+        lines += ["", f"Intervention (Sun et al. 2024 exp3, on a sequence classifier) at layer {first['layer']} "
+                      f"(0-based, {md_escape(first['canonical_name'])}; {md_escape(iv.get('layer_rule', ''))}), "
+                      f"channels {first['channels']} ({md_escape(iv.get('channel_rule', ''))}), positions 0 and each "
+                      f"example's largest-{md_escape('|h|')} position, on {first['n_sequences']} labelled examples "
+                      f"({md_code(str(ex.get('labels_field', '')))} of {md_escape(str(ex.get('corpus', '')))}); "
+                      "quality as their ViT experiment (top-1 accuracy) plus the cross-entropy against the labels:",
+                  "", "| mode | CE | loss ratio | accuracy | accuracy drop |", "|---|---:|---:|---:|---:|"]
+        for r in intervene:
+            lines.append(f"| {r['mode']} | {fmt(r['ce_mean'])} | {fmt(r['loss_ratio'], 6)} | {fmt(r['accuracy'], 4)} "
+                         f"| {fmt(r['accuracy_drop'], 4)} |")
+    elif intervene:
         iv = info.get("intervene") or {}
         first = intervene[0]
         lines += ["", f"Intervention (Sun et al. 2024 exp3) at layer {first['layer']} (0-based, "
@@ -467,8 +527,12 @@ def intervene_attention_summary_lines(result) -> list[str]:
     if attention:
         at = info.get("attention") or {}
         per = attention_by_layer(attention)
+        bidir = at.get("attention_kind") == "bidirectional"
+        queries = ("bidirectional attention (each query sees every real key of its sequence), every real query; "
+                   f"position 0 is {md_escape(at.get('first_position', ''))}" if bidir
+                   else "causal attention, every query at position >= 1")
         lines += ["", f"Attention (Sun et al. 2024 exp4): share of attention probability per layer, mean over heads "
-                      f"(max head in brackets), every query at position >= 1; reference layer "
+                      f"(max head in brackets), {queries}; reference layer "
                       f"{at.get('reference_layer')} ({md_escape(at.get('layer_rule', ''))}); "
                       f"{at.get('n_seq_with_massive', 0)} of {at.get('n_sequences', 0)} sequences hold Sun-massive "
                       "positions there.", "",

@@ -79,13 +79,17 @@ SECTION = ReportSection(
         FigureSpec("massive_intervene", lambda c: "Perplexity with the massive activations of the reference layer "
                    "(positions 0 and each sequence's largest |h|, the massive channels) set to zero or to their mean "
                    "over the sequences, against the original model on the same sequences (Sun et al. 2024 exp3, "
-                   "Table 3).", ("massive_intervene",), "reports.sections.massive:draw_massive_intervene"),
+                   "Table 3); for a sequence classifier (--labels), accuracy and the loss ratio exp(CE - CE original) "
+                   "on the labelled examples instead.", ("massive_intervene",),
+                   "reports.sections.massive:draw_massive_intervene"),
         FigureSpec("massive_attention", lambda c: "Share of attention probability per layer and head on key position "
                    "0, on Sun's exp3 positions (0 and the largest-|h| position) and on the Sun-massive positions, "
-                   "over every query at position >= 1 (Sun et al. 2024 exp4).", ("massive_attention",),
+                   "over every query at position >= 1 for causal attention, every query for bidirectional attention "
+                   "(encoders; the title says which) (Sun et al. 2024 exp4).", ("massive_attention",),
                    "reports.sections.massive:draw_massive_attention"),
         FigureSpec("massive_attention_prompt", lambda c: "Attention logits of one prompt averaged over heads, one "
-                   "panel per layer, lower triangle (Sun et al. 2024 Fig. 6 style, lib/plot_utils_llm.py plot_attn).",
+                   "panel per layer, lower triangle for causal attention, the full square for bidirectional attention "
+                   "(Sun et al. 2024 Fig. 6 style, lib/plot_utils_llm.py plot_attn).",
                    ("massive_attention_prompt",), "reports.sections.massive:draw_massive_attention_prompt"),
     ),
     summary="reports.sections.massive:summary_lines",

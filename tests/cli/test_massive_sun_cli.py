@@ -89,3 +89,102 @@ def test_preset_dtype_on_cuda_only(monkeypatch):
     assert massive_cmd.preset_dtype("sun2024", "auto", "auto") == "float16"
     assert massive_cmd.preset_dtype("maxact2026", "auto", "auto") == "bfloat16"
     assert massive_cmd.preset_dtype("sun2024", "bfloat16", "auto") == "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------ encoders (BERT)
+def _tiny_bert(folder, classifier: bool):
+    """A 2-layer BERT (seeded) with a word tokenizer that writes [CLS] ... [SEP]; the first block's output LayerNorm
+    scales channel 3 by 2000 (Sun-massive entries there)."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                     sep_token="[SEP]", mask_token="[MASK]", model_max_length=MAX_LEN)
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=MAX_LEN, pad_token_id=0,
+                        **({"num_labels": 2} if classifier else {}))
+    cls = tf.BertForSequenceClassification if classifier else tf.BertModel
+    cfg.architectures = [cls.__name__]
+    model = cls(cfg).eval()
+    base = model.bert if classifier else model
+    with torch.no_grad():
+        base.encoder.layer[0].output.LayerNorm.weight[SPIKE_CHANNEL] = 2000.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    return _tiny_bert(root / "enc", False), _tiny_bert(root / "clf", True)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    import json
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("l") / "labelled.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))),
+                                        "topic": ["a", "b"][i % 2] if i % 3 else i % 2}) + "\n" for i in range(12)))
+    return path
+
+
+def test_encoder_attention_is_bidirectional(bert_dirs, corpus, tmp_path):
+    enc, _ = bert_dirs
+    out = tmp_path / "o"
+    r = invoke("massive", enc, "--data", corpus, "--n-samples", 2, "--bos", "--attention", "--attention-prompt",
+               "the cat sat", "-o", out)
+    assert r.exit_code == 0, r.output
+    at = pd.read_csv(out / "massive_attention.csv")
+    assert set(at.attention_kind) == {"bidirectional"} and len(at) == 2 * 4
+    assert at.uniform_share_first.eq(1 / MAX_LEN).all()  # every query: 1 / (16 real keys)
+    pt = pd.read_csv(out / "massive_attention_prompt.csv")
+    assert len(pt) == 2 * 4 * 4 and pt.query_token.iloc[0] == "[CLS]"  # full square: [CLS] + 3 tokens, 2 layers
+    summary = (out / "summary.md").read_text()
+    assert "bidirectional attention" in summary and "prefix token \\[CLS\\] (--bos)" in summary
+    assert "bidirectional attention" in r.output
+    for stem in ("massive_attention", "massive_attention_prompt"):
+        assert (out / f"{stem}.png").is_file()
+
+
+def test_classifier_intervention_cli(bert_dirs, labelled, tmp_path):
+    _, clf = bert_dirs
+    out = tmp_path / "o"
+    # string labels are not in this classifier's label2id: the loader refuses them
+    r = invoke("massive", clf, "--data", labelled, "--labels", "topic", "--intervene", "zero,mean", "-o", out)
+    assert r.exit_code != 0 and "neither an id nor a name in label2id" in r.output, r.output
+    lab = tmp_path / "ids.jsonl"
+    lab.write_text("".join(line.replace('"a"', "0").replace('"b"', "1") + "\n"
+                           for line in labelled.read_text().splitlines()))
+    r = invoke("massive", clf, "--data", lab, "--labels", "topic", "--intervene", "zero,mean", "--max-length", 8,
+               "-o", out)
+    assert r.exit_code == 0, r.output
+    iv = pd.read_csv(out / "massive_intervene.csv")
+    assert iv["mode"].tolist() == ["original", "zero", "mean"] and set(iv.n_sequences) == {12}
+    assert {"ce_mean", "loss_ratio", "accuracy", "accuracy_drop"} <= set(iv.columns) and "ppl" not in iv
+    assert iv.loss_ratio.iloc[0] == 1.0 and iv.accuracy_drop.iloc[0] == 0.0
+    assert (out / "massive_intervene.png").is_file()
+    assert "loss ratio" in r.output and "accuracy" in r.output
+    assert "on a sequence classifier" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("which, args, msg", [
+    ("enc", ("--intervene", "zero"), "actsparse fit-head"),
+    ("clf", ("--intervene", "zero"), "no --labels was given"),
+    ("clf", ("--labels", "topic"), "--labels gives the labels of --intervene"),
+])
+def test_encoder_refusals(bert_dirs, labelled, which, args, msg):
+    enc, clf = bert_dirs
+    r = invoke("massive", enc if which == "enc" else clf, "--data", labelled, "--max-length", 8, *args)
+    assert r.exit_code != 0 and msg in r.output, r.output

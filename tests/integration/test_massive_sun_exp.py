@@ -243,6 +243,7 @@ def test_attention_shares_match_eager_probabilities(which, llama, gpt2):
         assert r.attn_share_first == pytest.approx(float(first[r.layer, r.head]) / nq, rel=1e-5)
         assert r.attn_share_peak == pytest.approx(float(peak[r.layer, r.head]) / nq, rel=1e-5)
     assert res.info["attention"]["logits"].startswith("q k^T")
+    assert set(got.attention_kind) == {"causal"} and res.info["attention"]["attention_kind"] == "causal"
     if which == "gpt2":  # logits from q and k read off c_attn (no rotary embedding): their attn_logits
         for li, blk in enumerate(model.transformer.h):
             qs = []
@@ -315,3 +316,64 @@ def test_padded_batches_give_the_per_sequence_results(llama, tmp_path):
     a, b = (r.table("attention") for r in runs)
     for c in ("attn_share_first", "attn_share_peak", "uniform_share_first", "logit_first_mean", "logit_other_mean"):
         assert a[c].tolist() == pytest.approx(b[c].tolist(), rel=1e-5, abs=1e-7), c
+
+
+# ------------------------------------------------------------------- a real encoder: MiniLM with a linear probe
+def _minilm_classifier(request):
+    """(classifier folder, topics corpus) from the ``minilm_classifier`` session fixture (tests/conftest.py: the
+    all-MiniLM-L6-v2 encoder with a linear-probe head from ``actsparse fit-head``); skipped where it is missing."""
+    try:
+        v = request.getfixturevalue("minilm_classifier")
+    except pytest.FixtureLookupError:
+        pytest.skip("no minilm_classifier fixture in tests/conftest.py")
+    if isinstance(v, (tuple, list)):
+        return str(v[0]), str(v[1])
+    return str(getattr(v, "folder", None) or getattr(v, "path")), str(getattr(v, "corpus", "probes/data/topics.jsonl"))
+
+
+def check_minilm_classifier(folder: str, corpus: str, tmp_path) -> dict:
+    """On the first 40 topics examples (32 tokens): the [CLS] attention share against output_attentions, the sink,
+    and the intervention's quality columns. Returns the numbers (the README quotes a full run's)."""
+    import json
+
+    lines = [ln for ln in open(corpus, encoding="utf-8").read().splitlines() if ln.strip()][:40]
+    data = tmp_path / "topics40.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    lm = load_checkpoint(folder, device="cpu")
+    res = massive(lm, MassiveOptions(data=str(data), labels="label", intervene=("zero", "mean"), attention=True,
+                                     bos=True, max_length=32, n_samples=2))
+    at = res.table("attention")
+    assert set(at.attention_kind) == {"bidirectional"}
+    assert res.info["attention"]["first_position"] == "the prefix token [CLS] (--bos)"
+    # independent: output_attentions of the same model on the same sequences (sun2024: batch size 1, no padding)
+    from probes.massive_presets import build_samples, resolve_preset
+
+    samples, _ = build_samples(lm, MassiveOptions(data=str(data), bos=True, max_length=32, n_samples=2),
+                               resolve_preset("sun2024"))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
+    first = None
+    for s in samples:
+        with torch.no_grad():
+            att = model(torch.tensor([s.input_ids]), output_attentions=True).attentions
+        got = torch.stack([p[0, :, :, 0].double().sum(-1) for p in att])  # [L, H]: every query's mass on key 0
+        first = got if first is None else first + got
+    nq = sum(len(s.input_ids) for s in samples)
+    for r in at.itertuples():
+        assert r.attn_share_first == pytest.approx(float(first[r.layer, r.head]) / nq, rel=1e-5)
+    per_layer = at.groupby("layer").attn_share_first.mean()
+    assert (per_layer.loc[1:4] > 10 * at.uniform_share_first.iloc[0]).all()  # [CLS] is a sink in the middle layers
+    iv = res.table("intervene").set_index("mode")
+    assert iv.loc["original", "n_sequences"] == len(lines) and iv.loc["original", "accuracy"] > 0.5
+    assert iv.loc["original", "loss_ratio"] == 1.0
+    assert iv.loc["zero", "ce_mean"] != iv.loc["original", "ce_mean"]
+    return {"attn_share_first": per_layer.round(4).tolist(), "intervene": json.loads(iv.to_json())}
+
+
+def test_minilm_classifier_attention_and_intervention(request, tmp_path):
+    folder, corpus = _minilm_classifier(request)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices on a shared machine: one thread is the fast one
+    try:
+        check_minilm_classifier(folder, corpus, tmp_path)
+    finally:
+        torch.set_num_threads(n)
