@@ -53,8 +53,14 @@ def cliff_output(result, title: str):
               col("crossing %", "sparsity_within_p_interp", pct, drop=2),
               col("knee %", "knee_sparsity", pct), col("knee ratio", "knee_ratio", lambda v: fixed(v, 4)),
               col("max ratio", "max_ratio", lambda v: fixed(v, 4), drop=1)]
-    pts = [col("family", "family", str, left=True), col("target %", "target_sparsity", pct),
-           col("sparsity %", "mean_sparsity", pct), col("PPL ratio", "ppl_ratio", lambda v: fixed(v, 5))]
+    if "heldout_examples" in result.info:  # a classifier: the loss ratio the rules read, and accuracy
+        cliffs += [col("knee acc %", "knee_accuracy", pct), col("dense acc %", "accuracy_dense", pct, drop=1)]
+        pts = [col("family", "family", str, left=True), col("target %", "target_sparsity", pct),
+               col("sparsity %", "mean_sparsity", pct), col("loss ratio", "loss_ratio", lambda v: fixed(v, 5)),
+               col("acc %", "accuracy", pct), col("drop pts", "accuracy_drop", lambda v: fixed(v, 2))]
+    else:
+        pts = [col("family", "family", str, left=True), col("target %", "target_sparsity", pct),
+               col("sparsity %", "mean_sparsity", pct), col("PPL ratio", "ppl_ratio", lambda v: fixed(v, 5))]
     out = Output(items=[View(title, list(result.cliffs), cliffs, key=1),
                         View("grid points", list(result.points), pts, key=1)],
                  tables=result_tables(result), main="cliff")
@@ -76,8 +82,13 @@ def register(app: typer.Typer) -> None:
         grid: Annotated[Optional[list[str]], typer.Option(
             "--grid", help="Target sparsities in [0, 1), comma-separated (default 0 to 0.95, finer above 0.6).",
             rich_help_panel=PANEL_CLIFF)] = None,
+        labels: Annotated[Optional[str], typer.Option(
+            "--labels", help="Label field of a .jsonl --data: score a sequence classifier "
+            "(…ForSequenceClassification) by its loss ratio exp(mean CE_sparse - mean CE_dense) and accuracy on "
+            "held-out examples instead of a PPL ratio.", rich_help_panel=PANEL_CLIFF)] = None,
         p: Annotated[float, typer.Option("--p", help="The cliff's quality budget: the largest sparsity whose PPL "
-                                         "ratio stays within 1 + p/100.", callback=float_check(0, lo_open=True),
+                                         "ratio (loss ratio with --labels) stays within 1 + p/100.",
+                                         callback=float_check(0, lo_open=True),
                                          rich_help_panel=PANEL_CLIFF)] = 1.0,
         refine: Annotated[int, typer.Option("--refine", min=0, max=5, help="Rounds adding the targets halfway to "
                                             "the knee's neighbours (finer near the knee).",
@@ -102,7 +113,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The sparsity cliff: PPL ratio against enforced activation sparsity (top-k, magnitude, SPARLING post hoc).
 
-        Without --max-tokens, 8192 counted tokens (the grid needs ~70 passes)."""
+        Without --max-tokens, 8192 counted tokens (up to ~70 passes; targets below the natural sparsity reuse dense).
+
+        With --labels FIELD and a .jsonl --data: a sequence classifier, by loss ratio and held-out accuracy."""
         families = _parse_families(family)
         targets = _parse_grid(grid)
         from probes.cliff import CliffOptions, cliff as run_cliff, check_cliff
@@ -123,7 +136,7 @@ def register(app: typer.Typer) -> None:
                             max_length=max_length, max_tokens=max_tokens, stride=stride, seed=seed,
                             skip_first=skip_first, sites=tuple(site or ()), families=families, grid=targets, p=p,
                             refine=refine, calib_share=calib_share, calib_rows=calib_rows,
-                            sparling_detail=sparling_detail)
+                            sparling_detail=sparling_detail, labels=labels)
         from probes.corpus import check_corpus_spec
 
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
@@ -143,11 +156,13 @@ def register(app: typer.Typer) -> None:
                    "device_map": getattr(device_map, "value", None)}
         if output is not None:
             write_cliff_outputs(output, result, lm, options, force=force)
-        out = cliff_output(result, f"sparsity cliff: {short_name(checkpoint)} ({result.info['n_counted_tokens']} "
-                                   f"held-out tokens, {dtype_name(lm.dtype)})")
+        held = (f"{result.info['heldout_examples']} held-out examples" if labels else
+                f"{result.info['n_counted_tokens']} held-out tokens")
+        out = cliff_output(result, f"sparsity cliff: {short_name(checkpoint)} ({held}, {dtype_name(lm.dtype)})")
         out.info = {"command": "cliff", "checkpoint": str(checkpoint), "model_dtype": dtype_name(lm.dtype),
                     "output": str(output) if output is not None else None,
-                    **info_of(result.info, ("n_counted_tokens", "calibration_tokens", "full_passes")),
+                    **info_of(result.info, ("n_counted_tokens", "calibration_tokens", "full_passes",
+                                             "heldout_examples", "dense_accuracy")),
                     "warnings": list(result.warnings)}
         emit(shown, out)
         if output is not None and not quiet:

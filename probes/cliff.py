@@ -21,9 +21,26 @@ decides for GLU MLPs) by a forward pre-hook that zeroes entries (``probes.runner
 The calibrated families (``magnitude_layer``, ``sparling_posthoc``) take their thresholds from
 calibration windows (``calib_share`` of the windows, evenly spaced); every family and the dense run
 are evaluated on the remaining, held-out windows, so all ratios share one set of tokens. s = 0 is
-the dense run. Quality is the perplexity ratio exp(CE_sparse - CE_dense) of a causal LM on those
-tokens; classifiers (accuracy or loss with labels) are not measured (the data layer's labelled
-examples feed only ``grad``'s loss).
+the dense run. Quality of a causal LM is the perplexity ratio exp(CE_sparse - CE_dense) on those
+tokens (``ppl_ratio``).
+
+Sequence classifiers (``labels``: a .jsonl label field, ``…ForSequenceClassification``): the labeled
+examples are split like windows (``calib_split``: ``calib_share`` of them, evenly spaced, calibrate;
+the rest are held out), one example per batch row; only real (attention-mask) positions enter a
+calibration sample, a ``topk_sample`` k-th value or a count (padded positions are masked with their
+row but never counted). Bug or Feature^2 has no classifier: its only quality measure is the mean
+next-token cross-entropy on a held-out validation split (trainer.py ``Trainer.validate``:
+``val_loss`` averaged over validation batches, ``val_ppl = exp(val_loss)``), so the classifier's
+quality is the same quantity on held-out examples: ``loss_ratio`` = exp(mean CE_sparse - mean CE_dense)
+over the held-out examples (the cliff rules read it where an LM's read ``ppl_ratio``); ``accuracy``
+(argmax = label, on the same examples), ``accuracy_dense`` and ``accuracy_drop`` (percentage points)
+are reported beside it, with bootstrap error bars over held-out examples. No accuracy-based cliff rule
+is given: the paper states its cliff in loss/perplexity, not accuracy.
+
+A grid point whose masks provably zero nothing but exact zeros (a top-k or magnitude target below
+the activations' natural sparsity: ``DenseScan``, checked on the dense pass's own activations) IS
+the dense run: it reuses the dense pass (``pass`` 0) instead of repeating it, bit for bit the same
+numbers.
 
 The cliff of each family is located by two stated rules on (achieved mean sparsity, PPL ratio):
 ``sparsity_within_p``: the largest achieved sparsity such that it and every grid point below it stay
@@ -55,7 +72,7 @@ FAMILIES = ("topk_sample", "topk_token", "magnitude_layer", "sparling_posthoc")
 CALIBRATED = ("magnitude_layer", "sparling_posthoc")
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95)
 DEFAULT_P = 1.0
-DEFAULT_MAX_TOKENS = 8192  # counted tokens when --max-tokens is not given: ~70 sparse passes
+DEFAULT_MAX_TOKENS = 8192  # counted tokens when --max-tokens is not given (an LM): at most 70 sparse passes
 DEFAULT_CALIB_SHARE = 0.25
 MIN_TOKENS = 4096
 LABELS = {"topk_sample": "top-k per sequence (signed), Bug or Feature^2 rule",
@@ -76,6 +93,7 @@ class CliffOptions(DataOptions):
     calib_share: float = DEFAULT_CALIB_SHARE
     calib_rows: int = DEFAULT_CALIB_ROWS
     sparling_detail: float = 0.9  # the target sparsity whose per-channel densities are tabled
+    labels: str | None = None  # .jsonl label field: score a sequence classifier (loss ratio, accuracy)
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -97,24 +115,45 @@ def topk_token_mask(v, s: float):
 
 def topk_sample_mask(v, mask, s: float):
     """Bug or Feature^2's per-sample rule: per sequence b, over its counted entries (positions x
-    channels), ``n_drop = int(s n)`` and drop ``v < kthvalue(v, n_drop + 1)`` (signed)."""
+    channels), ``n_drop = int(s n)`` and drop ``v < kthvalue(v, n_drop + 1)`` (signed).
+
+    Vectorised: uncounted entries are set to +inf (never below a counted k-th value), and one ``kthvalue``
+    serves every sequence with the same ``n_drop`` (the same k-th values as one call per sequence over its
+    counted entries: a k-th value does not depend on how ties are ordered)."""
     import torch
 
     vf = v.float()
-    drop = torch.zeros_like(vf, dtype=torch.bool)
     if vf.dim() == 2:  # [N, C]: one sample
-        vf, drop, mask = vf.unsqueeze(0), drop.unsqueeze(0), None
-    for b in range(vf.shape[0]):
-        vals = (vf[b][mask[b]] if mask is not None else vf[b]).reshape(-1)
-        n = vals.numel()
-        n_drop = int(float(s) * n)
-        if n == 0 or n_drop <= 0:
+        vf, mask = vf.unsqueeze(0), None
+    B = vf.shape[0]
+    flat = vf.reshape(B, -1)
+    if mask is None:
+        n = [flat.shape[1]] * B
+        counted = flat
+    else:
+        mm = mask.unsqueeze(-1).expand(vf.shape).reshape(B, -1)
+        n = mm.sum(1).tolist()
+        counted = flat if bool(mm.all()) else flat.masked_fill(~mm, math.inf)
+    kth = torch.full((B, 1), -math.inf, dtype=flat.dtype, device=flat.device)  # -inf: nothing is below it
+    groups: dict[int, list[int]] = {}
+    everything: list[int] = []
+    for b, nb in enumerate(n):
+        n_drop = int(float(s) * nb)
+        if nb == 0 or n_drop <= 0:
             continue
-        if n_drop >= n:
-            drop[b] = True
+        if n_drop >= nb:
+            everything.append(b)
             continue
-        kth = torch.kthvalue(vals, n_drop + 1).values
-        drop[b] = vf[b] < kth
+        groups.setdefault(n_drop, []).append(b)
+    for n_drop, rows in groups.items():
+        if len(rows) == B:
+            kth = torch.kthvalue(counted, n_drop + 1, dim=1, keepdim=True).values
+        else:
+            idx = torch.tensor(rows, device=flat.device)
+            kth[idx] = torch.kthvalue(counted[idx], n_drop + 1, dim=1, keepdim=True).values
+    drop = flat < kth
+    if everything:
+        drop[everything] = True
     return drop.reshape(v.shape)
 
 
@@ -248,20 +287,28 @@ def cliff_intervals(dense: "Pass", passes: Sequence["Pass"], p: float = DEFAULT_
     return out
 
 
-def point_bars(dense: "Pass", st: "Pass", seed: int = 0) -> dict[str, float]:
-    """Error bars over held-out windows of one grid point (thresholds fixed): ``ppl_ratio_se`` (delta method)
-    / ``_lo`` / ``_hi`` and ``mean_sparsity_se`` / ``_lo`` / ``_hi`` (mean over layers, layers kept correlated),
-    from the same seeded resamples as ``cliff_intervals``."""
+def point_bars(dense: "Pass", st: "Pass", seed: int = 0, name: str = "ppl_ratio") -> dict[str, float]:
+    """Error bars over held-out windows of one grid point (thresholds fixed): ``{name}_se`` (delta method)
+    / ``_lo`` / ``_hi`` of the quality ratio (``ppl_ratio``, or a classifier's ``loss_ratio``) and
+    ``mean_sparsity_se`` / ``_lo`` / ``_hi`` (mean over layers, layers kept correlated), from the same seeded
+    resamples as ``cliff_intervals``; for classifier passes also ``accuracy`` and ``accuracy_drop`` (points)
+    ``_se`` / ``_lo`` / ``_hi`` over the held-out examples."""
     import numpy as np
 
-    from probes.uncertainty_extra import exp_ratio_bars, mean_of_ratios_bars
+    from probes.uncertainty_extra import exp_ratio_bars, mean_of_ratios_bars, ratio_bars
 
-    out = {f"{c}{x}": math.nan for c in ("ppl_ratio", "mean_sparsity") for x in ("_se", "_lo", "_hi")}
+    cls = getattr(st, "window_correct", None) is not None and getattr(dense, "window_correct", None) is not None
+    cols = (name, "mean_sparsity") + (("accuracy", "accuracy_drop") if cls else ())
+    out = {f"{c}{x}": math.nan for c in cols for x in ("_se", "_lo", "_hi")}
     if dense.window_ce is None or st.window_ce is None or len(st.window_ce) != len(dense.window_ce):
         return out
     keep = dense.window_tokens > 0
-    out.update(exp_ratio_bars("ppl_ratio", (st.window_ce - dense.window_ce)[keep], dense.window_tokens[keep],
+    out.update(exp_ratio_bars(name, (st.window_ce - dense.window_ce)[keep], dense.window_tokens[keep],
                               seed=seed))
+    if cls:
+        a, d = st.window_correct[keep], dense.window_correct[keep]
+        out.update(ratio_bars(("accuracy", "accuracy_drop"), np.stack([a, 100.0 * (d - a)], 1),
+                              np.ones((len(a), 2)), seed=seed))
     Z, E = st.window_zeros[keep], st.window_entries[keep]
     ok = E.sum(0) > 0
     w = np.where(ok, 1.0 / max(1, int(ok.sum())), 0.0)
@@ -279,11 +326,107 @@ def _sites(layers):
     return sites, gate_of
 
 
+@dataclass
+class ClassifierPass(Pass):
+    """A pass over labeled examples: the PPL-p% session's record with one example per "window" (its
+    ``window_tokens`` are 1) and, per example, whether the argmax matched the label."""
+
+    window_correct: Any = field(repr=False, default=None)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.window_correct.mean()) if self.window_correct is not None and len(self.window_correct) \
+            else math.nan
+
+
+class DenseScan:
+    """What the dense pass's activations say about which grid points zero only exact zeros.
+
+    Per layer, over every position of the held-out batches (counted or not: masks apply to all):
+    ``max_nnz``, the most nonzero entries of ``v`` (the tensor the rules read) in one token; ``min_abs``,
+    the smallest nonzero ``|v|``; per sequence (``rows``) its counted entries n and ``c``, how many counted
+    entries are <= the smallest nonzero ``v`` of the whole sequence. The dropped entries are all exact
+    zeros (so the sparse pass would reproduce the dense one bit for bit: by induction over layers every
+    later input is the dense one) when, in every layer:
+
+    - ``topk_token``: ``max_nnz <= C - int(s C)`` (topk keeps every strictly larger entry before a zero);
+    - ``topk_sample``: every sequence has ``int(s n) <= 0``, or ``int(s n) + 1 <= c`` (then the k-th value is
+      <= the smallest nonzero entry, and only entries below it are dropped), or ``int(s n) >= n`` with no
+      nonzero entry;
+    - ``magnitude_layer``: the threshold is below ``min_abs``.
+
+    Zeros are judged on ``v``: the projection input is ``v`` itself, or ``act(gate) * up`` (zero where ``v``
+    is). ``ok`` is False when a layer's tensor had no per-sequence layout (then nothing is reused)."""
+
+    def __init__(self, n_layers: int):
+        self.ok = True
+        self.width = [0] * n_layers
+        self.max_nnz = [0] * n_layers
+        self.min_abs = [math.inf] * n_layers
+        self.rows: list[list[Any]] = [[] for _ in range(n_layers)]
+
+    def update(self, i: int, v, m) -> None:
+        import torch
+
+        if v.dim() != 3:
+            self.ok = False
+            return
+        vf = v.float()
+        nz = vf != 0
+        C = vf.shape[-1]
+        self.width[i] = C
+        self.max_nnz[i] = max(self.max_nnz[i], int(nz.sum(-1).max()) if nz.numel() else 0)
+        a = vf.abs().masked_fill(~nz, math.inf)
+        if a.numel():
+            self.min_abs[i] = min(self.min_abs[i], float(a.min()))
+        low = vf.masked_fill(~nz, math.inf).amin((1, 2))  # smallest nonzero entry per sequence (+inf: none)
+        le = vf <= low.view(-1, 1, 1)
+        if m is not None:
+            le = le & m.unsqueeze(-1)
+            n = m.sum(1) * C
+        else:
+            n = torch.full((vf.shape[0],), vf.shape[1] * C, device=vf.device)
+        c = le.sum((1, 2))
+        self.rows[i].append(torch.stack([n.cpu(), c.cpu(), torch.isinf(low).cpu().long()], 1))
+
+    def is_dense(self, family: str, s: float, thresholds: Sequence[Any] = ()) -> bool:
+        """True when ``family`` at target ``s`` (with its per-layer ``thresholds`` for magnitude_layer) zeroes
+        nothing but exact zeros of the dense activations."""
+        import torch
+
+        if not self.ok or s <= 0:
+            return s <= 0
+        if family == "topk_token":
+            return all(mx <= C - int(float(s) * C) for mx, C in zip(self.max_nnz, self.width))
+        if family == "magnitude_layer":
+            return all(isinstance(t, float) and t < lo for t, lo in zip(thresholds, self.min_abs))
+        if family == "topk_sample":
+            for rows in self.rows:
+                if not rows:
+                    return False
+                r = torch.cat(rows).tolist()
+                for n, c, none in r:
+                    n_drop = int(float(s) * n)
+                    if n == 0 or n_drop <= 0:
+                        continue
+                    if n_drop >= n:
+                        if not none:
+                            return False
+                        continue
+                    if n_drop + 1 > c:
+                        return False
+            return True
+        return False
+
+
 def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
-                observe: Callable | None = None, progress: Callable[[int], Any] | None = None) -> Pass:
+                observe: Callable | None = None, progress: Callable[[int], Any] | None = None,
+                task: str = "causal_lm") -> Pass:
     """One pass over ``batches``: ``observe(layer, v3, mask)`` sees each MLP activation before masking
     (``v`` = act(gate) for GLU MLPs, else the projection input), ``masker(layer, x3, g3, m)`` gives the
-    entries zeroed before the output projection. Sums the next-token cross-entropy of counted tokens."""
+    entries zeroed before the output projection. ``task`` ``causal_lm``: sums the next-token cross-entropy of
+    counted tokens (a window per batch row); ``classification``: the cross-entropy of each example's logits
+    against its label, and whether the argmax is the label (a ``ClassifierPass``, one example per row)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -296,7 +439,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
     zeros, entries = [0.0] * L, [0.0] * L
     gates: dict[str, Any] = {}
     cur: dict[int, tuple[Any, Any]] = {}  # this batch's per-row zero and entry counts per layer
-    win = {"ce": [], "tok": [], "zeros": [], "entries": [], "ok": True}
+    win = {"ce": [], "tok": [], "zeros": [], "entries": [], "correct": [], "ok": True}
 
     def hook(x, hc):
         name = hc.site.canonical_name
@@ -310,22 +453,27 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
         if observe is not None:
             observe(layer, g3 if g3 is not None else x3, m)
         xs = x3 if masker is None else x3.masked_fill(masker(layer, x3, g3, m), 0)
-        xc = xs[m] if m is not None else xs.reshape(-1, xs.shape[-1])
-        if xs.dim() == 3:  # per-row counts (their sum is the exact integer count of the whole batch)
-            z = (xs == 0) if m is None else (xs == 0) & m.unsqueeze(-1)
-            n_pos = m.sum(1) if m is not None else torch.full((xs.shape[0],), xs.shape[1], device=xs.device)
-            zr = z.sum((1, 2))
-            cur[layer.index] = (zr.double().cpu(), (n_pos * xs.shape[-1]).double().cpu())
+        C = xs.shape[-1]
+        if xs.dim() == 3:  # per-row integer counts (their sum is the exact count of the whole batch)
+            zp = (xs == 0).sum(-1)  # [B, P] zeros per position
+            if m is not None:
+                zr, n_pos = (zp * m).sum(1), m.sum(1)
+            else:
+                zr, n_pos = zp.sum(1), torch.full((xs.shape[0],), xs.shape[1], device=xs.device)
+            zr, er = zr.cpu(), (n_pos * C).cpu()
+            cur[layer.index] = (zr.double(), er.double())
             zeros[layer.index] += float(zr.sum())
+            entries[layer.index] += float(er.sum())
         else:
             win["ok"] = False
+            xc = xs[m] if m is not None else xs.reshape(-1, C)
             zeros[layer.index] += float((xc == 0).sum())
-        entries[layer.index] += float(xc.numel())
+            entries[layer.index] += float(xc.numel())
         return None if masker is None else xs.reshape(x.shape)
 
     tot = {"ce": 0.0, "n": 0}
 
-    def step(batch, out) -> None:
+    def step_lm(batch, out) -> None:
         gates.clear()
         logits = getattr(out, "logits", None)
         if logits is None:
@@ -345,24 +493,47 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
             win["tok"].append(float(n_b))
         append_window_counts(win, cur, B, L)
 
+    def step_cls(batch, out) -> None:
+        gates.clear()
+        logits = getattr(out, "logits", None)
+        if logits is None or logits.dim() != 2:
+            raise ModelError(f"{type(loaded.model).__name__} gives no [batch, classes] logits",
+                             "the cliff with --labels needs a sequence classifier (…ForSequenceClassification)")
+        lab = batch.labels.to(logits.device)
+        lf = logits.float()
+        ce = F.cross_entropy(lf, lab, reduction="none").double().cpu().tolist()
+        ok = (lf.argmax(-1) == lab).cpu().tolist()
+        for ce_b, ok_b in zip(ce, ok):
+            tot["ce"] += ce_b
+            tot["n"] += 1
+            win["ce"].append(ce_b)
+            win["tok"].append(1.0)
+            win["correct"].append(1.0 if ok_b else 0.0)
+        append_window_counts(win, cur, int(logits.shape[0]), L)
+
+    cls = task == "classification"
     t0 = time.perf_counter()
     with torch.inference_mode():
         run(loaded.model, batches, fwd_hooks=[(s, hook) for s in sites], adapter=TokenBatches(need_logits=True),
-            step=step, progress=progress)
+            step=step_cls if cls else step_lm, progress=progress)
     if tot["n"] == 0:
-        raise DataError("no counted tokens to compute a perplexity on", "give a longer corpus with --data")
-    st = Pass(tot["ce"], tot["n"], zeros, entries, removed_sum=[], layer_tokens=[],
-              seconds=time.perf_counter() - t0)
+        raise DataError("no counted tokens to compute a perplexity on" if not cls else "no labeled examples to score",
+                        "give a longer corpus with --data")
+    st = (ClassifierPass if cls else Pass)(tot["ce"], tot["n"], zeros, entries, removed_sum=[], layer_tokens=[],
+                                           seconds=time.perf_counter() - t0)
     if win["ok"] and win["zeros"]:
         st.window_ce, st.window_tokens = np.array(win["ce"]), np.array(win["tok"])
         st.window_zeros, st.window_entries = np.concatenate(win["zeros"]), np.concatenate(win["entries"])
+    if cls:
+        st.window_correct = np.array(win["correct"])
     return st
 
 
-def calib_split(n: int, share: float) -> tuple[list[int], list[int]]:
-    """Indices of calibration and held-out windows: ``round(share n)`` (at least 1) evenly spaced ones."""
+def calib_split(n: int, share: float, unit: str = "token window") -> tuple[list[int], list[int]]:
+    """Indices of calibration and held-out windows (or labeled examples): ``round(share n)`` (at least 1)
+    evenly spaced ones calibrate, the rest are held out."""
     if n < 2:
-        raise DataError(f"only {n} token window(s): the cliff needs one to calibrate and one to evaluate",
+        raise DataError(f"only {n} {unit}(s): the cliff needs one to calibrate and one to evaluate",
                         "give a longer corpus with --data or raise --max-tokens")
     k = min(max(1, round(float(share) * n)), n - 1)
     cal = sorted({min(n - 1, int(i * n / k)) for i in range(k)})
@@ -397,11 +568,26 @@ class CliffResult:
 
 def check_cliff(loaded, options: CliffOptions) -> None:
     """Refuse, before any batch, what the cliff cannot measure."""
-    if not getattr(loaded, "is_causal_lm", False):
-        raise ModelError(f"{type(loaded.model).__name__} has no causal language-model head: the cliff measures "
-                         "perplexity, and classifier accuracy with labels is not supported yet",
-                         "give a causal LM checkpoint (…ForCausalLM / …LMHeadModel); for activation sparsity of "
-                         "this model use `actsparse measure`")
+    from probes.loss import model_head
+
+    name = type(loaded.model).__name__
+    head = model_head(loaded.model)
+    if options.labels:
+        if head != "classification":
+            raise ModelError(f"--labels given but {name} has no classification head ({head}): the cliff scores a "
+                             "classifier's loss and accuracy on labeled examples",
+                             "make a linear-probe classifier from an encoder with `actsparse fit-head`, then run "
+                             "`actsparse cliff CLASSIFIER --data FILE.jsonl --labels FIELD`; a causal LM is scored "
+                             "by its PPL ratio: drop --labels")
+    elif not getattr(loaded, "is_causal_lm", False):
+        if head == "classification":
+            raise ModelError(f"{name} is a classifier: the cliff scores it on labeled examples, not by perplexity",
+                             "give --data FILE.jsonl --labels FIELD (the label field of each line)")
+        raise ModelError(f"{name} has neither a causal language-model head nor a classification head: the cliff "
+                         "measures a PPL ratio or a classifier's loss and accuracy",
+                         "give a causal LM checkpoint (…ForCausalLM / …LMHeadModel), or a sequence classifier with "
+                         "--data FILE.jsonl --labels FIELD (`actsparse fit-head` makes one from an encoder); for "
+                         "activation sparsity of this model use `actsparse measure`")
     bad = [f for f in options.families if f not in FAMILIES]
     if bad:
         from probes.errors import did_you_mean
@@ -415,6 +601,55 @@ def check_cliff(loaded, options: CliffOptions) -> None:
         raise DataError(f"calibration share {options.calib_share} is outside (0, 1)", "give --calib-share 0.25")
 
 
+class _ScoredAsLM:
+    """``loaded`` as ``pplp_session.resolve_layers`` reads it, for a classifier: the MLP layers are found the
+    same way; only its causal-LM check (a perplexity needs an LM head) does not apply to a loss on labels."""
+
+    def __init__(self, loaded):
+        self._loaded = loaded
+
+    is_causal_lm = True
+
+    def __getattr__(self, name):
+        return getattr(self._loaded, name)
+
+
+def labeled_split(loaded, opts: CliffOptions) -> dict[str, Any]:
+    """The classifier's data: labeled examples (``probes.loss.labeled_examples``; with ``max_tokens``, the
+    first examples whose real tokens fit), split by ``calib_split`` into calibration and held-out examples,
+    as batches of ``labeled_text_batches`` (one truncated example per row, padded; count mask = attention
+    mask)."""
+    from probes.data import resolve_corpus, resolve_max_length
+    from probes.loss import labeled_examples, labeled_text_batches
+
+    max_length = resolve_max_length(loaded, opts.max_length)
+    ex = labeled_examples(opts, loaded)
+    notes: list[str] = []
+    if opts.max_tokens is not None:
+        tok = loaded.tokenizer
+        kept, n = [], 0
+        for text, lab in ex:
+            k = len(tok(text, truncation=True, max_length=max_length)["input_ids"])
+            if kept and n + k > opts.max_tokens:
+                break
+            kept.append((text, lab))
+            n += k
+        if len(kept) < len(ex):
+            notes.append(f"--max-tokens {opts.max_tokens}: the first {len(kept)} of {len(ex)} labeled examples")
+        ex = kept
+    cal_idx, held_idx = calib_split(len(ex), opts.calib_share, unit="labeled example")
+    cal_ex, held_ex = [ex[i] for i in cal_idx], [ex[i] for i in held_idx]
+    cal_b = list(labeled_text_batches(cal_ex, opts, loaded, max_length))
+    held_b = list(labeled_text_batches(held_ex, opts, loaded, max_length))
+    return {"cal_batches": cal_b, "held_batches": held_b, "cal_idx": cal_idx, "held_idx": held_idx,
+            "n_examples": len(ex), "max_length": max_length, "corpus": resolve_corpus(opts.data), "notes": notes,
+            "cal_tokens": sum(int(b.count_mask.sum()) for b in cal_b),
+            "held_tokens": sum(int(b.count_mask.sum()) for b in held_b)}
+
+
+MIN_EXAMPLES = 200  # below this many held-out examples, accuracy moves in steps of more than 0.5 points
+
+
 def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int | None, int], Any] | None = None,
           log: Callable[[str], Any] | None = None) -> CliffResult:
     """The sparsity cliff of ``loaded`` (the registered analysis and the library of ``actsparse cliff``)."""
@@ -426,23 +661,35 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
     opts = options or CliffOptions()
     log = log or (lambda msg: None)
     check_cliff(loaded, opts)
+    cls = bool(opts.labels)
+    task = "classification" if cls else "causal_lm"
+    q = "loss_ratio" if cls else "ppl_ratio"  # the quality ratio the cliff rules read
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
-    layers = resolve_layers(loaded, opts.sites)
-    data_opts = DataOptions(**{k: getattr(opts, k) for k in DataOptions.__dataclass_fields__})
-    capped = data_opts.max_tokens is None
-    if capped:
-        data_opts.max_tokens = DEFAULT_MAX_TOKENS
-    td = token_windows(loaded, data_opts, causal=True)
-    cal_idx, held_idx = calib_split(len(td.windows), opts.calib_share)
-    cal_w = [td.windows[i] for i in cal_idx]
-    held_w = [td.windows[i] for i in held_idx]
-    cal_batches, held_batches = list(td.batches(cal_w)), list(td.batches(held_w))
-    n_held = corpus_mod.n_counted(held_w)
+    layers = resolve_layers(_ScoredAsLM(loaded) if cls else loaded, opts.sites)
     warnings: list[str] = []
-    if n_held < MIN_TOKENS:
-        warnings.append(f"only {n_held} held-out counted tokens (< {MIN_TOKENS}): PPL ratios this close to 1 are "
-                        f"not stable on so few tokens; use a longer corpus (--data) or raise --max-tokens")
+    data_opts = DataOptions(**{k: getattr(opts, k) for k in DataOptions.__dataclass_fields__})
+    capped = data_opts.max_tokens is None and not cls
+    if cls:
+        lab = labeled_split(loaded, opts)
+        cal_batches, held_batches = lab["cal_batches"], lab["held_batches"]
+        n_held = lab["held_tokens"]
+        if len(lab["held_idx"]) < MIN_EXAMPLES:
+            warnings.append(f"only {len(lab['held_idx'])} held-out labeled examples (< {MIN_EXAMPLES}): accuracy "
+                            f"moves in steps of {100 / len(lab['held_idx']):.2g} points; give more labeled examples "
+                            "(--data) or lower --calib-share")
+    else:
+        if capped:
+            data_opts.max_tokens = DEFAULT_MAX_TOKENS
+        td = token_windows(loaded, data_opts, causal=True)
+        cal_idx, held_idx = calib_split(len(td.windows), opts.calib_share)
+        cal_w = [td.windows[i] for i in cal_idx]
+        held_w = [td.windows[i] for i in held_idx]
+        cal_batches, held_batches = list(td.batches(cal_w)), list(td.batches(held_w))
+        n_held = corpus_mod.n_counted(held_w)
+        if n_held < MIN_TOKENS:
+            warnings.append(f"only {n_held} held-out counted tokens (< {MIN_TOKENS}): PPL ratios this close to 1 are "
+                            f"not stable on so few tokens; use a longer corpus (--data) or raise --max-tokens")
     families = list(dict.fromkeys(opts.families))
     grid = sorted({float(s) for s in opts.grid})
     n_planned = 1 + len(families) * (len([s for s in grid if s > 0]) + 2 * max(opts.refine, 0))
@@ -457,10 +704,13 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
     if need_cal:
         rows_cap = max(1, min(int(opts.calib_rows), CALIB_BYTES // (4 * max(sum(widths), 1))))
         cal = SparlingCalibration(len(layers), rows_cap)
-        sparse_pass(loaded, layers, cal_batches, observe=lambda l, v, m: cal.update(l.index, v, m), progress=tick)
-        log(f"calibration: {cal.n_rows[0]} rows per layer from {len(cal_w)} windows")
-    dense = sparse_pass(loaded, layers, held_batches, progress=tick)
-    log(f"dense: CE {dense.ce:.6f} over {dense.n_tokens} held-out tokens")
+        sparse_pass(loaded, layers, cal_batches, observe=lambda l, v, m: cal.update(l.index, v, m), progress=tick,
+                    task=task)
+        log(f"calibration: {cal.n_rows[0]} rows per layer from {len(cal_batches)} batches")
+    scan = DenseScan(len(layers))
+    dense = sparse_pass(loaded, layers, held_batches, observe=lambda l, v, m: scan.update(l.index, v, m),
+                        progress=tick, task=task)
+    log(f"dense: CE {dense.ce:.6f} over {dense.n_tokens} held-out {'examples' if cls else 'tokens'}")
     dense_sp = dense.sparsity()
     points: list[dict[str, Any]] = []
     layer_rows: list[dict[str, Any]] = []
@@ -468,6 +718,7 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
     sp_channels: list[dict[str, Any]] = []
     cliffs: list[dict[str, Any]] = []
     n_pass = [1 + (1 if need_cal else 0)]
+    reused = [0]
     pass_of: dict[tuple[str, float], Pass] = {}  # per-window values of every point (error bars)
     seed = int(opts.seed) if opts.seed is not None else 0
 
@@ -483,15 +734,22 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
             pass_no = 0
         else:
             masker, thr = family_masker(family, s, cal if cal is not None else _NoCal(len(layers)))
-            observe = None
-            if family == "sparling_posthoc":
-                def observe(l, v, m):
-                    k, n = reached_density(v, thr[l.index], m)
-                    kept[l.index] = k if kept[l.index] is None else kept[l.index] + k
-                    rows[l.index] += n
-            st = sparse_pass(loaded, layers, held_batches, masker=masker, observe=observe, progress=tick)
-            n_pass[0] += 1
-            pass_no = n_pass[0]
+            if scan.is_dense(family, s, thr):  # zeroes only exact zeros: the dense pass, bit for bit
+                st, pass_no = dense, 0
+                reused[0] += 1
+                if tick:
+                    tick(len(held_batches))
+            else:
+                observe = None
+                if family == "sparling_posthoc":
+                    def observe(l, v, m):
+                        k, n = reached_density(v, thr[l.index], m)
+                        kept[l.index] = k if kept[l.index] is None else kept[l.index] + k
+                        rows[l.index] += n
+                st = sparse_pass(loaded, layers, held_batches, masker=masker, observe=observe, progress=tick,
+                                 task=task)
+                n_pass[0] += 1
+                pass_no = n_pass[0]
         ratio = math.exp(st.ce - dense.ce)
         sp = st.sparsity()
         pass_of[(family, s)] = st
@@ -499,16 +757,22 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
               "threshold_scope": SCOPES[family], "target_sparsity": s, "refined": refined,
               "mean_sparsity": mean(sp),
               "width_weighted_sparsity": sum(a * w for a, w in zip(sp, widths)) / sum(widths),
-              "ppl_ratio": ratio, "ce_dense": dense.ce, "ce_sparse": st.ce, "n_tokens": st.n_tokens, "pass": pass_no}
+              q: ratio, "ce_dense": dense.ce, "ce_sparse": st.ce}
+        if cls:
+            pt.update({"accuracy": st.accuracy, "accuracy_dense": dense.accuracy,
+                       "accuracy_drop": 100.0 * (dense.accuracy - st.accuracy), "n_examples": st.n_tokens})
+        else:
+            pt["n_tokens"] = st.n_tokens
+        pt["pass"] = pass_no
         points.append(pt)
-        log(f"  {family}@{s:g}: PPL ratio {ratio:.6f}, mean sparsity {100 * pt['mean_sparsity']:.2f} %")
+        log(f"  {family}@{s:g}: {q} {ratio:.6f}, mean sparsity {100 * pt['mean_sparsity']:.2f} %")
         for l, a, t in zip(layers, sp, thr):
             layer_rows.append({"family": family, "target_sparsity": s, **l.row(), "sparsity": a,
                                "dense_sparsity": dense_sp[l.index],
                                "threshold": float(t) if isinstance(t, (int, float)) else math.nan,
                                "threshold_note": t if isinstance(t, str) else (
                                    "per channel: see cliff_sparling" if not isinstance(t, (int, float)) else None),
-                               "ppl_ratio": ratio})
+                               q: ratio})
         if family == "sparling_posthoc" and s > 0:
             target = 1.0 - s
             for l in layers:
@@ -538,7 +802,7 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
         for s in grid:
             done[s] = evaluate(family, s, False)
         for _ in range(max(int(opts.refine), 0)):
-            loc = cliff_location([(d["mean_sparsity"], d["ppl_ratio"]) for _, d in sorted(done.items())], opts.p)
+            loc = cliff_location([(d["mean_sparsity"], d[q]) for _, d in sorted(done.items())], opts.p)
             if loc["knee_sparsity"] != loc["knee_sparsity"]:
                 break
             ts = sorted(done)
@@ -549,47 +813,81 @@ def cliff(loaded, options: CliffOptions | None = None, progress: Callable[[int |
                 break
             for s in new:
                 done[s] = evaluate(family, s, True)
-        loc = cliff_location([(d["mean_sparsity"], d["ppl_ratio"]) for _, d in sorted(done.items())], opts.p)
+        loc = cliff_location([(d["mean_sparsity"], d[q]) for _, d in sorted(done.items())], opts.p)
         knee_t = next((s for s, d in sorted(done.items()) if d["mean_sparsity"] == loc["knee_sparsity"]), math.nan)
-        cliffs.append({"family": family, "label": LABELS[family], "post_hoc": family == "sparling_posthoc",
-                       "p": float(opts.p), "dense_sparsity": mean(dense_sp), **loc, "knee_target": knee_t,
-                       "n_points": len(done), "max_ratio": max(d["ppl_ratio"] for d in done.values()),
-                       "n_tokens": dense.n_tokens})
+        row = {"family": family, "label": LABELS[family], "post_hoc": family == "sparling_posthoc",
+               "p": float(opts.p), "dense_sparsity": mean(dense_sp), **loc, "knee_target": knee_t,
+               "n_points": len(done), "max_ratio": max(d[q] for d in done.values())}
+        if cls:
+            def acc_at(x):  # the accuracy of the point whose achieved sparsity a rule picked (the first such)
+                return next((d["accuracy"] for _, d in sorted(done.items()) if d["mean_sparsity"] == x), math.nan)
+
+            row.update({"accuracy_dense": dense.accuracy, "accuracy_within_p": acc_at(loc["sparsity_within_p"]),
+                        "knee_accuracy": acc_at(loc["knee_sparsity"]),
+                        "min_accuracy": min(d["accuracy"] for d in done.values()), "n_examples": dense.n_tokens})
+        else:
+            row["n_tokens"] = dense.n_tokens
+        cliffs.append(row)
         # error bars over the held-out windows, after every measured column (thresholds and grid fixed)
         cliffs[-1]["n_windows"] = int((dense.window_tokens > 0).sum()) if dense.window_tokens is not None else 0
         cliffs[-1].update(cliff_intervals(dense, [pass_of[(family, s)] for s in sorted(done)], opts.p, seed))
         for s, d in done.items():
-            d.update(point_bars(dense, pass_of[(family, s)], seed))
+            d.update(point_bars(dense, pass_of[(family, s)], seed, name=q))
     points.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"]))
     layer_rows.sort(key=lambda r: (families.index(r["family"]), r["target_sparsity"], r["layer"]))
     sp_rows.sort(key=lambda r: (r["target_sparsity"], r["layer"]))
     learned = learned_thresholds(loaded.model)
-    info = {"corpus": td.corpus, "corpus_is_default": td.corpus_is_default, "n_windows": len(td.windows),
-            "calibration_windows": len(cal_w), "heldout_windows": len(held_w),
-            "n_counted_tokens": n_held, "calibration_tokens": corpus_mod.n_counted(cal_w),
-            "calibration_rows_per_layer": cal.n_rows if cal is not None else None,
-            "max_tokens": data_opts.max_tokens, "max_tokens_default_applied": capped,
-            "max_length": td.max_length, "stride": td.stride, "window_scheme": td.window_scheme,
+    if cls:
+        data_info = {"corpus": lab["corpus"], "corpus_is_default": False, "labels_field": opts.labels,
+                     "n_examples": lab["n_examples"], "calibration_examples": len(lab["cal_idx"]),
+                     "heldout_examples": len(lab["held_idx"]), "n_counted_tokens": n_held,
+                     "calibration_tokens": lab["cal_tokens"],
+                     "calibration_rows_per_layer": cal.n_rows if cal is not None else None,
+                     "max_tokens": opts.max_tokens, "max_length": lab["max_length"],
+                     "window_scheme": "one truncated, padded example per batch row (padding never counted)"}
+        notes = lab["notes"]
+        quality = {"quality": "loss ratio exp(mean CE_sparse - mean CE_dense) over the held-out labeled examples "
+                              "(Bug or Feature^2's validation loss, trainer.py Trainer.validate), and accuracy",
+                   "task": "sequence classification"}
+        unit = "held-out labeled example; n_windows in the cliff table counts examples"
+    else:
+        data_info = {"corpus": td.corpus, "corpus_is_default": td.corpus_is_default, "n_windows": len(td.windows),
+                     "calibration_windows": len(cal_w), "heldout_windows": len(held_w),
+                     "n_counted_tokens": n_held, "calibration_tokens": corpus_mod.n_counted(cal_w),
+                     "calibration_rows_per_layer": cal.n_rows if cal is not None else None,
+                     "max_tokens": data_opts.max_tokens, "max_tokens_default_applied": capped,
+                     "max_length": td.max_length, "stride": td.stride, "window_scheme": td.window_scheme}
+        notes = list(td.notes)
+        quality = {"quality": "PPL ratio exp(CE_sparse - CE_dense) on the held-out windows"}
+        unit = "held-out window (a batch row); n_windows in the cliff table"
+    qname = "loss ratio" if cls else "PPL ratio"
+    options_info = {**asdict(opts), "grid": grid}
+    if options_info.get("labels") is None:
+        options_info.pop("labels", None)
+    info = {**data_info,
             "families": families, "grid": grid, "p": float(opts.p), "refine": int(opts.refine),
             "dense_ce": dense.ce, "dense_ppl": math.exp(dense.ce), "full_passes": n_pass[0],
             "site": "input of each MLP output projection (act(gate) decides for GLU MLPs)",
-            "quality": "PPL ratio exp(CE_sparse - CE_dense) on the held-out windows",
+            **quality,
             "rules": {"sparsity_within_p": "largest achieved mean sparsity whose point and every lower one have "
-                                           "PPL ratio <= 1 + p/100",
-                      "knee_sparsity": "Kneedle: the point farthest below the chord of ln(PPL ratio) vs achieved "
+                                           f"{qname} <= 1 + p/100",
+                      "knee_sparsity": f"Kneedle: the point farthest below the chord of ln({qname}) vs achieved "
                                        "sparsity, both min-max normalised"},
             "error_bars": {
-                "unit": "held-out window (a batch row); n_windows in the cliff table",
+                "unit": unit,
                 "cliff": "sparsity_within_p, sparsity_within_p_interp, knee_sparsity _lo/_hi: 95 % percentile "
-                         "bootstrap over held-out windows; each resample recomputes every grid point's PPL ratio and "
+                         f"bootstrap over held-out windows; each resample recomputes every grid point's {qname} and "
                          "mean sparsity from the resampled per-window loss and zero counts and reapplies both rules "
                          "(grid, refined targets and calibrated thresholds held fixed; resamples where a rule has "
                          "no answer dropped)",
-                "points": "ppl_ratio_se (delta method) / _lo / _hi and mean_sparsity_se / _lo / _hi per grid point",
+                "points": f"{q}_se (delta method) / _lo / _hi and mean_sparsity_se / _lo / _hi per grid point"
+                          + ("; accuracy and accuracy_drop _se / _lo / _hi" if cls else ""),
                 "bootstrap": f"1000 resamples, numpy default_rng({seed}), the same resamples for every family"},
-            "sparling_learned_layers": len(learned), "notes": list(td.notes),
+            "sparling_learned_layers": len(learned), "notes": notes,
             "seconds": round(time.perf_counter() - t0, 3),
-            "options": {**asdict(opts), "grid": grid}}
+            "options": options_info}
+    if cls:
+        info["dense_accuracy"] = dense.accuracy
     return CliffResult(points, layer_rows, cliffs, sp_rows, sp_channels, learned, info, warnings)
 
 
