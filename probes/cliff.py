@@ -620,11 +620,11 @@ def labeled_split(loaded, opts: CliffOptions) -> dict[str, Any]:
     as batches of ``labeled_text_batches`` (one truncated example per row, padded; count mask = attention
     mask)."""
     from probes.data import resolve_corpus, resolve_max_length
-    from probes.loss import labeled_examples, labeled_text_batches
+    from probes.loss import drop_head_fit_examples, labeled_examples, labeled_text_batches
 
     max_length = resolve_max_length(loaded, opts.max_length)
-    ex = labeled_examples(opts, loaded)
-    notes: list[str] = []
+    ex, fit_note = drop_head_fit_examples(loaded, opts, labeled_examples(opts, loaded))
+    notes: list[str] = [fit_note] if fit_note else []
     if opts.max_tokens is not None:
         tok = loaded.tokenizer
         kept, n = [], 0

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from probes.errors import DataError, ModelError
+from probes.loss import file_sha256
 
 HEAD_FILE = "actsparse_head.json"
 DEFAULT_L2 = 1e-3
@@ -324,7 +325,8 @@ def fit_linear_head(encoder_path: str, data: str, labels_field: str, *, text_fie
     record = {
         "tool": "actsparse", "kind": "linear_head", "encoder": str(encoder_path),
         "encoder_family": loaded.family, "model_class": type(clf).__name__, "head_module": head_name,
-        "n_features": int(x.shape[1]), "data": str(data), "labels_field": labels_field, "text_field": text_field,
+        "n_features": int(x.shape[1]), "data": str(data), "data_sha256": file_sha256(data),
+        "labels_field": labels_field, "text_field": text_field,
         "label_names": names, "n_examples": len(texts), "max_examples": max_examples, "max_length": length,
         "objective": OBJECTIVE, "l2": l2, "head_bias": head.bias is not None, **info,
         "split": {"rule": SPLIT_RULE, "fit_share": fit_share, "n_fit": len(fit_idx), "n_heldout": len(held_idx),

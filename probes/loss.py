@@ -182,3 +182,53 @@ def labeled_text_batches(ex: list[tuple[str, int]], opts: Any, loaded, max_lengt
                     torch.tensor([lab for _, lab in group], dtype=torch.long, device=loaded.device))
 
 
+
+
+HEAD_RECORD = "actsparse_head.json"  # written by `actsparse fit-head` (reports/head_checkpoint.py)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def drop_head_fit_examples(loaded, opts: Any, examples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], str | None]:
+    """Leave out the examples a linear-probe head was fitted on, for analyses that measure quality.
+
+    A classifier made by ``actsparse fit-head`` records (``actsparse_head.json`` in its folder) the corpus
+    it was fitted on (``data_sha256``, the labels and text fields) and the held-out indices; when ``--data``
+    is that same file (same bytes) with the same fields, the examples of its fit split are removed, so the
+    accuracy and loss are measured on examples the head has not seen. Returns the kept examples and a note
+    (None when nothing was removed)."""
+    import json
+    from pathlib import Path
+
+    path = (getattr(loaded, "source", None) or {}).get("path")
+    rec_file = Path(path) / HEAD_RECORD if path else None
+    if rec_file is None or not rec_file.is_file() or opts.data is None:
+        return examples, None
+    try:
+        rec = json.loads(rec_file.read_text(encoding="utf-8"))
+        sha = rec.get("data_sha256")
+        if not sha or rec.get("labels_field") != opts.labels or rec.get("text_field", "text") != opts.text_field:
+            return examples, None
+        if file_sha256(opts.data) != sha:
+            return examples, None
+        n_fit_pool = int(rec["n_examples"])
+        held = set(int(i) for i in rec["split"]["heldout_indices"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return examples, None
+    kept = [e for i, e in enumerate(examples) if i >= n_fit_pool or i in held]
+    dropped = len(examples) - len(kept)
+    if not dropped:
+        return examples, None
+    if not kept:
+        raise DataError(f"every labeled example of {opts.data} was used to fit this checkpoint's head",
+                        "give examples the head was not fitted on (--data), or refit it with a smaller --fit-share")
+    return kept, (f"{dropped} of {len(examples)} labeled examples left out: {HEAD_RECORD} says the head was fitted "
+                  f"on them; quality is measured on the other {len(kept)}")

@@ -145,10 +145,10 @@ class LabelledData:
         from types import SimpleNamespace
 
         from probes.data import resolve_max_length
-        from probes.loss import labeled_examples
+        from probes.loss import drop_head_fit_examples, labeled_examples
 
         self.max_length = resolve_max_length(loaded, opts.max_length)
-        self.examples = labeled_examples(opts, loaded)
+        self.examples, self.note = drop_head_fit_examples(loaded, opts, labeled_examples(opts, loaded))
         self.batch_size = opts.batch_size or LABELLED_BATCH_SIZE
         self.loaded = loaded
         self._opts = SimpleNamespace(batch_size=self.batch_size)
@@ -165,6 +165,7 @@ class LabelledData:
 
     def describe(self) -> dict[str, Any]:
         return {"corpus": self.corpus, "labels_field": self.labels_field, "n_examples": len(self.examples),
+                **({"left_out": self.note} if self.note else {}),
                 "max_length": self.max_length, "batch_size": self.batch_size,
                 "tokenization": "one example per row with the tokenizer's special tokens ([CLS] ... [SEP] for "
                                 "BERT), truncated at max_length, right padding masked"}

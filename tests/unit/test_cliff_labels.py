@@ -247,3 +247,5 @@ def test_minilm_classifier_cliff(minilm_classifier):
         assert pts[(fam, 0.9)]["loss_ratio"] > pts[(fam, 0.0)]["loss_ratio"] == 1.0
         assert pts[(fam, 0.9)]["mean_sparsity"] > 0.85
     assert len({r["layer"] for r in res.layer_rows}) == 6
+    # the head was fitted on every second one of the first 200 examples: those are left out (actsparse_head.json)
+    assert any("left out" in n and "actsparse_head.json" in n for n in res.info["notes"]), res.info["notes"]

@@ -292,3 +292,36 @@ def test_force_replaces_a_classifier_folder_we_wrote(fitted, tiny_bert, corpus, 
               "--max-examples", "30", "--max-length", "16", "-q", "--force"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "actsparse_head.json").read_text())["n_examples"] == 30
+
+
+def test_quality_analyses_leave_out_the_examples_the_head_was_fitted_on(fitted, corpus, tmp_path):
+    """cliff --labels and massive --intervene measure quality: on the corpus the head was fitted on (same
+    bytes, same fields, per actsparse_head.json's data_sha256) they keep only its held-out examples; on
+    another file, or with other fields, they keep every example."""
+    import shutil
+    from types import SimpleNamespace
+
+    from probes.loading import load_checkpoint
+    from probes.loss import drop_head_fit_examples, file_sha256, labeled_examples
+
+    folder = fitted[0] if isinstance(fitted, tuple) else fitted
+    rec = json.loads((folder / "actsparse_head.json").read_text())
+    assert rec["data_sha256"] == file_sha256(corpus)
+    lm = load_checkpoint(str(folder), device="cpu")
+    opts = SimpleNamespace(data=str(corpus), encoding="utf-8", text_field="text", labels="label")
+    ex = labeled_examples(opts, lm)
+    kept, note = drop_head_fit_examples(lm, opts, ex)
+    held = rec["split"]["heldout_indices"]
+    assert kept == [ex[i] for i in held] and len(kept) < len(ex)
+    assert note and f"{len(ex) - len(held)} of {len(ex)}" in note
+    # the same text in another file: still the same bytes, so the same rule
+    copy = shutil.copy(corpus, tmp_path / "copy.jsonl")
+    assert drop_head_fit_examples(lm, SimpleNamespace(**{**vars(opts), "data": str(copy)}), ex)[0] == kept
+    # one more example appended: other bytes, nothing left out
+    other = tmp_path / "other.jsonl"
+    other.write_text(corpus.read_text() + json.dumps({"text": "file path", "label": "alpha"}) + "\n")
+    opts2 = SimpleNamespace(**{**vars(opts), "data": str(other)})
+    ex2 = labeled_examples(opts2, lm)
+    assert drop_head_fit_examples(lm, opts2, ex2) == (ex2, None)
+    # another label field: not the fitted task, nothing left out
+    assert drop_head_fit_examples(lm, SimpleNamespace(**{**vars(opts), "labels": "topic"}), ex) == (ex, None)
