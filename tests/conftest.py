@@ -9,10 +9,45 @@ import pytest  # noqa: E402
 
 EOT = "<|endoftext|>"
 
-# ------------------------------------------------------------------ pytest-xdist (pyproject: -n 2 --dist loadfile)
-# The suite runs in two worker processes, each file whole in one of them (module fixtures are built once).
-# `-n 0` (or `-p no:xdist`) runs it in this process as before.
+# ------------------------------------------------------------------ pytest-xdist (a test extra)
+# A run over several test files (the README command: the whole suite) uses two worker processes, each file
+# whole in one of them (`--dist loadfile`: module fixtures are built once): on this project's 2-core machine
+# the suite takes ~0.7x the time of one process. `-n 0` or `-p no:xdist` runs in one process, `-n N` /
+# `-n auto` as given; one file (or tests of one file) runs in one process, with torch's usual threads.
 XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+DEFAULT_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Before xdist reads its options (its own hook is tryfirst too; a conftest's runs first)."""
+    from pathlib import Path
+
+    opt = config.option
+    if XDIST_WORKER or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if opt.numprocesses is not None or opt.dist != "no" or getattr(opt, "usepdb", False) or opt.collectonly:
+        return  # the user chose (-n, --dist), or xdist cannot help (--pdb, --collect-only)
+    files = {str(a).split("::")[0] for a in config.args}
+    if len(files) == 1 and Path(next(iter(files))).is_file():
+        return
+    opt.numprocesses, opt.dist = DEFAULT_WORKERS, "loadfile"
+    opt.loadscopereorder = False  # files in the order below, not most-tests-first (one-test 13 s files last)
+
+
+# Files are handed to the workers in collection order as they free up: the folders whose files take longest
+# (a torchrun start, a training run, every golden case) first, the many short unit files last, so that both
+# workers finish together instead of one running a long file alone at the end.
+FOLDER_ORDER = ("integration", "golden", "cli", "unit")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if XDIST_WORKER:  # the same order on every worker (xdist checks that the collections are identical)
+        def folder(item):
+            parts = item.nodeid.split("::")[0].split("/")
+            return FOLDER_ORDER.index(parts[1]) if len(parts) > 2 and parts[1] in FOLDER_ORDER else len(FOLDER_ORDER)
+
+        items.sort(key=folder)  # stable: each file's tests stay together and in order
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -198,16 +233,18 @@ def minilm_classifier(tmp_path_factory):
     from reports.head_checkpoint import fit_head_checkpoint
 
     data = Path(__file__).resolve().parents[1] / "probes" / "data" / "topics.jsonl"
-    out = tmp_path_factory.mktemp("minilm_classifier") / "clf"
     import torch
 
     from probes.threads import choose_cpu_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(choose_cpu_threads()["threads"] or threads)  # as the CLI does on busy cores
-    try:
-        fit_head_checkpoint(str(minilm.get_model_path()), str(data), "label", out, max_examples=200, max_length=64,
-                            batch_size=50, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    def build(folder):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(choose_cpu_threads()["threads"] or threads)  # as the CLI does on busy cores
+        try:
+            fit_head_checkpoint(str(minilm.get_model_path()), str(data), "label", folder / "clf", max_examples=200,
+                                max_length=64, batch_size=50, device="cpu")
+        finally:
+            torch.set_num_threads(threads)
+
+    out = once_per_run(tmp_path_factory, "minilm_classifier", build) / "clf"  # one fit for all xdist workers
     return MiniLMClassifier(str(out), str(data))

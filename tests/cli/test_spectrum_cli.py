@@ -170,6 +170,7 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
     import subprocess
     import sys
     import textwrap
+    import threading
     import time
 
     import torch
@@ -191,14 +192,33 @@ def test_ctrl_c_with_worker_processes_stops_everything_cleanly(tmp_path):
             time.sleep(60)
             return real(*a, **k)
         sp.svals_cpu = slow  # forked workers inherit the patch
+        import concurrent.futures, threading
+        real_result = concurrent.futures.Future.result
+        def result(self, timeout=None):  # the main process now waits for a row: no pool.submit under way
+            if threading.current_thread() is threading.main_thread():
+                print("main-waits", flush=True)
+            return real_result(self, timeout)
+        concurrent.futures.Future.result = result
         from actsparse_cli.main import app
         app(["spectrum", {str(tmp_path / "model")!r}, "--workers", "2", "-o", {str(out)!r}, "--quiet"])
     """))
     proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert "in-worker" in proc.stdout.readline()  # two workers may print on one line
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    _, err = proc.communicate(timeout=60)
+    # Ctrl-C once a worker computes and the main process waits for it. Not earlier: each pool.submit ignores
+    # SIGINT for its short window (probes.spectrum._PoolRunner._submit), and on a loaded machine (two test
+    # workers, other jobs) the main process can still be submitting the next rows when a worker starts.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    seen = ""
+    try:
+        while not ("in-worker" in seen and "main-waits" in seen):
+            line = proc.stdout.readline()
+            assert line, f"the driver ended before a worker ran and the main process waited: {seen!r}"
+            seen += line
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["actsparse: error: interrupted; no output was written"]
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())

@@ -5,6 +5,7 @@ is slow (hundreds of sklearn KDE fits per layer), so the real checkpoint is comp
 few of its layers, chosen with WW's own ``layers=`` filter.
 """
 
+import importlib.util
 import logging
 import os
 
@@ -13,7 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-ww = pytest.importorskip("weightwatcher", reason="WeightWatcher 0.7.7 is a bench/test extra: pip install 'actsparse[bench]'")
+if importlib.util.find_spec("weightwatcher") is None:
+    pytest.skip("WeightWatcher 0.7.7 is a bench/test extra: pip install 'actsparse[bench]'", allow_module_level=True)
+ww = None  # imported by the autouse fixture below: ~2 s, paid only where these tests run, not at collection
 
 from probes import spectrum as sp  # noqa: E402
 from probes.formats import iter_tensors, sniff  # noqa: E402
@@ -30,6 +33,9 @@ def _quiet_single_threaded_ww():
     """WW logs per layer; and on a busy machine multi-threaded LAPACK (both tools) can crawl,
     so both run with one BLAS/OpenMP thread (threadpoolctl comes with WW's scikit-learn)."""
     from threadpoolctl import threadpool_limits
+
+    global ww
+    import weightwatcher as ww
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     threads = torch.get_num_threads()

@@ -40,6 +40,9 @@ SCRIPT = textwrap.dedent("""
     cb = ActsparseCallback(output_dir=out, every_n_steps=1, data=corpus, max_tokens=192, max_length=16,
                            batch_size=4)
     Trainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[cb]).train()
+    # a clean exit: without it gloo's threads can outlive the interpreter and abort a rank at exit
+    # (SIGABRT "terminate called without an active exception"; pytorch/pytorch#179291), seen on a loaded machine
+    torch.distributed.destroy_process_group()
 """)
 
 
