@@ -178,9 +178,13 @@ def register(app: typer.Typer) -> None:
         check_corpus_spec(data, encoding)  # a FIFO, device or bad --encoding fails before the model loads
         shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before the model loads
         extras = {}
+        from actsparse_cli.common import status_line
+
+        with status_line(f"loading {checkpoint}"):  # the device check imports torch (a second or more)
+            dev = resolve_device(device)
         try:
             # torchrun: join the process group first; from here on an error on one rank reaches the others
-            with distributed.session(resolve_device(device)) as ctx:
+            with distributed.session(dev) as ctx:
                 if output is not None and ctx.world_size > 1 and ctx.is_main:
                     check_output_dir(output, force, inputs=guarded)
                 if ctx.world_size > 1:
