@@ -126,6 +126,55 @@ def weight_stats(w, q: float = QUANTILE) -> dict[str, Any]:
             "nonfinite": int((~torch.isfinite(flat)).sum())}
 
 
+def _nth_smallest(a, k: int) -> float:
+    import numpy as np
+
+    return float(np.partition(a, k)[k])
+
+
+def weight_stats_np(w, q: float = QUANTILE) -> dict[str, Any]:
+    """``weight_stats`` of a numpy array (safetensors read without torch): the same steps in the same
+    precisions (float32 for every dtype but float64, float64 chunk sums, Bessel std, the exact
+    linear-interpolation quantile from the order statistics at floor(q (n - 1)) and the next), so the
+    values equal the torch path's up to float64 summation order (``tests/unit/test_drift.py``)."""
+    import numpy as np
+
+    flat = np.asarray(w).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        raise ValueError("weight_stats needs a floating tensor")
+    if flat.dtype != np.float64:
+        flat = flat.astype(np.float32, copy=False)
+    n = flat.size
+    total = 0.0
+    neg = zeros = 0
+    for i in range(0, n, CHUNK):
+        c = flat[i:i + CHUNK]
+        total += float(c.sum(dtype=np.float64))
+        neg += int(np.count_nonzero(c < 0))
+        zeros += int(np.count_nonzero(c == 0))
+    mean = total / n if n else float("nan")
+    ss = 0.0
+    for i in range(0, n, CHUNK):
+        c = flat[i:i + CHUNK].astype(np.float64)
+        ss += float(np.square(c - mean).sum())
+    std = math.sqrt(ss / (n - 1)) if n > 1 else float("nan")
+    a = np.abs(flat)
+    if n:
+        pos = q * (n - 1)
+        lo = int(math.floor(pos))
+        v_lo = _nth_smallest(a, lo)
+        v_hi = _nth_smallest(a, lo + 1) if lo + 1 < n else v_lo
+        thr = v_lo + (pos - lo) * (v_hi - v_lo)
+    else:
+        thr = float("nan")
+    count = sum(int(np.count_nonzero(a[i:i + CHUNK].astype(np.float64) >= thr)) for i in range(0, n, CHUNK))
+    return {"n": n, "mean": mean, "neg_pct": 100.0 * neg / n if n else float("nan"), "std": std,
+            "extreme_threshold": thr, "extreme_count": count, "extreme_frac": count / n if n else float("nan"),
+            "max_abs": float(a.max()) if n else float("nan"), "min": float(flat.min()) if n else float("nan"),
+            "max": float(flat.max()) if n else float("nan"), "zero_frac": zeros / n if n else float("nan"),
+            "nonfinite": int(np.count_nonzero(~np.isfinite(flat)))}
+
+
 @dataclass
 class DriftResult:
     rows: list[dict[str, Any]]
@@ -184,7 +233,14 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
 
     Runs with one torch thread: the statistics are reductions over one tensor at a time, memory-
     bound, and torch's thread pool on cores that other processes keep busy turns 0.06 s into 4 s
-    (the bundled model on a loaded 2-core machine)."""
+    (the bundled model on a loaded 2-core machine). Checkpoints stored as safetensors are read as numpy
+    arrays and reduced with numpy (``weight_stats_np``): no torch import, a second or more of start-up."""
+    from probes.formats import is_safetensors, sniff
+
+    cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    sniffed = [sniff(ck) for ck in cks]
+    if cks and all(sn.files and all(is_safetensors(f) for f in sn.files) for sn in sniffed):
+        return _weight_drift(cks, unsafe_pickle, progress, q, kinds, numpy_path=True)
     import torch
 
     threads = torch.get_num_threads()
@@ -195,8 +251,37 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
         torch.set_num_threads(threads)
 
 
-def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds) -> DriftResult:
+def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds, numpy_path: bool = False) -> DriftResult:
     from probes.formats import count_tensors, iter_tensors, sniff
+
+    if numpy_path:
+        import numpy as np
+
+        from probes.arrays import iter_arrays
+
+        def tensors(sn):
+            for name, a, stored in iter_arrays(sn, unsafe_pickle):
+                yield name, a, stored
+
+        def floating(a):
+            return np.issubdtype(a.dtype, np.floating)
+
+        def bias_mean(a):
+            return float(a.astype(np.float64).mean())
+
+        stats = weight_stats_np
+    else:
+        def tensors(sn):
+            for name, t in iter_tensors(sn, unsafe_pickle=unsafe_pickle):
+                yield name, t, str(t.dtype).replace("torch.", "")
+
+        def floating(t):
+            return t.is_floating_point()
+
+        def bias_mean(t):
+            return float(t.detach().double().mean())
+
+        stats = weight_stats
 
     cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not cks:
@@ -216,23 +301,24 @@ def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds) -> DriftResult
         n_seen = 0
         first_row = len(rows)
         bias_means: dict[str, float] = {}
-        for name, t in iter_tensors(sn, unsafe_pickle=unsafe_pickle):
+        for name, t, stored_dtype in tensors(sn):
             n_seen += 1
             if progress:
                 progress(total, 1)
-            if t.is_floating_point() and t.dim() == 1 and name.endswith("bias") and t.numel():
-                bias_means[name] = float(t.detach().double().mean())
-            if not t.is_floating_point() or t.dim() < 2:
+            ndim, is_float = len(t.shape), floating(t)
+            if is_float and ndim == 1 and name.endswith("bias") and math.prod(t.shape):
+                bias_means[name] = bias_mean(t)
+            if not is_float or ndim < 2:
                 skipped.append({"checkpoint_index": ci, "name": name, "shape": list(t.shape),
-                                "reason": "not floating" if not t.is_floating_point() else f"{t.dim()}-D"})
+                                "reason": "not floating" if not is_float else f"{ndim}-D"})
                 continue
-            kind = tensor_kind(name, t.dim())
+            kind = tensor_kind(name, ndim)
             if keep is not None and kind not in keep:
                 continue
-            st = weight_stats(t, q)
+            st = stats(t, q)
             rows.append({"checkpoint_index": ci, "checkpoint": str(ck), "name": name, "kind": kind,
                          "role": tensor_role(name) if kind == "linear" else kind, "layer": layer_of(name),
-                         "shape": "x".join(str(s) for s in t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                         "shape": "x".join(str(s) for s in t.shape), "dtype": stored_dtype,
                          **st})
             del t
         for r in rows[first_row:]:  # biases may come before or after their weight in the file
@@ -242,6 +328,7 @@ def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds) -> DriftResult
     info = {"checkpoints": sources, "n_tensors_measured": len(rows), "n_tensors_skipped": len(skipped),
             "quantile": q, "quantile_method": "exact: linear interpolation (torch.quantile's definition) from topk",
             "std": "unbiased (Bessel), float64 accumulation", "neg_pct": "100 x fraction of entries < 0",
-            "streaming": "one tensor at a time via probes.formats.iter_tensors",
+            "streaming": "one tensor at a time via " + ("probes.arrays.iter_arrays (numpy, safetensors)" if numpy_path
+                                                          else "probes.formats.iter_tensors"),
             "seconds": round(time.perf_counter() - t0, 3)}
     return DriftResult(rows, info, skipped)

@@ -100,3 +100,55 @@ def test_names_and_errors(tmp_path):
     with pytest.raises(CheckpointError):
         weight_drift(str(tmp_path / "missing.safetensors"))
     assert math.isnan(extreme_threshold(torch.tensor([])))
+
+
+@pytest.mark.parametrize("n,dtype,seed", [(1, "float32", 0), (2, "float32", 1), (1000, "float32", 2),
+                                          (4097, "float16", 3), (3001, "bfloat16", 4), (500, "float64", 5)])
+def test_numpy_stats_equal_the_torch_stats(n, dtype, seed):
+    """Safetensors checkpoints are reduced with numpy (no torch import): every statistic equals the torch
+    path's (counts and order statistics exactly, sums to float64 summation order)."""
+    import numpy as np
+    import torch
+
+    from probes.drift import weight_stats_np
+
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(n, generator=g) * 0.05).to(getattr(torch, dtype))
+    if n > 10:
+        t[:5] = 0  # exact zeros, and ties in |w|
+        t[5:8] = t[8]
+    a = t.float().numpy() if dtype == "bfloat16" else t.numpy()  # safetensors' bf16 is read widened to float32
+    ref, got = weight_stats(t.reshape(-1, 1) if n > 1 else t), weight_stats_np(a.reshape(-1, 1) if n > 1 else a)
+    assert set(ref) == set(got)
+    for k in ("n", "extreme_count", "nonfinite"):
+        assert got[k] == ref[k], k
+    for k in ("neg_pct", "zero_frac", "extreme_threshold", "max_abs", "min", "max", "extreme_frac"):
+        assert got[k] == ref[k] or (np.isnan(got[k]) and np.isnan(ref[k])), k
+    for k in ("mean", "std"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-12, abs=1e-18, nan_ok=True), k
+
+
+def test_drift_of_safetensors_does_not_import_torch(tmp_path):
+    """`actsparse drift` on safetensors checkpoints reads and reduces them with numpy: torch is never imported
+    (a second or more of start-up), and the table equals the torch path's on the same file."""
+    import json
+    import subprocess
+    import sys
+
+    from probes.embedded import default_checkpoint
+
+    ck = str(default_checkpoint())
+    code = ("import sys, json; from probes.drift import weight_drift; r = weight_drift([%r]); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'rows': r.rows}))" % ck)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout)
+    assert res["torch"] is False
+    import probes.drift as d
+
+    ref = d._weight_drift([ck], False, None, d.QUANTILE, None, numpy_path=False).rows
+    assert [r["name"] for r in res["rows"]] == [r["name"] for r in ref]
+    for a, b in zip(res["rows"], ref):
+        assert a["dtype"] == b["dtype"] and a["extreme_count"] == b["extreme_count"] and a["shape"] == b["shape"]
+        assert a["mean"] == pytest.approx(b["mean"], rel=1e-12, abs=1e-18)
+        assert a["extreme_threshold"] == b["extreme_threshold"]
+        assert a["bias_mean"] == pytest.approx(b["bias_mean"], rel=1e-12, abs=1e-18, nan_ok=True)
