@@ -620,23 +620,12 @@ def labeled_split(loaded, opts: CliffOptions) -> dict[str, Any]:
     as batches of ``labeled_text_batches`` (one truncated example per row, padded; count mask = attention
     mask)."""
     from probes.data import resolve_corpus, resolve_max_length
-    from probes.loss import drop_head_fit_examples, labeled_examples, labeled_text_batches
+    from probes.loss import drop_head_fit_examples, first_examples_within, labeled_examples, labeled_text_batches
 
     max_length = resolve_max_length(loaded, opts.max_length)
     ex, fit_note = drop_head_fit_examples(loaded, opts, labeled_examples(opts, loaded))
-    notes: list[str] = [fit_note] if fit_note else []
-    if opts.max_tokens is not None:
-        tok = loaded.tokenizer
-        kept, n = [], 0
-        for text, lab in ex:
-            k = len(tok(text, truncation=True, max_length=max_length)["input_ids"])
-            if kept and n + k > opts.max_tokens:
-                break
-            kept.append((text, lab))
-            n += k
-        if len(kept) < len(ex):
-            notes.append(f"--max-tokens {opts.max_tokens}: the first {len(kept)} of {len(ex)} labeled examples")
-        ex = kept
+    ex, cut_note = first_examples_within(ex, loaded.tokenizer, max_length, opts.max_tokens)
+    notes: list[str] = [n for n in (fit_note, cut_note) if n]
     cal_idx, held_idx = calib_split(len(ex), opts.calib_share, unit="labeled example")
     cal_ex, held_ex = [ex[i] for i in cal_idx], [ex[i] for i in held_idx]
     cal_b = list(labeled_text_batches(cal_ex, opts, loaded, max_length))

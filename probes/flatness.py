@@ -74,8 +74,8 @@ from probes.data import DataOptions, resolve_max_length, token_windows
 from probes.errors import DataError, ModelError
 from probes.gradients import DEFAULT_TAUS, embedding_leaf_hooks, frozen_parameters, tau_label
 from probes.hooks import HookCall, HookPoint
-from probes.loss import DEFAULT_REDUCTION, MLM_PROB, REDUCTIONS, cross_entropy, labeled_examples, \
-    labeled_text_batches, mlm_mask, resolve_loss
+from probes.loss import DEFAULT_REDUCTION, MLM_PROB, REDUCTIONS, cross_entropy, first_examples_within, \
+    labeled_examples, labeled_text_batches, mlm_mask, resolve_loss
 from probes.runner import Runner, TokenBatches
 from probes.spikes import counted_rows
 from probes.vision import is_image_spec
@@ -480,19 +480,10 @@ def flatness(loaded, options: FlatnessOptions | None = None, progress: Callable[
     # ---- data (as probes.gradients: token windows, or labeled examples for a classifier)
     if loss_kind == "classification":
         max_length = resolve_max_length(loaded, opts.max_length)
-        examples = labeled_examples(opts, loaded)
-        if opts.max_tokens is not None:  # the first examples whose real tokens fit (as cliff's labeled_split)
-            kept, n_tok = [], 0
-            for text, lab in examples:
-                k = len(loaded.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-                if kept and n_tok + k > opts.max_tokens:
-                    break
-                kept.append((text, lab))
-                n_tok += k
-            if len(kept) < len(examples):
-                info["notes"] = [f"--max-tokens {opts.max_tokens}: the first {len(kept)} of {len(examples)} "
-                                 "labeled examples"]
-            examples = kept
+        examples, cut = first_examples_within(labeled_examples(opts, loaded), loaded.tokenizer, max_length,
+                                              opts.max_tokens)  # with --max-tokens, the first examples that fit
+        if cut:
+            info["notes"] = [cut]
         nb = math.ceil(len(examples) / opts.batch_size)
         batches: Any = labeled_text_batches(examples, opts, loaded, max_length)
         data_info: dict[str, Any] = {"corpus": opts.data, "labels_field": opts.labels, "max_length": max_length,

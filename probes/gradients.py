@@ -51,7 +51,8 @@ from probes.errors import DataError, DeviceError, ModelError
 from probes.grad_sites import GradSite, find_grad_sites  # noqa: F401  (re-exported)
 from probes.hooks import HookCall, HookPoint
 from probes.loss import (DEFAULT_REDUCTION, LOSSES, MLM_PROB, REDUCTIONS, cross_entropy,  # noqa: F401
-                         labeled_examples, labeled_text_batches, mlm_mask, model_head, resolve_loss)
+                         first_examples_within, labeled_examples, labeled_text_batches, mlm_mask, model_head,
+                         resolve_loss)
 from probes.runner import ImageBatches, Runner, TokenBatches, forward_images
 from probes.spikes import (LinearInputProbe, counted_rows, lower_medians, spike_hooks, spike_mode,  # noqa: F401
                            spike_rows)
@@ -481,7 +482,10 @@ def measure_gradients(loaded, options: GradOptions | None = None,
         loss_kind = resolve_loss(loaded, opts.loss, False, bool(opts.labels))
         if loss_kind == "classification":
             max_length = resolve_max_length(loaded, opts.max_length)  # exit 4 before any file is read
-            examples = labeled_examples(opts, loaded)
+            examples, cut = first_examples_within(labeled_examples(opts, loaded), loaded.tokenizer, max_length,
+                                                  opts.max_tokens)  # with --max-tokens, the first examples that fit
+            if cut:
+                info.setdefault("notes", []).append(cut)
             nb = math.ceil(len(examples) / opts.batch_size)
             batches = labeled_text_batches(examples, opts, loaded, max_length)
             data_info = {"corpus": resolve_corpus(opts.data), "labels_field": opts.labels, "max_length": max_length,

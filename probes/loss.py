@@ -232,3 +232,21 @@ def drop_head_fit_examples(loaded, opts: Any, examples: list[tuple[str, int]]) -
                         "give examples the head was not fitted on (--data), or refit it with a smaller --fit-share")
     return kept, (f"{dropped} of {len(examples)} labeled examples left out: {HEAD_RECORD} says the head was fitted "
                   f"on them; quality is measured on the other {len(kept)}")
+
+
+def first_examples_within(examples: list[tuple[str, int]], tokenizer, max_length: int, max_tokens: int | None
+                          ) -> tuple[list[tuple[str, int]], str | None]:
+    """With ``--max-tokens``, the first labeled examples whose real tokens (tokenized with special tokens,
+    truncated at ``max_length``) fit in ``max_tokens`` (at least one); a note when some were cut."""
+    if max_tokens is None:
+        return examples, None
+    kept, n = [], 0
+    for text, lab in examples:
+        k = len(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        if kept and n + k > max_tokens:
+            break
+        kept.append((text, lab))
+        n += k
+    if len(kept) == len(examples):
+        return examples, None
+    return kept, f"--max-tokens {max_tokens}: the first {len(kept)} of {len(examples)} labeled examples"

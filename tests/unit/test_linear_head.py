@@ -325,3 +325,28 @@ def test_quality_analyses_leave_out_the_examples_the_head_was_fitted_on(fitted, 
     assert drop_head_fit_examples(lm, opts2, ex2) == (ex2, None)
     # another label field: not the fitted task, nothing left out
     assert drop_head_fit_examples(lm, SimpleNamespace(**{**vars(opts), "labels": "topic"}), ex) == (ex, None)
+
+
+def test_max_tokens_caps_labeled_examples_in_grad_flatness_and_cliff(fitted, corpus):
+    """--max-tokens takes the first labeled examples whose real tokens fit (one shared rule, probes.loss):
+    by hand on a whitespace tokenizer, and in grad's classification path (it used to read every example)."""
+    from probes.gradients import GradOptions, measure_gradients
+    from probes.loading import load_checkpoint
+    from probes.loss import first_examples_within
+
+    class Ws:
+        def __call__(self, text, truncation=True, max_length=99):
+            return {"input_ids": text.split()[:max_length]}
+
+    ex = [("a b c", 0), ("d e", 1), ("f g h i", 2), ("j", 0)]
+    assert first_examples_within(ex, Ws(), 8, None) == (ex, None)
+    kept, note = first_examples_within(ex, Ws(), 8, 5)
+    assert kept == ex[:2] and "first 2 of 4" in note
+    assert first_examples_within(ex, Ws(), 2, 5)[0] == ex[:2]  # truncation counts: 2 + 2, then 2 more would be 6
+    assert first_examples_within(ex, Ws(), 8, 1)[0] == ex[:1]  # at least one example
+    folder = fitted[0]
+    lm = load_checkpoint(str(folder), device="cpu")
+    opts = GradOptions(data=str(corpus), labels="label", batch_size=8, max_length=16, max_tokens=60)
+    res = measure_gradients(lm, opts)
+    assert any("labeled examples" in n for n in res.info.get("notes", [])), res.info.get("notes")
+    assert res.info["n_items"] < 90
