@@ -88,19 +88,6 @@ def first_output_on_a_terminal(cmd: list[str], timeout: float = 120.0) -> tuple[
     return (first if first is not None else float("nan")), total, shown
 
 
-class Load:
-    """A competing CPU-bound process for the duration of a block."""
-
-    def __enter__(self):
-        self.p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc):
-        self.p.kill()
-        self.p.wait()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -128,6 +115,8 @@ def main() -> None:
             "compare (two measure outputs)": [str(BIN), "compare", str(a1), str(a2), "-q"],
             "sites (bundled model)": [str(BIN), "sites", str(MODEL)],
         }
+        from bench_spectrum_load import Load  # a competing busy loop, the same as the spectrum benchmark's
+
         ctx = Load() if a.load else _Nothing()
         times: dict[str, list[float]] = {k: [] for k in cases}
         status: dict[str, list[tuple[float, float, str]]] = {"measure": [], "grad": []}

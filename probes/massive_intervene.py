@@ -408,15 +408,8 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
                     "channels": ",".join(str(c) for c in ref["channels"]), "n_channels": len(ref["channels"]),
                     "n_sequences": len(r.per_window), "n_targets": r.n, "nll_mean": r.nll / r.n if r.n else math.nan,
                     "ppl": r.ppl, "ppl_ratio": r.ppl / base.ppl if base.n else math.nan})
-    vals = []
-    orig = hooks_by_mode["original"]
-    for cls in ("first", "peak"):
-        m = means[cls] if means else None
-        for j, c in enumerate(ref["channels"]):
-            vals.append({"canonical_name": ref["canonical_name"], "layer": ref["layer"], "position_class": cls,
-                         "channel": int(c), "n_sequences": orig.counts[cls],
-                         "mean_value": float(m[j]) if m is not None else math.nan})
-    peaks = orig.peaks
+    vals = _values_rows(ref, hooks_by_mode, means)
+    peaks = hooks_by_mode["original"].peaks
     info = {"reference": "locuslab/massive-activations main_llm.py --exp3, lib/hook.py Intervened_Layer.update, "
                          "lib/eval_utils.py eval_ppl",
             "modes": list(modes), "layer": ref["layer"], "canonical_name": ref["canonical_name"],
