@@ -14,8 +14,8 @@ holds every option, lm-eval style, so a CI job is one line::
     checkpoint = "runs/ckpt-1000"      # top level: checkpoint, output, profile, base, skip, title,
     profile = "quick"                  # device, dtype
     [data]                             # the data options, for every step that reads a corpus
-    data = "eval.txt"
-    max_tokens = 32768
+    data = "eval.txt"                  # (a classifier: data = "labeled.jsonl" and labels = "label";
+    max_tokens = 32768                 #  gradients then run as a `grad` step on its loss)
     [measure]                          # a table per step: its command's options by name
     eps = [0.001, 0.01]
     [spectrum]
@@ -135,14 +135,15 @@ def run_step(argv: list[str]) -> int:
     return int(rc or 0) if isinstance(rc, int) else 0
 
 
-def _applies(lm, step: str) -> str | None:
-    """None when ``step`` applies to the loaded model, else why not (one phrase)."""
+def _applies(lm, step: str, labels: str | None = None) -> str | None:
+    """None when ``step`` applies to the loaded model, else why not (one phrase). ``labels``: the label field
+    of a labeled .jsonl (``[data] labels``), which gives a sequence classifier its loss."""
     if step == "grad":
         from probes.errors import ActsparseError
         from probes.gradients import GradOptions, check_loss
 
         try:
-            check_loss(lm, GradOptions())
+            check_loss(lm, GradOptions(labels=labels))
         except ActsparseError as e:
             return f"no loss to differentiate ({e.problem})"
         return None
@@ -165,6 +166,9 @@ def plan(checkpoint: str, output: Path, settings: dict[str, Any], *, profile: st
     prof = PROFILES[profile]
     data = dict(settings.get("data", {}))
     data.setdefault("max_tokens", prof["max_tokens"])
+    # A classifier's label field ([data] labels with a .jsonl data file): gradients then run as their own
+    # `grad` step with it (measure has no labels), on the classifier's loss.
+    labels = data.pop("labels", None)
     loading = [a for k, v in (("--device", device), ("--dtype", dtype)) if v for a in (k, v)]
     notes: list[str] = []
     steps: list[tuple[str, list[str]]] = []
@@ -177,19 +181,25 @@ def plan(checkpoint: str, output: Path, settings: dict[str, Any], *, profile: st
 
     if wanted("measure"):
         extra = []
+        grad_step = None
         for sub, flag in (("grad", ["--grad"]), ("massive", ["--massive"]), ("pplp", ["--pplp", "1"])):
             if sub in skip:
                 notes.append(f"{sub}: skipped (--skip {sub})")
                 continue
-            why = _applies(lm, sub)
+            why = _applies(lm, sub, labels) if sub == "grad" else _applies(lm, sub)
             if why:
                 notes.append(f"{sub}: does not apply: {why}")
+            elif sub == "grad" and labels:
+                grad_step = ("grad", ["grad", checkpoint] + option_args("grad", {**data, "labels": labels}, "[data]")
+                             + loading)
             else:
                 extra += flag
         own = dict(settings.get("measure", {}))
         args = ["measure", checkpoint] + option_args("measure", data, "[data]") + extra \
             + option_args("measure", own, "[measure]") + loading
         steps.append(("measure", args))
+        if grad_step:
+            steps.append(grad_step)
     if prof["curve"] or "curve" in settings:
         if wanted("curve"):
             why = _applies(lm, "curve")
@@ -262,7 +272,10 @@ def register(app: typer.Typer) -> None:
         conf = read_settings(settings) if settings is not None else {}
         for sec in SECTIONS:  # every option name and value shape checked before the model loads
             if conf.get(sec):
-                option_args("measure" if sec == "data" else sec, conf[sec], f"[{sec}] of {settings}")
+                values = dict(conf[sec])
+                if sec == "data" and "labels" in values:  # a classifier's label field: checked as grad's option
+                    option_args("grad", {"labels": values.pop("labels")}, f"[{sec}] of {settings}")
+                option_args("measure" if sec == "data" else sec, values, f"[{sec}] of {settings}")
         checkpoint = checkpoint or conf.get("checkpoint")
         out = output if output is not None else (Path(conf["output"]) if conf.get("output") else None)
         if out is None and not dry_run:

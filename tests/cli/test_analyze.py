@@ -127,3 +127,37 @@ def test_the_example_ci_settings_are_valid():
     workflow = (repo / "examples" / "github-actions.yml").read_text()
     assert "actsparse analyze" in workflow and "--settings examples/actsparse.toml" in workflow
     assert "actsparse compare" in workflow and "--fail-on" in workflow
+
+
+def test_a_classifier_with_labels_gets_its_own_grad_step(tmp_path):
+    """[data] labels (a labeled .jsonl) gives a sequence classifier its loss: gradients run as a separate
+    `grad` step with --labels (measure has no labels option), and measure runs without --grad; on a causal LM
+    the label field makes grad not apply (no classification head), said in the notes."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "file", "path", "lock", "queue"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, model_max_length=32)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    clf = tmp_path / "clf"
+    BertForSequenceClassification(cfg).save_pretrained(clf)
+    tok.save_pretrained(clf)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n"
+                            for i, t in enumerate(["file path", "lock queue"] * 8)))
+    s = tmp_path / "analyze.toml"
+    s.write_text(f'[data]\ndata = "{data}"\nlabels = "label"\nmax_tokens = 64\n')
+    r = invoke("analyze", clf, "--settings", s, "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    measure = next(l for l in lines if l.startswith("actsparse measure"))
+    grad = next(l for l in lines if l.startswith("actsparse grad"))
+    assert "--grad" not in measure and "--labels" not in measure and f"--data {data}" in measure
+    assert "--labels label" in grad and f"--data {data}" in grad and "--max-tokens 64" in grad
+    # the bundled causal LM with a label field: no classification head, so grad does not apply
+    r = invoke("analyze", "--settings", s, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "actsparse grad" not in r.stdout and "grad: does not apply" in r.stdout
+    assert "--grad" not in next(l for l in r.stdout.splitlines() if l.startswith("actsparse measure"))
