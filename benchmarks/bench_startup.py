@@ -115,9 +115,9 @@ def main() -> None:
             "compare (two measure outputs)": [str(BIN), "compare", str(a1), str(a2), "-q"],
             "sites (bundled model)": [str(BIN), "sites", str(MODEL)],
         }
-        from bench_spectrum_load import Load  # a competing busy loop, the same as the spectrum benchmark's
+        from bench_spectrum_load import Load, _Quiet  # the spectrum benchmark's busy loop and its no-op
 
-        ctx = Load() if a.load else _Nothing()
+        ctx = Load() if a.load else _Quiet()
         times: dict[str, list[float]] = {k: [] for k in cases}
         status: dict[str, list[tuple[float, float, str]]] = {"measure": [], "grad": []}
         loads = [os.getloadavg()[0]]
@@ -157,14 +157,6 @@ def main() -> None:
             a.json.write_text(json.dumps({"load": a.load, "loadavg": loads, "rows": rows}, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 if __name__ == "__main__":

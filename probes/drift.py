@@ -240,19 +240,20 @@ def weight_drift(checkpoints: str | Sequence[str], unsafe_pickle: bool = False,
     cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     sniffed = [sniff(ck) for ck in cks]
     if cks and all(sn.files and all(is_safetensors(f) for f in sn.files) for sn in sniffed):
-        return _weight_drift(cks, unsafe_pickle, progress, q, kinds, numpy_path=True)
+        return _weight_drift(cks, sniffed, unsafe_pickle, progress, q, kinds, numpy_path=True)
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds)
+        return _weight_drift(cks, sniffed, unsafe_pickle, progress, q, kinds)
     finally:
         torch.set_num_threads(threads)
 
 
-def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds, numpy_path: bool = False) -> DriftResult:
-    from probes.formats import count_tensors, iter_tensors, sniff
+def _weight_drift(cks, sniffed, unsafe_pickle, progress, q, kinds, numpy_path: bool = False) -> DriftResult:
+    """``weight_drift`` of the checkpoints ``cks``, already sniffed (``sniffed``, same order)."""
+    from probes.formats import count_tensors, iter_tensors
 
     if numpy_path:
         import numpy as np
@@ -283,10 +284,8 @@ def _weight_drift(checkpoints, unsafe_pickle, progress, q, kinds, numpy_path: bo
 
         stats = weight_stats
 
-    cks = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not cks:
         raise CheckpointError("no checkpoint given", "give one or more checkpoint paths")
-    sniffed = [sniff(ck) for ck in cks]
     counts = [count_tensors(sn) for sn in sniffed]  # one bar over every checkpoint's tensors; None: unknown
     total = None if any(c is None for c in counts) else sum(counts)
     if progress:

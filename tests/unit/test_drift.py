@@ -145,7 +145,9 @@ def test_drift_of_safetensors_does_not_import_torch(tmp_path):
     assert res["torch"] is False
     import probes.drift as d
 
-    ref = d._weight_drift([ck], False, None, d.QUANTILE, None, numpy_path=False).rows
+    from probes.formats import sniff
+
+    ref = d._weight_drift([ck], [sniff(ck)], False, None, d.QUANTILE, None, numpy_path=False).rows
     assert [r["name"] for r in res["rows"]] == [r["name"] for r in ref]
     for a, b in zip(res["rows"], ref):
         assert a["dtype"] == b["dtype"] and a["extreme_count"] == b["extreme_count"] and a["shape"] == b["shape"]
