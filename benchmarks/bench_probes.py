@@ -352,6 +352,8 @@ def _manual_sections(captured, device) -> dict:
 
     if not hasattr(ActivationSparsityProbe, "_planes"):  # an older probe (a "before" run): no such steps
         return {}
+    if hasattr(sp, "_native_ok") and captured and sp._native_ok(captured[0][1].reshape(-1, captured[0][1].shape[-1]).float(), 3):
+        return _native_sections(captured, device)
     t = dict.fromkeys(("mask_select", "abs_max", "count_planes", "chunks", "channel_active", "sums_f32_f64",
                        "window_rows_hist"), 0.0)
 
@@ -388,6 +390,38 @@ def _manual_sections(captured, device) -> dict:
         frac = (x.shape[-1] - per_token[0]).double() / x.shape[-1]
         torch.bincount((frac * 1000).long().clamp_(0, 999), minlength=1000)
         tick("window_rows_hist", c)
+    return t
+
+
+def _native_sections(captured, device) -> dict:
+    """The steps of ``update`` on the fused-kernel path (``probes.fastcount``), timed one by one."""
+    from probes import fastcount
+    from probes import sparsity as sp
+
+    t = dict.fromkeys(("mask_select", "native_kernel", "chunk_rows", "state_and_window_rows"), 0.0)
+    probe = None
+    for _, x, m in captured:
+        if x.dim() != 3:
+            continue
+        if probe is None or probe.width != x.shape[-1]:
+            probe = ActivationSparsityProbe(x.shape[-1], device=x.device)
+        c = time.perf_counter()
+        full, mm, lens = sp._mask_layout(m, x)
+        valid = x.reshape(-1, x.shape[-1]) if full else x[mm]
+        c2 = time.perf_counter()
+        t["mask_select"] += c2 - c
+        per_token, zero_channel, unions, amax, sums = fastcount.count(valid, probe.eps_grid, lens, probe.chunk_k,
+                                                                      torch.get_num_threads())
+        c3 = time.perf_counter()
+        t["native_kernel"] += c3 - c2
+        probe._chunk_rows(unions, lens)
+        c4 = time.perf_counter()
+        t["chunk_rows"] += c4 - c3
+        sp._window_sums(per_token, lens, full)
+        sums.sum(1)
+        frac = (x.shape[-1] - per_token[0]).double() / x.shape[-1]
+        torch.bincount((frac * 1000).long().clamp_(0, 999), minlength=1000)
+        t["state_and_window_rows"] += time.perf_counter() - c4
     return t
 
 
@@ -445,6 +479,10 @@ def main(argv=None) -> int:
         res["memory"] = memory(model, tok, corpus, sites, args, device)
     if args.profile or ("timing" in res and not res["timing"]["meets_target"]):
         res["profile"] = profile_update(model, batches, sites, device)
+    from probes import fastcount
+
+    res["statistics_kernel"] = (fastcount.status() if device.type == "cpu"
+                                else {"kernel": "torch", "detail": f"on {device}"})
     res["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     print_report(res)
@@ -465,6 +503,9 @@ def print_report(res: dict) -> None:
     print(f"data    {res['n_batches']} batches x {res['batch_size']} x {res['max_length']} tokens "
           f"= {res['tokens_per_pass']} counted tokens/pass; {res['n_sites']} sites {res['site_kinds']} "
           f"widths {res['site_widths']}")
+    if res.get("statistics_kernel"):
+        k = res["statistics_kernel"]
+        print(f"counts  {k['kernel']} ({k['detail']}; ACTSPARSE_NATIVE=0 for the torch path)")
     if t:
         print()
         print(f"{'variant':<22}{'median s':>10}{'min s':>10}{'max s':>10}{'tok/s':>12}")

@@ -148,6 +148,15 @@ def add_uncertainty(rows: list[dict[str, Any]], probes: Sequence[Any], n_resampl
 
 
 
+def _kernel_info(device) -> dict:
+    """Which code counted (``probes.fastcount``: the fused C kernel on the CPU, else torch reductions)."""
+    from probes import fastcount
+
+    if str(device).startswith("cpu"):
+        return fastcount.status()
+    return {"kernel": "torch", "detail": f"statistics on {device} use torch reductions"}
+
+
 def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
             progress: Callable[[int, int], Any] | None = None,
             site_list: Sequence[Site] | None = None,
@@ -218,6 +227,7 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
         "skip_first": opts.skip_first,
         "padding": "right, masked (never counted)",
         "statistics_dtype": "float32 (float64 sums)",
+        "statistics_kernel": _kernel_info(loaded.device),
         "model_dtype": dtype,
         "device": str(loaded.device),
         "n_sites": len(rows),

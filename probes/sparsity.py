@@ -130,13 +130,21 @@ class ActivationSparsityProbe:
             return
         s = self.state
         G = len(self.eps_grid)
-        a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
-        amax = a.max()
-        per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
-        chunk_w, nchunk_w = self._update_chunks(zero_planes, lens)
-        acc = torch.float32 if n < _EXACT_F32 else torch.float64
-        zero_channel = zero_planes.sum(0, dtype=acc)  # [c]: tokens on which each channel is exactly 0
-        del zero_planes
+        token_sums = None
+        if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, float64 sums per token
+            from probes import fastcount
+
+            per_token, zero_channel, unions, amax, token_sums = fastcount.count(
+                valid, self.eps_grid, lens, self.chunk_k, torch.get_num_threads())
+            chunk_w, nchunk_w = self._chunk_rows(unions, lens)
+        else:
+            a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
+            amax = a.max()
+            per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
+            chunk_w, nchunk_w = self._update_chunks(zero_planes, lens)
+            acc = torch.float32 if n < _EXACT_F32 else torch.float64
+            zero_channel = zero_planes.sum(0, dtype=acc)  # [c]: tokens on which each channel is exactly 0
+            del zero_planes
         per_window = _window_sums(per_token, lens, full_rows)  # [batch, P] float64
         zero_w, near_w, neg_w = per_window[:, 0], per_window[:, 1:G + 1], per_window[:, G + 1]
         s["n_tokens"] += n
@@ -145,9 +153,17 @@ class ActivationSparsityProbe:
         s["neg"] += neg_w.sum().long()
         # float32 within a token (c entries), float64 across tokens (METRICS.md conventions):
         # no float64 copy of the whole tensor.
-        s["sum"] += valid.sum(1).double().sum()
-        s["sum_abs"] += a.sum(1).double().sum()
-        s["sum_sq"] += torch.linalg.vecdot(valid, valid).double().sum()
+        if token_sums is not None:  # the kernel's per-token sums, float64 within a token too
+            tot = token_sums.sum(1)
+            s["sum"] += tot[0]
+            s["sum_abs"] += tot[1]
+            s["sum_sq"] += tot[2]
+        else:
+            s["sum"] += valid.sum(1).double().sum()
+            s["sum_abs"] += a.sum(1).double().sum()
+            sq = (torch.mul(valid, valid, out=_scratch("sq", (n, c), valid.device)) if n * c * 4 <= SCRATCH_MAX
+                  else valid * valid)
+            s["sum_sq"] += sq.sum(1).double().sum()  # = vecdot(valid, valid), bit for bit, without a fresh buffer
         if per_token.shape[0] > G + 2:  # the finite plane (no host sync on a GPU)
             s["nonfinite"] += n * c - per_token[G + 2].sum(dtype=torch.float64).long()
         elif not bool(torch.isfinite(amax)):
@@ -244,23 +260,36 @@ class ActivationSparsityProbe:
                 return torch.zeros(B, **f64), torch.zeros(B, **f64)
             blocks = zero.view(B, L, c)[:, :full * k].reshape(-1, k, c)
             u = c - blocks.amin(1).sum(1, dtype=acc)  # union sizes, exact integers
-            per = 1.0 - u.double() / c
-            chunk_w = per.view(B, full).sum(1)
-            nchunk_w = torch.full((B,), float(full), **f64)
         else:
-            parts, off, counts = [], 0, []
+            parts, off = [], 0
             for L in lens:
                 full = L // k
                 if full:
                     parts.append(c - zero[off:off + full * k].view(full, k, c).amin(1).sum(1, dtype=acc))
-                counts.append(full)
                 off += L
             if not parts:
                 return torch.zeros(B, **f64), torch.zeros(B, **f64)
             u = torch.cat(parts)
-            per = 1.0 - u.double() / c
+        return self._chunk_rows(u, lens)
+
+    def _chunk_rows(self, u, lens: list[int]):
+        """From the union sizes ``u`` of every full chunk (window order): add to the chunk state and return the
+        chunk-sparsity sum and the number of full chunks per window (float64 ``[batch]`` each)."""
+        import torch
+
+        k, c, B = self.chunk_k, self.width, len(lens)
+        f64 = dict(dtype=torch.float64, device=u.device)
+        if k <= 0 or u.numel() == 0:
+            return torch.zeros(B, **f64), torch.zeros(B, **f64)
+        per = 1.0 - u.double() / c
+        if len(set(lens)) == 1:
+            full = lens[0] // k
+            chunk_w = per.view(B, full).sum(1)
+            nchunk_w = torch.full((B,), float(full), **f64)
+        else:
+            counts = [L // k for L in lens]
             nchunk_w = torch.tensor(counts, **f64)
-            row = torch.repeat_interleave(torch.arange(B, device=zero.device), torch.tensor(counts, device=zero.device))
+            row = torch.repeat_interleave(torch.arange(B, device=u.device), torch.tensor(counts, device=u.device))
             chunk_w = torch.zeros(B, **f64).index_add_(0, row, per)
         self.state["chunk_sum"] += per.sum()
         self.state["n_chunks"] += u.numel()
@@ -336,6 +365,15 @@ class ActivationSparsityProbe:
         row["max_abs"] = float(s["max_abs"]) if n else nan
         row["nonfinite"] = int(s["nonfinite"])
         return row
+
+
+def _native_ok(valid, n_eps: int) -> bool:
+    """Whether this update's counts come from the fused CPU kernel (``probes.fastcount``)."""
+    if valid.device.type != "cpu":
+        return False
+    from probes import fastcount
+
+    return fastcount.supports(valid, n_eps)
 
 
 _EXACT_F32 = 1 << 24  # float32 holds every integer up to 2^24 exactly

@@ -1,0 +1,359 @@
+"""A fused counting kernel for ``ActivationSparsityProbe`` on the CPU (issue 16 goal 3).
+
+The probe's torch path makes one comparison and one sum over the activation tensor per count (the zero
+plane, each near-zero threshold, the negative plane), plus passes for ``|a|``, its maximum, the per-channel
+zero counts and the chunk unions: about a dozen passes over ``[tokens, channels]`` per site and batch. This
+module does all of those counts in one pass, in a small C function compiled on first use with the system's C
+compiler and loaded with ``ctypes`` (which releases the GIL, so the tokens are split over
+``torch.get_num_threads()`` threads).
+
+Exactness: the kernel reads the float32 activations as their IEEE-754 bit patterns. With
+``ai = bits & 0x7fffffff`` (the bits of ``|x|``), non-negative floats order as their bit patterns, and
+every NaN pattern lies above ``+inf`` (0x7f800000). So, for a threshold ``t >= 0`` given as the bits of the
+float32 ``t``:
+
+- ``|x| <= t``  is  ``ai <= bits(t)`` (false for NaN, as the float comparison);
+- ``x == 0`` (``-0`` included) is ``ai == 0``;
+- ``x < 0``  is  sign bit set, ``ai != 0`` and ``ai <= 0x7f800000`` (``-inf`` counts, ``-0`` and NaN do not);
+- ``max |x|`` is the float whose bits are the largest ``ai``: a NaN anywhere gives a NaN, as ``torch.max``.
+
+Every count is an integer, so the kernel returns exactly the numbers of the torch path (``tests/unit/
+test_fastcount.py`` compares the two on random, NaN/inf/-0 and padded inputs). The float sums (``sum``,
+``sum_abs``, ``sum_sq``) stay torch reductions: their rounding is not the kernel's business.
+
+Where it runs: CPU float32 tensors with at most ``MAX_EPS`` near-zero thresholds and fewer than 2^24
+channels. Anything else, a machine without a C compiler, a failed build, or ``ACTSPARSE_NATIVE=0`` takes the
+torch path, with the same numbers; ``status()`` says which and why (the manifest records it). The shared
+library is cached under ``$ACTSPARSE_CACHE_DIR`` (default ``~/.cache/actsparse``), keyed by the source, the
+compiler flags, the machine and its CPU flags, written atomically, so concurrent processes never load half a
+file and another CPU never gets an ``-march=native`` build it cannot run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+MAX_EPS = 4  # near-zero thresholds the kernel counts in one pass (the default grid has 3)
+_NAN_BITS_LIMIT = 0x7F800000
+
+C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * 4)));  /* LANES float32 lanes, whatever the CPU's width */
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+/* Counts and sums over rows [ustart[u], ustart[u] + ulen[u]) for units u in [u0, u1) of a float32 matrix
+   x[n][c] (vals), read also as its int32 bit patterns (bits, the same memory). A unit is a chunk of
+   consecutive tokens of one window (uchunk[u] >= 0: its index in chunk_u) or tokens outside any full chunk
+   (uchunk[u] < 0).
+   Writes, per row r: per_tok[0][r] zeros, per_tok[1 + j][r] |x| <= eps_j (j < 4), per_tok[5][r] negatives;
+   sums[0][r], sums[1][r], sums[2][r]: the sum of x, of |x| and of x*x over the row, accumulated in float32 in
+   LANES interleaved partial sums (lane l takes channels l, l + LANES, ...), which are added up in float64 in
+   lane order at the end: a fixed order (and no fused multiply-add, -ffp-contract=off), so the result does not
+   depend on the compiler's vector width or the CPU.
+   Adds each channel's zeros to zc[ch]; writes each chunk's union of non-zero channels to chunk_u. Returns the
+   largest |x| bit pattern seen (0 when no row). */
+int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict vals, int64_t n, int64_t c,
+                         const int32_t *restrict tb, const int64_t *restrict ustart,
+                         const int64_t *restrict ulen, const int64_t *restrict uchunk, int64_t u0, int64_t u1,
+                         float *restrict per_tok, double *restrict sums, int32_t *restrict zc,
+                         int32_t *restrict anynz, float *restrict chunk_u)
+{
+    const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
+    const int64_t cl = c - c % LANES;
+    int32_t m = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t ci = uchunk[u];
+        if (ci >= 0)
+            for (int64_t ch = 0; ch < c; ++ch) anynz[ch] = 0;
+        const int64_t r1 = ustart[u] + ulen[u];
+        for (int64_t r = ustart[u]; r < r1; ++r) {
+            const int32_t *restrict row = bits + r * c;
+            const float *restrict fr = vals + r * c;
+            int32_t z = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, ng = 0, mr = 0;
+            for (int64_t ch = 0; ch < c; ++ch) {
+                const int32_t b = row[ch];
+                const int32_t ai = b & 0x7fffffff;
+                const int32_t iz = ai == 0;
+                z += iz;
+                zc[ch] += iz;
+                anynz[ch] |= 1 - iz;
+                e0 += ai <= t0;
+                e1 += ai <= t1;
+                e2 += ai <= t2;
+                e3 += ai <= t3;
+                ng += (b < 0) & (ai != 0) & (ai <= 0x7f800000);
+                mr = ai > mr ? ai : mr;
+            }
+            vf vs = {0}, vsa = {0}, vsq = {0};
+            for (int64_t ch = 0; ch < cl; ch += LANES) {
+                vf v;
+                memcpy(&v, fr + ch, sizeof v);
+                vs += v;
+                vsa += (vf)((vi)v & 0x7fffffff);
+                vsq += v * v;
+            }
+            float s[LANES], sa[LANES], sq[LANES];
+            memcpy(s, &vs, sizeof s);
+            memcpy(sa, &vsa, sizeof sa);
+            memcpy(sq, &vsq, sizeof sq);
+            for (int64_t ch = cl; ch < c; ++ch) {
+                const float v = fr[ch];
+                s[ch - cl] += v;
+                sa[ch - cl] += __builtin_fabsf(v);
+                sq[ch - cl] += v * v;
+            }
+            double ts = 0, tsa = 0, tsq = 0;
+            for (int l = 0; l < LANES; ++l) {
+                ts += (double)s[l];
+                tsa += (double)sa[l];
+                tsq += (double)sq[l];
+            }
+            sums[r] = ts;
+            sums[n + r] = tsa;
+            sums[2 * n + r] = tsq;
+            per_tok[r] = (float)z;
+            per_tok[n + r] = (float)e0;
+            per_tok[2 * n + r] = (float)e1;
+            per_tok[3 * n + r] = (float)e2;
+            per_tok[4 * n + r] = (float)e3;
+            per_tok[5 * n + r] = (float)ng;
+            m = mr > m ? mr : m;
+        }
+        if (ci >= 0) {
+            int32_t tot = 0;
+            for (int64_t ch = 0; ch < c; ++ch) tot += anynz[ch];
+            chunk_u[ci] = (float)tot;
+        }
+    }
+    return m;
+}
+"""
+
+_FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
+              ["-O3", "-ffp-contract=off", "-fPIC", "-shared"])
+_LOCK = threading.Lock()
+_STATE: dict = {"fn": None, "tried": False, "status": "not tried"}
+_POOL: dict = {"executor": None, "size": 0}
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("ACTSPARSE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("ACTSPARSE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "actsparse"
+
+
+def _cpu_signature() -> str:
+    """What a ``-march=native`` build depends on: the machine, and the CPU's model and feature flags."""
+    parts = [platform.machine(), platform.system()]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name", "Features", "CPU part")):
+                parts.append(line)
+                if len(parts) > 6:
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    """Compile ``C_SOURCE`` to ``target`` atomically (a temporary file in the same folder, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        src = Path(tmp) / "actsparse_counts.c"
+        src.write_text(C_SOURCE)
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *flags, "-o", str(out), str(src)], check=True, capture_output=True, timeout=120)
+        os.replace(out, target)
+
+
+def _load_library():
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (cc, gcc or clang) on PATH"
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\n".join([C_SOURCE, " ".join(flags), _cpu_signature(), sys.platform]).encode())
+        name = f"actsparse_counts-{key.hexdigest()[:16]}.so"
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"actsparse-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+            target = folder / name
+            try:
+                if not target.exists():
+                    _build(cc, flags, target)
+                lib = ctypes.CDLL(str(target))
+                fn = lib.actsparse_counts
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                errors.append(f"{' '.join(flags)} in {folder}: {type(e).__name__}")
+                continue
+            i64, p = ctypes.c_int64, ctypes.c_void_p
+            fn.argtypes = [p, p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p]
+            fn.restype = ctypes.c_int32
+            return fn, f"native kernel ({' '.join(f for f in flags if f.startswith('-m')) or 'portable'}; {target})"
+    return None, "the C kernel did not build: " + "; ".join(errors)
+
+
+def kernel():
+    """The compiled counting function, or None (then ``status()`` says why). Built and loaded once per process."""
+    if _STATE["tried"]:
+        return _STATE["fn"]
+    with _LOCK:
+        if not _STATE["tried"]:
+            if not enabled_by_env():
+                fn, why = None, "ACTSPARSE_NATIVE=0"
+            else:
+                try:
+                    fn, why = _load_library()
+                except Exception as e:  # never let an optional accelerator break a run
+                    fn, why = None, f"the C kernel did not load: {type(e).__name__}: {e}"
+            _STATE.update(fn=fn, status=why, tried=True)
+    return _STATE["fn"]
+
+
+def status() -> dict:
+    """``{"kernel": "native" | "torch", "detail": ...}`` for the manifest (after ``kernel()`` was asked)."""
+    return {"kernel": "native" if _STATE["fn"] is not None else "torch", "detail": _STATE["status"]}
+
+
+def reset_for_tests() -> None:
+    _STATE.update(fn=None, tried=False, status="not tried")
+
+
+def supports(x, n_eps: int) -> bool:
+    """Whether the kernel can count ``x`` (a 2-D tensor) with ``n_eps`` thresholds."""
+    return (x.device.type == "cpu" and n_eps <= MAX_EPS and x.shape[-1] < (1 << 24) and x.dim() == 2
+            and str(x.dtype) == "torch.float32" and kernel() is not None)
+
+
+def threshold_bits(eps_grid) -> "object":
+    """int32 ``[MAX_EPS]``: the bit patterns of the float32 thresholds (``-0.0`` as ``+0``), -1 for unused slots
+    (no ``|x|`` bit pattern is <= -1, so an unused slot counts nothing)."""
+    import numpy as np
+
+    out = np.full(MAX_EPS, -1, dtype=np.int32)
+    for j, e in enumerate(eps_grid):
+        f = np.float32(e)
+        if f == 0:
+            f = np.float32(0.0)
+        out[j] = f.view(np.int32) if f >= 0 else -1  # |x| <= a negative threshold never holds
+    return out
+
+
+def units(lens: list[int], k: int):
+    """Row ranges the kernel walks: each window's full chunks of ``k`` tokens (with their chunk index, in
+    window order) and its leftover tokens (index -1). Returns ``(start, length, chunk, n_chunks)`` int64 arrays."""
+    import numpy as np
+
+    starts, lengths, chunks = [], [], []
+    off, ci = 0, 0
+    for L in lens:
+        full = L // k if k > 0 else 0
+        for j in range(full):
+            starts.append(off + j * k)
+            lengths.append(k)
+            chunks.append(ci)
+            ci += 1
+        rest = L - full * k
+        if rest:
+            starts.append(off + full * k)
+            lengths.append(rest)
+            chunks.append(-1)
+        off += L
+    i64 = np.int64
+    return np.asarray(starts, i64), np.asarray(lengths, i64), np.asarray(chunks, i64), ci
+
+
+MIN_SPLIT = 1 << 17
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when one is needed."""
+    _POOL["executor"], _POOL["size"] = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _executor(size: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL["executor"] is None or _POOL["size"] < size:
+        if _POOL["executor"] is not None:
+            _POOL["executor"].shutdown(wait=False)
+        _POOL["executor"] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="actsparse-count")
+        _POOL["size"] = size
+    return _POOL["executor"]
+
+
+_LAYOUT: list = [None, None]  # (key, units) of the batch seen last: every site of a batch shares its layout
+
+
+def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
+    """One pass over ``valid`` (``[n, c]`` float32, contiguous CPU): ``(per_token [2 + len(eps_grid), n] float32
+    tensor (zero, eps..., negative), zero_per_channel [c] int64 tensor, chunk unions [n_chunks] float32 tensor,
+    max |x| as a 0-d float32 tensor, per-token sums [3, n] float64 tensor (x, |x|, x*x))``."""
+    import numpy as np
+    import torch
+
+    fn = kernel()
+    valid = valid.contiguous()
+    n, c = valid.shape
+    key = (tuple(lens), k)
+    if _LAYOUT[0] != key:
+        _LAYOUT[0], _LAYOUT[1] = key, units(lens, k)
+    ustart, ulen, uchunk, n_chunks = _LAYOUT[1]
+    bits = valid.numpy().view(np.int32)
+    tb = threshold_bits(eps_grid)
+    per_tok = np.empty((2 + MAX_EPS, n), dtype=np.float32)
+    sums = np.empty((3, n), dtype=np.float64)
+    chunk_u = np.empty(n_chunks, dtype=np.float32)
+    U = len(ustart)
+    # a thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a part)
+    parts = max(1, min(int(threads), U, (n * c) // MIN_SPLIT))
+    zc = np.zeros((parts, c), dtype=np.int32)
+    anynz = np.empty((parts, c), dtype=np.int32)
+    # split the units so that each part has about the same number of rows
+    cum = np.cumsum(ulen)
+    bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
+    bounds = [min(max(b, 0), U) for b in bounds]
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+
+    def run(i):
+        return fn(ptr(bits), ptr(bits), n, c, ptr(tb), ptr(ustart), ptr(ulen), ptr(uchunk), bounds[i], bounds[i + 1],
+                  ptr(per_tok), ptr(sums), ptr(zc[i]), ptr(anynz[i]), ptr(chunk_u))
+
+    if parts == 1:
+        mbits = run(0)
+    else:
+        futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
+        mbits = max([run(0)] + [f.result() for f in futures])
+    G = len(eps_grid)
+    rows = np.concatenate([per_tok[:1 + G], per_tok[1 + MAX_EPS:]])  # zero, the grid's thresholds, negative
+    amax = np.array([mbits], dtype=np.int32).view(np.float32)[0]
+    return (torch.from_numpy(rows), torch.from_numpy(zc.sum(0, dtype=np.int64)), torch.from_numpy(chunk_u),
+            torch.tensor(float(amax), dtype=torch.float32), torch.from_numpy(sums))

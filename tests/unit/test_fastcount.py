@@ -1,0 +1,151 @@
+"""The fused CPU counting kernel (``probes.fastcount``) against the probe's torch path and hand counts.
+
+Every count the kernel makes is an integer, so the kernel path must give exactly the torch path's state
+(zero / near-zero / negative counts, per-channel activity, chunk unions, maximum, histogram, window rows). The
+float sums (``sum``, ``sum_abs``, ``sum_sq``) are accumulated in a different (fixed) order, so they agree to
+float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes import fastcount
+from probes.sparsity import ActivationSparsityProbe
+
+pytestmark = pytest.mark.skipif(fastcount.kernel() is None, reason=f"no native kernel here: {fastcount.status()}")
+
+FLOAT_SUMS = ("sum", "sum_abs", "sum_sq")
+
+
+def _probe_run(monkeypatch, native: bool, batches, width, **kw):
+    monkeypatch.setattr("probes.sparsity._native_ok", lambda valid, g: native and fastcount.supports(valid, g))
+    p = ActivationSparsityProbe(width, **kw)
+    with torch.inference_mode():
+        for x, m in batches:
+            p.update(x, m)
+    return p
+
+
+def _assert_same(a: ActivationSparsityProbe, b: ActivationSparsityProbe) -> None:
+    for k in a.state:
+        ta, tb = a.state[k], b.state[k]
+        if k in FLOAT_SUMS:
+            assert torch.allclose(ta, tb, rtol=1e-6, atol=1e-9, equal_nan=True), (k, ta, tb)
+        else:
+            assert torch.equal(ta, tb) or (torch.isnan(ta).all() and torch.isnan(tb).all()), (k, ta, tb)
+    ia, va = a._window_values().arrays()
+    ib, vb = b._window_values().arrays()
+    assert np.array_equal(np.asarray(ia), np.asarray(ib))
+    assert np.array_equal(np.asarray(va), np.asarray(vb))
+
+
+def _awkward(shape, seed=0):
+    """Zeros, -0, tiny values at and around each threshold, NaN, +-inf, denormals and negatives."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[x.abs() < 0.4] = 0.0
+    flat = x.view(-1)
+    n = flat.numel()
+    idx = torch.randperm(n, generator=g)
+    specials = [-0.0, 1e-6, -1e-6, 1e-3, np.nextafter(np.float32(1e-3), np.float32(1)), -1e-2, 1e-2, 5e-7, 1e-40,
+                -1e-40, float("inf"), float("-inf"), float("nan"), -float("nan"), 3e38, -3e38]
+    for j, v in enumerate(specials):
+        flat[idx[j * 7:(j + 1) * 7]] = float(v)
+    return x
+
+
+@pytest.mark.parametrize("chunk_k", [0, 3, 8])
+@pytest.mark.parametrize("eps_grid", [(), (0.0,), (1e-6, 1e-3, 1e-2), (-0.0, 1e-6, 1e-3, 0.05), (1e-2, 1e-6)])
+def test_kernel_matches_the_torch_path_on_awkward_values(monkeypatch, chunk_k, eps_grid):
+    x = _awkward((3, 29, 70))
+    mask = torch.ones(3, 29, dtype=torch.bool)
+    mask[1, 20:] = False  # padding
+    mask[2, :4] = False  # uncounted context
+    batches = [(x, mask), (x[:, :10], None), (x.reshape(-1, 70)[:50], None)]
+    kw = dict(eps_grid=eps_grid, chunk_k=chunk_k)
+    _assert_same(_probe_run(monkeypatch, True, batches, 70, **kw), _probe_run(monkeypatch, False, batches, 70, **kw))
+
+
+def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch):
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(4, 128, 1536))  # 786k entries: split over two threads
+    batches = [(x, None), (x, torch.rand(4, 128) > 0.3)]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    two = _probe_run(monkeypatch, True, batches, 1536)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = _probe_run(monkeypatch, True, batches, 1536)
+    _assert_same(two, _probe_run(monkeypatch, False, batches, 1536))
+    for k in one.state:  # the split does not change a single bit, float sums included
+        assert torch.equal(one.state[k], two.state[k]), k
+
+
+def test_hand_counted_small_tensor():
+    x = torch.tensor([[0.0, -0.0, 5e-7, -2e-3, 0.5, float("nan")],
+                      [1.0, 0.0, -1e-6, 1e-2, -0.0, -float("inf")],
+                      [0.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
+    per_tok, zc, unions, amax, sums = fastcount.count(x, (1e-6, 1e-3), [3], 2, 1)
+    # rows: zero, |x| <= 1e-6, |x| <= 1e-3, negative
+    assert per_tok.tolist() == [[2, 2, 5], [3, 3, 5], [3, 3, 5], [1, 2, 0]]
+    assert zc.tolist() == [2, 3, 1, 0, 2, 1]
+    assert unions.tolist() == [5.0]  # one full chunk of 2 tokens: channel 1 is zero (or -0) on both
+    assert torch.isnan(amax)  # a NaN anywhere: the maximum is NaN, as torch.max
+    y = x[2:]
+    _, _, _, m, s = fastcount.count(y, (), [1], 0, 1)
+    assert float(m) == 2.0 and s[:, 0].tolist() == [2.0, 2.0, 4.0]
+
+
+def test_many_thresholds_and_other_dtypes_take_the_torch_path():
+    x = torch.randn(4, 8)
+    assert fastcount.supports(x, 4)
+    assert not fastcount.supports(x, fastcount.MAX_EPS + 1)
+    assert not fastcount.supports(x.double(), 1)
+    assert not fastcount.supports(x.view(2, 2, 8), 1)
+
+
+def test_switched_off_and_no_compiler_fall_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACTSPARSE_NATIVE", "0")
+    fastcount.reset_for_tests()
+    try:
+        assert fastcount.kernel() is None
+        assert fastcount.status() == {"kernel": "torch", "detail": "ACTSPARSE_NATIVE=0"}
+        monkeypatch.setenv("ACTSPARSE_NATIVE", "1")
+        monkeypatch.setattr(fastcount, "_compiler", lambda: None)
+        fastcount.reset_for_tests()
+        assert fastcount.kernel() is None
+        assert "no C compiler" in fastcount.status()["detail"]
+        p = ActivationSparsityProbe(8)
+        p.update(torch.randn(2, 3, 8))  # the torch path still counts
+        assert int(p.state["n_tokens"]) == 6
+    finally:
+        monkeypatch.undo()
+        fastcount.reset_for_tests()
+
+
+def test_the_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACTSPARSE_CACHE_DIR", str(tmp_path))
+    fastcount.reset_for_tests()
+    try:
+        assert fastcount.kernel() is not None
+        built = sorted(tmp_path.glob("actsparse_counts-*.so"))
+        assert len(built) == 1 and str(built[0]) in fastcount.status()["detail"]
+        stamp = built[0].stat().st_mtime_ns
+        fastcount.reset_for_tests()
+        assert fastcount.kernel() is not None  # loaded, not rebuilt
+        assert built[0].stat().st_mtime_ns == stamp
+        assert not list(tmp_path.glob(".build-*"))  # no temporary left behind
+    finally:
+        monkeypatch.undo()
+        fastcount.reset_for_tests()
+
+
+def test_measure_records_which_kernel_counted():
+    from probes.embedded import default_checkpoint
+    from probes.loading import load_checkpoint
+    from probes.measure import MeasureOptions, measure
+
+    lm = load_checkpoint(default_checkpoint(), device="cpu", dtype="float32")
+    res = measure(lm, MeasureOptions(max_tokens=300, max_length=64, batch_size=2, n_resamples=0))
+    assert res.info["statistics_kernel"]["kernel"] == "native"
