@@ -181,9 +181,23 @@ def _compiler() -> str | None:
     return None
 
 
+def _private(path: Path) -> bool:
+    """Whether ``path`` (a folder or a file) belongs to this user and nobody else can write to it: a shared
+    library from a place another user can write to would run their code."""
+    if not hasattr(os, "getuid"):
+        return True
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _build(cc: str, flags: list[str], target: Path) -> None:
     """Compile ``C_SOURCE`` to ``target`` atomically (a temporary file in the same folder, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _private(target.parent):
+        raise OSError(f"{target.parent} is not private to this user")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         src = Path(tmp) / "actsparse_counts.c"
         src.write_text(C_SOURCE)
@@ -205,6 +219,8 @@ def _load_library():
             try:
                 if not target.exists():
                     _build(cc, flags, target)
+                if not (_private(target) and _private(target.parent)):
+                    raise OSError(f"{target} is not private to this user")
                 lib = ctypes.CDLL(str(target))
                 fn = lib.actsparse_counts
             except (OSError, subprocess.SubprocessError, AttributeError) as e:

@@ -149,3 +149,19 @@ def test_measure_records_which_kernel_counted():
     lm = load_checkpoint(default_checkpoint(), device="cpu", dtype="float32")
     res = measure(lm, MeasureOptions(max_tokens=300, max_length=64, batch_size=2, n_resamples=0))
     assert res.info["statistics_kernel"]["kernel"] == "native"
+
+
+def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # a folder anyone may write to: its library could be anybody's code
+    monkeypatch.setenv("ACTSPARSE_CACHE_DIR", str(shared))
+    monkeypatch.setattr(fastcount.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    fastcount.reset_for_tests()
+    try:
+        assert fastcount.kernel() is not None  # built in the private fallback folder instead
+        assert str(tmp_path / "tmp") in fastcount.status()["detail"]
+        assert not list(shared.glob("*.so"))
+    finally:
+        monkeypatch.undo()
+        fastcount.reset_for_tests()
