@@ -326,7 +326,7 @@ def _executor(size: int):
     return _POOL["executor"]
 
 
-_LAYOUT: list = [None, None]  # (key, units) of the batch seen last: every site of a batch shares its layout
+_LAYOUT: list = [None]  # (key, units) of the batch seen last: every site of a batch shares its layout
 
 
 def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
@@ -340,9 +340,10 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
     valid = valid.contiguous()
     n, c = valid.shape
     key = (tuple(lens), k)
-    if _LAYOUT[0] != key:
-        _LAYOUT[0], _LAYOUT[1] = key, units(lens, k)
-    ustart, ulen, uchunk, n_chunks = _LAYOUT[1]
+    last = _LAYOUT[0]  # one (key, layout) tuple: read and replaced whole, so threads never mix two batches
+    if last is None or last[0] != key:
+        last = _LAYOUT[0] = (key, units(lens, k))
+    ustart, ulen, uchunk, n_chunks = last[1]
     bits = valid.numpy().view(np.int32)
     tb = threshold_bits(eps_grid)
     per_tok = np.empty((2 + MAX_EPS, n), dtype=np.float32)
