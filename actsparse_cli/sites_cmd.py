@@ -11,11 +11,12 @@ from actsparse_cli.common import (ArchOpt, Checkpoint, ConfigOpt, DebugArg, Devi
 from actsparse_cli.loading_opts import KindArg, SiteArg, TokenizerArg, load, resolve_kinds, shared_options
 
 
-def sites_output(rows: list[dict], title: str, all_modules: bool):
+def sites_output(rows: list[dict], title: str, all_modules: bool, tables: bool = True):
     """The sites (or modules) as one table: every field as it is when it fits; when it does not, the
-    canonical name becomes a short label (``L0 mlp_post``) that holds kind and layer."""
-    import pandas as pd
+    canonical name becomes a short label (``L0 mlp_post``) that holds kind and layer.
 
+    ``tables``: also the DataFrame that ``--format json|csv`` print (False: no pandas import, for the
+    terminal table and markdown, which print the view only)."""
     from actsparse_cli.display import Col, Output, View, labelled, unique_labels
 
     keys = list(rows[0].keys()) if rows else []
@@ -28,8 +29,21 @@ def sites_output(rows: list[dict], title: str, all_modules: bool):
         cols[keys.index("canonical_name")] = Col("canonical_name", lambda r: str(r["canonical_name"]), left=True,
                                                  short=lambda r: r["_label"], short_head="site")
     name = "modules" if all_modules else "sites"
+    if not tables:
+        return Output(items=[View(title, rows, cols)], main=name)
+    import pandas as pd
+
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "_label"} for r in rows])
     return Output(items=[View(title, rows, cols)], tables={name: table}, main=name)
+
+
+def _rows(lm, kinds, site, all_modules: bool) -> list[dict]:
+    from probes.sites import find_sites, in_width, out_width
+
+    if all_modules:
+        return [{"module_path": n, "class": type(m).__name__, "in": in_width(m), "out": out_width(m)}
+                for n, m in lm.model.named_modules() if n]
+    return [s.row() for s in find_sites(lm.model, lm.family, kinds, site)]
 
 
 def register(app: typer.Typer) -> None:
@@ -42,21 +56,37 @@ def register(app: typer.Typer) -> None:
               kind: KindArg = None, device_map: DeviceMapOpt = None,
               all_modules: Annotated[bool, typer.Option("--all-modules", help="List every module path instead "
                                                         "(to write a --site glob).")] = False,
+              no_cache: Annotated[bool, typer.Option("--no-cache", help="Load the model even when this listing is "
+                                                     "cached, and store nothing (cache: $ACTSPARSE_CACHE_DIR, else "
+                                                     "the user cache folder).")] = False,
               debug: DebugArg = False, *, output_format) -> None:
         """List the activation sites found: canonical name, module path, kind, width."""
-        from probes.sites import find_sites, in_width, out_width
+        import time
+
+        from actsparse_cli import sites_cache
+        from actsparse_cli.display import OutputFormat, emit, stdout_format
 
         kinds = resolve_kinds(kind)
-        lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
-                  device_map=device_map)
-        if all_modules:
-            rows = [{"module_path": n, "class": type(m).__name__, "in": in_width(m), "out": out_width(m)}
-                    for n, m in lm.model.named_modules() if n]
+        taken_at = time.time()
+        opts = dict(config=config, tokenizer=tokenizer, arch=arch, device=device,
+                    dtype=getattr(dtype, "value", dtype), trust_remote_code=trust_remote_code,
+                    unsafe_pickle=unsafe_pickle, device_map=getattr(device_map, "value", device_map), kinds=kinds,
+                    site=site, all_modules=all_modules)
+        key = None if no_cache else sites_cache.key_material(checkpoint, **opts)
+        hit = sites_cache.get(key)
+        if hit is not None:
+            family, rows = hit
         else:
-            rows = [s.row() for s in find_sites(lm.model, lm.family, kinds, site)]
-        from actsparse_cli.display import emit, stdout_format
-
+            with sites_cache.watch() as quiet:
+                lm = load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,
+                          device_map=device_map)
+                rows = _rows(lm, kinds, site, all_modules)
+            family = lm.family
+            if key is not None and quiet.silent:
+                sites_cache.put(key, sites_cache.key_material(checkpoint, **opts), family, rows, taken_at)
+        fmt = stdout_format(output_format, quiet=False)
         out = sites_output(rows, f"{len(rows)} {'modules' if all_modules else 'sites'} in {checkpoint} "
-                                 f"(family {lm.family})", all_modules)
-        out.info = {"command": "sites", "checkpoint": checkpoint, "family": lm.family, "n_rows": len(rows)}
-        emit(stdout_format(output_format, quiet=False), out)
+                                 f"(family {family})", all_modules,
+                           tables=fmt in (OutputFormat.json, OutputFormat.csv))
+        out.info = {"command": "sites", "checkpoint": checkpoint, "family": family, "n_rows": len(rows)}
+        emit(fmt, out)

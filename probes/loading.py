@@ -833,13 +833,26 @@ def _finish(model, tok, cfg, family, dev, td, source, tokenizer_src, trust_remot
 
 def check_finite(model) -> None:
     """Refuse NaN/Inf weights: every statistic downstream would be meaningless."""
-    import torch
-
     for name, p in model.named_parameters():
         # (meta: a --device-map module offloaded to CPU/disk; its weights load at call time)
-        if p.is_floating_point() and p.numel() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+        if p.is_floating_point() and p.numel() and p.device.type != "meta" and not _all_finite(p):
             raise ModelError(f"weight {name} contains NaN or Inf values",
                              "the checkpoint is corrupt or diverged; load an earlier checkpoint")
+
+
+def _all_finite(p) -> bool:
+    """``isfinite(p).all()`` from one reduction: min and max propagate NaN, and an infinity is an extreme,
+    so both are finite exactly when every entry is. No boolean copy of ``p``; on a 2-core machine whose
+    other core is busy, the bundled model's check took 0.3-0.8 s as ``isfinite(p).all()`` (two
+    multi-threaded passes per tensor, each waiting for a descheduled thread) and 2-80 ms this way.
+    Dtypes without ``aminmax`` take the old way (and its error)."""
+    import torch
+
+    try:
+        lo, hi = torch.aminmax(p.detach())
+    except (RuntimeError, NotImplementedError):
+        return bool(torch.isfinite(p).all())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 # ----------------------------------------------------------------------------- timm / torchvision

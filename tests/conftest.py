@@ -4,6 +4,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Commands cache nothing outside the run's temporary folders (`actsparse sites` keeps listings, the probe its
+# counting library, in the user cache folder otherwise): one folder per run, made here and inherited by xdist
+# workers and subprocesses.
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["ACTSPARSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="actsparse-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ACTSPARSE_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 
