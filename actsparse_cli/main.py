@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside the commands so ``--help`` is 
 
 from __future__ import annotations
 
+import probes.threads  # noqa: F401  (first: its CPU sample marks the start, see probes.threads.busy_elsewhere)
 import typer
 
 from actsparse_cli.common import ActsparseCommand, ActsparseGroup

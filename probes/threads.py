@@ -48,12 +48,71 @@ def choose_cpu_threads(cpus: int | None = None, load: float | None = None,
             "cpus_available": cpus, "load_average_1min": round(load, 2)}
 
 
+def _cpu_sample() -> tuple | None:
+    """``(monotonic seconds, busy jiffies, total jiffies, this process's CPU seconds)`` over the CPUs this
+    process may run on (``/proc/stat``'s per-CPU lines; busy = all but idle and iowait), or None where there
+    is no ``/proc/stat``."""
+    import time
+
+    try:
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        busy = total = 0
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if not line.startswith(b"cpu"):
+                    break
+                head, *vals = line.split()
+                if head == b"cpu" or (allowed is not None and int(head[3:]) not in allowed):
+                    continue
+                v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(v)
+                busy += sum(v) - v[3] - v[4]
+        t = os.times()
+        return time.monotonic(), busy, total, t.user + t.system
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_MARK = _cpu_sample()  # taken when this module is first imported: the CLI imports it as it starts
+MIN_WINDOW_S = 0.15  # /proc/stat counts in 10 ms ticks: a shorter window says little
+
+
+def busy_elsewhere(since: tuple | None = None) -> dict[str, Any] | None:
+    """How many cores other processes kept busy between ``since`` (default: this module's import) and now:
+    the busy share of the allowed CPUs' time in ``/proc/stat`` minus this process's own CPU time, in cores.
+    Unlike the 1-minute load average, which still counts a job that ended a minute ago (or a benchmark's
+    previous run), this is what the cores did just now. None without ``/proc/stat`` or a window under
+    ``MIN_WINDOW_S``."""
+    start = _MARK if since is None else since
+    now = _cpu_sample()
+    if start is None or now is None or now[0] - start[0] < MIN_WINDOW_S or now[2] <= start[2]:
+        return None
+    wall = now[0] - start[0]
+    cores = available_cpus()
+    busy_cores = (now[1] - start[1]) / (now[2] - start[2]) * cores
+    own = (now[3] - start[3]) / wall
+    return {"cores": round(max(0.0, busy_cores - own), 2), "window_s": round(wall, 3)}
+
+
 def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, Any]:
-    """The CPUs this process may use minus those the 1-minute load average says other processes keep
-    busy (rounded), at least 1: how many single-threaded compute calls can run at once without
-    oversubscribing. ``ACTSPARSE_CPU_THREADS`` wins (``OMP_NUM_THREADS`` does not: it sets BLAS threads
-    per call, not how many calls run). ``{"threads": n, "rule": ..., "cpus_available", "load_average_1min"}``."""
-    return choose_cpu_threads(cpus, load, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    """The CPUs this process may use minus those other processes keep busy (rounded), at least 1: how many
+    single-threaded compute calls can run at once without oversubscribing. "Busy" is measured over the
+    time since the command started (``busy_elsewhere``, ``/proc/stat``) when that window is long enough,
+    else read from the 1-minute load average. ``ACTSPARSE_CPU_THREADS`` wins (``OMP_NUM_THREADS`` does not:
+    it sets BLAS threads per call, not how many calls run). ``{"threads": n, "rule": ...,
+    "cpus_available", "load_average_1min", "busy_elsewhere"}``. (A wrong guess costs little here: each call
+    is single-threaded, so one thread too many waits for a core instead of spinning.)"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    choice = choose_cpu_threads(cpus, load, env=env)
+    seen = busy_elsewhere() if load is None and not env.get(ENV) else None
+    choice["busy_elsewhere"] = seen
+    if seen is not None:
+        n_cpus = choice["cpus_available"]
+        busy = min(n_cpus - 1, int(seen["cores"] + 0.5))
+        choice["threads"] = max(1, n_cpus - busy)
+        choice["rule"] = ("available cores minus the cores other processes kept busy since the command started "
+                          "(/proc/stat), at least 1")
+    return choice
 
 
 def apply_cpu_threads() -> dict[str, Any]:
