@@ -55,12 +55,19 @@ PlotArg = Annotated[Optional[list[PlotKind]], typer.Option("--plot", help="Figur
                                                           "esd (per matrix, slower) or alpha.",
                                                           rich_help_panel=PANEL_OUT, show_default=False)]
 
-def spectrum_output(df, summary: dict, n_ww: int, title: str):
-    """One row per weight matrix (WW's columns that matter most), the WW summary line; and the table written."""
+def spectrum_output(df, summary: dict, n_ww: int, title: str, frame=None):
+    """One row per weight matrix (WW's columns that matter most), the WW summary line; and the table written.
+
+    ``df``: the DataFrame, or a ``probes.spectrum.SpectrumTable`` (its rows are the records; ``frame``, the
+    DataFrame for ``--format json|csv``, is then given only when those need it: pandas is not imported
+    otherwise)."""
     from actsparse_cli.display import Col, Output, View, col, labelled, name_col, unique_labels, weight_label
     from reports.numbers import fmt
 
-    recs = df.to_dict(orient="records")
+    if hasattr(df, "to_dict"):
+        recs, frame = df.to_dict(orient="records"), df
+    else:
+        recs = [{c: r[c] for c in df.columns} for r in df.rows]
     labels = unique_labels(recs, label=lambda r: weight_label(r.get("name")), ident=lambda r: r.get("name"),
                            full=lambda r: str(r.get("name")))
 
@@ -76,7 +83,7 @@ def spectrum_output(df, summary: dict, n_ww: int, title: str):
             col("warning", "warning", lambda v: "" if v is None or v != v else str(v), left=True)]
     means = ", ".join(f"{k}={fmt(v)}" for k, v in summary.items())
     return Output(items=[View(title, rows, cols), f"WW summary (mean over {n_ww} layers): {means}"],
-                  tables={"spectrum": df}, main="spectrum")
+                  tables={"spectrum": frame} if frame is not None else {}, main="spectrum")
 
 
 def register(app: typer.Typer) -> None:
@@ -120,18 +127,20 @@ def _cap_workers(workers: int) -> tuple[int, str | None]:
     return cpus, f"--workers {workers} capped at {cpus}, the CPUs available to this process"
 
 
-def _prefetch_imports(output) -> None:
-    """Import pandas (the table), scipy.optimize (the Marchenko-Pastur fit's minimiser) and, with -o,
-    pyarrow's Parquet writer in a helper thread while the main thread reads weights and waits for
-    LAPACK (which releases the GIL): 0.7-1.5 s of imports that otherwise come after the first
-    eigenvalues. Failures are left to the main thread's own import."""
+def _prefetch_imports(output, pandas: bool = False) -> None:
+    """Import pandas where the command needs it (--plot, --format json|csv) and, with -o, pyarrow's
+    Parquet writer in a helper thread while the main thread reads weights and waits for LAPACK (which
+    releases the GIL): imports that otherwise come after the last eigenvalues. (scipy.optimize is not
+    imported at all: the MP fit's minimiser is ``probes.spectrum_fit.nelder_mead_1d``.) Failures are left
+    to the main thread's own import."""
+    if not pandas and output is None:
+        return
     import threading
 
     def run() -> None:
         try:
-            import scipy.optimize  # noqa: F401
-            import pandas  # noqa: F401
-
+            if pandas:
+                import pandas  # noqa: F401
             if output is not None:
                 import pyarrow.parquet  # noqa: F401
         except Exception:  # pragma: no cover - the main thread's import reports it
@@ -147,21 +156,15 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
 
     import numpy  # noqa: F401  (before the helper thread, which would otherwise import it concurrently)
 
-    _prefetch_imports(output)
+    from actsparse_cli.display import OutputFormat, emit, stdout_format
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    # pandas only where the command hands a DataFrame on: the figures and --format json|csv (0.25-0.45 s)
+    needs_frame = bool(plots) or output_format in (OutputFormat.json, OutputFormat.csv, "json", "csv")
+    _prefetch_imports(output, pandas=needs_frame)
 
     from probes import spectrum as sp
     from probes.formats import sniff
     from reports.bundle import atomic_output_dir, check_output_dir
-
-    from actsparse_cli.display import emit, stdout_format
 
     if output is not None:
         check_output_dir(output, force, inputs=[checkpoint])
@@ -170,13 +173,18 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
     sn = sniff(checkpoint)
     shown = stdout_format(output_format, quiet, output)  # -q without -o: refused before any SVD
 
-    progress = Progress(TextColumn("[bold]spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.description}"), console=stderr_console(), transient=True,
-                        disable=quiet)
-    task = progress.add_task("", total=None)
+    on_tensor = None
+    if quiet:  # no bar: rich.progress is not imported (0.03-0.1 s)
+        progress = nullcontext()
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def on_tensor(done: int, total: int | None, name: str) -> None:
-        progress.update(task, completed=done, total=total, description=name)
+        progress = Progress(TextColumn("[bold]spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.description}"), console=stderr_console(), transient=True)
+        task = progress.add_task("", total=None)
+
+        def on_tensor(done: int, total: int | None, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
 
     figures: list[str] = []
     with (atomic_output_dir(output, force, inputs=[checkpoint]) if output is not None else nullcontext()) as folder:
@@ -189,30 +197,28 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
                     figures.extend(plot_esd(row, evals, folder))
 
         with progress:
+            # a SpectrumTable: the files, the summary and the terminal table need no pandas
             df = sp.analyze_checkpoint(sn, device=str(dev), split_fused=split_fused, randomize=randomize,
                                        seed=seed, unsafe_pickle=unsafe_pickle, progress=on_tensor,
                                        on_layer=on_layer, svd=svd, workers=workers,
-                                       blas_threads=blas_threads or None)
+                                       blas_threads=blas_threads or None, frame=False)
         if workers_note:
             df.attrs["notes"] = [*df.attrs.get("notes", []), workers_note]
+        frame = df.to_pandas() if needs_frame else None
         summary = sp.summarize(df)
         if folder is not None:
             from reports.manifest import build_manifest, write_manifest
-            from reports.tables import write_table
+            from reports.spectrum_table import write_spectrum_table
 
             if plots:
                 from reports.spectrum_plots import plot_alpha_by_layer
 
-                figures.extend(plot_alpha_by_layer(df, folder))
-            counts = {
-                "rows": len(df), "ww_rows": len(sp.ww_rows(df)),
-                "ww_skipped": int(df["ww_skipped"].sum()), "non_ww": int(df["non_ww"].sum()),
-                **{f"status_{k}": int(v) for k, v in df["status"].value_counts().items()},
-            }
+                figures.extend(plot_alpha_by_layer(frame, folder))
+            counts = sp.table_counts(df)
             (folder / "summary.json").write_text(json.dumps(
                 {"means_over_ww_layers": summary, "counts": counts, "notes": df.attrs.get("notes", [])},
                 indent=2) + "\n")
-            files = write_table(df, folder, "spectrum") + ["summary.json"] + figures
+            files = write_spectrum_table(df, folder, "spectrum") + ["summary.json"] + figures
             manifest = build_manifest(
                 "spectrum",
                 {"checkpoint": checkpoint, "device": device, "split_fused": split_fused, "randomize": randomize,
@@ -230,13 +236,14 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
                 counts=counts, notes=df.attrs.get("notes", []), files=files + ["manifest.json"])
             write_manifest(folder, manifest)
 
-    err = stderr_console()
+    err = stderr_console() if not quiet else None  # rich.console only where something is printed
     if not quiet:
         for note in df.attrs.get("notes", []):
             err.print(f"note: {note}", markup=False, highlight=False)
     from reports.manifest import short_name
 
-    out = spectrum_output(df, summary, len(sp.ww_rows(df)), f"spectrum: {short_name(checkpoint)} ({len(df)} matrices)")
+    out = spectrum_output(df, summary, len(sp.ww_rows(df)), f"spectrum: {short_name(checkpoint)} ({len(df)} matrices)",
+                          frame=frame)
     out.info = {"command": "spectrum", "checkpoint": str(checkpoint), "device": str(dev), "svd": svd,
                 "output": str(output) if output is not None else None, "means_over_ww_layers": summary,
                 "n_ww_layers": len(sp.ww_rows(df)), "notes": list(df.attrs.get("notes", []))}

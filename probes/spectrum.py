@@ -434,8 +434,9 @@ def _random_columns(evals: np.ndarray, job: _Job, N: int, M: int, notes: list[st
     """WW's randomize=True columns: the ESD of W with its entries shuffled, and its MP fit."""
     rand = np.sort(np.square(job.svals["rand"]).ravel())
     rand2 = np.sort(np.square(job.svals["rand2"]).ravel())
-    out = {"max_rand_eval": float(rand.max()), "rand_distance": jensen_shannon_distance(evals, rand2),
-           "ww_softrank": float(rand2.max() / evals.max()), "ww_maxdist": float(evals.max() - rand2.max())}
+    with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero matrix: NaN, as WW reports it, no warning
+        out = {"max_rand_eval": float(rand.max()), "rand_distance": jensen_shannon_distance(evals, rand2),
+               "ww_softrank": float(rand2.max() / evals.max()), "ww_maxdist": float(evals.max() - rand2.max())}
     try:
         mp = fit_marchenko_pastur(rand, N, M)
         out.update(rand_num_spikes=mp.num_spikes, num_traps=mp.num_spikes, rand_sigma_mp=mp.sigma_mp,
@@ -471,11 +472,13 @@ def analyze_tensors(
     workers: int = 1,
     compute_thread: bool | None = None,
     compute_threads: int | None = None,
+    frame: bool = True,
 ):
     """Spectrum table for ``(name, tensor)`` pairs (torch tensors or numpy arrays); see
     :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in helper
     threads that overlap reading and fitting (None: when this process may use 2 or more CPUs and
-    ``workers`` is 1), ``compute_threads`` of them (None: 1); the numbers are the same either way."""
+    ``workers`` is 1), ``compute_threads`` of them (None: 1); the numbers are the same either way.
+    ``frame=False`` returns the :class:`SpectrumTable` (no pandas import) instead of the DataFrame."""
     if svd not in ("auto", "exact"):
         raise ValueError(f"svd must be 'auto' or 'exact', not {svd!r}")
     dev = resolve_device(device)
@@ -489,20 +492,18 @@ def analyze_tensors(
     else:
         runner = None
     try:
-        df = _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd,
-                      runner)
+        table = _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes,
+                         svd, runner)
     except BaseException:
         if runner is not None:
             runner.close(abort=True)
         raise
     if runner is not None:
         runner.close()
-    return df
+    return table.to_pandas() if frame else table
 
 
 def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd, runner):
-    import pandas as pd
-
     svd_dtype = np.dtype(np.float64 if dev == "cpu" else np.float32)
     eps = float(np.finfo(svd_dtype).eps)
     item_bytes = svd_dtype.itemsize
@@ -593,20 +594,53 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
     if not rows:
         raise ModelError(f"no weight matrices found among {seen} tensor(s)",
                          "spectrum needs 2-D or 4-D weights (or 3-D MoE experts with --split-fused)")
-    df = pd.DataFrame([rows[k] for k in sorted(rows)], columns=list(COLUMNS))
-    if not randomize:
-        df = df.drop(columns=list(RANDOM_COLUMNS))
-    for c in INT_COLUMNS:
-        if c in df:
-            df[c] = df[c].astype("Int64")
-    df.attrs["notes"] = [f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''} ({len(v)})" for k, v in notes.items()]
-    df.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
-    df.attrs["compute_threads"] = runner.threads if isinstance(runner, _ThreadBatcher) else 0
-    df.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd, "workers": runner.workers if runner else 1,
-                       "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
-                               "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
-                       else "SVD"}
-    return df
+    table = SpectrumTable([rows[k] for k in sorted(rows)], randomize)
+    table.attrs["notes"] = [f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''} ({len(v)})"
+                            for k, v in notes.items()]
+    table.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
+    table.attrs["compute_threads"] = runner.threads if isinstance(runner, _ThreadBatcher) else 0
+    table.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd,
+                          "workers": runner.workers if runner else 1,
+                          "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
+                                  "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
+                          else "SVD"}
+    return table
+
+
+class SpectrumTable:
+    """The spectrum table without pandas: one dict per row (every key of ``COLUMNS``; ``columns`` are the
+    ones in the table: without ``RANDOM_COLUMNS`` unless ``randomize``) and ``attrs`` (notes, svd, thread
+    policy). ``to_pandas()`` is the DataFrame :func:`analyze_checkpoint` returns, built exactly as before
+    (``INT_COLUMNS`` as ``Int64``); ``reports.spectrum_table`` writes the same CSV and Parquet bytes as that
+    DataFrame's ``reports.tables.write_table`` without importing pandas (0.25-0.45 s of a 2 s command)."""
+
+    def __init__(self, rows: list[dict[str, Any]], randomize: bool):
+        self.rows = rows
+        self.randomize = randomize
+        self.columns = [c for c in COLUMNS if randomize or c not in RANDOM_COLUMNS]
+        self.attrs: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[Any]:
+        return [r[name] for r in self.rows]
+
+    def ww_rows(self) -> list[dict[str, Any]]:
+        """The rows WeightWatcher itself would report (not skipped, not split parts), as ``ww_rows``."""
+        return [r for r in self.rows if not r["ww_skipped"] and not r["non_ww"]]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        df = pd.DataFrame(self.rows, columns=list(COLUMNS))
+        if not self.randomize:
+            df = df.drop(columns=list(RANDOM_COLUMNS))
+        for c in INT_COLUMNS:
+            if c in df:
+                df[c] = df[c].astype("Int64")
+        df.attrs.update(self.attrs)
+        return df
 
 
 # GPT-2-style checkpoints store these weights as transformers' Conv1D, [in, out]: the neurons (the rows of
@@ -680,8 +714,10 @@ def analyze_checkpoint(
     blas_threads: int | None = 1,
     compute_thread: bool | None = None,
     compute_threads: int | None = None,
+    frame: bool = True,
 ):
-    """One row per weight matrix of a checkpoint, with WW's column names and ours.
+    """One row per weight matrix of a checkpoint, with WW's column names and ours (a DataFrame; with
+    ``frame=False`` the same table as a :class:`SpectrumTable`, without importing pandas).
 
     Reads every tensor once through ``probes.arrays.iter_arrays`` (numpy, no torch, for
     safetensors and GGUF). Rows WW would skip
@@ -700,8 +736,9 @@ def analyze_checkpoint(
     batched eigen/SVD calls gain little from a second thread when the machine is quiet. None: the
     library default. ``compute_thread`` (default: when 2 or more CPUs are available and ``workers`` is
     1) runs those calls in one helper thread, overlapping reading, fits and imports; the numbers are
-    identical. ``compute_threads`` (default: ``free_cpus()``, the CPUs available minus those the 1-minute
-    load average says other processes keep busy, at least 1) is how many such threads run at once: two
+    identical. ``compute_threads`` (default: ``free_cpus()``, the CPUs available minus those other processes
+    kept busy since the command started, or failing that the 1-minute load average, at least 1) is how many
+    such threads run at once: two
     on a quiet 2-core machine, one when another job takes a core, so the calls never oversubscribe the
     cores (each is single-threaded BLAS; a call waits for a core instead of spinning). The policy is
     recorded in ``df.attrs['thread_policy']``.
@@ -726,28 +763,61 @@ def analyze_checkpoint(
             randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
             workers=workers, compute_thread=compute_thread,
-            compute_threads=compute_threads if compute_threads is not None else free.get("threads"))
+            compute_threads=compute_threads if compute_threads is not None else free.get("threads"), frame=frame)
     df.attrs["thread_policy"] = {"blas_threads_main": blas_threads or "library default",
                                  "blas_threads_per_worker": 1, "workers": workers, "cpus_available": _cpus(),
                                  "compute_thread": bool(df.attrs.get("compute_thread")),
                                  "compute_threads": int(df.attrs.get("compute_threads", 0)),
                                  "compute_threads_rule": ("given" if compute_threads is not None else free.get("rule")),
-                                 "load_average_1min": free.get("load_average_1min")}
+                                 "load_average_1min": free.get("load_average_1min"),
+                                 "busy_elsewhere": free.get("busy_elsewhere") or {"cores": None, "window_s": None}}
     return df
 
 
 def ww_rows(df):
-    """The rows WeightWatcher itself would report (not skipped, not split parts)."""
+    """The rows WeightWatcher itself would report (not skipped, not split parts): a DataFrame's rows, or a
+    :class:`SpectrumTable`'s as a list of dicts."""
+    if isinstance(df, SpectrumTable):
+        return df.ww_rows()
     return df[~df["ww_skipped"].astype(bool) & ~df["non_ww"].astype(bool)]
 
 
 def summarize(df) -> dict[str, float | None]:
-    """WW's get_summary: means over WW's layers of its seven metrics, skipping NaN (failed fits)."""
+    """WW's get_summary: means over WW's layers of its seven metrics, skipping NaN (failed fits).
+
+    For a :class:`SpectrumTable` the same numbers without pandas: pandas' ``Series.mean`` of a float64
+    column without NaN is numpy's (pairwise) sum divided by the count, which is what is computed here
+    (``tests/unit/test_spectrum_fast.py`` compares the two)."""
+    if isinstance(df, SpectrumTable):
+        rows = df.ww_rows()
+        out: dict[str, float | None] = {}
+        for metric in WW_SUMMARY_METRICS:
+            vals = np.array([r[metric] for r in rows], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            out[metric] = float(vals.sum() / np.float64(vals.size)) if vals.size else None
+        return out
     rows = ww_rows(df)
-    out: dict[str, float | None] = {}
+    out = {}
     for metric in WW_SUMMARY_METRICS:
         vals = rows[metric].astype(float)
         vals = vals[np.isfinite(vals)]
         out[metric] = float(vals.mean()) if len(vals) else None
     return out
 
+
+def table_counts(df) -> dict[str, int]:
+    """The counts of ``summary.json`` and the manifest: rows, WW's rows, ``ww_skipped``, ``non_ww`` and one
+    ``status_<s>`` per status, most frequent first (ties in order of first appearance, as pandas'
+    ``value_counts``), for a DataFrame or a :class:`SpectrumTable`."""
+    if isinstance(df, SpectrumTable):
+        statuses = df.column("status")
+        ww_skipped, non_ww = sum(bool(v) for v in df.column("ww_skipped")), sum(bool(v) for v in df.column("non_ww"))
+    else:
+        statuses = list(df["status"])
+        ww_skipped, non_ww = int(df["ww_skipped"].sum()), int(df["non_ww"].sum())
+    seen: dict[Any, int] = {}
+    for v in statuses:
+        seen[v] = seen.get(v, 0) + 1
+    by_count = sorted(seen.items(), key=lambda kv: -kv[1])  # stable: ties keep their first appearance
+    return {"rows": len(df), "ww_rows": len(ww_rows(df)), "ww_skipped": int(ww_skipped), "non_ww": int(non_ww),
+            **{f"status_{k}": int(v) for k, v in by_count}}

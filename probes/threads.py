@@ -105,7 +105,7 @@ def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, A
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     choice = choose_cpu_threads(cpus, load, env=env)
     seen = busy_elsewhere() if load is None and not env.get(ENV) else None
-    choice["busy_elsewhere"] = seen
+    choice["busy_elsewhere"] = seen or {"cores": None, "window_s": None}  # the same keys either way
     if seen is not None:
         n_cpus = choice["cpus_available"]
         busy = min(n_cpus - 1, int(seen["cores"] + 0.5))

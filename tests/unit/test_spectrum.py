@@ -71,8 +71,8 @@ def test_alpha_for_every_xmin_matches_closed_form():
 
 def test_block_size_does_not_change_the_fit():
     x = np.sort(np.random.default_rng(0).pareto(2.0, 300) + 1)
-    a1, d1 = spectrum_fit._pl_candidates(x, block_elems=1 << 19)
-    a2, d2 = spectrum_fit._pl_candidates(x, block_elems=301)  # one row per block
+    a1, d1 = spectrum_fit._pl_candidates(x, block_rows=1000)  # all rows in one block
+    a2, d2 = spectrum_fit._pl_candidates(x, block_rows=1)  # one row per block
     assert np.array_equal(a1, a2) and np.array_equal(d1, d2)
 
 
@@ -529,8 +529,8 @@ def test_the_cuda_code_path_runs_end_to_end_on_a_cpu_torch_device():
     w["big.weight"] = torch.randn(700, 30, generator=torch.Generator().manual_seed(2))  # tall: R factor path
     args = dict(split_fused=False, randomize=False, seed=0, config=None, total=None, progress=None, on_layer=None,
                 svd="auto", runner=None)
-    gpu_like = sp._analyze(list(w.items()), "cpu:0", batch_bytes=4096, **args)
-    exact = sp._analyze(list(w.items()), "cpu", batch_bytes=4096, **args)
+    gpu_like = sp._analyze(list(w.items()), "cpu:0", batch_bytes=4096, **args).to_pandas()
+    exact = sp._analyze(list(w.items()), "cpu", batch_bytes=4096, **args).to_pandas()
     assert gpu_like.attrs["svd"]["dtype"] == "float32" and gpu_like["name"].tolist() == exact["name"].tolist()
     ok = exact["status"] == "success"
     assert (gpu_like.loc[ok, "status"] == "success").all()

@@ -67,7 +67,7 @@ def test_a_short_window_or_no_proc_stat_falls_back_to_the_load_average(monkeypat
     assert c["threads"] == 1 and "load average" in c["rule"]
     monkeypatch.setattr(threads, "_MARK", None)  # no /proc/stat
     c = threads.free_cpus()
-    assert c["busy_elsewhere"] is None and "load average" in c["rule"]
+    assert c["busy_elsewhere"] == {"cores": None, "window_s": None} and "load average" in c["rule"]
 
 
 def test_the_real_sample_reads_this_machine():
