@@ -214,7 +214,8 @@ def _load_library():
     for flags in _FLAG_SETS:
         key = hashlib.sha256("\n".join([C_SOURCE, " ".join(flags), _cpu_signature(), sys.platform]).encode())
         name = f"actsparse_counts-{key.hexdigest()[:16]}.so"
-        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"actsparse-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"actsparse-{uid}"):
             target = folder / name
             try:
                 if not target.exists():

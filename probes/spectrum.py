@@ -679,7 +679,8 @@ def _checkpoint_arrays(sn: Sniffed, unsafe_pickle: bool, split_fused: bool):
     from probes import arrays
     from probes.formats import Kind, is_safetensors, safetensors_raw_tensors
 
-    if split_fused or sn.kind in (Kind.GGUF, Kind.HUB_ID) or not sn.files or not all(is_safetensors(f) for f in sn.files):
+    if (split_fused or sn.kind in (Kind.GGUF, Kind.HUB_ID) or not sn.files
+            or not all(is_safetensors(f) for f in sn.files)):
         yield from iter_arrays(sn, unsafe_pickle=unsafe_pickle)
         return
 
