@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -175,6 +176,23 @@ def _one_blas_thread() -> None:
     threadpool_limits(1)
 
 
+_FORK_POOLS = [0]  # fork-based pools open in this process: their workers ignore Ctrl-C from birth
+
+
+def _child_ignores_sigint() -> None:
+    """``os.register_at_fork`` hook, run in a forked child before any Python code of its own: while a fork
+    pool is open, the child ignores SIGINT from its first instruction (Ctrl-C is the main process's, which
+    stops the pool), with no window in which the parent itself ignores it."""
+    if _FORK_POOLS[0]:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_child_ignores_sigint)
+
+
 class _PoolRunner:
     """The ``_SvdBatcher`` interface over a process pool: each row (its stacks' spectra and its
     fits) is computed in a worker while the main process reads the next tensors. Workers use
@@ -192,6 +210,9 @@ class _PoolRunner:
         self.workers, self.method, self.randomize = workers, method, randomize
         fork = os.name == "posix" and "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if fork else "spawn")
+        self.fork = fork
+        if fork:
+            _FORK_POOLS[0] += 1
         self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_blas_thread)
         self.pending: dict[int, tuple[_Job, dict[str, np.ndarray]]] = {}
         self.futures = deque()
@@ -208,13 +229,14 @@ class _PoolRunner:
         return done
 
     def _submit(self, *args):
-        """``pool.submit`` with SIGINT ignored meanwhile: the workers it starts inherit the ignore, so a
-        Ctrl-C between a worker's fork and its initializer cannot interrupt that worker mid-start (the
-        main process stops the pool instead). A Ctrl-C inside this short window is dropped."""
+        """``pool.submit``. Forked workers ignore SIGINT from birth (``_child_ignores_sigint``), so a Ctrl-C
+        never interrupts one mid-start. Spawned workers (torch loaded, or no fork) start a new interpreter,
+        which keeps an inherited ignore: for them SIGINT is ignored in this process while ``submit`` may
+        start workers, and a Ctrl-C inside that short window is dropped."""
         import signal
         import threading
 
-        if threading.current_thread() is not threading.main_thread():
+        if self.fork or threading.current_thread() is not threading.main_thread():
             return self.pool.submit(*args)
         prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -230,10 +252,15 @@ class _PoolRunner:
     def close(self, abort: bool = False) -> None:
         """Shut the pool down; ``abort`` (an error or Ctrl-C in the main process) stops the workers
         at once instead of letting running rows finish."""
-        if abort:
-            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
-                proc.terminate()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            if abort:
+                for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if self.fork and _FORK_POOLS[0] > 0:
+                _FORK_POOLS[0] -= 1
+                self.fork = False  # counted once, however often close is called
 
 
 class _SvdBatcher:
