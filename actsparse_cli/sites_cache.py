@@ -73,15 +73,9 @@ def cache_dir() -> Path:
 
 # ------------------------------------------------------------------------------------------- the key
 def _versions() -> dict[str, Optional[str]]:
-    from importlib import metadata
+    from reports.manifest import package_versions
 
-    out: dict[str, Optional[str]] = {"python": sys.version}
-    for p in _PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
+    return {**package_versions(_PACKAGES), "python": sys.version}  # the full build string, not only 3.x.y
 
 
 def _code_hash() -> str:

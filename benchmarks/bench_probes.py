@@ -352,8 +352,10 @@ def _manual_sections(captured, device) -> dict:
 
     if not hasattr(ActivationSparsityProbe, "_planes"):  # an older probe (a "before" run): no such steps
         return {}
-    if hasattr(sp, "_native_ok") and captured and sp._native_ok(captured[0][1].reshape(-1, captured[0][1].shape[-1]).float(), 3):
-        return _native_sections(captured, device)
+    if captured:
+        first = captured[0][1]
+        if hasattr(sp, "_native_ok") and sp._native_ok(first.reshape(-1, first.shape[-1]).float(), 3):
+            return _native_sections(captured, device)
     t = dict.fromkeys(("mask_select", "abs_max", "count_planes", "chunks", "channel_active", "sums_f32_f64",
                        "window_rows_hist"), 0.0)
 
@@ -362,16 +364,9 @@ def _manual_sections(captured, device) -> dict:
         t[name] += time.perf_counter() - t0
         return time.perf_counter()
 
-    probe = None
-    for _, x, m in captured:
-        if x.dim() != 3:
-            continue
-        if probe is None or probe.width != x.shape[-1]:
-            probe = ActivationSparsityProbe(x.shape[-1], device=x.device)
+    for probe, x, full, lens, valid, mask_s in _updates(captured):
+        t["mask_select"] += mask_s
         c = time.perf_counter()
-        full, mm, lens = sp._mask_layout(m, x)
-        valid = x.reshape(-1, x.shape[-1]) if full else x[mm]
-        c = tick("mask_select", c)
         a = valid.abs()
         amax = a.max()
         bool(torch.isfinite(amax))
@@ -393,12 +388,11 @@ def _manual_sections(captured, device) -> dict:
     return t
 
 
-def _native_sections(captured, device) -> dict:
-    """The steps of ``update`` on the fused-kernel path (``probes.fastcount``), timed one by one."""
-    from probes import fastcount
+def _updates(captured):
+    """Per captured 3-D tensor: ``(probe, x, full_rows, lens, valid, seconds of the mask step)``, one probe per
+    width, with ``update``'s own mask layout and row selection."""
     from probes import sparsity as sp
 
-    t = dict.fromkeys(("mask_select", "native_kernel", "chunk_rows", "state_and_window_rows"), 0.0)
     probe = None
     for _, x, m in captured:
         if x.dim() != 3:
@@ -408,8 +402,18 @@ def _native_sections(captured, device) -> dict:
         c = time.perf_counter()
         full, mm, lens = sp._mask_layout(m, x)
         valid = x.reshape(-1, x.shape[-1]) if full else x[mm]
+        yield probe, x, full, lens, valid, time.perf_counter() - c
+
+
+def _native_sections(captured, device) -> dict:
+    """The steps of ``update`` on the fused-kernel path (``probes.fastcount``), timed one by one."""
+    from probes import fastcount
+    from probes import sparsity as sp
+
+    t = dict.fromkeys(("mask_select", "native_kernel", "chunk_rows", "state_and_window_rows"), 0.0)
+    for probe, x, full, lens, valid, mask_s in _updates(captured):
+        t["mask_select"] += mask_s
         c2 = time.perf_counter()
-        t["mask_select"] += c2 - c
         per_token, zero_channel, unions, amax, sums = fastcount.count(valid, probe.eps_grid, lens, probe.chunk_k,
                                                                       torch.get_num_threads())
         c3 = time.perf_counter()

@@ -14,9 +14,10 @@ from typing import Any
 _PACKAGES = ("actsparse", "torch", "transformers", "safetensors", "numpy", "scipy", "pandas", "gguf")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
+    """``{"python": "3.x.y", package: version or None}`` for ``packages`` (default: the manifest's)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for p in _PACKAGES:
+    for p in packages:
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
