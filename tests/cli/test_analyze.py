@@ -79,7 +79,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, text, words):
 
 def test_analyze_writes_one_report_bundle(tmp_path):
     s = tmp_path / "analyze.toml"
-    s.write_text("[data]\nmax_tokens = 1024\n")  # the quick profile's default is 16384
+    s.write_text("[data]\nmax_tokens = 256\n")  # the quick profile's default is 16384; 256: one window
     out = tmp_path / "report"
     r = invoke("analyze", "--settings", s, "-o", out, "-q")
     assert r.exit_code == 0, r.output
@@ -94,7 +94,7 @@ def test_analyze_writes_one_report_bundle(tmp_path):
     assert {"sparsity", "gradients", "massive_layers", "pplp"} <= tables
     assert (out / "tables" / "spectrum").is_dir()
     sp = pd.read_parquet(out / "tables" / "measure" / "sparsity.parquet")
-    assert sp["n_tokens"].max() <= 1024 + 256  # the [data] budget reached measure
+    assert sp["n_tokens"].max() <= 256 + 256  # the [data] budget reached measure
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the working folder is gone
     for f in ("index.html", "summary.md"):  # nor does the report point into it
         assert ".tmp-work-" not in (out / f).read_text()

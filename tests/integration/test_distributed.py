@@ -27,9 +27,10 @@ from probes.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_DEVICE
 from probes.sparsity import ActivationSparsityProbe
 
 runner = CliRunner()
-# 4500 tokens: 18 windows of 256 (the last one short), 5 batches of 4 (the last one of 2): the ranks get
-# 3 and 2 batches, so the split is uneven and the short batch lands on rank 0.
-RUN = ["measure", "--max-tokens", "4500", "--batch-size", "4", "--grad", "--seed", "0"]
+# 1125 tokens in windows of 64: 18 windows (the last one short, 37 tokens), 5 batches of 4 (the last one of 2):
+# the ranks get 3 and 2 batches, so the split is uneven and the short window and batch land on rank 0.
+# (Windows of 64, not the default 256: the same split at a quarter of the forward and backward work.)
+RUN = ["measure", "--max-tokens", "1125", "--max-length", "64", "--batch-size", "4", "--grad", "--seed", "0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "--monitor-interval", "0.1"]
 COUNT_COLUMNS = {"n_tokens", "width", "dead_neurons", "always_on_neurons", "n_chunks", "nonfinite", "layer",
@@ -83,8 +84,9 @@ def test_torchrun_two_ranks_equals_single_process(single_out, tmp_path):
     m1 = json.loads((single_out / "manifest.json").read_text())["measurement"]
     m2 = json.loads((out / "manifest.json").read_text())["measurement"]
     assert m1["world_size"] == 1 and m2["world_size"] == 2 and m2["backend"] == "gloo"
-    assert (m2["n_windows"], m2["n_counted_tokens"]) == (m1["n_windows"], m1["n_counted_tokens"])
+    assert (m2["n_windows"], m2["n_counted_tokens"]) == (m1["n_windows"], m1["n_counted_tokens"]) == (18, 1125)
     assert m2["windows_per_rank"] == [10, 8] and sum(m2["counted_tokens_per_rank"]) == m1["n_counted_tokens"]
+    assert m2["counted_tokens_per_rank"] == [9 * 64 + 37, 8 * 64]  # the short window on rank 0
 
 
 def test_torchrun_rank_failure_stops_every_rank(tmp_path):

@@ -65,15 +65,17 @@ def _ids():
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
 
 
-def _lm(config_cls, model_cls, **cfg):
+def _lm(config_cls: str, model_cls: str, **cfg):
+    """Classes by name, looked up when the case runs: `tf.XConfig` at import would load every family's
+    modelling module while pytest collects (~2 s in each xdist worker, also the one that never runs them)."""
     def build():
         torch.manual_seed(0)
         cfg.setdefault("vocab_size", VOCAB)
-        c = config_cls(**cfg)
+        c = getattr(tf, config_cls)(**cfg)
         for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             if getattr(c, k, None) is not None and getattr(c, k) >= VOCAB:
                 setattr(c, k, 0)
-        m = model_cls(c).eval()
+        m = getattr(tf, model_cls)(c).eval()
         return m, c.model_type, {"input_ids": _ids()}
     return build
 
@@ -234,38 +236,38 @@ def _custom(gated):
 # --- the cases ---------------------------------------------------------------------------------
 
 CASES = [
-    Case("gpt2", _lm(tf.GPT2Config, tf.GPT2LMHeadModel, n_positions=32, n_embd=32, n_inner=72, n_layer=2, n_head=2),
+    Case("gpt2", _lm("GPT2Config", "GPT2LMHeadModel", n_positions=32, n_embd=32, n_inner=72, n_layer=2, n_head=2),
          "gpt2", 32, 72, "transformer.h.{i}.mlp.c_proj", "transformer.h.{i}.mlp.c_fc", "gelu_tanh",
          block="transformer.h.{i}"),
-    Case("llama", _lm(tf.LlamaConfig, tf.LlamaForCausalLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    Case("llama", _lm("LlamaConfig", "LlamaForCausalLM", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1),
          "llama", 32, 48, "model.layers.{i}.mlp.down_proj", "model.layers.{i}.mlp.gate_proj", "silu",
          up="model.layers.{i}.mlp.up_proj", gate_act="model.layers.{i}.mlp.act_fn", block="model.layers.{i}"),
-    Case("mistral", _lm(tf.MistralConfig, tf.MistralForCausalLM, hidden_size=32, intermediate_size=40,
+    Case("mistral", _lm("MistralConfig", "MistralForCausalLM", hidden_size=32, intermediate_size=40,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
          "llama", 32, 40, "model.layers.{i}.mlp.down_proj", "model.layers.{i}.mlp.gate_proj", "silu",
          up="model.layers.{i}.mlp.up_proj", gate_act="model.layers.{i}.mlp.act_fn", block="model.layers.{i}"),
-    Case("qwen2", _lm(tf.Qwen2Config, tf.Qwen2ForCausalLM, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+    Case("qwen2", _lm("Qwen2Config", "Qwen2ForCausalLM", hidden_size=32, intermediate_size=56, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1),
          "llama", 32, 56, "model.layers.{i}.mlp.down_proj", "model.layers.{i}.mlp.gate_proj", "silu",
          up="model.layers.{i}.mlp.up_proj", gate_act="model.layers.{i}.mlp.act_fn", block="model.layers.{i}"),
-    Case("gpt_neox", _lm(tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, hidden_size=32, intermediate_size=64,
+    Case("gpt_neox", _lm("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2),
          "gpt_neox", 32, 64, "gpt_neox.layers.{i}.mlp.dense_4h_to_h", "gpt_neox.layers.{i}.mlp.dense_h_to_4h", "gelu",
          block="gpt_neox.layers.{i}"),
-    Case("opt", _lm(tf.OPTConfig, tf.OPTForCausalLM, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+    Case("opt", _lm("OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                     num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=32),
          "opt", 32, 64, "model.decoder.layers.{i}.fc2", "model.decoder.layers.{i}.fc1", "relu",
          block="model.decoder.layers.{i}"),
-    Case("bert", _lm(tf.BertConfig, tf.BertForMaskedLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    Case("bert", _lm("BertConfig", "BertForMaskedLM", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=2, max_position_embeddings=32),
          "bert", 32, 48, "bert.encoder.layer.{i}.output.dense", "bert.encoder.layer.{i}.intermediate.dense", "gelu",
          block="bert.encoder.layer.{i}"),
-    Case("roberta", _lm(tf.RobertaConfig, tf.RobertaForMaskedLM, hidden_size=32, intermediate_size=40,
+    Case("roberta", _lm("RobertaConfig", "RobertaForMaskedLM", hidden_size=32, intermediate_size=40,
                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40, pad_token_id=1),
          "bert", 32, 40, "roberta.encoder.layer.{i}.output.dense", "roberta.encoder.layer.{i}.intermediate.dense",
          "gelu", block="roberta.encoder.layer.{i}"),
-    Case("distilbert", _lm(tf.DistilBertConfig, tf.DistilBertForMaskedLM, dim=32, hidden_dim=48, n_layers=2,
+    Case("distilbert", _lm("DistilBertConfig", "DistilBertForMaskedLM", dim=32, hidden_dim=48, n_layers=2,
                            n_heads=2, max_position_embeddings=32),
          "distilbert", 32, 48, "distilbert.transformer.layer.{i}.ffn.lin2",
          "distilbert.transformer.layer.{i}.ffn.lin1", "gelu", block="distilbert.transformer.layer.{i}"),
@@ -277,11 +279,11 @@ CASES = [
          "gelu_tanh", up="{stack}.block.{i}.layer.{ff}.DenseReluDense.wi_1",
          gate_act="{stack}.block.{i}.layer.{ff}.DenseReluDense.act", block="{stack}.block.{i}",
          stacks=("encoder.", "decoder.")),
-    Case("falcon", _lm(tf.FalconConfig, tf.FalconForCausalLM, hidden_size=32, ffn_hidden_size=64,
+    Case("falcon", _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, ffn_hidden_size=64,
                        num_hidden_layers=2, num_attention_heads=2, new_decoder_architecture=False),
          "falcon", 32, 64, "transformer.h.{i}.mlp.dense_4h_to_h", "transformer.h.{i}.mlp.dense_h_to_4h", "gelu",
          block="transformer.h.{i}"),
-    Case("gptj", _lm(tf.GPTJConfig, tf.GPTJForCausalLM, n_positions=32, n_embd=32, n_inner=64, n_layer=2, n_head=2,
+    Case("gptj", _lm("GPTJConfig", "GPTJForCausalLM", n_positions=32, n_embd=32, n_inner=64, n_layer=2, n_head=2,
                      rotary_dim=8),
          "gptj", 32, 64, "transformer.h.{i}.mlp.fc_out", "transformer.h.{i}.mlp.fc_in", "gelu_tanh",
          block="transformer.h.{i}"),

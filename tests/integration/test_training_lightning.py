@@ -12,26 +12,32 @@ import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
-L = pytest.importorskip("lightning")
 
 WORDS = [f"w{i}" for i in range(40)]
 MAXLEN = 16
 
 
-class LitLM(L.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+def lit_lm(L, model):
+    """A LightningModule around ``model``. Lightning is imported by the test, not at module level: importing it
+    takes ~1 s, which every xdist worker would pay while collecting, also the one that does not run this file."""
 
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["input_ids"]).loss
+    class LitLM(L.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=5e-3)
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=5e-3)
+
+    return LitLM(model)
 
 
 def test_lightning_callback_logs_the_engine_numbers(tmp_path, word_lm):
+    L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -52,7 +58,7 @@ def test_lightning_callback_logs_the_engine_numbers(tmp_path, word_lm):
     trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path / "pl"))
-    trainer.fit(LitLM(model), DataLoader(data, batch_size=4))
+    trainer.fit(lit_lm(L, model), DataLoader(data, batch_size=4))
     trends = tmp_path / "acts" / "trends"
     man = json.loads((trends / "manifest.json").read_text())
     assert man["track"]["steps"] == [0, 2, 4] and not man["track"]["disabled"]
