@@ -57,7 +57,8 @@ typedef int32_t vi __attribute__((vector_size(LANES * 4)));
    x[n][c] (vals), read also as its int32 bit patterns (bits, the same memory). A unit is a chunk of
    consecutive tokens of one window (uchunk[u] >= 0: its index in chunk_u) or tokens outside any full chunk
    (uchunk[u] < 0).
-   Writes, per row r: per_tok[0][r] zeros, per_tok[1 + j][r] |x| <= eps_j (j < 4), per_tok[5][r] negatives;
+   Writes, per row r: per_tok[0][r] zeros, per_tok[1 + j][r] |x| <= eps_j (j < 4), per_tok[neg_row][r]
+   negatives (neg_row = 1 + the number of thresholds in use, so the rows in use come first);
    sums[0][r], sums[1][r], sums[2][r]: the sum of x, of |x| and of x*x over the row, accumulated in float32 in
    LANES interleaved partial sums (lane l takes channels l, l + LANES, ...), which are added up in float64 in
    lane order at the end: a fixed order (and no fused multiply-add, -ffp-contract=off), so the result does not
@@ -68,7 +69,7 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                          const int32_t *restrict tb, const int64_t *restrict ustart,
                          const int64_t *restrict ulen, const int64_t *restrict uchunk, int64_t u0, int64_t u1,
                          float *restrict per_tok, double *restrict sums, int32_t *restrict zc,
-                         int32_t *restrict anynz, float *restrict chunk_u)
+                         int32_t *restrict anynz, float *restrict chunk_u, int64_t neg_row)
 {
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
@@ -128,7 +129,7 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
             per_tok[2 * n + r] = (float)e1;
             per_tok[3 * n + r] = (float)e2;
             per_tok[4 * n + r] = (float)e3;
-            per_tok[5 * n + r] = (float)ng;
+            per_tok[neg_row * n + r] = (float)ng;  /* after the eps rows: it may take an unused one's place */
             m = mr > m ? mr : m;
         }
         if (ci >= 0) {
@@ -228,7 +229,7 @@ def _load_library():
                 errors.append(f"{' '.join(flags)} in {folder}: {type(e).__name__}")
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [p, p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p]
+            fn.argtypes = [p, p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p, i64]
             fn.restype = ctypes.c_int32
             return fn, f"native kernel ({' '.join(f for f in flags if f.startswith('-m')) or 'portable'}; {target})"
     return None, "the C kernel did not build: " + "; ".join(errors)
@@ -327,7 +328,28 @@ def _executor(size: int):
     return _POOL["executor"]
 
 
-_LAYOUT: list = [None]  # (key, units) of the batch seen last: every site of a batch shares its layout
+_PLAN: list = [None]  # (key, plan) of the batch seen last: every site of a batch shares it
+
+
+def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict:
+    """What one ``count`` call needs besides the data, worked out once per batch layout (the sites of one
+    forward share it): the units, their split over ``parts`` threads and the threshold bits."""
+    import numpy as np
+
+    key = (tuple(lens), k, n, c, parts, tuple(eps_grid))
+    last = _PLAN[0]  # one (key, plan) tuple: read and replaced whole, so threads never mix two batches
+    if last is not None and last[0] == key:
+        return last[1]
+    ustart, ulen, uchunk, n_chunks = units(lens, k)
+    U = len(ustart)
+    cum = np.cumsum(ulen)  # split the units so that each part has about the same number of rows
+    bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
+    bounds = [min(max(b, 0), U) for b in bounds]
+    tb = threshold_bits(eps_grid)
+    plan = {"arrays": (ustart, ulen, uchunk, tb), "bounds": bounds, "n_chunks": n_chunks,
+            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk))}
+    _PLAN[0] = (key, plan)
+    return plan
 
 
 def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
@@ -340,38 +362,28 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
-    key = (tuple(lens), k)
-    last = _LAYOUT[0]  # one (key, layout) tuple: read and replaced whole, so threads never mix two batches
-    if last is None or last[0] != key:
-        last = _LAYOUT[0] = (key, units(lens, k))
-    ustart, ulen, uchunk, n_chunks = last[1]
-    bits = valid.numpy().view(np.int32)
-    tb = threshold_bits(eps_grid)
-    per_tok = np.empty((2 + MAX_EPS, n), dtype=np.float32)
-    sums = np.empty((3, n), dtype=np.float64)
-    chunk_u = np.empty(n_chunks, dtype=np.float32)
-    U = len(ustart)
+    n_units = len(lens) * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
     # a thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a part)
-    parts = max(1, min(int(threads), U, (n * c) // MIN_SPLIT))
-    zc = np.zeros((parts, c), dtype=np.int32)
-    anynz = np.empty((parts, c), dtype=np.int32)
-    # split the units so that each part has about the same number of rows
-    cum = np.cumsum(ulen)
-    bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
-    bounds = [min(max(b, 0), U) for b in bounds]
-    ptr = lambda a: a.ctypes.data  # noqa: E731
+    parts = max(1, min(int(threads), n_units, (n * c) // MIN_SPLIT))
+    plan = _plan(lens, k, n, c, parts, eps_grid)
+    tb_p, us_p, ul_p, uc_p = plan["ptrs"]
+    bounds, G = plan["bounds"], len(eps_grid)
+    per_tok = torch.empty((2 + MAX_EPS, n), dtype=torch.float32)
+    sums = torch.empty((3, n), dtype=torch.float64)
+    chunk_u = torch.empty(plan["n_chunks"], dtype=torch.float32)
+    zc = torch.zeros((parts, c), dtype=torch.int32)
+    anynz = torch.empty((parts, c), dtype=torch.int32)
+    x_p, pt_p, s_p, cu_p = valid.data_ptr(), per_tok.data_ptr(), sums.data_ptr(), chunk_u.data_ptr()
 
     def run(i):
-        return fn(ptr(bits), ptr(bits), n, c, ptr(tb), ptr(ustart), ptr(ulen), ptr(uchunk), bounds[i], bounds[i + 1],
-                  ptr(per_tok), ptr(sums), ptr(zc[i]), ptr(anynz[i]), ptr(chunk_u))
+        return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, bounds[i], bounds[i + 1], pt_p, s_p, zc[i].data_ptr(),
+                  anynz[i].data_ptr(), cu_p, 1 + G)
 
     if parts == 1:
         mbits = run(0)
     else:
         futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
         mbits = max([run(0)] + [f.result() for f in futures])
-    G = len(eps_grid)
-    rows = np.concatenate([per_tok[:1 + G], per_tok[1 + MAX_EPS:]])  # zero, the grid's thresholds, negative
-    amax = np.array([mbits], dtype=np.int32).view(np.float32)[0]
-    return (torch.from_numpy(rows), torch.from_numpy(zc.sum(0, dtype=np.int64)), torch.from_numpy(chunk_u),
-            torch.tensor(float(amax), dtype=torch.float32), torch.from_numpy(sums))
+    amax = float(np.array([mbits], dtype=np.int32).view(np.float32)[0])
+    zero_channel = zc[0].long() if parts == 1 else zc.sum(0, dtype=torch.int64)
+    return per_tok[:2 + G], zero_channel, chunk_u, torch.tensor(amax, dtype=torch.float32), sums
