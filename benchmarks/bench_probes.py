@@ -408,24 +408,17 @@ def _updates(captured):
 def _native_sections(captured, device) -> dict:
     """The steps of ``update`` on the fused-kernel path (``probes.fastcount``), timed one by one."""
     from probes import fastcount
-    from probes import sparsity as sp
+    from probes.sparsity import HIST_BINS
 
-    t = dict.fromkeys(("mask_select", "native_kernel", "chunk_rows", "state_and_window_rows"), 0.0)
+    t = dict.fromkeys(("mask_select", "native_kernel", "state_and_window_rows"), 0.0)
     for probe, x, full, lens, valid, mask_s in _updates(captured):
         t["mask_select"] += mask_s
         c2 = time.perf_counter()
-        per_token, zero_channel, unions, amax, sums = fastcount.count(valid, probe.eps_grid, lens, probe.chunk_k,
-                                                                      torch.get_num_threads())
+        r = fastcount.count(valid, probe.eps_grid, lens, probe.chunk_k, torch.get_num_threads(), HIST_BINS)
         c3 = time.perf_counter()
         t["native_kernel"] += c3 - c2
-        probe._chunk_rows(unions, lens)
-        c4 = time.perf_counter()
-        t["chunk_rows"] += c4 - c3
-        sp._window_sums(per_token, lens, full)
-        sums.sum(1)
-        frac = (x.shape[-1] - per_token[0]).double() / x.shape[-1]
-        torch.bincount((frac * 1000).long().clamp_(0, 999), minlength=1000)
-        t["state_and_window_rows"] += time.perf_counter() - c4
+        probe._update_from_kernel(r, valid, lens)
+        t["state_and_window_rows"] += time.perf_counter() - c3
     return t
 
 

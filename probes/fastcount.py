@@ -50,32 +50,38 @@ C_SOURCE = r"""
 #include <string.h>
 
 #define LANES 16
+#define WF 8  /* per-window fields: zeros, |x| <= eps_0..eps_3, negatives, chunk-sparsity sum, full chunks */
 typedef float vf __attribute__((vector_size(LANES * 4)));  /* LANES float32 lanes, whatever the CPU's width */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
-/* Counts and sums over rows [ustart[u], ustart[u] + ulen[u]) for units u in [u0, u1) of a float32 matrix
-   x[n][c] (vals), read also as its int32 bit patterns (bits, the same memory). A unit is a chunk of
-   consecutive tokens of one window (uchunk[u] >= 0: its index in chunk_u) or tokens outside any full chunk
-   (uchunk[u] < 0).
-   Writes, per row r: per_tok[0][r] zeros, per_tok[1 + j][r] |x| <= eps_j (j < 4), per_tok[neg_row][r]
-   negatives (neg_row = 1 + the number of thresholds in use, so the rows in use come first);
-   sums[0][r], sums[1][r], sums[2][r]: the sum of x, of |x| and of x*x over the row, accumulated in float32 in
-   LANES interleaved partial sums (lane l takes channels l, l + LANES, ...), which are added up in float64 in
-   lane order at the end: a fixed order (and no fused multiply-add, -ffp-contract=off), so the result does not
-   depend on the compiler's vector width or the CPU.
-   Adds each channel's zeros to zc[ch]; writes each chunk's union of non-zero channels to chunk_u. Returns the
-   largest |x| bit pattern seen (0 when no row). */
+/* Statistics over rows [ustart[u], ustart[u] + ulen[u]) for units u in [u0, u1) of a float32 matrix
+   x[n][c] (vals), read also as its int32 bit patterns (bits, the same memory). A unit is a run of
+   consecutive tokens of window uwin[u]: a full chunk of k tokens (uchunk[u] >= 0) or tokens outside any full
+   chunk (uchunk[u] < 0). Adds, for this part of the units (the caller sums the parts):
+   - win[w][0..7]: the window's zeros, |x| <= eps_j (j < 4), negatives, sum over its full chunks of
+     1 - (channels non-zero in the chunk) / c, and its number of full chunks;
+   - hist[b]: tokens whose non-zero fraction f = (c - zeros) / c falls in bin b = (int)(f * nbins), clamped;
+   - tot[0..3]: the sums of x, |x| and x*x, and of f, over the tokens. A token's sums run in LANES
+     interleaved float32 partial sums (lane l takes channels l, l + LANES, ...) added in float64 in lane order:
+     a fixed order (and no fused multiply-add: -ffp-contract=off), whatever the CPU's vector width;
+   - zc[ch]: the tokens on which channel ch is zero.
+   Returns the largest |x| bit pattern seen (0 when no row): the float with those bits is max |x| (NaN when
+   any entry is NaN). */
 int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict vals, int64_t n, int64_t c,
                          const int32_t *restrict tb, const int64_t *restrict ustart,
-                         const int64_t *restrict ulen, const int64_t *restrict uchunk, int64_t u0, int64_t u1,
-                         float *restrict per_tok, double *restrict sums, int32_t *restrict zc,
-                         int32_t *restrict anynz, float *restrict chunk_u, int64_t neg_row)
+                         const int64_t *restrict ulen, const int64_t *restrict uchunk,
+                         const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win,
+                         int64_t *restrict hist, int64_t nbins, double *restrict tot, int32_t *restrict zc,
+                         int32_t *restrict anynz)
 {
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
     int32_t m = 0;
+    double tsum = 0, tabs = 0, tsq = 0, tfrac = 0;
+    (void)n;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
+        double *restrict w = win + uwin[u] * WF;
         if (ci >= 0)
             for (int64_t ch = 0; ch < c; ++ch) anynz[ch] = 0;
         const int64_t r1 = ustart[u] + ulen[u];
@@ -115,29 +121,39 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                 sa[ch - cl] += __builtin_fabsf(v);
                 sq[ch - cl] += v * v;
             }
-            double ts = 0, tsa = 0, tsq = 0;
+            double ts = 0, tsa = 0, tsq2 = 0;
             for (int l = 0; l < LANES; ++l) {
                 ts += (double)s[l];
                 tsa += (double)sa[l];
-                tsq += (double)sq[l];
+                tsq2 += (double)sq[l];
             }
-            sums[r] = ts;
-            sums[n + r] = tsa;
-            sums[2 * n + r] = tsq;
-            per_tok[r] = (float)z;
-            per_tok[n + r] = (float)e0;
-            per_tok[2 * n + r] = (float)e1;
-            per_tok[3 * n + r] = (float)e2;
-            per_tok[4 * n + r] = (float)e3;
-            per_tok[neg_row * n + r] = (float)ng;  /* after the eps rows: it may take an unused one's place */
+            tsum += ts;
+            tabs += tsa;
+            tsq += tsq2;
+            const double f = (double)(c - z) / (double)c;
+            tfrac += f;
+            int64_t bin = (int64_t)(f * (double)nbins);
+            bin = bin < 0 ? 0 : (bin >= nbins ? nbins - 1 : bin);
+            hist[bin] += 1;
+            w[0] += z;
+            w[1] += e0;
+            w[2] += e1;
+            w[3] += e2;
+            w[4] += e3;
+            w[5] += ng;
             m = mr > m ? mr : m;
         }
         if (ci >= 0) {
-            int32_t tot = 0;
-            for (int64_t ch = 0; ch < c; ++ch) tot += anynz[ch];
-            chunk_u[ci] = (float)tot;
+            int32_t nz = 0;
+            for (int64_t ch = 0; ch < c; ++ch) nz += anynz[ch];
+            w[6] += 1.0 - (double)nz / (double)c;
+            w[7] += 1.0;
         }
     }
+    tot[0] += tsum;
+    tot[1] += tabs;
+    tot[2] += tsq;
+    tot[3] += tfrac;
     return m;
 }
 """
@@ -229,7 +245,7 @@ def _load_library():
                 errors.append(f"{' '.join(flags)} in {folder}: {type(e).__name__}")
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [p, p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p, i64]
+            fn.argtypes = [p, p, i64, i64, p, p, p, p, p, i64, i64, p, p, i64, p, p, p]
             fn.restype = ctypes.c_int32
             return fn, f"native kernel ({' '.join(f for f in flags if f.startswith('-m')) or 'portable'}; {target})"
     return None, "the C kernel did not build: " + "; ".join(errors)
@@ -283,29 +299,33 @@ def threshold_bits(eps_grid) -> "object":
 
 def units(lens: list[int], k: int):
     """Row ranges the kernel walks: each window's full chunks of ``k`` tokens (with their chunk index, in
-    window order) and its leftover tokens (index -1). Returns ``(start, length, chunk, n_chunks)`` int64 arrays."""
+    window order) and its leftover tokens (index -1). Returns ``(start, length, chunk, window, n_chunks)``
+    (int64 arrays and a count)."""
     import numpy as np
 
-    starts, lengths, chunks = [], [], []
+    starts, lengths, chunks, windows = [], [], [], []
     off, ci = 0, 0
-    for L in lens:
+    for w, L in enumerate(lens):
         full = L // k if k > 0 else 0
         for j in range(full):
             starts.append(off + j * k)
             lengths.append(k)
             chunks.append(ci)
+            windows.append(w)
             ci += 1
         rest = L - full * k
         if rest:
             starts.append(off + full * k)
             lengths.append(rest)
             chunks.append(-1)
+            windows.append(w)
         off += L
     i64 = np.int64
-    return np.asarray(starts, i64), np.asarray(lengths, i64), np.asarray(chunks, i64), ci
+    return (np.asarray(starts, i64), np.asarray(lengths, i64), np.asarray(chunks, i64), np.asarray(windows, i64),
+            ci)
 
 
-MIN_SPLIT = 1 << 17
+MIN_SPLIT = 1 << 20  # inside a forward, splitting 8 x 256 x 512 over two threads cost more than it gained
 
 
 def _forget_pool() -> None:
@@ -329,6 +349,7 @@ def _executor(size: int):
 
 
 _PLAN: list = [None]  # (key, plan) of the batch seen last: every site of a batch shares it
+N_WINDOW_FIELDS = 8  # the kernel's per-window fields (see C_SOURCE)
 
 
 def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict:
@@ -340,50 +361,60 @@ def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict
     last = _PLAN[0]  # one (key, plan) tuple: read and replaced whole, so threads never mix two batches
     if last is not None and last[0] == key:
         return last[1]
-    ustart, ulen, uchunk, n_chunks = units(lens, k)
+    ustart, ulen, uchunk, uwin, n_chunks = units(lens, k)
     U = len(ustart)
     cum = np.cumsum(ulen)  # split the units so that each part has about the same number of rows
     bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
     bounds = [min(max(b, 0), U) for b in bounds]
     tb = threshold_bits(eps_grid)
-    plan = {"arrays": (ustart, ulen, uchunk, tb), "bounds": bounds, "n_chunks": n_chunks,
-            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk))}
+    plan = {"arrays": (ustart, ulen, uchunk, uwin, tb), "bounds": bounds, "n_chunks": n_chunks,
+            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin))}
     _PLAN[0] = (key, plan)
     return plan
 
 
-def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1):
-    """One pass over ``valid`` (``[n, c]`` float32, contiguous CPU): ``(per_token [2 + len(eps_grid), n] float32
-    tensor (zero, eps..., negative), zero_per_channel [c] int64 tensor, chunk unions [n_chunks] float32 tensor,
-    max |x| as a 0-d float32 tensor, per-token sums [3, n] float64 tensor (x, |x|, x*x))``."""
+def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int = 1000) -> dict:
+    """One pass over ``valid`` (``[n, c]`` float32, contiguous CPU; rows in window order, ``lens`` counted tokens
+    per window) for every statistic of ``probes.sparsity.ActivationSparsityProbe.update``. numpy arrays:
+
+    - ``windows`` ``[len(lens), 4 + len(eps_grid)]`` float64 (exact integers but the chunk sums): per window
+      ``zero``, ``neg``, one column per threshold (``|x| <= eps``), ``chunk_sum`` (sum over its full chunks of
+      k tokens of 1 - union of non-zero channels / c) and ``n_chunks``;
+    - ``hist`` ``[nbins]`` int64: tokens by non-zero fraction; ``zero_channel`` ``[c]`` int64;
+    - ``sums`` ``[4]`` float64: the sums of x, |x|, x*x and of the tokens' non-zero fractions;
+    - ``max_abs``: max |x| as a Python float (NaN when any entry is NaN)."""
     import numpy as np
-    import torch
 
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
-    n_units = len(lens) * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
+    B, G = len(lens), len(eps_grid)
+    n_units = B * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
     # a thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a part)
     parts = max(1, min(int(threads), n_units, (n * c) // MIN_SPLIT))
     plan = _plan(lens, k, n, c, parts, eps_grid)
-    tb_p, us_p, ul_p, uc_p = plan["ptrs"]
-    bounds, G = plan["bounds"], len(eps_grid)
-    per_tok = torch.empty((2 + MAX_EPS, n), dtype=torch.float32)
-    sums = torch.empty((3, n), dtype=torch.float64)
-    chunk_u = torch.empty(plan["n_chunks"], dtype=torch.float32)
-    zc = torch.zeros((parts, c), dtype=torch.int32)
-    anynz = torch.empty((parts, c), dtype=torch.int32)
-    x_p, pt_p, s_p, cu_p = valid.data_ptr(), per_tok.data_ptr(), sums.data_ptr(), chunk_u.data_ptr()
+    tb_p, us_p, ul_p, uc_p, uw_p = plan["ptrs"]
+    bounds = plan["bounds"]
+    win = np.zeros((parts, B, N_WINDOW_FIELDS))
+    hist = np.zeros((parts, nbins), dtype=np.int64)
+    tot = np.zeros((parts, 4))
+    zc = np.zeros((parts, c), dtype=np.int32)
+    anynz = np.empty((parts, c), dtype=np.int32)
+    x_p = valid.data_ptr()
 
     def run(i):
-        return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, bounds[i], bounds[i + 1], pt_p, s_p, zc[i].data_ptr(),
-                  anynz[i].data_ptr(), cu_p, 1 + G)
+        return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds[i], bounds[i + 1], win[i].ctypes.data,
+                  hist[i].ctypes.data, nbins, tot[i].ctypes.data, zc[i].ctypes.data, anynz[i].ctypes.data)
 
     if parts == 1:
         mbits = run(0)
     else:
         futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
         mbits = max([run(0)] + [f.result() for f in futures])
-    amax = float(np.array([mbits], dtype=np.int32).view(np.float32)[0])
-    zero_channel = zc[0].long() if parts == 1 else zc.sum(0, dtype=torch.int64)
-    return per_tok[:2 + G], zero_channel, chunk_u, torch.tensor(amax, dtype=torch.float32), sums
+    if parts > 1:
+        win, hist, tot, zc = win.sum(0), hist.sum(0), tot.sum(0), zc.sum(0, dtype=np.int64)
+    else:
+        win, hist, tot, zc = win[0], hist[0], tot[0], zc[0].astype(np.int64)
+    cols = [0, 5, *range(1, 1 + G), 6, 7]  # zero, neg, the grid's thresholds, chunk_sum, n_chunks
+    return {"windows": win[:, cols], "hist": hist, "zero_channel": zc, "sums": tot,
+            "max_abs": float(np.array([mbits], dtype=np.int32).view(np.float32)[0])}

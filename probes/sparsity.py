@@ -130,21 +130,19 @@ class ActivationSparsityProbe:
             return
         s = self.state
         G = len(self.eps_grid)
-        token_sums = None
-        if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, float64 sums per token
+        if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, no per-token tensors
             from probes import fastcount
 
-            per_token, zero_channel, unions, amax, token_sums = fastcount.count(
-                valid, self.eps_grid, lens, self.chunk_k, torch.get_num_threads())
-            chunk_w, nchunk_w = self._chunk_rows(unions, lens)
-        else:
-            a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
-            amax = a.max()
-            per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
-            chunk_w, nchunk_w = self._update_chunks(zero_planes, lens)
-            acc = torch.float32 if n < _EXACT_F32 else torch.float64
-            zero_channel = zero_planes.sum(0, dtype=acc)  # [c]: tokens on which each channel is exactly 0
-            del zero_planes
+            self._update_from_kernel(fastcount.count(valid, self.eps_grid, lens, self.chunk_k,
+                                                     torch.get_num_threads(), HIST_BINS), valid, lens)
+            return
+        a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
+        amax = a.max()
+        per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
+        chunk_w, nchunk_w = self._update_chunks(zero_planes, lens)
+        acc = torch.float32 if n < _EXACT_F32 else torch.float64
+        zero_channel = zero_planes.sum(0, dtype=acc)  # [c]: tokens on which each channel is exactly 0
+        del zero_planes
         per_window = _window_sums(per_token, lens, full_rows)  # [batch, P] float64
         zero_w, near_w, neg_w = per_window[:, 0], per_window[:, 1:G + 1], per_window[:, G + 1]
         s["n_tokens"] += n
@@ -153,17 +151,11 @@ class ActivationSparsityProbe:
         s["neg"] += neg_w.sum().long()
         # float32 within a token (c entries), float64 across tokens (METRICS.md conventions):
         # no float64 copy of the whole tensor.
-        if token_sums is not None:  # the kernel's per-token sums, float64 within a token too
-            tot = token_sums.sum(1)
-            s["sum"] += tot[0]
-            s["sum_abs"] += tot[1]
-            s["sum_sq"] += tot[2]
-        else:
-            s["sum"] += valid.sum(1).double().sum()
-            s["sum_abs"] += a.sum(1).double().sum()
-            sq = (torch.mul(valid, valid, out=_scratch("sq", (n, c), valid.device)) if n * c * 4 <= SCRATCH_MAX
-                  else valid * valid)
-            s["sum_sq"] += sq.sum(1).double().sum()  # = vecdot(valid, valid), bit for bit, without a fresh buffer
+        s["sum"] += valid.sum(1).double().sum()
+        s["sum_abs"] += a.sum(1).double().sum()
+        sq = (torch.mul(valid, valid, out=_scratch("sq", (n, c), valid.device)) if n * c * 4 <= SCRATCH_MAX
+              else valid * valid)
+        s["sum_sq"] += sq.sum(1).double().sum()  # = vecdot(valid, valid), bit for bit, without a fresh buffer
         if per_token.shape[0] > G + 2:  # the finite plane (no host sync on a GPU)
             s["nonfinite"] += n * c - per_token[G + 2].sum(dtype=torch.float64).long()
         elif not bool(torch.isfinite(amax)):
@@ -179,6 +171,39 @@ class ActivationSparsityProbe:
         rows = torch.cat([_lens_tensor(lens, per_window.device)[:, None], zero_w[:, None], neg_w[:, None], near_w,
                           chunk_w.to(**f64)[:, None], nchunk_w.to(**f64)[:, None]], dim=1)  # [batch, window_fields]
         self._add_windows(rows, lens)
+
+    def _update_from_kernel(self, r: dict, valid, lens: list[int]) -> None:
+        """Add ``probes.fastcount.count``'s results (``r``) to the state and the window rows: a few scalar adds
+        instead of the torch path's per-token tensors. Counts are the same integers; the float sums
+        (``sum``, ``sum_abs``, ``sum_sq``, ``token_nz_sum``, ``chunk_sum``) agree with the torch path to
+        float rounding (another summation order)."""
+        import numpy as np
+        import torch
+
+        s, G, n = self.state, len(self.eps_grid), int(valid.shape[0])
+        w = r["windows"]  # [batch, zero, neg, eps..., chunk_sum, n_chunks]
+        tot = w.sum(0)
+        s["n_tokens"] += n
+        s["zero"] += int(tot[0])
+        s["neg"] += int(tot[1])
+        if G:
+            s["near_zero"] += torch.from_numpy(tot[2:2 + G].astype(np.int64))
+        s["chunk_sum"] += float(tot[2 + G])
+        s["n_chunks"] += int(tot[3 + G])
+        sums = r["sums"]
+        s["sum"] += float(sums[0])
+        s["sum_abs"] += float(sums[1])
+        s["sum_sq"] += float(sums[2])
+        s["token_nz_sum"] += float(sums[3])
+        m = r["max_abs"]
+        if not math.isfinite(m):
+            s["nonfinite"] += (~torch.isfinite(valid)).sum()
+        if m != m or m > float(s["max_abs"]):  # torch.maximum's rule: a NaN stays
+            s["max_abs"].fill_(m)
+        s["channel_active"] += torch.from_numpy(n - r["zero_channel"])
+        s["token_hist"] += torch.from_numpy(r["hist"])
+        rows = np.concatenate([np.asarray(lens, dtype=np.float64)[:, None], w], axis=1)  # [batch, window_fields]
+        self._add_windows(torch.from_numpy(rows), lens)
 
     def _planes(self, valid, a):
         """Per-token counts ``[P, n]`` (float32 exact integers; float64 past 2^24 channels) of the planes

@@ -1,9 +1,9 @@
 """The fused CPU counting kernel (``probes.fastcount``) against the probe's torch path and hand counts.
 
 Every count the kernel makes is an integer, so the kernel path must give exactly the torch path's state
-(zero / near-zero / negative counts, per-channel activity, chunk unions, maximum, histogram, window rows). The
-float sums (``sum``, ``sum_abs``, ``sum_sq``) are accumulated in a different (fixed) order, so they agree to
-float32 rounding, not bit for bit.
+(zero / near-zero / negative counts, per-channel activity, chunk counts, maximum, histogram, window rows). The
+float sums (``sum``, ``sum_abs``, ``sum_sq``, ``token_nz_sum``, ``chunk_sum``) are accumulated in another
+(fixed) order, so they agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from probes import fastcount
-from probes.sparsity import ActivationSparsityProbe
+from probes.sparsity import ActivationSparsityProbe, window_fields
 
 pytestmark = pytest.mark.skipif(fastcount.kernel() is None, reason=f"no native kernel here: {fastcount.status()}")
 
-FLOAT_SUMS = ("sum", "sum_abs", "sum_sq")
+FLOAT_SUMS = ("sum", "sum_abs", "sum_sq", "token_nz_sum", "chunk_sum")
 
 
 def _probe_run(monkeypatch, native: bool, batches, width, **kw):
@@ -39,7 +39,10 @@ def _assert_same(a: ActivationSparsityProbe, b: ActivationSparsityProbe) -> None
     ia, va = a._window_values().arrays()
     ib, vb = b._window_values().arrays()
     assert np.array_equal(np.asarray(ia), np.asarray(ib))
-    assert np.array_equal(np.asarray(va), np.asarray(vb))
+    va, vb = np.asarray(va), np.asarray(vb)
+    chunk = list(window_fields(a.eps_grid)).index("chunk_sum")  # a float sum: equal to rounding
+    assert np.array_equal(np.delete(va, chunk, axis=1), np.delete(vb, chunk, axis=1))
+    assert np.allclose(va[:, chunk], vb[:, chunk], rtol=1e-12, atol=1e-12)
 
 
 def _awkward(shape, seed=0):
@@ -71,30 +74,41 @@ def test_kernel_matches_the_torch_path_on_awkward_values(monkeypatch, chunk_k, e
 
 def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch):
     torch.manual_seed(1)
-    x = torch.relu(torch.randn(4, 128, 1536))  # 786k entries: split over two threads
+    x = torch.relu(torch.randn(4, 128, 1536))
+    monkeypatch.setattr(fastcount, "MIN_SPLIT", 1 << 12)  # split even this tensor (786k entries) over the threads
     batches = [(x, None), (x, torch.rand(4, 128) > 0.3)]
+    handoffs, real = [], fastcount._executor
+    monkeypatch.setattr(fastcount, "_executor", lambda size: handoffs.append(size) or real(size))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     two = _probe_run(monkeypatch, True, batches, 1536)
+    assert handoffs  # the second part did run on the pool's thread
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     one = _probe_run(monkeypatch, True, batches, 1536)
     _assert_same(two, _probe_run(monkeypatch, False, batches, 1536))
-    for k in one.state:  # the split does not change a single bit, float sums included
-        assert torch.equal(one.state[k], two.state[k]), k
+    for k in one.state:  # the split changes no count; float sums only by summation order
+        if k in FLOAT_SUMS:
+            assert torch.allclose(one.state[k], two.state[k], rtol=1e-12, atol=0), k
+        else:
+            assert torch.equal(one.state[k], two.state[k]), k
 
 
 def test_hand_counted_small_tensor():
     x = torch.tensor([[0.0, -0.0, 5e-7, -2e-3, 0.5, float("nan")],
                       [1.0, 0.0, -1e-6, 1e-2, -0.0, -float("inf")],
-                      [0.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
-    per_tok, zc, unions, amax, sums = fastcount.count(x, (1e-6, 1e-3), [3], 2, 1)
-    # rows: zero, |x| <= 1e-6, |x| <= 1e-3, negative
-    assert per_tok.tolist() == [[2, 2, 5], [3, 3, 5], [3, 3, 5], [1, 2, 0]]
-    assert zc.tolist() == [2, 3, 1, 0, 2, 1]
-    assert unions.tolist() == [5.0]  # one full chunk of 2 tokens: channel 1 is zero (or -0) on both
-    assert torch.isnan(amax)  # a NaN anywhere: the maximum is NaN, as torch.max
-    y = x[2:]
-    _, _, _, m, s = fastcount.count(y, (), [1], 0, 1)
-    assert float(m) == 2.0 and s[:, 0].tolist() == [2.0, 2.0, 4.0]
+                      [0.0, 0.0, 0.0, 2.0, 0.0, 0.0],
+                      [0.0, 3.0, 0.0, 0.0, 0.0, -4.0]])
+    r = fastcount.count(x, (1e-6, 1e-3), [3, 1], 2, 1, nbins=10)
+    # per window: zero, neg, |x| <= 1e-6, |x| <= 1e-3, chunk_sum, n_chunks. Window 0 (rows 0-2): zeros 2+2+5,
+    # negatives 1+2+0, |x| <= 1e-6: 3+3+5, |x| <= 1e-3: 3+3+5; one full chunk of 2 tokens (rows 0, 1) where
+    # only channel 1 is zero (or -0) on both: 1 - 5/6. Window 1 (row 3): no full chunk.
+    assert r["windows"].tolist() == [[9, 3, 11, 11, 1 - 5 / 6, 1], [4, 1, 4, 4, 0, 0]]
+    assert r["zero_channel"].tolist() == [3, 3, 2, 1, 3, 1]
+    # non-zero fractions 4/6, 4/6, 1/6, 2/6 into 10 bins: 6, 6, 1, 3
+    assert r["hist"].tolist() == [0, 1, 0, 1, 0, 0, 2, 0, 0, 0]
+    assert r["sums"][3] == pytest.approx(11 / 6)
+    assert np.isnan(r["max_abs"])  # a NaN anywhere: the maximum is NaN, as torch.max
+    r = fastcount.count(x[2:], (), [2], 0, 1)
+    assert r["max_abs"] == 4.0 and r["sums"][:3].tolist() == [1.0, 9.0, 29.0]
 
 
 def test_many_thresholds_and_other_dtypes_take_the_torch_path():
