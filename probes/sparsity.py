@@ -28,7 +28,8 @@ per channel, chunk unions, per window) comes from 0/1 float32 planes, one compar
 channels each, summed per token once; per-window values are sums of those per-token counts (no second
 pass). The counts are exact integers (see ``update``), so the numbers are those of boolean counting. On
 the CPU the work buffers are reused between updates; on a GPU no step waits for the host except the
-mask's layout, once per batch.
+mask's layout, once per batch. On the CPU, where a C compiler is found, all of it is one pass of a fused
+kernel instead (``probes.fastcount``): the same counts, the float sums to float rounding.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class ActivationSparsityProbe:
         exact in float32 whatever the summation order (wider tensors are summed in float64). So every count
         equals the boolean count it replaces, and NaN/inf fall on the same side of each comparison as before
         (NaN: not zero, not near zero, not negative). The float sums (``sum``, ``sum_abs``, ``sum_sq``) use the
-        same float32-per-token, float64-across-tokens operations as always.
+        same float32-per-token, float64-across-tokens operations as always. On the CPU with a C compiler
+        (``probes.fastcount``) one fused pass makes every statistic instead (``_update_from_kernel``).
         """
         import torch
 
