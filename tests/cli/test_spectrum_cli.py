@@ -240,6 +240,7 @@ def test_forked_workers_ignore_ctrl_c_from_birth_while_a_pool_is_open():
         pytest.skip("no fork here")
     script = textwrap.dedent("""
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (xdist workers ignore it)
         import probes.spectrum as sp
         assert "torch" not in sys.modules
         def child_disposition():
