@@ -403,9 +403,7 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
     base = results["original"]
     out = []
     for mode, r in results.items():
-        out.append({"mode": mode, "canonical_name": ref["canonical_name"], "module_path": ref["module_path"],
-                    "layer": ref["layer"], "layer_1based": ref["layer"] + 1,
-                    "channels": ",".join(str(c) for c in ref["channels"]), "n_channels": len(ref["channels"]),
+        out.append({"mode": mode, **_layer_columns(ref),
                     "n_sequences": len(r.per_window), "n_targets": r.n, "nll_mean": r.nll / r.n if r.n else math.nan,
                     "ppl": r.ppl, "ppl_ratio": r.ppl / base.ppl if base.n else math.nan})
     vals = _values_rows(ref, hooks_by_mode, means)
@@ -460,6 +458,13 @@ def _values_rows(ref, hooks, means) -> list[dict[str, Any]]:
     return vals
 
 
+def _layer_columns(ref: dict) -> dict:
+    """The intervened layer's identity columns of an intervention row (the same for LMs and classifiers)."""
+    return {"canonical_name": ref["canonical_name"], "module_path": ref["module_path"], "layer": ref["layer"],
+            "layer_1based": ref["layer"] + 1, "channels": ",".join(str(c) for c in ref["channels"]),
+            "n_channels": len(ref["channels"])}
+
+
 def _run_classifier_intervention(loaded, sites, rows, probes, labelled: LabelledData, modes, layer, tick, ref):
     """``run_intervention`` for a sequence classifier: cross-entropy and accuracy on the labelled examples."""
     ref = ref or reference_layer(sites, rows, probes, layer)
@@ -468,9 +473,7 @@ def _run_classifier_intervention(loaded, sites, rows, probes, labelled: Labelled
     base = results["original"]
     out = []
     for mode, r in results.items():
-        out.append({"mode": mode, "canonical_name": ref["canonical_name"], "module_path": ref["module_path"],
-                    "layer": ref["layer"], "layer_1based": ref["layer"] + 1,
-                    "channels": ",".join(str(c) for c in ref["channels"]), "n_channels": len(ref["channels"]),
+        out.append({"mode": mode, **_layer_columns(ref),
                     "n_sequences": r.n, "ce_mean": r.ce_mean,
                     "loss_ratio": math.exp(r.ce_mean - base.ce_mean) if base.n else math.nan,
                     "accuracy": r.accuracy, "accuracy_drop": base.accuracy - r.accuracy})

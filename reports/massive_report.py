@@ -331,6 +331,14 @@ def attention_by_layer(rows) -> list[dict[str, Any]]:
     return out.reset_index().to_dict("records")
 
 
+_MODE_LABELS = {"original": "original", "zero": "set to zero", "mean": "set to mean"}
+
+
+def _mode_colors(modes: list[str]) -> list[str]:
+    """The intervention bars' colours: original grey, zero red, mean blue."""
+    return ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
+
+
 def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
     """Sun et al. 2024 Table 3 as bars: perplexity of the original model and of each intervention (log scale);
     for a sequence classifier (an ``accuracy`` column), accuracy and the loss ratio side by side."""
@@ -342,12 +350,12 @@ def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.55 * len(table)))
     modes = [str(m) for m in table["mode"]]
     ppl = table["ppl"].to_numpy(float)
-    colors = ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
+    colors = _mode_colors(modes)
     y = list(range(len(modes)))[::-1]
     ax.barh(y, ppl, color=colors, height=0.6)
     for yi, v, r in zip(y, ppl, table["ppl_ratio"].to_numpy(float)):
         ax.text(v, yi, f" {fmt(v)}  ({fmt(r, 6)} x original)", va="center", fontsize=9)
-    ax.set_yticks(y, [{"original": "original", "zero": "set to zero", "mean": "set to mean"}.get(m, m) for m in modes])
+    ax.set_yticks(y, [_MODE_LABELS.get(m, m) for m in modes])
     if max(ppl) > 3 * min(ppl):  # the paper's collapse (zero) spans decades
         ax.set_xscale("log")
         ax.set_xlim(min(ppl) / 1.5, max(ppl) * 6)
@@ -362,16 +370,13 @@ def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[
     return save(fig, folder, "massive_intervene")
 
 
-_MODE_LABELS = {"original": "original", "zero": "set to zero", "mean": "set to mean"}
-
-
 def _plot_intervene_classifier(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
     """A classifier's intervention (Sun et al. 2024's ViT Table 5 measure, top-1 accuracy, plus the loss ratio):
     accuracy bars on [0, 1] on the left, exp(CE - CE original) on the right."""
     modes = [str(m) for m in table["mode"]]
     acc = table["accuracy"].to_numpy(float)
     ratio = table["loss_ratio"].to_numpy(float)
-    colors = ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
+    colors = _mode_colors(modes)
     y = list(range(len(modes)))[::-1]
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 1.6 + 0.55 * len(table)), sharey=True)

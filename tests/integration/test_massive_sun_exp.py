@@ -21,6 +21,7 @@ from probes.loading import load_checkpoint
 from probes.massive import MassiveOptions, MassiveProbe, massive, maxact_abs_quantile
 from probes.massive_intervene import parse_modes
 from probes.errors import DataError
+from sun_reference import intervened_layer_update  # tests/sun_reference.py
 
 WORDS = ("the cat sat on a mat dog ran in park sun is warm today we measure massive activations . "
          "winter cold summer").split()
@@ -122,20 +123,7 @@ def _opts(corpus, **kw):
 # -------------------------------------------------------------------------------------- exp3: intervention
 def _their_ppl(model, seqs, layer_module, channels, reset, consts):
     """lib/hook.py Intervened_Layer.update (the llama2_7b branch, with our channels and means) + eval_ppl."""
-    def update(_, inp, out):
-        feat = out[0] if isinstance(out, tuple) else out
-        if reset is not None:
-            alpha = 0.0 if reset == "set_zero" else 1.0
-            top = torch.sort(feat.abs().flatten(), descending=True).indices[0]
-            token_dim = top.item() // feat.shape[2]
-            if token_dim != 0:
-                for j, c in enumerate(channels):
-                    feat[:, token_dim, c] = consts["peak"][j] * alpha
-            for j, c in enumerate(channels):
-                feat[:, 0, c] = consts["first"][j] * alpha
-        return out
-
-    h = layer_module.register_forward_hook(update)
+    h = layer_module.register_forward_hook(intervened_layer_update(channels, reset, consts))
     try:
         nlls = []
         with torch.no_grad():

@@ -21,6 +21,7 @@ from probes.attention_sinks import AttentionShares
 from probes.errors import DataError, ModelError
 from probes.loading import load_checkpoint
 from probes.massive import MassiveOptions, massive
+from sun_reference import intervened_layer_update  # tests/sun_reference.py
 
 WORDS = ("the cat sat on a mat dog ran in park sun is warm today we measure massive activations . "
          "winter cold summer").split()
@@ -254,20 +255,7 @@ def _their_classifier_quality(model, tok, rows, layer, channels, reset, consts):
     """lib/hook.py Intervened_Layer.update (position 0 and the row's top-|h| position, the given channels) on one
     example at a time (no padding), then per example cross-entropy and top-1 (lib/eval_utils.py test_imagenet)."""
 
-    def update(_, inp, out):
-        feat = out[0] if isinstance(out, tuple) else out
-        if reset is not None:
-            alpha = 0.0 if reset == "set_zero" else 1.0
-            top = torch.sort(feat.abs().flatten(), descending=True).indices[0]
-            token_dim = top.item() // feat.shape[2]
-            if token_dim != 0:
-                for j, c in enumerate(channels):
-                    feat[:, token_dim, c] = consts["peak"][j] * alpha
-            for j, c in enumerate(channels):
-                feat[:, 0, c] = consts["first"][j] * alpha
-        return out
-
-    h = model.bert.encoder.layer[layer].register_forward_hook(update)
+    h = model.bert.encoder.layer[layer].register_forward_hook(intervened_layer_update(channels, reset, consts))
     ce, correct = [], []
     try:
         for r in rows:
