@@ -24,6 +24,7 @@ holds every option, lm-eval style, so a CI job is one line::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -305,14 +306,18 @@ def register(app: typer.Typer) -> None:
         say = (lambda msg: None) if quiet else \
             (lambda msg: stderr_console().print(msg, markup=False, highlight=False, soft_wrap=True))
         say(f"analyze: loading {checkpoint} to see which analyses apply")
-        from probes.loading import load_checkpoint
+        from probes.loading import load_checkpoint, offer_loaded
 
-        lm = load_checkpoint(checkpoint, device="cpu" if (device or "auto") == "auto" else device)
+        # Loaded as the steps will load it (their --device and --dtype), so that the first step that loads
+        # the model (measure) takes this one instead of reading the checkpoint again.
+        load_args = dict(device=device or "auto", dtype=dtype or "auto")
+        lm = load_checkpoint(checkpoint, **load_args)
         try:
             steps, notes = plan(checkpoint, out or Path("OUT"), conf, profile=profile, base=base, skip=skips,
                                 device=device, dtype=dtype, lm=lm)
+            offer = offer_loaded(lm, checkpoint=checkpoint, **load_args) if not dry_run else None
         finally:
-            del lm
+            del lm  # from here on only the offer holds the model, until the step that takes it ends
         if dry_run:
             for name, argv in steps:
                 typer.echo("actsparse " + " ".join(shlex.quote(a) for a in argv) + f" -o OUT/{name}")
@@ -323,7 +328,8 @@ def register(app: typer.Typer) -> None:
             runs = []
             for i, (name, argv) in enumerate(steps, 1):
                 say(f"analyze: step {i}/{len(steps)}: {name}")
-                rc = run_step(argv + ["-o", str(work / name)] + (["-q"] if quiet else []))
+                with offer if i == 1 else contextlib.nullcontext():  # the planning model: first step only
+                    rc = run_step(argv + ["-o", str(work / name)] + (["-q"] if quiet else []))
                 if rc != 0:
                     say(f"analyze: step {name} failed (exit {rc}); no report was written")
                     raise typer.Exit(rc)

@@ -380,11 +380,58 @@ def load_checkpoint(checkpoint: str | os.PathLike | Any, *, config: str | None =
     Hugging Face model over the GPUs and CPU, for models that do not fit on one device; then
     ``device`` only picks the ``auto`` dtype, and ``LoadedModel.device`` is the device of the input
     embeddings (where batches go)."""
-    lm = _load_any(checkpoint, config=config, arch=arch, device=device, dtype=dtype,
-                   trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
-                   device_map=device_map)
+    key = dict(checkpoint=checkpoint, config=config, arch=arch, device=device, dtype=dtype,
+               trust_remote_code=trust_remote_code, unsafe_pickle=unsafe_pickle, tokenizer=tokenizer,
+               device_map=device_map)
+    if _OFFERED:
+        offered, offered_key = _OFFERED.pop()
+        if _same_load(offered, offered_key, key):
+            return offered
+    lm = _load_any(**key)
     check_vocab(lm, tokenizer)
     return lm
+
+
+# At most one model that this process has loaded already and offers to its next load_checkpoint call
+# (``offer_loaded``): ``actsparse analyze`` loads the model to plan its steps, and its first step
+# (``measure``) then takes that model instead of reading the checkpoint a second time.
+_OFFERED: list[tuple[LoadedModel, dict[str, Any]]] = []
+
+
+def _same_load(lm: LoadedModel, offered: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Would ``load_checkpoint(**wanted)`` build the model that ``load_checkpoint(**offered)`` built?
+    Every argument equal, except that device and dtype are compared once resolved."""
+    rest = ("config", "arch", "trust_remote_code", "unsafe_pickle", "tokenizer", "device_map")
+    if any(offered[k] != wanted[k] for k in rest) or str(offered["checkpoint"]) != str(wanted["checkpoint"]):
+        return False
+    if not isinstance(wanted["checkpoint"], (str, os.PathLike)) or wanted["device_map"] is not None:
+        return False
+    try:
+        dev = resolve_device(wanted["device"])
+        return dev == lm.device and resolve_dtype(wanted["dtype"], dev, lm.config) == lm.dtype
+    except (DeviceError, ModelError):
+        return False
+
+
+class offer_loaded:
+    """Context manager: inside it, the first ``load_checkpoint`` call whose arguments would build ``lm``
+    (``load_args`` are the ones ``lm`` was loaded with) returns ``lm`` itself; a first call with other
+    arguments loads as usual. The offer is withdrawn at that first call, and on exit, which also drops
+    this object's reference to ``lm`` (so the model lives on only where a caller took it)."""
+
+    def __init__(self, lm: LoadedModel, **load_args: Any):
+        defaults = dict(config=None, arch=None, device="auto", dtype="auto", trust_remote_code=False,
+                        unsafe_pickle=False, tokenizer=None, device_map=None)
+        self._offer = [(lm, {**defaults, **load_args})]
+
+    def __enter__(self) -> "offer_loaded":
+        _OFFERED[:] = self._offer
+        self._offer = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _OFFERED.clear()
+        self._offer = []
 
 
 def _load_any(checkpoint, *, config, arch, device, dtype, trust_remote_code, unsafe_pickle, tokenizer,

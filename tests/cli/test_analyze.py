@@ -77,12 +77,17 @@ def test_bad_settings_are_one_line_errors(tmp_path, text, words):
     assert_hints_name_real_options("analyze", r.stderr)
 
 
-def test_analyze_writes_one_report_bundle(tmp_path):
+def test_analyze_writes_one_report_bundle(tmp_path, monkeypatch):
+    from probes import loading
+
+    loads, real = [], loading._load_any
+    monkeypatch.setattr(loading, "_load_any", lambda checkpoint, **kw: loads.append(checkpoint) or real(checkpoint, **kw))
     s = tmp_path / "analyze.toml"
     s.write_text("[data]\nmax_tokens = 256\n")  # the quick profile's default is 16384; 256: one window
     out = tmp_path / "report"
     r = invoke("analyze", "--settings", s, "-o", out, "-q")
     assert r.exit_code == 0, r.output
+    assert len(loads) == 1  # planned on the model that the measure step then used: one read of the checkpoint
     assert (out / "index.html").is_file() and (out / "summary.md").is_file()
     m = json.loads((out / "manifest.json").read_text())
     assert m["command"] == "report"
