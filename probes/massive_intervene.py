@@ -145,10 +145,15 @@ class LabelledData:
         from types import SimpleNamespace
 
         from probes.data import resolve_max_length
-        from probes.loss import drop_head_fit_examples, labeled_examples
+        from probes.loss import drop_head_fit_examples, first_examples_within, labeled_examples
 
         self.max_length = resolve_max_length(loaded, opts.max_length)
-        self.examples, self.note = drop_head_fit_examples(loaded, opts, labeled_examples(opts, loaded))
+        examples, fit_note = drop_head_fit_examples(loaded, opts, labeled_examples(opts, loaded))
+        # --max-tokens caps the labelled examples as it does for cliff, grad and flatness: the first ones whose
+        # real tokens fit
+        self.examples, cut_note = first_examples_within(examples, loaded.tokenizer, self.max_length,
+                                                        getattr(opts, "max_tokens", None))
+        self.note = "; ".join(n for n in (fit_note, cut_note) if n) or None
         self.batch_size = opts.batch_size or LABELLED_BATCH_SIZE
         self.loaded = loaded
         self._opts = SimpleNamespace(batch_size=self.batch_size)

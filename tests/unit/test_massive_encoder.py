@@ -321,6 +321,18 @@ def test_classifier_intervention_is_batch_size_independent(classifier, tmp_path)
         assert runs[0][c].tolist() == pytest.approx(runs[1][c].tolist(), rel=1e-5), c
 
 
+def test_max_tokens_caps_the_labelled_examples(classifier, tmp_path):
+    lm, _ = classifier
+    data, rows = _labelled(tmp_path / "labelled.jsonl")
+    sizes = [len(lm.tokenizer(r["text"], truncation=True, max_length=16)["input_ids"]) for r in rows]
+    budget = sum(sizes[:5]) + sizes[5] - 1  # the sixth example does not fit
+    res = massive(lm, MassiveOptions(data=str(data), labels="label", intervene=("zero",), max_length=16,
+                                     n_samples=4, batch_size=4, max_tokens=budget))
+    ex = res.info["intervene"]["examples"]
+    assert ex["n_examples"] == 5 and f"the first 5 of {len(rows)} labeled examples" in ex["left_out"]
+    assert {r["n_sequences"] for r in res.intervene} == {5}
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_refusals(bert, classifier, tmp_path, word_lm):
     enc, _ = bert
