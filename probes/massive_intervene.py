@@ -386,31 +386,15 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
         raise DataError("--intervene measures next-token perplexity, which needs a causal language model",
                         "run massive without --intervene on this model")
     ref = ref or reference_layer(sites, rows, probes, layer)
-    site = ref["site"]
-    results: dict[str, NllSum] = {}
-    hooks_by_mode: dict[str, InterventionHook] = {}
-    means = None
-    for mode in ("original", *modes):
-        hook = InterventionHook(ref["channels"], mode, means)
-        nll = NllSum()
-
-        def forward(m, b, _hook=hook):
-            from probes.runner import forward_batch
-
-            _hook.valid = b.attention_mask.bool()
-            return forward_batch(m, b, is_encoder_decoder=False, need_logits=True)
-
-        run(loaded.model, td.batches(), fwd_hooks=[(site, hook)], adapter=TokenBatches(need_logits=True),
-            forward=forward, step=nll.step, progress=tick)
-        results[mode], hooks_by_mode[mode] = nll, hook
-        if mode == "original":
-            means = hook.mean_values()
+    results, hooks_by_mode, means = _intervened_passes(loaded, ref["site"], ref["channels"], td.batches, modes,
+                                                       NllSum, tick)
     base = results["original"]
     out = []
     for mode, r in results.items():
         out.append({"mode": mode, **_layer_columns(ref),
                     "n_sequences": len(r.per_window), "n_targets": r.n, "nll_mean": r.nll / r.n if r.n else math.nan,
-                    "ppl": r.ppl, "ppl_ratio": r.ppl / base.ppl if base.n else math.nan})
+                    "ppl": r.ppl, **_lm_bars("ppl", r, None),
+                    "ppl_ratio": r.ppl / base.ppl if base.n else math.nan, **_lm_bars("ppl_ratio", r, base)})
     vals = _values_rows(ref, hooks_by_mode, means)
     peaks = hooks_by_mode["original"].peaks
     info = {"reference": "locuslab/massive-activations main_llm.py --exp3, lib/hook.py Intervened_Layer.update, "
@@ -423,6 +407,7 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
             "mean_rule": "set_mean: per (position class, channel) mean of h over the run's sequences in the original "
                          "forward (in-sample; the reference hard-codes its means)",
             "ppl": "exp(sum of next-token NLL / number of targets), every real token (no --skip-first)",
+            "error_bars": ERROR_BARS,
             "ppl_original": base.ppl}
     return out, vals, info
 
@@ -470,6 +455,47 @@ def _layer_columns(ref: dict) -> dict:
             "n_channels": len(ref["channels"])}
 
 
+ERROR_BARS = ("error bars over sequences (examples for a classifier), paired: every mode runs on the same ones, so "
+              "a ratio's resamples take the same sequences in both passes; _se analytic (delta method for ppl, "
+              "ppl_ratio and loss_ratio), _lo / _hi the seeded percentile bootstrap (probes.uncertainty)")
+
+
+def _lm_bars(name: str, r: NllSum, base: NllSum | None) -> dict[str, float]:
+    """``ppl`` (base None: exp(sum NLL / sum targets) over sequences) or ``ppl_ratio`` (exp of the paired per-sequence
+    NLL difference over the targets) with its ``_se`` / ``_lo`` / ``_hi``."""
+    from probes.uncertainty_extra import exp_ratio_bars
+
+    nll = [s for s, _ in r.per_window]
+    n = [k for _, k in r.per_window]
+    if base is not None:
+        if [k for _, k in base.per_window] != n:
+            raise AssertionError("the intervened pass did not see the original pass's sequences")
+        nll = [a - b for a, (b, _) in zip(nll, base.per_window)]
+    return exp_ratio_bars(name, nll, n)
+
+
+def _classifier_bars(r: ClassifierLoss, base: ClassifierLoss) -> dict[str, float]:
+    """``loss_ratio`` (paired per-example CE difference), ``accuracy`` and ``accuracy_drop`` with their error bars,
+    each metric column followed by its ``_se`` / ``_lo`` / ``_hi``."""
+    import numpy as np
+
+    from probes.uncertainty import bar_column
+    from probes.uncertainty_extra import exp_ratio_bars, ratio_bars
+
+    if len(r.ce) != len(base.ce):
+        raise AssertionError("the intervened pass did not see the original pass's examples")
+    ones = np.ones(len(r.ce))
+    ratio = exp_ratio_bars("loss_ratio", np.subtract(r.ce, base.ce), ones)
+    right = np.asarray(r.correct, dtype=float)
+    drop = np.asarray(base.correct, dtype=float) - right
+    acc = ratio_bars(["accuracy", "accuracy_drop"], np.stack([right, drop], 1), np.ones((len(r.ce), 2)))
+    out: dict[str, float] = dict(ratio)
+    for col, value in (("accuracy", r.accuracy), ("accuracy_drop", base.accuracy - r.accuracy)):
+        out[col] = value
+        out.update({bar_column(col, s): acc[bar_column(col, s)] for s in ("_se", "_lo", "_hi")})
+    return out
+
+
 def _run_classifier_intervention(loaded, sites, rows, probes, labelled: LabelledData, modes, layer, tick, ref):
     """``run_intervention`` for a sequence classifier: cross-entropy and accuracy on the labelled examples."""
     ref = ref or reference_layer(sites, rows, probes, layer)
@@ -481,7 +507,7 @@ def _run_classifier_intervention(loaded, sites, rows, probes, labelled: Labelled
         out.append({"mode": mode, **_layer_columns(ref),
                     "n_sequences": r.n, "ce_mean": r.ce_mean,
                     "loss_ratio": math.exp(r.ce_mean - base.ce_mean) if base.n else math.nan,
-                    "accuracy": r.accuracy, "accuracy_drop": base.accuracy - r.accuracy})
+                    **_classifier_bars(r, base)})
     peaks = hooks["original"].peaks
     info = {"reference": "locuslab/massive-activations main_llm.py --exp3 with lib/hook.py Intervened_Layer.update "
                          "(positions and channels); quality as main_vit.py --exp3, lib/eval_utils.py test_imagenet "
@@ -499,6 +525,7 @@ def _run_classifier_intervention(loaded, sites, rows, probes, labelled: Labelled
                         "loss_ratio": "exp(ce_mean - ce_mean of the original)",
                         "accuracy": "share of examples whose argmax logit is the label",
                         "accuracy_drop": "original accuracy - this accuracy"},
+            "error_bars": ERROR_BARS,
             "examples": labelled.describe(),
             "ce_original": base.ce_mean, "accuracy_original": base.accuracy}
     return out, _values_rows(ref, hooks, means), info

@@ -339,6 +339,27 @@ def _mode_colors(modes: list[str]) -> list[str]:
     return ["0.55" if m == "original" else ("C3" if m == "zero" else "C0") for m in modes]
 
 
+_ERR_KW = {"ecolor": "0.2", "capsize": 3, "linewidth": 1}
+_WHISKERS = "\nwhiskers: 95 % bootstrap interval over sequences"
+
+
+def _bar_err(table: pd.DataFrame, col: str):
+    """matplotlib ``xerr`` ([2, n]: below, above) from ``COL_lo`` / ``COL_hi`` (the bootstrap interval), or None."""
+    import numpy as np
+
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if lo not in table or hi not in table:
+        return None
+    v = table[col].to_numpy(float)
+    err = np.stack([v - table[lo].to_numpy(float), table[hi].to_numpy(float) - v])
+    return np.where(np.isfinite(err), np.clip(err, 0, None), 0)
+
+
+def _ends(values, err):
+    """Where a bar's label starts: after the bar, or after its error bar when it has one."""
+    return values if err is None else values + err[1]
+
+
 def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[str]:
     """Sun et al. 2024 Table 3 as bars: perplexity of the original model and of each intervention (log scale);
     for a sequence classifier (an ``accuracy`` column), accuracy and the loss ratio side by side."""
@@ -352,17 +373,19 @@ def plot_intervene(table: pd.DataFrame, folder: str | Path, title: str) -> list[
     ppl = table["ppl"].to_numpy(float)
     colors = _mode_colors(modes)
     y = list(range(len(modes)))[::-1]
-    ax.barh(y, ppl, color=colors, height=0.6)
-    for yi, v, r in zip(y, ppl, table["ppl_ratio"].to_numpy(float)):
-        ax.text(v, yi, f" {fmt(v)}  ({fmt(r, 6)} x original)", va="center", fontsize=9)
+    err = _bar_err(table, "ppl")
+    ax.barh(y, ppl, color=colors, height=0.6, xerr=err, error_kw=_ERR_KW)
+    for yi, v, r, end in zip(y, ppl, table["ppl_ratio"].to_numpy(float), _ends(ppl, err)):
+        ax.text(end, yi, f" {fmt(v)}  ({fmt(r, 6)} x original)", va="center", fontsize=9)
     ax.set_yticks(y, [_MODE_LABELS.get(m, m) for m in modes])
+    right = max(_ends(ppl, err))
     if max(ppl) > 3 * min(ppl):  # the paper's collapse (zero) spans decades
         ax.set_xscale("log")
-        ax.set_xlim(min(ppl) / 1.5, max(ppl) * 6)
-        ax.set_xlabel("perplexity (log scale)")
+        ax.set_xlim(min(ppl) / 1.5, right * 6)
+        ax.set_xlabel("perplexity (log scale)" + _WHISKERS * (err is not None))
     else:
-        ax.set_xlim(0, max(ppl) * 1.6)
-        ax.set_xlabel("perplexity")
+        ax.set_xlim(0, right * 1.75)
+        ax.set_xlabel("perplexity" + _WHISKERS * (err is not None))
     first = table.iloc[0]
     ax.set_title(f"{title}: intervention at layer {int(first['layer'])} (0-based), channels {first['channels']}",
                  fontsize=10)
@@ -380,23 +403,27 @@ def _plot_intervene_classifier(table: pd.DataFrame, folder: str | Path, title: s
     y = list(range(len(modes)))[::-1]
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 1.6 + 0.55 * len(table)), sharey=True)
-    ax.barh(y, acc, color=colors, height=0.6)
-    for yi, v, d in zip(y, acc, table["accuracy_drop"].to_numpy(float)):
-        ax.text(v, yi, f" {fmt(v, 3)}" + (f" ({'-' if d > 0 else '+'}{fmt(100 * abs(d), 2)} points)" if d else ""),
+    err = _bar_err(table, "accuracy")
+    ax.barh(y, acc, color=colors, height=0.6, xerr=err, error_kw=_ERR_KW)
+    for yi, v, d, end in zip(y, acc, table["accuracy_drop"].to_numpy(float), _ends(acc, err)):
+        ax.text(end, yi, f" {fmt(v, 3)}" + (f" ({'-' if d > 0 else '+'}{fmt(100 * abs(d), 2)} points)" if d else ""),
                 va="center", fontsize=9)
     ax.set_xlim(0, 1.35)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_xlabel("accuracy (share of examples, argmax = label)")
+    ax.set_xlabel("accuracy (share of examples, argmax = label)" + _WHISKERS.replace("sequences", "examples")
+                  * (err is not None))
     ax.set_yticks(y, [_MODE_LABELS.get(m, m) for m in modes])
-    bx.barh(y, ratio, color=colors, height=0.6)
-    for yi, v, ce in zip(y, ratio, table["ce_mean"].to_numpy(float)):
-        bx.text(v, yi, f" x{fmt(v, 6)} (CE {fmt(ce, 4)})", va="center", fontsize=9)
+    err = _bar_err(table, "loss_ratio")
+    bx.barh(y, ratio, color=colors, height=0.6, xerr=err, error_kw=_ERR_KW)
+    for yi, v, ce, end in zip(y, ratio, table["ce_mean"].to_numpy(float), _ends(ratio, err)):
+        bx.text(end, yi, f" x{fmt(v, 6)} (CE {fmt(ce, 4)})", va="center", fontsize=9)
+    right = max(_ends(ratio, err))
     if max(ratio) > 3 * min(ratio):
         bx.set_xscale("log")
-        bx.set_xlim(min(ratio) / 1.5, max(ratio) * 8)
+        bx.set_xlim(min(ratio) / 1.5, right * 8)
         bx.set_xlabel("loss ratio exp(CE - CE original), log scale")
     else:
-        bx.set_xlim(0, max(ratio) * 1.7)
+        bx.set_xlim(0, right * 1.75)
         bx.set_xlabel("loss ratio exp(CE - CE original)")
     bx.axvline(1.0, color="0.6", linestyle=":", linewidth=1)
     first = table.iloc[0]
@@ -497,6 +524,17 @@ def plot_attention_prompt(table: pd.DataFrame, folder: str | Path, title: str, m
     return save(fig, folder, "massive_attention_prompt")
 
 
+INTERVENE_BARS_NOTE = ("± se: standard error over the sequences (examples for a classifier); every mode runs on the "
+                       "same ones, so a ratio's error is that of the paired difference, much smaller than the PPL's "
+                       "own. The `_lo`/`_hi` columns hold the 95 % bootstrap interval.")
+
+
+def _se(row: dict, col: str, digits: int = 2) -> str:
+    """A row's ``COL_se`` formatted, or an empty cell for results written before the error bars existed."""
+    v = row.get(f"{col}_se")
+    return fmt(v, digits) if v is not None and v == v else ""
+
+
 def intervene_attention_summary_lines(result) -> list[str]:
     """summary.md lines of the intervention and attention analyses (empty when neither ran)."""
     from reports.markdown import md_code, md_escape
@@ -514,10 +552,12 @@ def intervene_attention_summary_lines(result) -> list[str]:
                       f"example's largest-{md_escape('|h|')} position, on {first['n_sequences']} labelled examples "
                       f"({md_code(str(ex.get('labels_field', '')))} of {md_escape(str(ex.get('corpus', '')))}); "
                       "quality as their ViT experiment (top-1 accuracy) plus the cross-entropy against the labels:",
-                  "", "| mode | CE | loss ratio | accuracy | accuracy drop |", "|---|---:|---:|---:|---:|"]
+                  "", "| mode | CE | loss ratio | ± se | accuracy | accuracy drop | ± se |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in intervene:
-            lines.append(f"| {r['mode']} | {fmt(r['ce_mean'])} | {fmt(r['loss_ratio'], 6)} | {fmt(r['accuracy'], 4)} "
-                         f"| {fmt(r['accuracy_drop'], 4)} |")
+            lines.append(f"| {r['mode']} | {fmt(r['ce_mean'])} | {fmt(r['loss_ratio'], 6)} | {_se(r, 'loss_ratio')} "
+                         f"| {fmt(r['accuracy'], 4)} | {fmt(r['accuracy_drop'], 4)} | {_se(r, 'accuracy_drop')} |")
+        lines += ["", INTERVENE_BARS_NOTE]
     elif intervene:
         iv = info.get("intervene") or {}
         first = intervene[0]
@@ -526,9 +566,11 @@ def intervene_attention_summary_lines(result) -> list[str]:
                       f"{first['channels']} ({md_escape(iv.get('channel_rule', ''))}), positions 0 and each "
                       f"sequence's largest-{md_escape('|h|')} position, on {first['n_sequences']} sequences "
                       f"({first['n_targets']} targets):", "",
-                  "| mode | PPL | x original | mean NLL |", "|---|---:|---:|---:|"]
+                  "| mode | PPL | ± se | x original | ± se | mean NLL |", "|---|---:|---:|---:|---:|---:|"]
         for r in intervene:
-            lines.append(f"| {r['mode']} | {fmt(r['ppl'])} | {fmt(r['ppl_ratio'], 6)} | {fmt(r['nll_mean'])} |")
+            lines.append(f"| {r['mode']} | {fmt(r['ppl'])} | {_se(r, 'ppl')} | {fmt(r['ppl_ratio'], 6)} "
+                         f"| {_se(r, 'ppl_ratio')} | {fmt(r['nll_mean'])} |")
+        lines += ["", INTERVENE_BARS_NOTE]
     if attention:
         at = info.get("attention") or {}
         per = attention_by_layer(attention)

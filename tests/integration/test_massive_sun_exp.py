@@ -121,8 +121,9 @@ def _opts(corpus, **kw):
 
 
 # -------------------------------------------------------------------------------------- exp3: intervention
-def _their_ppl(model, seqs, layer_module, channels, reset, consts):
-    """lib/hook.py Intervened_Layer.update (the llama2_7b branch, with our channels and means) + eval_ppl."""
+def _their_ppl(model, seqs, layer_module, channels, reset, consts, per_sequence=False):
+    """lib/hook.py Intervened_Layer.update (the llama2_7b branch, with our channels and means) + eval_ppl
+    (``per_sequence``: each sequence's mean next-token loss instead)."""
     h = layer_module.register_forward_hook(intervened_layer_update(channels, reset, consts))
     try:
         nlls = []
@@ -131,7 +132,9 @@ def _their_ppl(model, seqs, layer_module, channels, reset, consts):
                 lm_logits = model(s).logits
                 loss = torch.nn.CrossEntropyLoss()(lm_logits[:, :-1, :].reshape(-1, lm_logits.shape[-1]),
                                                    s[:, 1:].reshape(-1))
-                nlls.append(loss.float() * s.numel())
+                nlls.append(loss.double() if per_sequence else loss.float() * s.numel())
+        if per_sequence:
+            return torch.stack(nlls)
         seqlen = seqs[0].shape[1]
         return torch.exp(torch.stack(nlls).sum() / (len(seqs) * seqlen)).item()
     finally:
@@ -158,6 +161,15 @@ def test_intervention_ppl_matches_reference_hook_on_llama(llama):
     assert iv["mean"]["ppl"] == pytest.approx(_their_ppl(lm.model, seqs, block, chans, "set_mean", consts), rel=1e-5)
     assert iv["zero"]["ppl"] != iv["original"]["ppl"]
     assert iv["zero"]["ppl_ratio"] == pytest.approx(iv["zero"]["ppl"] / iv["original"]["ppl"])
+    # error bars of the ratio: the paired per-sequence loss difference (equal-length sequences, so the ratio
+    # estimator's se is the sample sd of the differences over sqrt(m)), delta method through exp
+    base = _their_ppl(lm.model, seqs, block, chans, None, consts, per_sequence=True)
+    diff = _their_ppl(lm.model, seqs, block, chans, "set_zero", consts, per_sequence=True) - base
+    se_log = float(diff.std(unbiased=True)) / len(seqs) ** 0.5
+    # (rel 2e-3: the differences are ~1e-3 of float32 losses, so float32 rounding is ~1e-4 of them)
+    assert iv["zero"]["ppl_ratio_se"] == pytest.approx(iv["zero"]["ppl_ratio"] * se_log, rel=2e-3)
+    assert iv["zero"]["ppl_ratio_lo"] <= iv["zero"]["ppl_ratio"] <= iv["zero"]["ppl_ratio_hi"]
+    assert iv["original"]["ppl_ratio_se"] == 0 and iv["zero"]["ppl_se"] > iv["zero"]["ppl_ratio_se"] > 0
     # the means are the original forward's values at those entries, averaged over sequences
     hs = [lm.model(s, output_hidden_states=True).hidden_states[layer + 1][0].detach() for s in seqs]
     first = torch.stack([h[0, chans] for h in hs]).double().mean(0)

@@ -253,20 +253,24 @@ def classifier(tmp_path_factory):
 
 def _their_classifier_quality(model, tok, rows, layer, channels, reset, consts):
     """lib/hook.py Intervened_Layer.update (position 0 and the row's top-|h| position, the given channels) on one
-    example at a time (no padding), then per example cross-entropy and top-1 (lib/eval_utils.py test_imagenet)."""
+    example at a time (no padding), then mean cross-entropy and top-1 (lib/eval_utils.py test_imagenet)."""
+    ce, correct = _their_per_example(model, tok, rows, layer, channels, reset, consts)
+    return sum(ce) / len(ce), sum(correct) / len(correct)
 
+
+def _their_per_example(model, tok, rows, layer, channels, reset, consts):
+    """Per example (one at a time, no padding), with the reference hook: (cross-entropy list, correct list)."""
     h = model.bert.encoder.layer[layer].register_forward_hook(intervened_layer_update(channels, reset, consts))
     ce, correct = [], []
     try:
         for r in rows:
-            enc = tok(r["text"], return_tensors="pt")
             with torch.no_grad():
-                logits = model(**enc).logits
+                logits = model(**tok(r["text"], return_tensors="pt")).logits
             ce.append(float(torch.nn.functional.cross_entropy(logits.double(), torch.tensor([r["label"]]))))
             correct.append(int(logits.argmax(-1)) == r["label"])
     finally:
         h.remove()
-    return sum(ce) / len(ce), sum(correct) / len(correct)
+    return ce, correct
 
 
 def _their_means(model, tok, rows, layer, channels):
@@ -309,6 +313,18 @@ def test_classifier_intervention_matches_independent_hook(classifier, tmp_path):
         assert iv[mode]["ce_mean"] == pytest.approx(ce, rel=1e-5)
         assert iv[mode]["loss_ratio"] == pytest.approx(math.exp(ce - ce0), rel=1e-5)
         assert iv[mode]["accuracy"] == acc and iv[mode]["accuracy_drop"] == pytest.approx(acc0 - acc)
+        for col in ("loss_ratio", "accuracy", "accuracy_drop"):
+            assert iv[mode][f"{col}_lo"] <= iv[mode][col] <= iv[mode][f"{col}_hi"], (mode, col)
+    # error bars, paired over examples: the sample sd of the per-example difference over sqrt(m)
+    m = len(rows)
+    ce_orig, ok_orig = _their_per_example(model, tok, rows, layer, chans, None, consts)
+    ce_zero, ok_zero = _their_per_example(model, tok, rows, layer, chans, "set_zero", consts)
+    d = torch.tensor(ce_zero) - torch.tensor(ce_orig)
+    assert iv["zero"]["loss_ratio_se"] == pytest.approx(iv["zero"]["loss_ratio"] * float(d.std()) / m ** 0.5, rel=1e-4)
+    drop = torch.tensor(ok_orig, dtype=torch.float64) - torch.tensor(ok_zero, dtype=torch.float64)
+    assert iv["zero"]["accuracy_drop_se"] == pytest.approx(float(drop.std()) / m ** 0.5, abs=1e-12)
+    acc = torch.tensor(ok_zero, dtype=torch.float64)
+    assert iv["zero"]["accuracy_se"] == pytest.approx(float(acc.std()) / m ** 0.5, abs=1e-12)
     assert iv["zero"]["ce_mean"] != pytest.approx(iv["original"]["ce_mean"], rel=1e-3)  # the intervention bites
 
 
