@@ -69,14 +69,19 @@ def massive_output(result, title: str, kinds=None):
                 f"token {g.get('token')!r}")
     if result.intervene:
         first = result.intervene[0]
+
+        def se(v):  # error bars (paired over sequences); absent in results written before them
+            return fmt(v, 2) if v is not None and v == v else "-"
+
         if "accuracy" in first:  # a sequence classifier with --labels
             iv = [col("mode", "mode", str, left=True), col("CE", "ce_mean"),
-                  col("loss ratio", "loss_ratio", lambda v: fmt(v, 6)),
+                  col("loss ratio", "loss_ratio", lambda v: fmt(v, 6)), col("± se", "loss_ratio_se", se, drop=3),
                   col("accuracy", "accuracy", lambda v: fmt(v, 4)),
-                  col("acc drop", "accuracy_drop", lambda v: fmt(v, 4)), col("examples", "n_sequences", drop=2)]
+                  col("acc drop", "accuracy_drop", lambda v: fmt(v, 4)), col("± se", "accuracy_drop_se", se, drop=4),
+                  col("examples", "n_sequences", drop=2)]
         else:
             iv = [col("mode", "mode", str, left=True), col("PPL", "ppl"),
-                  col("x original", "ppl_ratio", lambda v: fmt(v, 6)),
+                  col("x original", "ppl_ratio", lambda v: fmt(v, 6)), col("± se", "ppl_ratio_se", se, drop=3),
                   col("targets", "n_targets", drop=2)]
         out.add(View(f"intervention at layer {first['layer']} ({first['canonical_name']}), channels "
                      f"{first['channels']}", list(result.intervene), iv))
