@@ -378,8 +378,6 @@ def run_intervention(loaded, sites, rows, probes, td, modes: Sequence[str], laye
     (a sequence classifier), cross-entropy and accuracy on its examples instead.
 
     Returns (``massive_intervene`` rows, ``massive_intervene_values`` rows, manifest info)."""
-    from probes.runner import TokenBatches, run
-
     if labelled is not None:
         return _run_classifier_intervention(loaded, sites, rows, probes, labelled, modes, layer, tick, ref)
     if loaded.is_encoder_decoder or not loaded.is_causal_lm:

@@ -36,6 +36,8 @@ def lit_lm(L, model):
     return LitLM(model)
 
 
+# lightning's own pytree helper against newer torch (lightning/pytorch/utilities/_pytree.py), not ours
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 def test_lightning_callback_logs_the_engine_numbers(tmp_path, word_lm):
     L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader
