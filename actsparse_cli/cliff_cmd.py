@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from actsparse_cli.common import CheckpointOpt, float_check, handle_errors, stderr_console, warn_notes
-from actsparse_cli.loading_opts import load, shared_options
+from actsparse_cli.loading_opts import choices, load, shared_options
 
 PANEL_CLIFF = "Cliff"
 
@@ -16,15 +16,7 @@ PANEL_CLIFF = "Cliff"
 def _parse_families(family: list[str] | None) -> tuple[str, ...]:
     from probes.cliff import FAMILIES
 
-    if not family:
-        return FAMILIES
-    flat = [f.strip().lower() for item in family for f in item.split(",") if f.strip()]
-    bad = [f for f in flat if f not in FAMILIES]
-    if bad:
-        from probes.errors import unknown_name
-
-        raise typer.BadParameter(unknown_name("family", bad[0], FAMILIES).one_line(), param_hint="--family")
-    return tuple(dict.fromkeys(flat))
+    return choices(family, FAMILIES, FAMILIES, "family", "--family")
 
 
 def _parse_grid(grid: list[str] | None) -> tuple[float, ...]:

@@ -74,6 +74,20 @@ def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pick
     return lm
 
 
+def choices(items: list[str] | None, valid, default, what: str, option: str) -> tuple[str, ...]:
+    """A repeatable, comma-separated choice option (``--method a,b --method c``), lower-cased, in order without
+    repeats; ``default`` when none is given; an unknown name is a usage error naming ``option``."""
+    if not items:
+        return tuple(default)
+    flat = [v.strip().lower() for item in items for v in item.split(",") if v.strip()]
+    bad = [v for v in flat if v not in valid]
+    if bad:
+        from probes.errors import unknown_name
+
+        raise typer.BadParameter(unknown_name(what, bad[0], valid).one_line(), param_hint=option)
+    return tuple(dict.fromkeys(flat))
+
+
 def resolve_kinds(kind: list[str] | None, valid=None, default=None) -> tuple[str, ...]:
     """``--kind`` values (repeatable, comma-separated) checked against ``valid``; ``default`` when none given."""
     from probes.errors import unknown_name

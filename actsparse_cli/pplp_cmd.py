@@ -16,7 +16,7 @@ from actsparse_cli.common import (
     stderr_console,
     warn_notes,
 )
-from actsparse_cli.loading_opts import load, shared_options
+from actsparse_cli.loading_opts import choices, load, shared_options
 
 PANEL_PPLP = "PPL-p%"
 PANEL_CURVE = "Curve"
@@ -126,15 +126,7 @@ def curve_output(result, title: str):
 def _parse_methods(method: list[str] | None):
     from probes.pplp import CURVE_METHODS, DEFAULT_CURVE_METHODS
 
-    if not method:
-        return DEFAULT_CURVE_METHODS
-    flat = [m.strip().lower() for item in method for m in item.split(",") if m.strip()]
-    bad = [m for m in flat if m not in CURVE_METHODS]
-    if bad:
-        from probes.errors import unknown_name
-
-        raise typer.BadParameter(unknown_name("method", bad[0], CURVE_METHODS).one_line(), param_hint="--method")
-    return tuple(dict.fromkeys(flat))
+    return choices(method, CURVE_METHODS, DEFAULT_CURVE_METHODS, "method", "--method")
 
 
 def _parse_values(values: list[str] | None, methods) -> dict[str, tuple[float, ...]]:
