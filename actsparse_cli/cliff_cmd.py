@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from actsparse_cli.common import CheckpointOpt, float_check, handle_errors, stderr_console, warn_notes
-from actsparse_cli.loading_opts import choices, load, shared_options
+from actsparse_cli.loading_opts import choices, load, run_options, shared_options
 
 PANEL_CLIFF = "Cliff"
 
@@ -142,10 +142,9 @@ def register(app: typer.Typer) -> None:
         for w in result.warnings:
             con.print(f"[bold red]WARNING:[/bold red] [red]{w}[/red]", highlight=False)
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
-                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force,
-                   "device_map": getattr(device_map, "value", None)}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force,
+                              device_map=getattr(device_map, "value", None))
         if output is not None:
             write_cliff_outputs(output, result, lm, options, force=force)
         held = (f"{result.info['heldout_examples']} held-out examples" if labels else

@@ -9,7 +9,7 @@ import typer
 
 from actsparse_cli.common import PANEL_DATA, SEED_MAX, batch_progress, float_check, handle_errors, stderr_console, \
     warn_notes
-from actsparse_cli.loading_opts import shared_options
+from actsparse_cli.loading_opts import run_options, shared_options
 
 PANEL_FLAT = "Flatness"
 
@@ -124,9 +124,8 @@ def register(app: typer.Typer) -> None:
         with batch_progress(quiet, "flatness") as progress:
             result = run_flatness(lm, opts, progress=progress)
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
-                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force)
         if output is not None:
             from reports.sections.flatness import write_flatness_outputs  # imported late: not before the status line
 

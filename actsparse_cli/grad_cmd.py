@@ -15,7 +15,7 @@ from actsparse_cli.common import (
     stderr_console,
     warn_notes,
 )
-from actsparse_cli.loading_opts import shared_options
+from actsparse_cli.loading_opts import run_options, shared_options
 from actsparse_cli.common import batch_progress
 
 PANEL_GRAD = "Gradients"
@@ -177,9 +177,8 @@ def register(app: typer.Typer) -> None:
         with batch_progress(quiet, "grad") as progress:
             result = measure_gradients(lm, opts, progress=progress)
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
-                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force)
         if output is not None:
             from reports.grad_report import write_grad_outputs  # after the model work: its imports (pandas, matplotlib) do not delay the status line
 

@@ -74,6 +74,15 @@ def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pick
     return lm
 
 
+def run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle, output, force,
+                **extra: Any) -> dict[str, Any]:
+    """The manifest's ``options`` of a command that loads a model: the loading options as given, the output
+    folder, ``--force``, then the command's own ``extra``."""
+    return {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
+            "dtype": getattr(dtype, "value", dtype), "trust_remote_code": trust_remote_code,
+            "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force, **extra}
+
+
 def choices(items: list[str] | None, valid, default, what: str, option: str) -> tuple[str, ...]:
     """A repeatable, comma-separated choice option (``--method a,b --method c``), lower-cased, in order without
     repeats; ``default`` when none is given; an unknown name is a usage error naming ``option``."""

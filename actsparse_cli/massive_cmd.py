@@ -19,6 +19,7 @@ from actsparse_cli.common import (
 from actsparse_cli.loading_opts import (
     load,
     resolve_kinds,
+    run_options,
     shared_options,
 )
 
@@ -282,11 +283,10 @@ def register(app: typer.Typer) -> None:
                                      "(the layer with the largest |h|)", exit_code=2)
         with batch_progress(quiet, "massive") as progress:
             result = run_massive(lm, opts, progress=progress)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
-                   "device": device, "dtype": dtype.value, "load_dtype": load_dtype,
-                   "trust_remote_code": trust_remote_code,
-                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
-                   "plot": plots, "layer": layer, "device_map": getattr(device_map, "value", None)}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force,
+                              load_dtype=load_dtype, plot=plots, layer=layer,
+                              device_map=getattr(device_map, "value", None))
         if output is not None:
             from reports.massive_report import write_massive_outputs
 

@@ -17,6 +17,7 @@ from actsparse_cli.common import (
 from actsparse_cli.loading_opts import (
     load,
     resolve_kinds,
+    run_options,
     shared_options,
 )
 
@@ -214,11 +215,9 @@ def register(app: typer.Typer) -> None:
         if not ctx.is_main:
             return  # rank 0 alone writes and prints
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer,
-                   "device": device, "dtype": dtype.value, "trust_remote_code": trust_remote_code,
-                   "unsafe_pickle": unsafe_pickle, "output": str(output) if output else None, "force": force,
-                   "device_map": device_map.value if device_map is not None else None,
-                   "world_size": ctx.world_size}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force,
+                              device_map=getattr(device_map, "value", None), world_size=ctx.world_size)
         if output is not None:
             from reports.measure_report import write_measure_outputs  # imported late: not before the status line
 

@@ -16,7 +16,7 @@ from actsparse_cli.common import (
     stderr_console,
     warn_notes,
 )
-from actsparse_cli.loading_opts import choices, load, shared_options
+from actsparse_cli.loading_opts import choices, load, run_options, shared_options
 
 PANEL_PPLP = "PPL-p%"
 PANEL_CURVE = "Curve"
@@ -218,10 +218,9 @@ def register(app: typer.Typer) -> None:
             result = run_pplp(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
-                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force,
-                   "device_map": getattr(device_map, "value", None)}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force,
+                              device_map=getattr(device_map, "value", None))
         if output is not None:
             from reports.pplp_report import write_pplp_outputs  # imported late: not before the status line
 
@@ -318,10 +317,9 @@ def register(app: typer.Typer) -> None:
             result = run_curve(lm, opts, progress=progress, log=log)
         _warn(result.warnings)
         warn_notes(result.info, quiet)
-        options = {"checkpoint": checkpoint, "config": config, "arch": arch, "tokenizer": tokenizer, "device": device,
-                   "dtype": dtype.value, "trust_remote_code": trust_remote_code, "unsafe_pickle": unsafe_pickle,
-                   "output": str(output) if output else None, "force": force, "plot": plot is not False,
-                   "device_map": getattr(device_map, "value", None)}
+        options = run_options(checkpoint, config, arch, tokenizer, device, dtype, trust_remote_code, unsafe_pickle,
+                              output, force,
+                              plot=plot is not False, device_map=getattr(device_map, "value", None))
         if output is not None:
             from reports.pplp_report import write_curve_outputs  # imported late: not before the status line
 
