@@ -1,3 +1,3 @@
-from actsparse_cli.main import app
+from actsparse_cli.main import run
 
-app(prog_name="actsparse")
+run(prog_name="actsparse")

@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -244,8 +243,14 @@ class _HeldLoadReports(logging.Filter):
 
 # typer >= 0.16 raises its own copy of click's exceptions (typer.BadParameter is not a
 # click.ClickException there); both kinds are usage errors that keep click's message and code.
-_CLICK_ERRORS = tuple({click.exceptions.ClickException,
-                       *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+# click itself is not imported for this (4-5 ms of every start): where it is not loaded nothing can
+# have raised its exceptions, so its class joins the tuple when an error is handled and click is loaded.
+_TYPER_CLICK_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _click_errors() -> tuple:
+    click = sys.modules.get("click")
+    return tuple({*_TYPER_CLICK_ERRORS, *((click.exceptions.ClickException,) if click is not None else ())})
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -339,7 +344,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(e, Terminated):
                 fail("terminated (SIGTERM); no output was written", EXIT_TERMINATED)
             fail("interrupted; no output was written", EXIT_INTERRUPTED)
-        except (typer.Exit, typer.Abort, *_CLICK_ERRORS):
+        except (typer.Exit, typer.Abort, *_click_errors()):
             raise  # usage errors (typer.BadParameter) keep click's message and exit code 2
         except Exception as e:  # an internal error: still one line unless --debug
             if debug:
@@ -430,11 +435,11 @@ def batch_progress(quiet: bool, description: str):
 
 
 # ---- help and usage errors: the command classes every command uses (set in actsparse_cli/main.py)
-# typer >= 0.16 parses with its own copy of click (typer._click); older typers use click itself.
-_click_core = getattr(typer, "_click", click)
-_MISSING = tuple({click.exceptions.MissingParameter,
-                  *(c for c in (getattr(getattr(_click_core, "exceptions", None), "MissingParameter", None),)
-                    if isinstance(c, type))})
+# typer >= 0.16 parses with its own copy of click (typer._click); older typers use click itself, and
+# click's class counts where click is loaded (as above: not imported for this).
+def _missing_errors() -> tuple:
+    return tuple({c for m in (getattr(typer, "_click", None), sys.modules.get("click")) if m is not None
+                  for c in (getattr(getattr(m, "exceptions", None), "MissingParameter", None),) if isinstance(c, type)})
 
 
 def _no_flag_placeholders(params: list) -> list:
@@ -479,7 +484,7 @@ class ActsparseCommand(TyperCommand):
     def parse_args(self, ctx, args):
         try:
             return super().parse_args(ctx, args)
-        except _MISSING as e:
+        except _missing_errors() as e:
             if ctx.resilient_parsing:
                 raise
             typer.echo(f"actsparse: error: {missing_parameter_line(e, ctx)}", err=True)

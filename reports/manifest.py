@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,37 @@ def package_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str | N
     out: dict[str, str | None] = {"python": platform.python_version()}
     for p in packages:
         try:
-            out[p] = metadata.version(p)
+            out[p] = _version(p)
         except metadata.PackageNotFoundError:
             out[p] = None
     return out
 
 
+def _version(name: str) -> str:
+    """``importlib.metadata.version(name)``, parsing only the header block of the distribution's METADATA.
+
+    ``metadata.version`` parses the whole file with ``email`` and takes its ``Version`` header; the long
+    description after the first blank line (README-sized: 21 kB for actsparse) is the message body and
+    cannot change a header, so the value is the same at a fraction of the cost. Any other kind of
+    distribution, or a file without the header, goes to ``metadata.version`` itself."""
+    dist = metadata.distribution(name)
+    if isinstance(dist, metadata.PathDistribution):
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO")
+        if text:
+            import email
+
+            version = email.message_from_string(text.split("\n\n", 1)[0])["Version"]
+            if version is not None:
+                return version
+    return metadata.version(name)
+
+
+_SOURCE = Path(__file__).resolve().parent  # where git_hash asks git (a test points it elsewhere)
+
+
 def git_hash() -> str | None:
     """The actsparse source tree's commit (None when installed from a wheel)."""
-    here = Path(__file__).resolve().parent
+    here = _SOURCE
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
@@ -37,6 +60,41 @@ def git_hash() -> str | None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                            capture_output=True, text=True, timeout=5).stdout.strip()
     return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+_EARLY: dict[str, Any] = {}  # prefetch(): its thread and what it found, each value taken once
+
+
+def prefetch() -> None:
+    """Start computing the manifest's ``git_hash`` and ``versions`` in a background thread, for a
+    command that will write a manifest (``actsparse_cli.main.run`` calls it when the command line has
+    an output folder): the two ``git`` subprocesses and the package metadata reads then overlap the
+    command's own work. The next ``build_manifest`` in this process takes the values, computed by the
+    same functions as without a prefetch; whatever the thread did not get (an error) is computed there."""
+    import email.parser  # noqa: F401  (what the thread would import: imported here, on the main thread)
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["git_hash"] = git_hash()
+            box["versions"] = package_versions()
+        except Exception:  # pragma: no cover - build_manifest computes it again and reports the error
+            pass
+
+    thread = threading.Thread(target=work, name="actsparse-manifest", daemon=True)
+    _EARLY.clear()
+    _EARLY.update(thread=thread, box=box)
+    thread.start()
+
+
+def _early(key: str, compute):
+    thread = _EARLY.get("thread")
+    if thread is not None:
+        thread.join(timeout=30)
+        if key in _EARLY["box"]:
+            return _EARLY["box"].pop(key)
+    return compute()
 
 
 def _jsonable(x: Any) -> Any:
@@ -74,8 +132,8 @@ def build_manifest(command: str, options: dict[str, Any], **sections: Any) -> di
         "command": command,
         "argv": sys.argv,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_hash": git_hash(),
-        "versions": package_versions(),
+        "git_hash": _early("git_hash", git_hash),
+        "versions": _early("versions", package_versions),
         "platform": platform.platform(),
         "options": options,
         **sections,
