@@ -263,6 +263,16 @@ class _PoolRunner:
                 self.fork = False  # counted once, however often close is called
 
 
+# A stack whose LAPACK work (``_work``: k a b^2 for k matrices a x b, a >= b) is at least this is not
+# batched with others on CPU (a 256 x 256 matrix, ~3 ms; numpy's per-call overhead is ~0.02 ms).
+_ALONE_WORK = 1 << 24
+
+
+def _work(stack) -> int:
+    k, a, b = stack.shape
+    return int(k) * max(int(a), int(b)) * min(int(a), int(b)) ** 2
+
+
 class _SvdBatcher:
     """Collects [k, a, b] matrix stacks and computes one batched spectrum per shape when the budget fills.
 
@@ -280,9 +290,17 @@ class _SvdBatcher:
         self.bytes = 0
 
     def add(self, job: _Job, key: str, stack) -> list[_Job]:
-        """Queue one stack; returns the jobs whose last stack got its singular values."""
+        """Queue one stack; returns the jobs whose last stack got its singular values.
+
+        On CPU a stack is computed at once, as a group of its own, when batching it brings nothing: when
+        two of its size exceed the budget (the next stack of its shape would flush it anyway), or when its
+        LAPACK work is large beside the ~0.02 ms a call costs (``_ALONE_WORK``; MiniLM's 384 x 384
+        matrices took ~9 ms each, and 5-7 of them batched into one call kept one compute thread busy while
+        the other waited). numpy's batched LAPACK/BLAS calls compute each matrix of a stack on its own, so
+        no number depends on when or with what a group runs. (On CUDA, where a batched kernel may round
+        differently from a single one, the groups stay as they were.)"""
         size = stack.nbytes
-        if size >= self.budget:
+        if size >= self.budget or (self.device == "cpu" and (2 * size > self.budget or _work(stack) >= _ALONE_WORK)):
             return self._run([(job, key, stack)])
         done = self.flush() if self.bytes + size > self.budget else []
         self.pending.setdefault(tuple(stack.shape[1:]), []).append((job, key, stack))
@@ -313,9 +331,11 @@ class _SvdBatcher:
 
     @staticmethod
     def _assign(group: list[tuple[_Job, str, Any]], svals: np.ndarray) -> list[_Job]:
+        """Hand each job its slices of ``svals``: ``group`` lists (job, key, its stack, or the stack's
+        number of matrices, or None for all of ``svals``)."""
         done, start = [], 0
         for job, key, s in group:
-            k = svals.shape[0] if s is None else s.shape[0]
+            k = svals.shape[0] if s is None else s if isinstance(s, int) else s.shape[0]
             job.svals[key] = svals[start:start + k]
             start += k
             job.waiting -= 1
@@ -332,9 +352,12 @@ class _ThreadBatcher(_SvdBatcher):
     main thread's reading, fits and imports, and each other: numpy releases the GIL inside LAPACK, so on
     two free cores two eigenvalue solvers and the Python-level work run at the same time. The same calls
     on the same arrays as ``_SvdBatcher`` (each call single-threaded BLAS, so its result does not depend
-    on which thread runs it), harvested in submission order, so the numbers are identical. At most one
-    group per thread is computed while the main thread reads and prepares the next (memory: about
-    ``threads`` tensors more than without the threads; ``tests/unit/test_arrays.py`` bounds it).
+    on which thread runs it), harvested in submission order, so the numbers are identical. One group
+    per thread computes and one more waits queued while the main thread fits finished rows and reads
+    the next tensor; groups that finished behind a slower, older one keep only their singular values
+    (their stacks are released) and do not count, so a long call (MiniLM's 30522 x 384 embedding) does
+    not leave the other threads idle (memory: about ``threads + 1`` tensors more than without the
+    threads; ``tests/unit/test_arrays.py`` bounds it).
     """
 
     workers = 1
@@ -347,10 +370,17 @@ class _ThreadBatcher(_SvdBatcher):
         self.threads = max(1, int(threads))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actsparse-spectrum")
         self.futures: deque = deque()
-        self.in_flight = self.threads  # one group per thread computes while the main thread reads the next
+        # One group per thread computing and one more queued, so that a thread that finishes starts the next
+        # group at once instead of idling while the main thread fits the finished rows and reads the next
+        # tensor (GPT-2-small shapes: ~15-25 ms per matrix, between matrices of 40-75 ms each).
+        self.in_flight = self.threads + 1
+        # The main thread's own work while it would wait for a group (fitting finished rows): called until
+        # it returns False, before each wait.
+        self.idle: Callable[[], bool] | None = None
 
     def _run(self, group):
-        self.futures.append((group, self.pool.submit(self._compute, group)))
+        counts = [(job, key, s.shape[0]) for job, key, s in group]  # the stacks go with the call only
+        self.futures.append((counts, self.pool.submit(self._compute, group)))
         return self._harvest()
 
     def direct(self, job, key, compute):
@@ -358,9 +388,23 @@ class _ThreadBatcher(_SvdBatcher):
         return self._harvest()
 
     def _harvest(self, wait_all: bool = False) -> list[_Job]:
+        """The jobs of the finished groups at the front of the queue, in submission order. While more
+        than ``in_flight`` groups are unfinished (with ``wait_all``: any), does the main thread's ``idle``
+        work, else waits until one of them finishes."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
         done: list[_Job] = []
-        while self.futures and (wait_all or len(self.futures) > self.in_flight or self.futures[0][1].done()):
-            group, future = self.futures.popleft()
+        while self.futures:
+            group, future = self.futures[0]
+            if not future.done():
+                running = [f for _, f in self.futures if not f.done()]
+                if not wait_all and len(running) <= self.in_flight:
+                    break
+                if self.idle is not None and self.idle():
+                    continue
+                wait(running, return_when=FIRST_COMPLETED)
+                continue
+            self.futures.popleft()
             done += self._assign(group, future.result())
         return done
 
@@ -531,6 +575,8 @@ def analyze_tensors(
 
 
 def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress, on_layer, batch_bytes, svd, runner):
+    from collections import deque
+
     svd_dtype = np.dtype(np.float64 if dev == "cpu" else np.float32)
     eps = float(np.finfo(svd_dtype).eps)
     item_bytes = svd_dtype.itemsize
@@ -583,14 +629,35 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
             done += batcher.add(job, "rand2", _shuffled(slices, 1, rng))
         return done
 
+    def complete_one(job):
+        if job.evals is None:
+            rows[job.order] = _finish(job, randomize, on_layer)
+        else:  # finished by a pool worker
+            rows[job.order] = job.row
+            if on_layer is not None:
+                on_layer(job.row, job.evals)
+
+    # With compute threads, finished rows wait in ``backlog`` and are fitted when the main thread would
+    # otherwise wait for them (``_ThreadBatcher.idle``): reading and queueing the next tensor comes first,
+    # so a burst of finished rows never leaves the threads without work. Same rows, same order.
+    backlog: deque = deque()
+
+    def fit_next() -> bool:
+        if not backlog:
+            return False
+        complete_one(backlog.popleft())
+        return True
+
+    threaded = isinstance(batcher, _ThreadBatcher)
+    if threaded:
+        batcher.idle = fit_next
+
     def complete(jobs):
-        for job in jobs:
-            if job.evals is None:
-                rows[job.order] = _finish(job, randomize, on_layer)
-            else:  # finished by a pool worker
-                rows[job.order] = job.row
-                if on_layer is not None:
-                    on_layer(job.row, job.evals)
+        if threaded:
+            backlog.extend(jobs)
+        else:
+            for job in jobs:
+                complete_one(job)
 
     for t_index, item in enumerate(tensors):
         name, t = item[0], item[1]
@@ -617,6 +684,8 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         if progress is not None:
             progress(t_index + 1, total, name)
     complete(batcher.flush())
+    while fit_next():
+        pass
 
     if not rows:
         raise ModelError(f"no weight matrices found among {seen} tensor(s)",
