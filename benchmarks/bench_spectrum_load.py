@@ -41,6 +41,7 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _THREAD_VARS}  # each tool's own default
     env["HF_HUB_OFFLINE"] = "1"
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run both tools: compiled modules cached, not recompiled
     return env
 
 
