@@ -80,7 +80,8 @@ SECTION = ReportSection(
                    "(positions 0 and each sequence's largest |h|, the massive channels) set to zero or to their mean "
                    "over the sequences, against the original model on the same sequences (Sun et al. 2024 exp3, "
                    "Table 3); for a sequence classifier (--labels), accuracy and the loss ratio exp(CE - CE original) "
-                   "on the labelled examples instead.", ("massive_intervene",),
+                   "on the labelled examples instead. Whiskers: 95 % bootstrap interval over the sequences (examples); "
+                   "the ratios' own paired errors are in the table's _se columns.", ("massive_intervene",),
                    "reports.sections.massive:draw_massive_intervene"),
         FigureSpec("massive_attention", lambda c: "Share of attention probability per layer and head on key position "
                    "0, on Sun's exp3 positions (0 and the largest-|h| position) and on the Sun-massive positions, "
