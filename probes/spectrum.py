@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -177,20 +178,38 @@ def _one_blas_thread() -> None:
 
 
 _FORK_POOLS = [0]  # fork-based pools open in this process: their workers ignore Ctrl-C from birth
+_FORK_MASK: list = [None]  # the forking thread's signal mask, saved while SIGINT is blocked around a fork
+
+
+def _block_sigint_for_fork() -> None:
+    """``os.register_at_fork`` *before* hook: while a fork pool is open, SIGINT is blocked in the forking thread
+    from before ``fork`` until each side's own hook, so a Ctrl-C that comes during the fork can never raise
+    KeyboardInterrupt in the child while other at-fork hooks run before ours (``random``'s reseeding, for one:
+    a child interrupted there could die holding the pool's queue lock and hang the main process's shutdown).
+    In the parent the signal stays pending and is delivered when the mask is restored: it is never dropped."""
+    if _FORK_POOLS[0] and hasattr(signal, "pthread_sigmask"):
+        _FORK_MASK[0] = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_mask() -> None:
+    if _FORK_MASK[0] is not None:
+        mask, _FORK_MASK[0] = _FORK_MASK[0], None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _child_ignores_sigint() -> None:
     """``os.register_at_fork`` hook, run in a forked child before any Python code of its own: while a fork
     pool is open, the child ignores SIGINT from its first instruction (Ctrl-C is the main process's, which
-    stops the pool), with no window in which the parent itself ignores it."""
+    stops the pool), with no window in which the parent itself ignores it; then the mask blocked around the
+    fork is restored (a Ctrl-C pending in the child by then is ignored)."""
     if _FORK_POOLS[0]:
-        import signal
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _restore_mask()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_child_ignores_sigint)
+    os.register_at_fork(before=_block_sigint_for_fork, after_in_parent=_restore_mask,
+                        after_in_child=_child_ignores_sigint)
 
 
 class _PoolRunner:
