@@ -248,20 +248,30 @@ class _PoolRunner:
         return done
 
     def _submit(self, *args):
-        """``pool.submit``. Forked workers ignore SIGINT from birth (``_child_ignores_sigint``), so a Ctrl-C
-        never interrupts one mid-start. Spawned workers (torch loaded, or no fork) start a new interpreter,
-        which keeps an inherited ignore: for them SIGINT is ignored in this process while ``submit`` may
-        start workers, and a Ctrl-C inside that short window is dropped."""
+        """``pool.submit``, which may start workers, never interrupted half-way by a Ctrl-C in this process: a
+        KeyboardInterrupt between a worker's fork and the pool recording it would leave a worker that
+        ``close`` does not know, which can take another worker's stop sentinel and hang the shutdown.
+
+        Forked workers ignore SIGINT from birth (``_child_ignores_sigint``, SIGINT blocked across the fork).
+        In this process a Ctrl-C during ``submit`` is only noted, and raised again (``signal.raise_signal``,
+        to the handler in place before) once ``submit`` has returned: never dropped. Spawned workers (torch
+        loaded, or no fork) start a new interpreter, which keeps an inherited ignore but not a Python
+        handler: for them SIGINT is ignored in this process while ``submit`` runs, and a Ctrl-C inside that
+        short window is dropped."""
         import signal
         import threading
 
-        if self.fork or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return self.pool.submit(*args)
-        prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        got: list[int] = []
+        prev = signal.signal(signal.SIGINT, (lambda signum, frame: got.append(signum)) if self.fork
+                             else signal.SIG_IGN)
         try:
             return self.pool.submit(*args)
         finally:
             signal.signal(signal.SIGINT, prev)
+            if got:
+                signal.raise_signal(signal.SIGINT)  # the Ctrl-C, to the handler it was meant for
 
     def flush(self) -> list[_Job]:
         done = [f.result() for f in self.futures]

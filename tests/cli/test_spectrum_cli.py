@@ -277,6 +277,42 @@ def test_forked_workers_ignore_ctrl_c_from_birth_while_a_pool_is_open():
     assert r.stdout.split("\n")[:4] == ["fork", "ign blocked-early True False", "other", "0"]
 
 
+def test_a_ctrl_c_during_submit_waits_until_the_pool_has_recorded_its_workers():
+    """A Ctrl-C that comes while ``submit`` starts a forked worker is raised once ``submit`` has returned, so
+    ``close(abort=True)`` knows every worker it must stop (and the Ctrl-C is not dropped)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    if not hasattr(os, "register_at_fork") or not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    script = textwrap.dedent("""
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (xdist workers ignore it)
+        import probes.spectrum as sp
+        runner = sp._PoolRunner(2, "auto", False)
+        assert runner.fork
+        real = runner.pool.submit
+        def submit(*a, **k):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives while submit is under way
+            return real(*a, **k)
+        runner.pool.submit = submit
+        try:
+            runner._submit(pow, 2, 10)
+            print("no interrupt")
+        except KeyboardInterrupt:
+            print("interrupted after submit, workers recorded:", len(runner.pool._processes))
+        runner.close(abort=True)
+        print("closed")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("interrupted after submit, workers recorded: ") and int(lines[0].split()[-1]) >= 1
+    assert lines[1] == "closed"
+
+
 def test_thread_policy_is_one_blas_thread_and_recorded(ckpt, tmp_path, monkeypatch):
     """One BLAS thread in the main process by default (robust when other jobs share the cores);
     --blas-threads 0 leaves the library default; the manifest says which."""
