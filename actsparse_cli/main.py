@@ -113,9 +113,15 @@ def writes_output(args: list[str]) -> bool:
                (a[:1] == "-" and a[1:2] not in ("-", "") and "o" in a[1:]) for a in args[1:])
 
 
+def prefetches(args: list[str]) -> bool:
+    """``run`` starts the manifest's background prefetch: a manifest will be written, and the command forks no
+    worker processes (``spectrum --workers``), which must not happen while another thread may hold a lock."""
+    return writes_output(args) and not any(a == "--workers" or a.startswith("--workers=") for a in args)
+
+
 def run(prog_name: str | None = None) -> Any:
     """Entry point of the ``actsparse`` console script and of ``python -m actsparse_cli``."""
-    if writes_output(sys.argv[1:]):  # git and the package versions for the manifest, beside the command's work
+    if prefetches(sys.argv[1:]):  # git and the package versions for the manifest, beside the command's work
         from reports.manifest import prefetch
 
         prefetch()

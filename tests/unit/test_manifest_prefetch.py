@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from actsparse_cli.main import writes_output
+from actsparse_cli.main import prefetches, writes_output
 from reports import manifest as mf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +120,9 @@ def test_which_command_lines_prefetch(monkeypatch):
     for args in ([], ["-o", "x"], ["spectrum", "m"], ["compare", "a", "b", "-q"], ["spectrum", "m", "-o", "x",
                  "--help"], ["spectrom", "-o", "x"], ["--version"]):
         assert not writes_output(args), args
+    # no background thread where the command forks workers (a fork must not find another thread holding a lock)
+    assert prefetches(["spectrum", "m", "-o", "x"]) and not prefetches(["spectrum", "m", "-o", "x", "--workers", "2"])
+    assert not prefetches(["spectrum", "m", "--workers=2", "-o", "x"]) and not prefetches(["spectrum", "m"])
     monkeypatch.setenv("_ACTSPARSE_COMPLETE", "complete_bash")
     assert not writes_output(["spectrum", "m", "-o", "x"])
 
