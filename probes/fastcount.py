@@ -67,7 +67,7 @@ typedef int32_t vi __attribute__((vector_size(LANES * 4)));
    - tot[0..3]: the sums of x, |x| and x*x, and of f, over the tokens. A token's sums run in LANES
      interleaved float32 partial sums (lane l takes channels l, l + LANES, ...) added in float64 in lane order:
      a fixed order (and no fused multiply-add: -ffp-contract=off), whatever the CPU's vector width;
-   - zc[ch]: the tokens on which channel ch is zero.
+   - zc[ch]: the tokens on which channel ch is zero (zc0: c int32 of scratch, zc at the start of a chunk).
    Returns the largest |x| bit pattern seen (0 when no row): the float with those bits is max |x| (NaN when
    any entry is NaN). */
 int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict vals, int64_t n, int64_t c,
@@ -75,7 +75,7 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                          const int64_t *restrict ulen, const int64_t *restrict uchunk,
                          const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win,
                          int64_t *restrict hist, int64_t nbins, double *restrict tot, int32_t *restrict zc,
-                         int32_t *restrict anynz)
+                         int32_t *restrict zc0)
 {
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
@@ -85,8 +85,8 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
         double *restrict w = win + uwin[u] * WF;
-        if (ci >= 0)
-            for (int64_t ch = 0; ch < c; ++ch) anynz[ch] = 0;
+        if (ci >= 0)  /* the chunk's per-channel zero counts are zc's growth over it: keep zc at its start */
+            memcpy(zc0, zc, (size_t)c * sizeof *zc);
         const int64_t r1 = ustart[u] + ulen[u];
         for (int64_t r = ustart[u]; r < r1; ++r) {
             const int32_t *restrict row = bits + r * c;
@@ -98,12 +98,11 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                 const int32_t iz = ai == 0;
                 z += iz;
                 zc[ch] += iz;
-                anynz[ch] |= 1 - iz;
                 e0 += ai <= t0;
                 e1 += ai <= t1;
                 e2 += ai <= t2;
                 e3 += ai <= t3;
-                ng += (b < 0) & (ai != 0) & (ai <= 0x7f800000);
+                ng += (uint32_t)b - 0x80000001u <= 0x7f7fffffu;  /* sign set, 0 < |x| <= inf: not -0, not NaN */
                 mr = ai > mr ? ai : mr;
             }
             vf vs = {0}, vsa = {0}, vsq = {0};
@@ -146,9 +145,10 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
             w[5] += ng;
             m = mr > m ? mr : m;
         }
-        if (ci >= 0) {
+        if (ci >= 0) {  /* channels non-zero somewhere in the chunk: fewer zeros there than rows */
             int32_t nz = 0;
-            for (int64_t ch = 0; ch < c; ++ch) nz += anynz[ch];
+            const int32_t rows = (int32_t)ulen[u];
+            for (int64_t ch = 0; ch < c; ++ch) nz += zc[ch] - zc0[ch] < rows;
             w[6] += 1.0 - (double)nz / (double)c;
             w[7] += 1.0;
         }
@@ -402,12 +402,12 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
     hist = np.zeros((parts, nbins), dtype=np.int64)
     tot = np.zeros((parts, 4))
     zc = np.zeros((parts, c), dtype=np.int32)
-    anynz = np.empty((parts, c), dtype=np.int32)
+    zc0 = np.empty((parts, c), dtype=np.int32)
     x_p = valid.data_ptr()
 
     def run(i):
         return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds[i], bounds[i + 1], win[i].ctypes.data,
-                  hist[i].ctypes.data, nbins, tot[i].ctypes.data, zc[i].ctypes.data, anynz[i].ctypes.data)
+                  hist[i].ctypes.data, nbins, tot[i].ctypes.data, zc[i].ctypes.data, zc0[i].ctypes.data)
 
     if parts == 1:
         mbits = run(0)
