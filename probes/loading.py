@@ -401,7 +401,7 @@ _OFFERED: list[tuple[LoadedModel, dict[str, Any]]] = []
 def _same_load(lm: LoadedModel, offered: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Would ``load_checkpoint(**wanted)`` build the model that ``load_checkpoint(**offered)`` built?
     Every argument equal, except that device and dtype are compared once resolved."""
-    rest = ("config", "arch", "trust_remote_code", "unsafe_pickle", "tokenizer", "device_map")
+    rest = set(wanted) - {"checkpoint", "device", "dtype"}
     if any(offered[k] != wanted[k] for k in rest) or str(offered["checkpoint"]) != str(wanted["checkpoint"]):
         return False
     if not isinstance(wanted["checkpoint"], (str, os.PathLike)) or wanted["device_map"] is not None:
@@ -420,8 +420,10 @@ class offer_loaded:
     this object's reference to ``lm`` (so the model lives on only where a caller took it)."""
 
     def __init__(self, lm: LoadedModel, **load_args: Any):
-        defaults = dict(config=None, arch=None, device="auto", dtype="auto", trust_remote_code=False,
-                        unsafe_pickle=False, tokenizer=None, device_map=None)
+        import inspect
+
+        defaults = {k: p.default for k, p in inspect.signature(load_checkpoint).parameters.items()
+                    if p.default is not p.empty}  # load_checkpoint's own, so the two cannot drift apart
         self._offer = [(lm, {**defaults, **load_args})]
 
     def __enter__(self) -> "offer_loaded":

@@ -682,11 +682,9 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
         batcher.idle = fit_next
 
     def complete(jobs):
-        if threaded:
-            backlog.extend(jobs)
-        else:
-            for job in jobs:
-                complete_one(job)
+        backlog.extend(jobs)
+        while not threaded and fit_next():  # without compute threads, at once
+            pass
 
     for t_index, item in enumerate(tensors):
         name, t = item[0], item[1]
