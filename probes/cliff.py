@@ -64,7 +64,7 @@ from typing import Any, Callable, Sequence
 from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
 from probes.pplp_session import PassStats as Pass
-from probes.pplp_session import append_window_counts
+from probes.pplp_session import append_window_counts, kept_row
 from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
                              sparling_masker, learned_thresholds)
 
@@ -485,7 +485,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
             keep = lab != -100
             ce_b, n_b = 0.0, 0
             if bool(keep.any()):
-                ce_b = float(F.cross_entropy(logits[b][keep].float(), lab[keep], reduction="sum").double())
+                ce_b = float(F.cross_entropy(*kept_row(logits[b], lab, keep), reduction="sum").double())
                 n_b = int(keep.sum())
                 tot["ce"] += ce_b
                 tot["n"] += n_b

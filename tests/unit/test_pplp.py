@@ -167,6 +167,41 @@ def test_cett_function_and_streaming_grid_equal_the_definition():
         assert v[k] == pytest.approx(cett_by_hand(xn, wn, float(g[k])), abs=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 127, 128, 1000, 200_000])
+def test_grid_quantiles_equal_torch_quantile_bit_for_bit(n):
+    """The grid's quantiles come from a numpy sort plus torch's own interpolation: the same float64 numbers as
+    torch.quantile on the values (ties, a single value and more quantiles than values included)."""
+    from probes.cett import _quantiles_of_sorted, _sorted_float64
+
+    torch.manual_seed(n)
+    v = (torch.randn(n).abs() * torch.rand(n)).float()
+    v[: n // 3] = v[0]  # ties
+    for k in (1, 2, 16, 128):
+        q = torch.linspace(0, 1, min(k, n), dtype=torch.float64)
+        assert torch.equal(_quantiles_of_sorted(_sorted_float64(v), q), torch.quantile(v.double(), q))
+
+
+def test_streaming_grid_same_on_a_transposed_weight_view():
+    """nn.Linear's weight_io is a transposed view; the grid's sums must not depend on the layout."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(96, 24, bias=False)
+    x = torch.nn.functional.silu(torch.randn(300, 96)) * torch.randn(300, 96)  # GLU-like: dense, signed
+    w_view = P.down_weight_io(lin)
+    assert not w_view.is_contiguous()
+    out = []
+    for w in (w_view, w_view.contiguous()):
+        grid = P.CettGrid()
+        grid.update(x[:100], w, P.down_column_norms(lin))
+        grid.update(x[100:], w, P.down_column_norms(lin))
+        out.append(grid.values())
+    assert np.array_equal(out[0][0], out[1][0])
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-6, atol=1e-9)
+    xn, wn = x.double().numpy(), w_view.double().numpy()
+    g, v = out[0]
+    for k in untied(xn, wn, g)[::7]:
+        assert v[k] == pytest.approx(cett_by_hand(xn, wn, float(g[k])), abs=1e-5)
+
+
 def test_conv1d_layout_matches_linear():
     from transformers.pytorch_utils import Conv1D
 
@@ -424,3 +459,27 @@ def test_model_without_lm_head_or_mlp_fails_clearly(gpt2):
     with pytest.raises(ModelError) as e:
         P.resolve_layers(lm)
     assert e.value.exit_code == 3 and e.value.fix
+
+
+def test_token_loss_rows_with_and_without_ignored_positions():
+    """Per-row float64 cross-entropy sums over the counted positions: rows whose every position counts skip the
+    boolean-index copy (kept_row) and must give the same numbers as the copied path and as a hand computation."""
+    from probes.pplp_session import kept_row, token_loss_rows
+
+    torch.manual_seed(5)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[1, 4:] = -100  # a partly counted row
+    labels[2] = -100  # a row with no target
+    rows = token_loss_rows(logits, labels)
+    assert rows[2] == (0.0, 0) and rows[1][1] == 4 and rows[0][1] == 7
+    for b in (0, 1):
+        keep = labels[b] != -100
+        lp = torch.log_softmax(logits[b].double(), -1)
+        by_hand = -sum(float(lp[i, labels[b, i]]) for i in range(7) if keep[i])
+        assert rows[b][0] == pytest.approx(by_hand, rel=1e-6)
+    full = torch.ones(7, dtype=torch.bool)
+    lg, lab = kept_row(logits[0], labels[0], full)
+    assert lg.data_ptr() == logits[0].data_ptr()  # no copy when every position counts
+    copied = torch.nn.functional.cross_entropy(logits[0][full], labels[0][full], reduction="none")
+    assert torch.equal(torch.nn.functional.cross_entropy(lg, lab, reduction="none"), copied)
