@@ -607,7 +607,9 @@ def _load_gguf(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src
         td = resolve_dtype(dtype, dev, cfg)
         if bar is not None:  # its own tqdm bar, which disable_progress_bar does not reach; the CLI draws one
             gguf_utils.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **_transformers_dtype_kw(td))
+        # config=cfg: the metadata parsed above, not parsed from the file a second time (same model)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, config=cfg,
+                                                     **_transformers_dtype_kw(td))
     except (CheckpointError, ModelError):
         raise
     except Exception as e:

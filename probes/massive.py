@@ -70,8 +70,12 @@ def maxact_abs_bins(a):
 
     span = MAXACT_ABS_LOG_MAX - MAXACT_ABS_LOG_MIN
     lg = torch.log10(a.double())
-    lg = torch.nan_to_num(lg, nan=MAXACT_ABS_LOG_MAX, posinf=MAXACT_ABS_LOG_MAX)
-    return ((lg - MAXACT_ABS_LOG_MIN) / span * MAXACT_ABS_BINS).floor().long().clamp(0, MAXACT_ABS_BINS - 1)
+    # In place on the one float64 buffer (each out-of-place step allocated another; on a 4096-token sequence of
+    # a 135M model that was most of this function's time). The same numbers: the clamp to [0, 511] before the
+    # conversion to integers instead of after changes nothing for finite values, and / 16 x 512 are exact
+    # power-of-two scalings either way.
+    torch.nan_to_num_(lg, nan=MAXACT_ABS_LOG_MAX, posinf=MAXACT_ABS_LOG_MAX)
+    return lg.sub_(MAXACT_ABS_LOG_MIN).div_(span).mul_(MAXACT_ABS_BINS).floor_().clamp_(0, MAXACT_ABS_BINS - 1).long()
 
 
 def maxact_abs_quantile(hist: Sequence[int], n_zero: int, total: int, q: float) -> float:

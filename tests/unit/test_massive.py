@@ -337,3 +337,21 @@ def test_model_without_block_list_fails_with_a_fix():
     with pytest.raises(ModelError) as e:
         find_residual_sites(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)))
     assert "--site" in e.value.one_line()
+
+
+def test_maxact_abs_bins_is_the_reference_formula_at_every_bin_edge():
+    """Max_act_llm's bin floor((log10 |x| + 8) / 16 x 512), clamped to [0, 511], with NaN and inf in the last bin:
+    checked against that formula written out in float64 on both sides of every bin edge, on subnormals and
+    on values far outside the histogram's range, and against hand-picked bins."""
+    from probes.massive import maxact_abs_bins
+
+    edges = torch.tensor([10 ** (-8 + b / 32) for b in range(513)], dtype=torch.float64).float()
+    zero, inf = torch.tensor(0.0), torch.tensor(math.inf)
+    x = torch.cat([edges, torch.nextafter(edges, zero), torch.nextafter(edges, inf),
+                   torch.tensor([1e-45, 1e-38, 1e-12, 0.5, 1.0, 99.0, 1e8, 3e38, math.inf, math.nan])])
+    torch.manual_seed(0)
+    x = torch.cat([x, (torch.randn(20000) * torch.exp(torch.randn(20000) * 8)).abs()])
+    lg = [math.log10(float(v)) if math.isfinite(float(v)) else 8.0 for v in x.double()]
+    by_hand = [min(max(math.floor((v + 8.0) / 16.0 * 512), 0), 511) for v in lg]
+    assert maxact_abs_bins(x).tolist() == by_hand
+    assert maxact_abs_bins(torch.tensor([1.0, 1e-9, 1e9, math.nan])).tolist() == [256, 0, 511, 511]
