@@ -166,8 +166,6 @@ def _one_blas_thread() -> None:
     """Pool worker start-up: one BLAS/OpenMP thread per worker process (no oversubscription), and
     Ctrl-C left to the main process, which stops the pool (no traceback from every worker); SIGTERM
     ends a worker at once."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler (fork copies it): just end
     try:
@@ -258,7 +256,6 @@ class _PoolRunner:
         loaded, or no fork) start a new interpreter, which keeps an inherited ignore but not a Python
         handler: for them SIGINT is ignored in this process while ``submit`` runs, and a Ctrl-C inside that
         short window is dropped."""
-        import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
