@@ -388,29 +388,70 @@ class _ThreadBatcher(_SvdBatcher):
 
     workers = 1
 
-    def __init__(self, budget: int, method: str = "auto", threads: int = 1):
+    def __init__(self, budget: int, method: str = "auto", threads: int = 1,
+                 rethink: Callable[[], int | None] | None = None, max_threads: int | None = None):
+        import threading
+        import time
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         super().__init__(budget, "cpu", method)
-        self.threads = max(1, int(threads))
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actsparse-spectrum")
+        self.threads = max(1, int(threads))  # how many groups may compute at once now
+        self.max_threads = max(self.threads, int(max_threads or self.threads))
+        # ``rethink()``: a new count, or None while it cannot say (asked before each submission, at most every
+        # 50 ms). The count then follows what the cores do while the command runs: the first guess (the load
+        # average, when the command is too young for /proc/stat to say) can lag a job that ended a minute ago.
+        self.rethink, self._clock, self._asked = rethink, time.monotonic, -1.0
+        self.history: list[list[float]] = [[0.0, float(self.threads)]]  # [seconds since start, threads]
+        self._t0 = time.monotonic()
+        self._gate, self._active = threading.Condition(), 0
+        self.pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="actsparse-spectrum")
         self.futures: deque = deque()
-        # One group per thread computing and one more queued, so that a thread that finishes starts the next
-        # group at once instead of idling while the main thread fits the finished rows and reads the next
-        # tensor (GPT-2-small shapes: ~15-25 ms per matrix, between matrices of 40-75 ms each).
-        self.in_flight = self.threads + 1
         # The main thread's own work while it would wait for a group (fitting finished rows): called until
         # it returns False, before each wait.
         self.idle: Callable[[], bool] | None = None
 
+    @property
+    def in_flight(self) -> int:
+        # One group per thread computing and one more queued, so that a thread that finishes starts the next
+        # group at once instead of idling while the main thread fits the finished rows and reads the next
+        # tensor (GPT-2-small shapes: ~15-25 ms per matrix, between matrices of 40-75 ms each).
+        return self.threads + 1
+
+    def _reconsider(self) -> None:
+        if self.rethink is None or self._clock() - self._asked < 0.05:
+            return
+        self._asked = self._clock()
+        n = self.rethink()
+        if n is None or int(n) == self.threads:
+            return
+        with self._gate:
+            self.threads = min(self.max_threads, max(1, int(n)))
+            self._gate.notify_all()
+        self.history.append([round(self._clock() - self._t0, 3), float(self.threads)])
+
+    def _gated(self, compute: Callable[..., np.ndarray], *args) -> np.ndarray:
+        """``compute(*args)`` once fewer than ``threads`` calls run (the pool has ``max_threads`` threads)."""
+        with self._gate:
+            while self._active >= self.threads:
+                self._gate.wait()
+            self._active += 1
+        try:
+            return compute(*args)
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
     def _run(self, group):
+        self._reconsider()
         counts = [(job, key, s.shape[0]) for job, key, s in group]  # the stacks go with the call only
-        self.futures.append((counts, self.pool.submit(self._compute, group)))
+        self.futures.append((counts, self.pool.submit(self._gated, self._compute, group)))
         return self._harvest()
 
     def direct(self, job, key, compute):
-        self.futures.append(([(job, key, None)], self.pool.submit(compute)))
+        self._reconsider()
+        self.futures.append(([(job, key, None)], self.pool.submit(self._gated, compute)))
         return self._harvest()
 
     def _harvest(self, wait_all: bool = False) -> list[_Job]:
@@ -570,12 +611,16 @@ def analyze_tensors(
     compute_thread: bool | None = None,
     compute_threads: int | None = None,
     frame: bool = True,
+    rethink_threads: Callable[[], int | None] | None = None,
+    max_compute_threads: int | None = None,
 ):
     """Spectrum table for ``(name, tensor)`` pairs (torch tensors or numpy arrays); see
     :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in helper
     threads that overlap reading and fitting (None: when this process may use 2 or more CPUs and
     ``workers`` is 1), ``compute_threads`` of them (None: 1); the numbers are the same either way.
-    ``frame=False`` returns the :class:`SpectrumTable` (no pandas import) instead of the DataFrame."""
+    ``frame=False`` returns the :class:`SpectrumTable` (no pandas import) instead of the DataFrame.
+    ``rethink_threads()`` (with compute threads): a new thread count as the run goes, or None (at most
+    ``max_compute_threads``)."""
     if svd not in ("auto", "exact"):
         raise ValueError(f"svd must be 'auto' or 'exact', not {svd!r}")
     dev = resolve_device(device)
@@ -585,7 +630,7 @@ def analyze_tensors(
     if workers > 1:
         runner = _PoolRunner(workers, svd, randomize)
     elif dev == "cpu" and (compute_thread if compute_thread is not None else _cpus() >= 2):
-        runner = _ThreadBatcher(batch_bytes, svd, compute_threads or 1)
+        runner = _ThreadBatcher(batch_bytes, svd, compute_threads or 1, rethink_threads, max_compute_threads)
     else:
         runner = None
     try:
@@ -719,6 +764,7 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
                             for k, v in notes.items()]
     table.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
     table.attrs["compute_threads"] = runner.threads if isinstance(runner, _ThreadBatcher) else 0
+    table.attrs["compute_threads_history"] = runner.history if isinstance(runner, _ThreadBatcher) else []
     table.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd,
                           "workers": runner.workers if runner else 1,
                           "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
@@ -866,10 +912,20 @@ def analyze_checkpoint(
     """
     import contextlib
 
-    from probes.threads import free_cpus
+    from probes.threads import free_cpus, free_cpus_now
 
     sn = source if isinstance(source, Sniffed) else sniff(source)
     free = free_cpus() if compute_threads is None else {}
+    seen: list[dict[str, Any]] = []
+
+    def rethink() -> int | None:  # the count as the command runs, from /proc/stat once it can say
+        now = free_cpus_now(_cpus())
+        if now is None:
+            return None
+        seen[:] = [now]
+        return now["threads"]
+
+    follow = compute_threads is None and not os.environ.get("ACTSPARSE_CPU_THREADS")
     limit: contextlib.AbstractContextManager = contextlib.nullcontext()
     if blas_threads:
         try:
@@ -884,11 +940,17 @@ def analyze_checkpoint(
             randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
             workers=workers, compute_thread=compute_thread,
-            compute_threads=compute_threads if compute_threads is not None else free.get("threads"), frame=frame)
+            compute_threads=compute_threads if compute_threads is not None else free.get("threads"), frame=frame,
+            rethink_threads=rethink if follow else None, max_compute_threads=_cpus() if follow else None)
+    if seen:
+        free = {**free, "busy_elsewhere": seen[0]["busy_elsewhere"],
+                "rule": free.get("rule", "") + "; then the cores other processes kept busy since the command started "
+                        "(/proc/stat), re-read before each LAPACK call"}
     df.attrs["thread_policy"] = {"blas_threads_main": blas_threads or "library default",
                                  "blas_threads_per_worker": 1, "workers": workers, "cpus_available": _cpus(),
                                  "compute_thread": bool(df.attrs.get("compute_thread")),
                                  "compute_threads": int(df.attrs.get("compute_threads", 0)),
+                                 "compute_threads_history": df.attrs.get("compute_threads_history", []),
                                  "compute_threads_rule": ("given" if compute_threads is not None else free.get("rule")),
                                  "load_average_1min": free.get("load_average_1min"),
                                  "busy_elsewhere": free.get("busy_elsewhere") or {"cores": None, "window_s": None}}

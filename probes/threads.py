@@ -94,22 +94,35 @@ def busy_elsewhere(since: tuple | None = None) -> dict[str, Any] | None:
     return {"cores": round(max(0.0, busy_cores - own), 2), "window_s": round(wall, 3)}
 
 
+def free_cpus_now(cpus: int | None = None) -> dict[str, Any] | None:
+    """``{"threads": n, "busy_elsewhere": {...}}`` from ``/proc/stat`` alone: the CPUs available minus the
+    cores other processes kept busy since the command started (rounded), at least 1; None while that window
+    is too short to say (``MIN_WINDOW_S``), without ``/proc/stat``, or when ``ACTSPARSE_CPU_THREADS`` fixes
+    the count. Cheap (one read of ``/proc/stat``): a long command can ask again as it runs."""
+    if os.environ.get(ENV):
+        return None
+    seen = busy_elsewhere()
+    if seen is None:
+        return None
+    n_cpus = available_cpus() if cpus is None else cpus
+    busy = min(n_cpus - 1, int(seen["cores"] + 0.5))
+    return {"threads": max(1, n_cpus - busy), "busy_elsewhere": seen}
+
+
 def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, Any]:
     """The CPUs this process may use minus those other processes keep busy (rounded), at least 1: how many
     single-threaded compute calls can run at once without oversubscribing. "Busy" is measured over the
-    time since the command started (``busy_elsewhere``, ``/proc/stat``) when that window is long enough,
+    time since the command started (``free_cpus_now``, ``/proc/stat``) when that window is long enough,
     else read from the 1-minute load average. ``ACTSPARSE_CPU_THREADS`` wins (``OMP_NUM_THREADS`` does not:
     it sets BLAS threads per call, not how many calls run). ``{"threads": n, "rule": ...,
     "cpus_available", "load_average_1min", "busy_elsewhere"}``. (A wrong guess costs little here: each call
     is single-threaded, so one thread too many waits for a core instead of spinning.)"""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     choice = choose_cpu_threads(cpus, load, env=env)
-    seen = busy_elsewhere() if load is None and not env.get(ENV) else None
-    choice["busy_elsewhere"] = seen or {"cores": None, "window_s": None}  # the same keys either way
-    if seen is not None:
-        n_cpus = choice["cpus_available"]
-        busy = min(n_cpus - 1, int(seen["cores"] + 0.5))
-        choice["threads"] = max(1, n_cpus - busy)
+    now = free_cpus_now(choice["cpus_available"]) if load is None else None
+    choice["busy_elsewhere"] = now["busy_elsewhere"] if now else {"cores": None, "window_s": None}
+    if now is not None:
+        choice["threads"] = now["threads"]
         choice["rule"] = ("available cores minus the cores other processes kept busy since the command started "
                           "(/proc/stat), at least 1")
     return choice

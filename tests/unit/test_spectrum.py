@@ -513,6 +513,46 @@ def test_compute_threads_follow_the_free_cores(monkeypatch):
     assert threads.free_cpus(cpus=2, load=9.0)["threads"] == 3
 
 
+def test_the_count_of_compute_threads_follows_the_cores_as_the_command_runs(tmp_path, monkeypatch):
+    """The first count comes from the 1-minute load average while the command is too young for /proc/stat
+    to say; it lags (a job that ended a minute ago still counts), so before each LAPACK call the count is
+    read again from /proc/stat (``free_cpus_now``): one thread at the start, two once the cores are seen
+    free. The manifest says so (``compute_threads_history``, the rule) and the table is the same."""
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    from probes import threads
+
+    g = np.random.default_rng(1)
+    save_file({f"h.{i}.mlp.weight": g.standard_normal((96, 48)).astype(np.float32) for i in range(6)},
+              str(tmp_path / "model.safetensors"))
+    monkeypatch.delenv("ACTSPARSE_CPU_THREADS", raising=False)
+    monkeypatch.setattr(sp, "_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "free_cpus", lambda: {"threads": 1, "rule": "load average", "load_average_1min": 1.2,
+                                                       "busy_elsewhere": {"cores": None, "window_s": None}})
+    now = iter([None, {"threads": 2, "busy_elsewhere": {"cores": 0.1, "window_s": 0.4}}])
+    monkeypatch.setattr(threads, "free_cpus_now", lambda cpus=None: next(now, None))
+    monkeypatch.setattr(sp._ThreadBatcher, "_reconsider", _every_call(sp._ThreadBatcher._reconsider))
+    df = sp.analyze_checkpoint(tmp_path, batch_bytes=1)  # one group per matrix: six submissions
+    pol = df.attrs["thread_policy"]
+    assert pol["compute_threads"] == 2 and [n for _, n in pol["compute_threads_history"]] == [1.0, 2.0]
+    assert pol["busy_elsewhere"] == {"cores": 0.1, "window_s": 0.4} and "/proc/stat" in pol["compute_threads_rule"]
+    fixed = sp.analyze_checkpoint(tmp_path, batch_bytes=1, compute_threads=1)
+    assert fixed.attrs["thread_policy"]["compute_threads_history"] == [[0.0, 1.0]]
+    pd.testing.assert_frame_equal(df, fixed, check_exact=True)
+    monkeypatch.setenv("ACTSPARSE_CPU_THREADS", "1")  # the user's count is kept: nothing is re-read
+    now = iter([{"threads": 2, "busy_elsewhere": {"cores": 0.0, "window_s": 0.4}}] * 10)
+    assert sp.analyze_checkpoint(tmp_path, batch_bytes=1).attrs["thread_policy"]["compute_threads"] == 1
+
+
+def _every_call(reconsider):
+    def asks_each_time(self):
+        self._asked = -1.0  # no 50 ms wait between two readings
+        self._clock = lambda: 1e9
+        return reconsider(self)
+    return asks_each_time
+
+
 def test_compute_thread_default_follows_the_cpus(monkeypatch):
     w = list(_weights(1).items())
     monkeypatch.setattr(sp, "_cpus", lambda: 1)

@@ -184,3 +184,44 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_thread_count_follows_rethink_and_the_gate_holds_it():
+    """``rethink`` may raise or lower how many groups compute at once as the run goes (the pool has
+    ``max_threads`` threads; a gate lets ``threads`` of them compute): with 1 allowed, never two calls at once;
+    after ``rethink`` says 2, two at once; answers above ``max_threads`` are capped; None changes nothing.
+    Jobs still come back in submission order."""
+    answers = iter([None, 1, 5])
+    b = sp._ThreadBatcher(budget=1 << 20, threads=1, rethink=lambda: next(answers, 2), max_threads=2)
+    b._clock = iter(range(0, 10_000, 1)).__next__  # every submission asks again (no 50 ms wait)
+    lock, running, peak = threading.Lock(), [0], [0]
+    both = threading.Barrier(2, timeout=5)
+
+    def compute(wait_for_partner=False):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            if wait_for_partner:
+                both.wait()  # only passes when two calls run at the same time
+            else:
+                time.sleep(0.02)
+            return np.ones((1, 2))
+        finally:
+            with lock:
+                running[0] -= 1
+
+    try:
+        jobs = [_job(i) for i in range(4)]
+        for j in jobs[:2]:  # answers None, then 1: one at a time
+            b.direct(j, "main", compute)
+        b.flush()
+        assert peak[0] == 1 and b.threads == 1
+        b.direct(jobs[2], "main", lambda: compute(True))  # 5, capped at max_threads = 2
+        assert b.threads == 2 and b.in_flight == 3
+        b.direct(jobs[3], "main", lambda: compute(True))  # 2: the two calls meet at the barrier
+        assert b.flush() == jobs[2:]
+        assert peak[0] == 2
+        assert [n for _, n in b.history] == [1.0, 2.0]
+    finally:
+        b.close()
