@@ -17,13 +17,14 @@ modules so that the loading <-> vision import cycle does not come back).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from probes.errors import CheckpointError, DataError, DeviceError, ModelError
 from probes.formats import (Kind, Sniffed, check_folder_files, read_json, read_state_dict, require_regular,
@@ -588,7 +589,59 @@ def _input_device(model, default):
     return next((p.device for p in model.parameters() if p.device.type != "meta"), default)
 
 
+@contextlib.contextmanager
+def _gguf_parse_once(gguf_utils) -> Iterator[dict[str, int]]:
+    """While loading one GGUF through transformers: its metadata-only parse (``load_gguf_checkpoint(path,
+    return_tensors=False)``, which the config and the tokenizer each run: 2.4 s apiece on SmolLM2-135M's
+    49k-token vocabulary) is done once and handed out as deep copies, and gguf's tensor-name table for an
+    (architecture, block count), which transformers rebuilds for every module of the model (397 times, ~4 s
+    there), is built once. The same values either way; both are put back afterwards. Yields the counts of
+    real parses and table builds."""
+    import copy
+
+    import gguf
+
+    load, name_map = getattr(gguf_utils, "load_gguf_checkpoint", None), getattr(gguf, "get_tensor_name_map", None)
+    seen = {"metadata_parses": 0, "name_maps": 0}
+    if load is None or name_map is None:  # pragma: no cover - another transformers or gguf layout
+        yield seen
+        return
+    parsed: dict[str, Any] = {}
+    maps: dict[tuple, Any] = {}
+
+    def load_once(path, return_tensors=False, model_to_load=None, torch_dtype=None):
+        if return_tensors or model_to_load is not None or torch_dtype is not None:
+            return load(path, return_tensors=return_tensors, model_to_load=model_to_load, torch_dtype=torch_dtype)
+        key = str(path)
+        if key not in parsed:
+            seen["metadata_parses"] += 1
+            parsed[key] = load(path, return_tensors=False)
+        return copy.deepcopy(parsed[key])  # callers may change what they get
+
+    def map_once(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            seen["name_maps"] += 1
+            maps[(arch, n_blocks)] = name_map(arch, n_blocks)
+        return maps[(arch, n_blocks)]
+
+    gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, map_once
+    try:
+        yield seen
+    finally:
+        gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
+
+
 def _load_gguf(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src):
+    try:
+        import gguf  # noqa: F401
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # _load_gguf_parsed says what is missing
+        return _load_gguf_parsed(sn, dev, dtype, trust_remote_code, source, tokenizer_src)
+    with _gguf_parse_once(gguf_utils):
+        return _load_gguf_parsed(sn, dev, dtype, trust_remote_code, source, tokenizer_src)
+
+
+def _load_gguf_parsed(sn: Sniffed, dev, dtype, trust_remote_code, source, tokenizer_src):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(Path(sn.path).parent), Path(sn.path).name

@@ -584,6 +584,46 @@ def test_gguf_through_transformers(llama_gguf):
     assert ids and max(ids) < ref.config.vocab_size and tok.decode(ids) == "hello the world"
 
 
+@pytest.mark.xfail(not HAS_ACCELERATE, strict=True,
+                   reason="transformers' GGUF loader needs `accelerate`, which pyproject's gguf/test extras lack")
+def test_gguf_metadata_is_parsed_once_and_the_model_is_the_same(llama_gguf, monkeypatch):
+    """transformers parses a GGUF's metadata for the config and again for the tokenizer, and rebuilds gguf's
+    tensor-name table for every module: while actsparse loads, each happens once (``_gguf_parse_once``), the
+    functions are put back afterwards, and the model and tokenizer are those of a load without it."""
+    import contextlib
+
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gu
+
+    from probes import loading
+
+    real_load, real_map = gu.load_gguf_checkpoint, gguf.get_tensor_name_map
+    calls = {"metadata": 0, "tensors": 0, "name_maps": 0}
+
+    def counting_load(path, return_tensors=False, **kw):
+        calls["tensors" if return_tensors else "metadata"] += 1
+        return real_load(path, return_tensors=return_tensors, **kw)
+
+    def counting_map(*a):
+        calls["name_maps"] += 1
+        return real_map(*a)
+
+    monkeypatch.setattr(gu, "load_gguf_checkpoint", counting_load)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_map)
+    once = load(llama_gguf[0])
+    assert calls == {"metadata": 1, "tensors": 1, "name_maps": 1}
+    assert gu.load_gguf_checkpoint is counting_load and gguf.get_tensor_name_map is counting_map
+    calls.update(metadata=0, tensors=0, name_maps=0)
+    monkeypatch.setattr(loading, "_gguf_parse_once", lambda _: contextlib.nullcontext())
+    every = load(llama_gguf[0])
+    assert calls["metadata"] == 2 and calls["tensors"] == 1 and calls["name_maps"] > 1
+    a, b = once.model.state_dict(), every.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert once.config.to_dict() == every.config.to_dict()
+    text = "hello the world"
+    assert once.tokenizer(text).input_ids == every.tokenizer(text).input_ids
+
+
 def test_gguf_without_accelerate_is_a_checkpoint_error(llama_gguf):
     if HAS_ACCELERATE:
         pytest.skip("accelerate is installed")
