@@ -282,6 +282,9 @@ def _command_scope():
             guard = sys.modules.get("reports.bundle")
             if guard is not None:
                 guard.release()
+            follow = sys.modules.get("probes.threads")
+            if follow is not None:  # torch's thread count follows the free cores only while a command runs
+                follow.stop_following()
 
 
 @contextlib.contextmanager

@@ -32,7 +32,11 @@ MODES = ("inference", "no_grad", "grad")
 
 # ----------------------------------------------------------------------------------------------- forwards
 def forward_batch(model, batch, *, is_encoder_decoder: bool = False, need_logits: bool = False):
-    """Run ``model`` on a token batch. Causal LMs skip most of the LM head unless logits are needed."""
+    """Run ``model`` on a token batch. Causal LMs skip most of the LM head unless logits are needed. On CPU
+    torch's thread count follows the free cores first (``probes.threads.follow_cpu_threads``)."""
+    from probes.threads import follow_cpu_threads
+
+    follow_cpu_threads()
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if is_encoder_decoder:
         shift = getattr(model, "_shift_right", None) or getattr(model, "prepare_decoder_input_ids_from_labels", None)

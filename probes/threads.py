@@ -129,11 +129,53 @@ def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, A
 
 
 def apply_cpu_threads() -> dict[str, Any]:
-    """Choose (``choose_cpu_threads``) and set torch's intra-op thread count; returns the choice."""
+    """Choose (``choose_cpu_threads``) and set torch's intra-op thread count; returns the choice. Unless the
+    user fixed the count (``ACTSPARSE_CPU_THREADS``, ``OMP_NUM_THREADS``), ``follow_cpu_threads`` re-reads it
+    between forward passes; ``history`` lists ``[seconds, threads]`` as it changes."""
+    import time
+
     import torch
 
     choice = choose_cpu_threads()
     if choice["threads"] is not None:
         torch.set_num_threads(int(choice["threads"]))
     choice["threads_in_use"] = torch.get_num_threads()
+    choice["history"] = [[0.0, choice["threads_in_use"]]]
+    _FOLLOW.clear()
+    if choice["threads"] is not None and not os.environ.get(ENV):
+        choice["rule"] += "; re-read between forward passes from /proc/stat (the last second or more)"
+        _FOLLOW.update(choice=choice, last=_cpu_sample(), t0=time.monotonic())
     return choice
+
+
+FOLLOW_WINDOW_S = 1.0  # follow_cpu_threads reads /proc/stat at most this often
+_FOLLOW: dict[str, Any] = {}
+
+
+def stop_following() -> None:
+    """Leave torch's thread count as it is from now on (the CLI calls this when a command ends)."""
+    _FOLLOW.clear()
+
+
+def follow_cpu_threads() -> None:
+    """Between forward passes: the CPUs available minus the cores other processes kept busy since the last
+    reading (at least ``FOLLOW_WINDOW_S`` ago), at least 1, as torch's thread count. The first count comes
+    from the 1-minute load average, which still counts a job that ended a minute ago (a CI step just before:
+    one thread for the whole run) or misses one that just started. A no-op unless ``apply_cpu_threads`` chose
+    the count itself, and on machines without ``/proc/stat``."""
+    choice, last = _FOLLOW.get("choice"), _FOLLOW.get("last")
+    if choice is None or last is None:
+        return
+    now = _cpu_sample()
+    if now is None or now[0] - last[0] < FOLLOW_WINDOW_S or now[2] <= last[2]:
+        return
+    import torch
+
+    cpus = choice.get("cpus_available") or available_cpus()
+    busy = (now[1] - last[1]) / (now[2] - last[2]) * available_cpus() - (now[3] - last[3]) / (now[0] - last[0])
+    n = max(1, cpus - min(cpus - 1, int(max(0.0, busy) + 0.5)))
+    _FOLLOW["last"] = now
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+        choice["threads_in_use"] = n
+        choice["history"].append([round(now[0] - _FOLLOW["t0"], 2), n])

@@ -77,3 +77,63 @@ def test_the_real_sample_reads_this_machine():
     if s is None:
         pytest.skip("no /proc/stat here")
     assert s[2] >= s[1] >= 0 and s[3] >= 0
+
+
+def test_the_forward_thread_count_follows_the_free_cores_between_passes(monkeypatch):
+    """apply_cpu_threads takes its first count from the load average (here 1.3: one thread); between forward
+    passes follow_cpu_threads re-reads /proc/stat over the last second or more: both cores free -> 2, another
+    process on one -> 1, a window under a second -> no reading. The manifest's history lists the changes, and
+    a user's ACTSPARSE_CPU_THREADS or a command's end stops it."""
+    import torch
+
+    from probes import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.3, 1.0, 0.5))
+    samples = iter([(100.0, 1000, 5000, 3.0),  # apply_cpu_threads
+                    (100.5, 1050, 5100, 3.5),  # 0.5 s later: too short, not read
+                    (101.2, 1120, 5240, 4.2),  # 1.2 s: 120 busy of 240 ticks = 1 core, all of it this process
+                    (102.4, 1360, 5480, 5.4),  # 1.2 s: 2 cores busy, 1 of them this process
+                    (103.6, 1600, 5720, 6.6)])  # the same again: no change
+    monkeypatch.setattr(threads, "_cpu_sample", lambda: next(samples))
+    try:
+        choice = threads.apply_cpu_threads()
+        assert choice["threads_in_use"] == 1 and "re-read" in choice["rule"]
+        counts = []
+        for _ in range(4):
+            threads.follow_cpu_threads()
+            counts.append(torch.get_num_threads())
+        assert counts == [1, 2, 1, 1]
+        assert [n for _, n in choice["history"]] == [1, 2, 1] and choice["threads_in_use"] == 1
+        threads.stop_following()
+        threads.follow_cpu_threads()  # nothing is read after the command
+        monkeypatch.setenv(threads.ENV, "1")
+        choice = threads.apply_cpu_threads()
+        assert "re-read" not in choice["rule"] and threads._FOLLOW == {}
+    finally:
+        threads.stop_following()
+        torch.set_num_threads(before)
+
+
+def test_a_command_stops_following_when_it_ends(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from actsparse_cli.main import app
+    from probes import threads
+
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+    real = threads.follow_cpu_threads
+
+    def spy():
+        seen.append(bool(threads._FOLLOW))
+        real()
+
+    monkeypatch.setattr(threads, "follow_cpu_threads", spy)
+    r = CliRunner().invoke(app, ["measure", "--max-tokens", "128", "--device", "cpu", "-q", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert seen and all(seen) and threads._FOLLOW == {}
