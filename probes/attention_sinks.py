@@ -121,6 +121,7 @@ def attention_logits(module, query, key, scaling):
 
 
 CAUSAL, BIDIRECTIONAL = "causal", "bidirectional"
+HEAD_GROUP_BYTES = 64 << 20  # AttentionShares.on_attention works on as many heads as fit a [B, heads, T, T] float32 of this
 
 
 def attention_kind(module, probs, valid) -> str:
@@ -198,21 +199,36 @@ class AttentionShares:
             raise ModelError(f"this model mixes {self.kind} and {kind} attention layers, which one table cannot "
                              "pool", NOT_SUPPORTED_FIX)
         qmask = counted_queries(kind, valid)  # causal: query 0 sees only itself and is not counted
-        p = probs.float() * qmask[:, None, :, None]
-        p_col = p.sum(2)  # [B, H, T]: mass each key receives from the counted queries
-        logits = attention_logits(module, query, key, scaling)  # [B, H, T, T]
-        ok = True
         floating = mask is not None and torch.is_tensor(mask) and mask.is_floating_point()
-        if floating or (mask is None and kind == BIDIRECTIONAL):  # no mask: bidirectional without padding
-            check = torch.softmax(logits + mask[..., :T, :T].float() if floating else logits, dim=-1)
-            gap = float((check - probs.float()).abs().masked_fill(~valid[:, None, :, None], 0).max())
+        checked = floating or (mask is None and kind == BIDIRECTIONAL)  # no mask: bidirectional without padding
+        vis = visible_keys(kind, valid, qmask)  # [B, Tq, Tk]
+        hq, hk = query.shape[1], key.shape[1]
+        keys = key.repeat_interleave(hq // hk, dim=1) if hk != hq else key  # as attention_logits does
+        # A few heads at a time: every [B, heads, T, T] temporary below (the masked probabilities, the logits,
+        # their softmax, the differences) is one group's, not all heads' (9 heads x 4096^2 floats: 604 MB each).
+        # Each head's numbers are computed alone either way, so the sums are the same.
+        step = max(1, HEAD_GROUP_BYTES // max(1, B * T * S * 4))
+        p_cols, l_cols, gap = [], [], 0.0
+        for h0 in range(0, H, step):
+            h = slice(h0, min(H, h0 + step))
+            pr = probs[:, h].float()
+            p_cols.append((pr * qmask[:, None, :, None]).sum(2))  # [B, h, T]: mass each key gets from counted queries
+            logits = attention_logits(module, query[:, h], keys[:, h], scaling)  # [B, h, T, T]
+            if checked:
+                if floating:
+                    m = mask[..., :T, :T]
+                    m = m[:, h] if m.dim() == 4 and m.shape[1] == H > 1 else m  # a per-head mask: this group's
+                check = torch.softmax(logits + m.float() if floating else logits, dim=-1)
+                gap = max(gap, float((check - pr).abs().masked_fill(~valid[:, None, :, None], 0).max()))
+                del check
+            l_cols.append((logits * vis[:, None]).sum(2))  # [B, h, T]
+            del pr, logits
+        p_col, l_col = torch.cat(p_cols, 1), torch.cat(l_cols, 1)
+        ok = False
+        if checked:
             tol = LOGIT_CHECK_TOL.get(str(probs.dtype).replace("torch.", ""), 1e-2)
             self.max_logit_gap = max(self.max_logit_gap, gap)
             ok = gap <= tol
-        else:
-            ok = False
-        vis = visible_keys(kind, valid, qmask)  # [B, Tq, Tk]
-        l_col = (logits * vis[:, None]).sum(2)  # [B, H, T]
         self.layers.append(_Layer(p_col, l_col, ok))
         self.logits_ok = self.logits_ok and ok
 

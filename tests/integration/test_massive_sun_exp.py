@@ -377,3 +377,35 @@ def test_minilm_classifier_attention_and_intervention(request, tmp_path):
         check_minilm_classifier(folder, corpus, tmp_path)
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_shares_are_the_same_a_head_at_a_time(monkeypatch, causal):
+    """on_attention works on groups of heads (``HEAD_GROUP_BYTES``) so that its [B, heads, T, T] temporaries are
+    one group's: one head per group and all heads in one give the same sums and the same logit check, with
+    grouped keys (8 query heads, 2 key heads), a per-head floating mask and padding."""
+    import probes.attention_sinks as sinks
+
+    class Module:
+        is_causal = causal
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, d = 2, 8, 2, 12, 4
+    q, k = torch.randn(B, H, T, d, generator=g), torch.randn(B, Hk, T, d, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, -3:] = False
+    allowed = valid[:, None, None, :] & (torch.ones(T, T, dtype=torch.bool).tril() if causal else True)
+    mask = torch.zeros(B, H, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    logits = torch.matmul(q, k.repeat_interleave(H // Hk, 1).transpose(-1, -2)) * 0.5 + mask
+    probs = torch.softmax(logits, -1)
+    rows = {}
+    for group_bytes in (1, 1 << 30):
+        monkeypatch.setattr(sinks, "HEAD_GROUP_BYTES", group_bytes)
+        a = AttentionShares()
+        a.begin(valid)
+        a.on_attention(Module(), q, k, mask, 0.5, probs)
+        layer = a.layers[0]
+        rows[group_bytes] = (layer.p_col, layer.l_col, layer.logits_ok, a.max_logit_gap)
+    one, all_heads = rows[1], rows[1 << 30]
+    assert torch.equal(one[0], all_heads[0]) and torch.equal(one[1], all_heads[1])
+    assert one[2] == all_heads[2] is True and one[3] == all_heads[3]
