@@ -117,7 +117,7 @@ def attention_logits(module, query, key, scaling):
         key = key.repeat_interleave(hq // hk, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return torch.matmul(query.float(), key.float().transpose(-1, -2)) * float(scaling)
+    return torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(float(scaling))  # in place: same values
 
 
 CAUSAL, BIDIRECTIONAL = "causal", "bidirectional"
@@ -219,9 +219,10 @@ class AttentionShares:
                     m = mask[..., :T, :T]
                     m = m[:, h] if m.dim() == 4 and m.shape[1] == H > 1 else m  # a per-head mask: this group's
                 check = torch.softmax(logits + m.float() if floating else logits, dim=-1)
-                gap = max(gap, float((check - pr).abs().masked_fill(~valid[:, None, :, None], 0).max()))
+                # in place on the softmax's own buffer (the same values as out of place, no more [B, h, T, T])
+                gap = max(gap, float(check.sub_(pr).abs_().masked_fill_(~valid[:, None, :, None], 0).max()))
                 del check
-            l_cols.append((logits * vis[:, None]).sum(2))  # [B, h, T]
+            l_cols.append(logits.mul_(vis[:, None]).sum(2))  # [B, h, T]; logits is ours: multiplied in place
             del pr, logits
         p_col, l_col = torch.cat(p_cols, 1), torch.cat(l_cols, 1)
         ok = False
