@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from probes.errors import CheckpointError, DataError, DeviceError, ModelError
-from probes.formats import (Kind, Sniffed, check_folder_files, read_json, read_state_dict, require_regular,
-                            safetensors_header, sniff)
+from probes.formats import (Kind, Sniffed, check_folder_files, gguf_plain_arrays, read_json, read_state_dict,
+                            require_regular, safetensors_header, sniff)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}
@@ -626,7 +626,8 @@ def _gguf_parse_once(gguf_utils) -> Iterator[dict[str, int]]:
 
     gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, map_once
     try:
-        yield seen
+        with gguf_plain_arrays():  # the reader's metadata slices, 2.5x faster (probes.formats)
+            yield seen
     finally:
         gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
 

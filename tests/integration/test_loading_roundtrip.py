@@ -624,6 +624,34 @@ def test_gguf_metadata_is_parsed_once_and_the_model_is_the_same(llama_gguf, monk
     assert once.tokenizer(text).input_ids == every.tokenizer(text).input_ids
 
 
+def test_gguf_reader_through_plain_arrays_reads_the_same(llama_gguf):
+    """``gguf_plain_arrays``: the reader over a plain ndarray view of its memory map gives the same fields and
+    tensors (read-only, as before), and the reader module's numpy is put back, also after an error."""
+    gguf = pytest.importorskip("gguf")
+    import gguf.gguf_reader as reader_module
+    import numpy as np
+
+    from probes.formats import gguf_plain_arrays
+
+    path = llama_gguf[0]
+    plain = gguf.GGUFReader(path)
+    with gguf_plain_arrays():
+        fast = gguf.GGUFReader(path)
+        with gguf_plain_arrays():  # nested: nothing more is swapped
+            assert gguf.GGUFReader(path).fields.keys() == plain.fields.keys()
+    assert reader_module.np is np and type(fast.data) is np.ndarray and not fast.data.flags.writeable
+    assert list(fast.fields) == list(plain.fields)
+    for k in plain.fields:
+        a, b = plain.fields[k], fast.fields[k]
+        assert a.types == b.types and a.data == b.data
+        assert all(np.array_equal(x, y) for x, y in zip(a.parts, b.parts))
+    assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(fast.tensors, plain.tensors))
+    with pytest.raises(RuntimeError), gguf_plain_arrays():
+        raise RuntimeError("boom")
+    assert reader_module.np is np
+
+
 def test_gguf_without_accelerate_is_a_checkpoint_error(llama_gguf):
     if HAS_ACCELERATE:
         pytest.skip("accelerate is installed")
