@@ -467,7 +467,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
         else:
             win["ok"] = False
             xc = xs[m] if m is not None else xs.reshape(-1, C)
-            zeros[layer.index] += float((xc == 0).sum())
+            zeros[layer.index] += float(torch.count_nonzero(xc == 0))
             entries[layer.index] += float(xc.numel())
         return None if masker is None else xs.reshape(x.shape)
 

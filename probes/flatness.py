@@ -152,7 +152,7 @@ class FlatnessProbe:
 
         lo, hi = self.hist_range
         v = logabs.clamp(min=lo)
-        above = (v > hi).sum()
+        above = torch.count_nonzero(v > hi)
         return torch.histc(v.float(), bins=self.hist_bins, min=lo, max=hi).double(), above
 
     def update_g(self, g, d, a=None, x2=None, mask=None) -> None:
@@ -189,9 +189,9 @@ class FlatnessProbe:
         s["above_act"] += above
         ea = eta.abs()
         for j, t in enumerate(self.taus):
-            s["eta_small"][j] += (ea < t).sum()
+            s["eta_small"][j] += torch.count_nonzero(ea < t)
         for j, p in enumerate(CONCENTRATION_P):
-            s["conc"][j] += (ab < p * 1e9).sum()
+            s["conc"][j] += torch.count_nonzero(ab < p * 1e9)
         neg, pos = eta < 0, eta > 0
         s["ben_n"] += neg.sum()
         s["ben_sum"] += _sum64(ea * neg)
@@ -224,7 +224,7 @@ class FlatnessProbe:
         if a is not None:
             ar = counted_rows(a, mask)
             on = ar > 0
-            s["a_zero"] += (ar == 0).sum()
+            s["a_zero"] += torch.count_nonzero(ar == 0)
             s["l0_n"] += on.sum()
             if x2 is not None:
                 x2r = counted_rows(x2.unsqueeze(-1), mask)

@@ -134,8 +134,8 @@ class GradientSparsityProbe:
             s["deriv_small"] += v.numel() - nnz
             s["deriv_sq_sum"] += nnz.double()
             return
-        s["deriv_zero"] += (v == 0).sum()
-        s["deriv_small"] += (v.abs() <= self.eps_d).sum()
+        s["deriv_zero"] += torch.count_nonzero(v == 0)
+        s["deriv_small"] += torch.count_nonzero(v.abs() <= self.eps_d)
         s["deriv_sq_sum"] += self._sum64(v.square())
 
     def update_backward(self, eta, mask=None) -> None:
@@ -149,14 +149,14 @@ class GradientSparsityProbe:
         s = self.state
         a = v.abs()
         s["n_grad_tokens"] += v.shape[0]
-        s["eta_zero"] += (a == 0).sum()
+        s["eta_zero"] += torch.count_nonzero(a == 0)
         for j, t in enumerate(self.taus):
-            s["eta_small"][j] += (a < t).sum()
+            s["eta_small"][j] += torch.count_nonzero(a < t)
         s["eta_l1_sum"] += self._sum64(a)
         s["eta_l2sq_sum"] += self._sum64(a.square())
         amax = a.max()
         if not bool(torch.isfinite(amax)):
-            s["nonfinite_grad"] += (~torch.isfinite(v)).sum()
+            s["nonfinite_grad"] += torch.count_nonzero(~torch.isfinite(v))
         s["eta_abs_max"] = torch.maximum(s["eta_abs_max"], amax.double())
 
     def window_fields(self) -> tuple[str, ...]:

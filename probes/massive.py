@@ -699,6 +699,8 @@ class Int8ErrorProbe:
                       for p in self.thresholds}
 
     def update(self, x, mask=None) -> None:
+        import torch
+
         v = (x[mask.to(x.device)] if mask is not None and x.dim() == 3 else x.reshape(-1, x.shape[-1]))
         v = v.float().reshape(-1)
         sq, ab = v.double().square().sum(), v.abs().double().sum()
@@ -710,7 +712,7 @@ class Int8ErrorProbe:
             st["sum_abs"] = st["sum_abs"] + ab
             st["err_sq"] = st["err_sq"] + err.square().sum()
             st["err_abs"] = st["err_abs"] + err.abs().sum()
-            st["clipped"] = st["clipped"] + (v.abs() > t).sum()
+            st["clipped"] = st["clipped"] + torch.count_nonzero(v.abs() > t)
 
     def merge(self, other: "Int8ErrorProbe") -> "Int8ErrorProbe":
         for p in self.state:

@@ -259,7 +259,7 @@ class PplpSession:
             """Zeros of ``xx`` on counted positions, kept per row; returns the total (an exact integer)."""
             if xx.dim() != 3:
                 win["ok"] = False
-                return float((xx == 0).sum())
+                return float(torch.count_nonzero(xx == 0))
             z = (xx == 0)
             if m is not None:
                 z = z & m.unsqueeze(-1)

@@ -51,7 +51,7 @@ def lower_medians(a) -> tuple[float, float | None]:
     import torch
 
     n = a.numel()
-    z = int((a == 0).sum())
+    z = int(torch.count_nonzero(a == 0))
     k_all = (n - 1) // 2
     k_nz = z + (n - z - 1) // 2 if z < n else None
     if a.device.type == "cpu":
@@ -98,9 +98,9 @@ class LinearInputProbe:
         s = self.state
         s["n_tokens"] += v.shape[0]
         s["n_entries"] += v.numel()
-        s["zero"] += (a == 0).sum()
-        s["neg"] += (v < 0).sum()
-        s["pos"] += (v > 0).sum()
+        s["zero"] += torch.count_nonzero(a == 0)
+        s["neg"] += torch.count_nonzero(v < 0)
+        s["pos"] += torch.count_nonzero(v > 0)
         s["max_abs"] = torch.maximum(s["max_abs"], a.max().double())
         s["max"] = torch.maximum(s["max"], v.max().double())
         s["min"] = torch.minimum(s["min"], v.min().double())
@@ -113,13 +113,15 @@ class LinearInputProbe:
 
     def update_output(self, y, mask=None) -> None:
         """Sign counts of the layer's output ``y`` ``[batch, pos, out]`` (counted positions)."""
+        import torch
+
         v = counted_rows(y, mask)
         if v.numel() == 0:
             return
         s = self.state
         s["out_entries"] += v.numel()
-        s["out_neg"] += (v < 0).sum()
-        s["out_pos"] += (v > 0).sum()
+        s["out_neg"] += torch.count_nonzero(v < 0)
+        s["out_pos"] += torch.count_nonzero(v > 0)
 
     def merge(self, other: "LinearInputProbe") -> "LinearInputProbe":
         import torch
