@@ -455,7 +455,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
         xs = x3 if masker is None else x3.masked_fill(masker(layer, x3, g3, m), 0)
         C = xs.shape[-1]
         if xs.dim() == 3:  # per-row integer counts (their sum is the exact count of the whole batch)
-            zp = (xs == 0).sum(-1)  # [B, P] zeros per position
+            zp = torch.count_nonzero(xs == 0, dim=-1)  # [B, P] zeros per position
             if m is not None:
                 zr, n_pos = (zp * m).sum(1), m.sum(1)
             else:

@@ -107,8 +107,8 @@ def weight_stats(w, q: float = QUANTILE) -> dict[str, Any]:
     for i in range(0, n, CHUNK):
         c = flat[i:i + CHUNK]
         total += float(c.double().sum())
-        neg += int((c < 0).sum())
-        zeros += int((c == 0).sum())
+        neg += int(torch.count_nonzero(c < 0))
+        zeros += int(torch.count_nonzero(c == 0))
     mean = total / n if n else float("nan")
     ss = 0.0
     for i in range(0, n, CHUNK):
@@ -117,8 +117,8 @@ def weight_stats(w, q: float = QUANTILE) -> dict[str, Any]:
     std = math.sqrt(ss / (n - 1)) if n > 1 else float("nan")
     a = flat.abs()
     thr = extreme_threshold(a, q)
-    count = int((a.double() >= thr).sum()) if n <= CHUNK else sum(
-        int((a[i:i + CHUNK].double() >= thr).sum()) for i in range(0, n, CHUNK))
+    count = int(torch.count_nonzero(a.double() >= thr)) if n <= CHUNK else sum(
+        int(torch.count_nonzero(a[i:i + CHUNK].double() >= thr)) for i in range(0, n, CHUNK))
     return {"n": n, "mean": mean, "neg_pct": 100.0 * neg / n if n else float("nan"), "std": std,
             "extreme_threshold": thr, "extreme_count": count, "extreme_frac": count / n if n else float("nan"),
             "max_abs": float(a.max()) if n else float("nan"), "min": float(flat.min()) if n else float("nan"),

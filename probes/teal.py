@@ -336,7 +336,7 @@ def mask_hooks(projs: Sequence[Projection], thresholds: dict[str, float], mode: 
                 sel = reg if cm is None or tuple(cm.shape) != tuple(reg.shape) else reg & cm.to(reg.device)
                 v = xs[sel]
                 st = stats.setdefault(p.key, ProjStats())
-                st.zeros += float((v == 0).sum())
+                st.zeros += float(torch.count_nonzero(v == 0))
                 st.entries += float(v.numel())
             return xs.reshape(x.shape)
 
