@@ -52,6 +52,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from probes.errors import DataError, unknown_name
+from probes.selection import kth_smallest_rows
 
 INTERVENE_MODES = ("zero", "mean")
 FALLBACK_N_CHANNELS = 2  # their LLaMA-2-7B / 13B hooks overwrite 2 channels
@@ -238,8 +239,9 @@ def sun_massive_positions(y, valid):
         v = a[b][valid[b]]
         if v.numel() == 0:
             continue
-        flat = v.reshape(-1)
-        med = flat.kthvalue((flat.numel() + 1) // 2).values
+        flat = v.reshape(1, -1)
+        nan_free = bool(torch.isfinite(flat.amax()))  # amax propagates NaN (an inf takes torch's call too)
+        med = kth_smallest_rows(flat, (flat.numel() + 1) // 2, nan_free)[0].to(flat.device)
         hit = ((a[b] > SUN_ABS) & (a[b] >= SUN_RATIO * med)).any(-1) & valid[b]
         out[b] = hit
     return out

@@ -157,3 +157,28 @@ def test_nan_and_inf_are_counted_the_same_way(monkeypatch):
     p = MassiveProbe(16)
     p.update(y)
     assert int(p.state["n_nonfinite"]) == 3
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_sample_mask_through_numpy_is_the_kthvalue_rule(ties):
+    """cliff's per-sample rule takes its k-th values from numpy's selection now: the drop mask is the one of
+    ``v < torch.kthvalue(v_b, n_drop + 1)`` per sequence over its counted entries (signed values, ties, zeros of
+    both signs, padding)."""
+    from probes.cliff import topk_sample_mask
+
+    g = torch.Generator().manual_seed(7)
+    v = (_ties((3, 10, 8), 7) - 1) if ties else torch.randn(3, 10, 8, generator=g)
+    v[0, 0, :4] = -0.0
+    mask = torch.arange(10)[None] < torch.tensor([10, 6, 9])[:, None]
+    for s in (0.0, 0.1, 0.5, 0.93, 1.0):
+        got = topk_sample_mask(v, mask, s)
+        for b in range(3):
+            counted = v[b][mask[b]].reshape(-1)
+            n_drop = int(s * counted.numel())
+            if n_drop <= 0:
+                want = torch.zeros_like(v[b], dtype=torch.bool)
+            elif n_drop >= counted.numel():
+                want = torch.ones_like(v[b], dtype=torch.bool)
+            else:
+                want = v[b] < counted.kthvalue(n_drop + 1).values
+            assert torch.equal(got[b], want), (s, b)
