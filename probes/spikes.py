@@ -57,9 +57,13 @@ def lower_medians(a) -> tuple[float, float | None]:
     if a.device.type == "cpu":
         import numpy as np
 
-        kth = [k_all] if k_nz is None else sorted({k_all, k_nz})
-        part = np.partition(a.detach().numpy(), kth)  # O(n) selection, ~3x faster than torch.median on CPU
-        return float(part[k_all]), (float(part[k_nz]) if k_nz is not None else None)
+        # O(n) selections, ~10x faster than torch.median on CPU; one k each: numpy's vectorised selection takes a
+        # single kth (two in one call took 23 ms on 2.4M entries, two calls 3.2 ms)
+        arr = a.detach().numpy()
+        med = float(np.partition(arr, k_all)[k_all])
+        if k_nz is None:
+            return med, None
+        return med, (med if k_nz == k_all else float(np.partition(arr, k_nz)[k_nz]))
     med = float(torch.kthvalue(a, k_all + 1).values)
     return med, (float(torch.kthvalue(a, k_nz + 1).values) if k_nz is not None else None)
 
