@@ -77,14 +77,14 @@ _MARK = _cpu_sample()  # taken when this module is first imported: the CLI impor
 MIN_WINDOW_S = 0.15  # /proc/stat counts in 10 ms ticks: a shorter window says little
 
 
-def busy_elsewhere(since: tuple | None = None) -> dict[str, Any] | None:
+def busy_elsewhere(since: tuple | None = None, now: tuple | None = None) -> dict[str, Any] | None:
     """How many cores other processes kept busy between ``since`` (default: this module's import) and now:
     the busy share of the allowed CPUs' time in ``/proc/stat`` minus this process's own CPU time, in cores.
     Unlike the 1-minute load average, which still counts a job that ended a minute ago (or a benchmark's
     previous run), this is what the cores did just now. None without ``/proc/stat`` or a window under
     ``MIN_WINDOW_S``."""
     start = _MARK if since is None else since
-    now = _cpu_sample()
+    now = _cpu_sample() if now is None else now
     if start is None or now is None or now[0] - start[0] < MIN_WINDOW_S or now[2] <= start[2]:
         return None
     wall = now[0] - start[0]
@@ -167,13 +167,15 @@ def follow_cpu_threads() -> None:
     if choice is None or last is None:
         return
     now = _cpu_sample()
-    if now is None or now[0] - last[0] < FOLLOW_WINDOW_S or now[2] <= last[2]:
+    if now is None or now[0] - last[0] < FOLLOW_WINDOW_S:
+        return
+    seen = busy_elsewhere(last, now)
+    if seen is None:
         return
     import torch
 
     cpus = choice.get("cpus_available") or available_cpus()
-    busy = (now[1] - last[1]) / (now[2] - last[2]) * available_cpus() - (now[3] - last[3]) / (now[0] - last[0])
-    n = max(1, cpus - min(cpus - 1, int(max(0.0, busy) + 0.5)))
+    n = max(1, cpus - min(cpus - 1, int(seen["cores"] + 0.5)))
     _FOLLOW["last"] = now
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
