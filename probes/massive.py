@@ -4,8 +4,8 @@ Two anchors, two medians, kept apart in column names:
 
 - Sun et al. 2024 (arXiv 2402.17762; locuslab/massive-activations main_llm.py --exp2): per
   sequence and layer, the top-1/2/3 of |h| and the LOWER median of |h| over the whole
-  token x channel tensor (``torch.median``'s convention, computed exactly with
-  ``torch.kthvalue`` on that sequence's flattened tensor), each averaged over sequences
+  token x channel tensor (``torch.median``'s convention: ``torch.kthvalue``'s value on that sequence's
+  flattened tensor, selected by numpy where there is no NaN, ``probes.selection``), each averaged over sequences
   (``top1_mean`` ... ``median_mean``). An entry is massive when |a| > 100 AND
   |a| >= 1000 x its sequence's whole-tensor median (``n_massive``).
 - Max_act_llm (clx1415926/Max_act_llm analyze_model.py): per token, max |h| over channels
