@@ -384,7 +384,7 @@ class DenseScan:
         nz = vf != 0
         C = vf.shape[-1]
         self.width[i] = C
-        self.max_nnz[i] = max(self.max_nnz[i], int(nz.sum(-1).max()) if nz.numel() else 0)
+        self.max_nnz[i] = max(self.max_nnz[i], int(torch.count_nonzero(nz, dim=-1).max()) if nz.numel() else 0)
         a = vf.abs().masked_fill(~nz, math.inf)
         if a.numel():
             self.min_abs[i] = min(self.min_abs[i], float(a.min()))
@@ -395,7 +395,7 @@ class DenseScan:
             n = m.sum(1) * C
         else:
             n = torch.full((vf.shape[0],), vf.shape[1] * C, device=vf.device)
-        c = le.sum((1, 2))
+        c = torch.count_nonzero(le, dim=(1, 2))  # int64, as a bool .sum(), without widening every entry
         self.rows[i].append(torch.stack([n.cpu(), c.cpu(), torch.isinf(low).cpu().long()], 1))
 
     def is_dense(self, family: str, s: float, thresholds: Sequence[Any] = ()) -> bool:

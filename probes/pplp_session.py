@@ -266,7 +266,7 @@ class PplpSession:
                 n_pos = m.sum(1)
             else:
                 n_pos = torch.full((xx.shape[0],), xx.shape[1], device=xx.device)
-            zr = z.sum((1, 2))
+            zr = torch.count_nonzero(z, dim=(1, 2))  # a bool .sum() widens every entry to int64 first
             cur[layer_i] = (zr.double().cpu(), (n_pos * xx.shape[-1]).double().cpu())
             return float(zr.sum())
         # float32 [in, out] copies of the projections: kept for the pass when small, else made per call.
