@@ -65,6 +65,7 @@ from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
 from probes.pplp_session import PassStats as Pass
 from probes.pplp_session import append_window_counts, kept_row
+from probes.boolcount import count_last, count_rows
 from probes.selection import kth_smallest_rows
 from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
                              sparling_masker, learned_thresholds)
@@ -384,7 +385,7 @@ class DenseScan:
         nz = vf != 0
         C = vf.shape[-1]
         self.width[i] = C
-        self.max_nnz[i] = max(self.max_nnz[i], int(torch.count_nonzero(nz, dim=-1).max()) if nz.numel() else 0)
+        self.max_nnz[i] = max(self.max_nnz[i], int(count_last(nz).max()) if nz.numel() else 0)
         a = vf.abs().masked_fill(~nz, math.inf)
         if a.numel():
             self.min_abs[i] = min(self.min_abs[i], float(a.min()))
@@ -395,7 +396,7 @@ class DenseScan:
             n = m.sum(1) * C
         else:
             n = torch.full((vf.shape[0],), vf.shape[1] * C, device=vf.device)
-        c = torch.count_nonzero(le, dim=(1, 2))  # int64, as a bool .sum(), without widening every entry
+        c = count_rows(le)  # int64, as a bool .sum(), without widening every entry (probes.boolcount)
         self.rows[i].append(torch.stack([n.cpu(), c.cpu(), torch.isinf(low).cpu().long()], 1))
 
     def is_dense(self, family: str, s: float, thresholds: Sequence[Any] = ()) -> bool:
@@ -464,7 +465,7 @@ def sparse_pass(loaded, layers, batches, masker: Callable | None = None,
         xs = x3 if masker is None else x3.masked_fill(masker(layer, x3, g3, m), 0)
         C = xs.shape[-1]
         if xs.dim() == 3:  # per-row integer counts (their sum is the exact count of the whole batch)
-            zp = torch.count_nonzero(xs == 0, dim=-1)  # [B, P] zeros per position
+            zp = count_last(xs == 0)  # [B, P] zeros per position
             if m is not None:
                 zr, n_pos = (zp * m).sum(1), m.sum(1)
             else:

@@ -169,6 +169,7 @@ class GradientSparsityProbe:
         Another layout (no batch rows) turns the error bars off for this probe."""
         import torch
 
+        from probes.boolcount import count_rows
         from probes.uncertainty import WindowValues
 
         w = self.windows
@@ -183,8 +184,8 @@ class GradientSparsityProbe:
         n_tok = m.sum(1).double()
         cols = torch.zeros(B, len(self.window_fields()), dtype=torch.float64, device=x.device)
 
-        def per_row(hit):  # entries of each batch row that hit, on counted positions (count_nonzero: no int64 copy)
-            return torch.count_nonzero(hit if full else hit & m3, dim=(1, 2)).double()
+        def per_row(hit):  # entries of each batch row that hit, on counted positions (probes.boolcount)
+            return count_rows(hit if full else hit & m3).double()
 
         if half == "fwd":
             if x.dtype == torch.bool:

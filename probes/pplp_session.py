@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from probes.boolcount import count_rows
 from probes.cett import (DEFAULT_CETT_GRID, DEFAULT_MAX_PASSES, DEFAULT_TOL, LAYER_HIST, SEARCH_METHODS,
                          CettGrid, LogHistogram, down_column_norms, down_weight_io, neuron_output_norms, ppl_ratio,
                          search_cett)
@@ -266,7 +267,7 @@ class PplpSession:
                 n_pos = m.sum(1)
             else:
                 n_pos = torch.full((xx.shape[0],), xx.shape[1], device=xx.device)
-            zr = torch.count_nonzero(z, dim=(1, 2))  # a bool .sum() widens every entry to int64 first
+            zr = count_rows(z)  # probes.boolcount: a bool .sum() widens every entry to int64 first
             cur[layer_i] = (zr.double().cpu(), (n_pos * xx.shape[-1]).double().cpu())
             return float(zr.sum())
         # float32 [in, out] copies of the projections: kept for the pass when small, else made per call.
