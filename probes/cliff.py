@@ -61,11 +61,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+from probes.boolcount import count_last, count_rows
 from probes.data import DataOptions, token_windows
 from probes.errors import DataError, ModelError
 from probes.pplp_session import PassStats as Pass
 from probes.pplp_session import append_window_counts, kept_row
-from probes.boolcount import count_last, count_rows
 from probes.selection import kth_smallest_rows
 from probes.sparling import (CALIB_BYTES, DEFAULT_CALIB_ROWS, SparlingCalibration, reached_density,
                              sparling_masker, learned_thresholds)
