@@ -13,8 +13,8 @@ CETT is evaluated EXACTLY at every grid point for every counted token (per-bucke
 from one sparse-dense product, a cumulative sum over the grid, a norm per grid point: O(grid x
 d_model) work per token; the calibration pass of SmolLM2-135M (GLU, dense activations, 30 layers)
 costs about 4 dense passes, benchmarks/README.md) and summed in float64. State is O(layers x
-grid). Between grid points the threshold is linearly interpolated in t. CETT at grid points is exact; only the placement of
-the grid depends on the first batch. Quantile thresholds of ``absq_down`` and ``cats`` come from
+grid). Between grid points the threshold is linearly interpolated in t. CETT at grid points is
+exact; only the placement of the grid depends on the first batch. Quantile thresholds of ``absq_down`` and ``cats`` come from
 fixed log-spaced histograms (``LogHistogram``); TEAL and CHESS use their references' own rules
 (``probes.teal``, ``probes.chess``).
 

@@ -590,21 +590,19 @@ def _input_device(model, default):
 
 
 @contextlib.contextmanager
-def _gguf_parse_once(gguf_utils) -> Iterator[dict[str, int]]:
+def _gguf_parse_once(gguf_utils) -> Iterator[None]:
     """While loading one GGUF through transformers: its metadata-only parse (``load_gguf_checkpoint(path,
     return_tensors=False)``, which the config and the tokenizer each run: 2.4 s apiece on SmolLM2-135M's
     49k-token vocabulary) is done once and handed out as deep copies, and gguf's tensor-name table for an
     (architecture, block count), which transformers rebuilds for every module of the model (397 times, ~4 s
-    there), is built once. The same values either way; both are put back afterwards. Yields the counts of
-    real parses and table builds."""
+    there), is built once. The same values either way; both are put back afterwards."""
     import copy
 
     import gguf
 
     load, name_map = getattr(gguf_utils, "load_gguf_checkpoint", None), getattr(gguf, "get_tensor_name_map", None)
-    seen = {"metadata_parses": 0, "name_maps": 0}
     if load is None or name_map is None:  # pragma: no cover - another transformers or gguf layout
-        yield seen
+        yield
         return
     parsed: dict[str, Any] = {}
     maps: dict[tuple, Any] = {}
@@ -614,20 +612,18 @@ def _gguf_parse_once(gguf_utils) -> Iterator[dict[str, int]]:
             return load(path, return_tensors=return_tensors, model_to_load=model_to_load, torch_dtype=torch_dtype)
         key = str(path)
         if key not in parsed:
-            seen["metadata_parses"] += 1
             parsed[key] = load(path, return_tensors=False)
         return copy.deepcopy(parsed[key])  # callers may change what they get
 
     def map_once(arch, n_blocks):
         if (arch, n_blocks) not in maps:
-            seen["name_maps"] += 1
             maps[(arch, n_blocks)] = name_map(arch, n_blocks)
         return maps[(arch, n_blocks)]
 
     gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, map_once
     try:
         with gguf_plain_arrays():  # the reader's metadata slices, 2.5x faster (probes.formats)
-            yield seen
+            yield
     finally:
         gguf_utils.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
 

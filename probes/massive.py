@@ -36,10 +36,10 @@ from typing import Any, Callable, Sequence
 
 from probes.data import CorpusOptions, TokenData, pad_id, sequence_windows
 from probes.errors import DataError, ModelError, unknown_name
-from probes.selection import column_max_first, kth_smallest_and_top_rows, kth_smallest_rows, largest_entries
 from probes.massive_presets import (  # noqa: F401  (re-exported: callers import them from here)
     FAMILY_SEQ_LEN, MAX_DOCS_SUN, NO_ORDINARY_TOKENS, PRESETS, SUN_DEFAULT_SEQ_LEN, Preset, Sample, _ordinary,
     _tokenize, build_samples, family_seq_len, resolve_preset)
+from probes.selection import column_max_first, kth_smallest_and_top_rows, kth_smallest_rows, largest_entries
 
 SUN_ABS_THRESHOLD = 100.0  # |a| > 100 (Sun et al. 2024, section 2)
 SUN_RATIO_THRESHOLD = 1000.0  # |a| >= 1000 x whole-tensor median
@@ -129,8 +129,8 @@ def maxact_abs_bins_table(a):
     where the tables cannot be built (``_abs_bin_tables``). int16 bins."""
     import torch
 
-    tables = _abs_bin_tables(a.device)
-    if tables is None or a.dtype != torch.float32:
+    tables = _abs_bin_tables(a.device) if a.dtype == torch.float32 else None
+    if tables is None:
         return None
     first, edge = tables
     a = a.contiguous()
