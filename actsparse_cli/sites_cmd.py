@@ -46,6 +46,16 @@ def _rows(lm, kinds, site, all_modules: bool) -> list[dict]:
     return [s.row() for s in find_sites(lm.model, lm.family, kinds, site)]
 
 
+def quick_listing(checkpoint, **opts) -> tuple[str, list[dict]] | None:
+    """``(family, rows)`` read from the checkpoint's files without loading the model, where they tell
+    (``probes.quick_sites``; the status line covers reading the weights, whose values are checked)."""
+    from actsparse_cli.common import status_line
+    from probes.quick_sites import listing
+
+    with status_line(f"loading {checkpoint}"):
+        return listing(checkpoint, **opts)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("sites")
     @shared_options
@@ -56,9 +66,12 @@ def register(app: typer.Typer) -> None:
               kind: KindArg = None, device_map: DeviceMapOpt = None,
               all_modules: Annotated[bool, typer.Option("--all-modules", help="List every module path instead "
                                                         "(to write a --site glob).")] = False,
-              no_cache: Annotated[bool, typer.Option("--no-cache", help="Load the model even when this listing is "
-                                                     "cached, and store nothing (cache: $ACTSPARSE_CACHE_DIR, else "
-                                                     "the user cache folder).")] = False,
+              no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read this listing from the cache "
+                                                     "nor store it (cache: $ACTSPARSE_CACHE_DIR, else the user cache "
+                                                     "folder).")] = False,
+              load_model: Annotated[bool, typer.Option("--load-model", help="Build the model with transformers "
+                                                       "even where the sites follow from config.json and the weight "
+                                                       "file (GPT-2 folders).")] = False,
               debug: DebugArg = False, *, output_format) -> None:
         """List the activation sites found: canonical name, module path, kind, width."""
         import time
@@ -72,8 +85,9 @@ def register(app: typer.Typer) -> None:
                     dtype=getattr(dtype, "value", dtype), trust_remote_code=trust_remote_code,
                     unsafe_pickle=unsafe_pickle, device_map=getattr(device_map, "value", device_map), kinds=kinds,
                     site=site, all_modules=all_modules)
-        key = None if no_cache else sites_cache.key_material(checkpoint, **opts)
-        hit = sites_cache.get(key)
+        quick = None if load_model else quick_listing(checkpoint, **opts)
+        key = None if no_cache or quick is not None else sites_cache.key_material(checkpoint, **opts)
+        hit = quick or sites_cache.get(key)
         if hit is not None:
             family, rows = hit
         else:

@@ -27,7 +27,12 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, word_lm) -> Path:
-    return word_lm.save_gpt2(tmp_path_factory.mktemp("sites-cache-model"), WORDS, n_layer=2, n_inner=32)
+    """A GPT-2 folder whose config has a key that ``probes.quick_sites`` does not know, so that ``sites`` loads
+    the model (a folder it reads from the files never reaches the cache)."""
+    folder = word_lm.save_gpt2(tmp_path_factory.mktemp("sites-cache-model"), WORDS, n_layer=2, n_inner=32)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "note": "a key for the load to read"}, indent=2))
+    return folder
 
 
 @pytest.fixture
