@@ -17,6 +17,7 @@ working tree has other changes, regenerate from a worktree of HEAD:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from golden_common import BY_NAME, EXPECTED, REPO, THREAD_ENV, argv_for, collect, ordered, write_expected  # noqa: E402
+from golden_common import (BY_NAME, EXPECTED, MACHINE_FILE, REPO, THREAD_ENV, argv_for, collect,  # noqa: E402
+                           golden_machine, ordered, same_machine, this_machine, write_expected)
 
 
 def _env() -> dict[str, str]:
@@ -75,6 +77,10 @@ def main() -> None:
     env = _env()
     check_code_location(env)
     warn_if_dirty()
+    here, recorded = this_machine(), golden_machine()
+    if wanted != set(BY_NAME) and not same_machine(recorded, here):
+        print(f"regen: WARNING: the other goldens were made on {recorded}, this machine is {here}: regenerate "
+              "every case, or the record (expected/MACHINE.json) will name a machine that made only some of them")
     with tempfile.TemporaryDirectory(prefix="actsparse-golden-") as tmp:
         out_root = Path(tmp)
         for case in ordered(wanted):
@@ -96,6 +102,9 @@ def main() -> None:
             files = write_expected(art, dest)
             size = sum(p.stat().st_size for p in files)
             print(f"regen:   -> {dest.relative_to(REPO)}/ ({len(files)} files, {size / 1024:.0f} KiB)")
+    (EXPECTED / MACHINE_FILE).write_text(json.dumps(
+        {"machine": here, "note": "the machine regen.py last ran on; test_golden.py compares strictly on it and "
+                                  "with cross-machine tolerances elsewhere (golden_common.py)"}, indent=1) + "\n")
     stale = [p.name for p in EXPECTED.iterdir() if p.is_dir() and p.name not in BY_NAME] if EXPECTED.is_dir() else []
     if stale:
         print(f"regen: WARNING: expected/ holds folders of no case (remove them): {stale}")
