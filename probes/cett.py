@@ -61,10 +61,13 @@ def down_weight_io(module):
 
 
 def down_column_norms(module):
-    """||W_down[:, i]||_2 for every input channel i of the projection, float32 ``[in]``."""
+    """||W_down[:, i]||_2 for every input channel i of the projection, in the weight's dtype ``[in]``: summed in
+    float64 and rounded once, so every machine gets the same float32 norms (a float32 sum rounds by its CPU's kernels,
+    and one ulp of a norm flips a neuron that sits on the threshold)."""
     import torch
 
-    return torch.linalg.vector_norm(down_weight_io(module), dim=1)
+    w = down_weight_io(module)
+    return torch.linalg.vector_norm(w.double(), dim=1).to(w.dtype)
 
 
 def neuron_output_norms(x, col_norms):

@@ -47,8 +47,9 @@ RTOL, ATOL = 1e-6, 1e-9
 # On another machine: how far a float may move, as a fraction of itself plus the same fraction of its
 # column's largest magnitude. Measured on 2026-12-04 between the goldens of an AMD EPYC (family 26) and
 # the same code on an Intel Xeon with AMX: at most 1.9e-4 of the column's scale outside pplp (an SE in
-# cliff_points), and 2.5e-3 in pplp, whose secant search over the threshold takes other steps; a count
-# moved by at most 2 (a flatness histogram bin). See README.md.
+# cliff_points), and 2.5e-3 in pplp, whose secant search over the threshold took other steps (6.4e-6 once
+# the CETT column norms were summed in float64: one ulp of a float32 norm had flipped a neuron on the
+# threshold); a count moved by at most 2 (a flatness histogram bin). See README.md.
 XTOL, XTOL_SEARCH = 1e-3, 1e-2
 XCOUNT_ABS, XCOUNT_REL = 2, 1e-3
 MACHINE_FILE = "MACHINE.json"
