@@ -155,6 +155,33 @@ def test_the_library_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
         fastcount.reset_for_tests()
 
 
+def test_every_build_gives_the_same_bits(monkeypatch, tmp_path):
+    """The vector width (-mprefer-vector-width=512, AVX2, portable) changes no count and no sum: the sums' order
+    is LANES' and there is no fused multiply-add."""
+    torch.manual_seed(1)
+    xs = [torch.randn(n, c) for n, c in [(2048, 512), (777, 1531), (100, 7)]]
+    for x in xs:
+        x[x.abs() < 0.3] = 0
+        x[3, 1] = -0.0
+    outs = []
+    monkeypatch.setenv("ACTSPARSE_CACHE_DIR", str(tmp_path))
+    try:
+        for flags in fastcount._FLAG_SETS:
+            monkeypatch.setattr(fastcount, "_FLAG_SETS", (flags,))
+            fastcount.reset_for_tests()
+            assert fastcount.kernel() is not None, fastcount.status()
+            outs.append([fastcount.count(x, [1e-3, 1e-2, 0.5], [x.shape[0] - 5, 5], 16) for x in xs])
+    finally:
+        monkeypatch.undo()
+        fastcount.reset_for_tests()
+    assert len(outs) == 3 and len(set(p.name for p in tmp_path.glob("actsparse_counts-*.so"))) == 3
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert np.array_equal(np.asarray(a[k]), np.asarray(b[k]), equal_nan=True), k
+
+
 def test_measure_records_which_kernel_counted():
     from probes.embedded import default_checkpoint
     from probes.loading import load_checkpoint
