@@ -5,8 +5,12 @@ plane, each near-zero threshold, the negative plane), plus passes for ``|a|``, i
 zero counts, the chunk unions and the float sums, then per-token bookkeeping (window sums, the token
 histogram): about a dozen passes over ``[tokens, channels]`` and some fifty small operations per site and
 batch. This module does all of it in one pass, in a small C function compiled on first use with the system's
-C compiler and loaded with ``ctypes`` (which releases the GIL, so a large tensor is split over
-``torch.get_num_threads()`` threads; below ``2 * MIN_SPLIT`` entries one thread is faster).
+C compiler and loaded with ``ctypes`` (which releases the GIL), and split over ``torch.get_num_threads()``
+threads: where torch runs GNU OpenMP (its Linux wheels ship ``torch/lib/libgomp.so.1``) the kernel is built
+with ``-fopenmp`` against that very runtime, so the parts run on torch's own thread team, awake from the
+forward pass, each reading the rows its thread wrote (from ``2 * MIN_SPLIT_OMP`` entries); elsewhere on a
+Python thread pool (from ``2 * MIN_SPLIT``: below that one thread is faster). Loading checks that no second
+OpenMP runtime came into the process; if one did, the build is not used.
 
 Exactness: the kernel reads the float32 activations as their IEEE-754 bit patterns. With
 ``ai = bits & 0x7fffffff`` (the bits of ``|x|``), non-negative floats order as their bit patterns, and
@@ -159,6 +163,29 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
     tot[3] += tfrac;
     return m;
 }
+
+#ifdef _OPENMP
+/* The units split at bounds[0..parts] over `parts` threads of the OpenMP runtime torch already runs (the
+   build links torch's own libgomp): part i writes win[i], hist[i], tot[i], zc[i] and zc0[i], which the caller
+   sums. Part 0 runs on the calling thread and part i on team thread i (static schedule, one part each): the
+   rows a thread reads are those that torch's equally split elementwise kernels had that thread write. */
+int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
+                               const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk,
+                               const int64_t *uwin, const int64_t *bounds, int64_t parts, int64_t nwin,
+                               double *win, int64_t *hist, int64_t nbins, double *tot, int32_t *zc, int32_t *zc0,
+                               int32_t *mparts)
+{
+    #pragma omp parallel for num_threads((int)parts) schedule(static, 1)
+    for (int64_t i = 0; i < parts; ++i)
+        mparts[i] = actsparse_counts(bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds[i], bounds[i + 1],
+                                     win + i * nwin * WF, hist + i * nbins, nbins, tot + i * 4, zc + i * c,
+                                     zc0 + i * c);
+    int32_t m = 0;
+    for (int64_t i = 0; i < parts; ++i)
+        m = mparts[i] > m ? mparts[i] : m;
+    return m;
+}
+#endif
 """
 
 # -mprefer-vector-width=512: gcc otherwise keeps AVX-512 CPUs to 256-bit vectors; the full width made the
@@ -167,8 +194,41 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
 _FLAG_SETS = (["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"],
               ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
               ["-O3", "-ffp-contract=off", "-fPIC", "-shared"])
+
+
+def torch_libgomp() -> str | None:
+    """The folder of the GNU OpenMP runtime torch loads (``torch/lib/libgomp.so.1`` in the Linux wheels), or
+    None (another runtime, or none). A kernel built with ``-fopenmp`` against that very file shares torch's
+    thread team: one runtime in the process, threads already awake from the forward pass."""
+    import importlib.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    spec = importlib.util.find_spec("torch")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / "lib"
+        if (lib / "libgomp.so.1").is_file():
+            return str(lib)
+    return None
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try, best first: the first set again with OpenMP on torch's runtime (where torch has
+    GNU OpenMP), then ``_FLAG_SETS``."""
+    lib = torch_libgomp()
+    omp = [[*_FLAG_SETS[0], "-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}"]] if lib else []
+    return [*omp, *_FLAG_SETS]
+
+
+def _gomp_files() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    except OSError:
+        return set()
 _LOCK = threading.Lock()
-_STATE: dict = {"fn": None, "tried": False, "status": "not tried"}
+_STATE: dict = {"fn": None, "tried": False, "status": "not tried", "parts_fn": None}
 _POOL: dict = {"executor": None, "size": 0}
 
 
@@ -235,7 +295,7 @@ def _load_library():
     if cc is None:
         return None, "no C compiler (cc, gcc or clang) on PATH"
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets():
         key = hashlib.sha256("\n".join([C_SOURCE, " ".join(flags), _cpu_signature(), sys.platform]).encode())
         name = f"actsparse_counts-{key.hexdigest()[:16]}.so"
         uid = os.getuid() if hasattr(os, "getuid") else 0
@@ -246,15 +306,28 @@ def _load_library():
                     _build(cc, flags, target)
                 if not (_private(target) and _private(target.parent)):
                     raise OSError(f"{target} is not private to this user")
+                omp = "-fopenmp" in flags
+                before = _gomp_files() if omp else set()
+                if omp and not before:  # torch's runtime is not loaded: nothing to share
+                    raise OSError("torch's OpenMP runtime is not loaded")
                 lib = ctypes.CDLL(str(target))
                 fn = lib.actsparse_counts
+                if omp and _gomp_files() != before:  # pragma: no cover - a second runtime came in; do not use it
+                    raise OSError("the OpenMP build loaded a second OpenMP runtime")
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
                 errors.append(f"{' '.join(flags)} in {folder}: {type(e).__name__}")
                 continue
             i64, p = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [p, p, i64, i64, p, p, p, p, p, i64, i64, p, p, i64, p, p, p]
             fn.restype = ctypes.c_int32
-            return fn, f"native kernel ({' '.join(f for f in flags if f.startswith('-m')) or 'portable'}; {target})"
+            if omp:
+                parts_fn = lib.actsparse_counts_parts
+                parts_fn.argtypes = [p, p, i64, i64, p, p, p, p, p, p, i64, i64, p, p, i64, p, p, p, p]
+                parts_fn.restype = ctypes.c_int32
+                _STATE["parts_fn"] = parts_fn
+            marks = " ".join(f for f in flags if f.startswith("-m")) or "portable"
+            split = "; parts on torch's OpenMP threads" if omp else ""
+            return fn, f"native kernel ({marks}{split}; {target})"
     return None, "the C kernel did not build: " + "; ".join(errors)
 
 
@@ -281,7 +354,7 @@ def status() -> dict:
 
 
 def reset_for_tests() -> None:
-    _STATE.update(fn=None, tried=False, status="not tried")
+    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None)
 
 
 def supports(x, n_eps: int) -> bool:
@@ -332,7 +405,11 @@ def units(lens: list[int], k: int):
             ci)
 
 
-MIN_SPLIT = 1 << 20  # inside a forward, splitting 8 x 256 x 512 over two threads cost more than it gained
+MIN_SPLIT = 1 << 20  # inside a forward, splitting 8 x 256 x 512 over two Python threads cost more than it gained
+# On torch's OpenMP team (already awake from the forward pass) a split costs microseconds, and each thread reads
+# the rows it wrote: the bundled model's 8 x 256 x 512 in two parts made its four counts 1.111x -> 1.064x of a
+# bare forward on a 2-core Intel Xeon.
+MIN_SPLIT_OMP = 1 << 16
 
 
 def _forget_pool() -> None:
@@ -374,8 +451,9 @@ def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict
     bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
     bounds = [min(max(b, 0), U) for b in bounds]
     tb = threshold_bits(eps_grid)
-    plan = {"arrays": (ustart, ulen, uchunk, uwin, tb), "bounds": bounds, "n_chunks": n_chunks,
-            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin))}
+    bounds_arr = np.asarray(bounds, dtype=np.int64)
+    plan = {"arrays": (ustart, ulen, uchunk, uwin, tb, bounds_arr), "bounds": bounds, "n_chunks": n_chunks,
+            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds_arr))}
     _PLAN[0] = (key, plan)
     return plan
 
@@ -397,10 +475,12 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
     n, c = valid.shape
     B, G = len(lens), len(eps_grid)
     n_units = B * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
-    # a thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a part)
-    parts = max(1, min(int(threads), n_units, (n * c) // MIN_SPLIT))
+    # a Python thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a
+    # part); torch's OpenMP team, where the build shares it, from MIN_SPLIT_OMP
+    parts_fn = _STATE["parts_fn"]
+    parts = max(1, min(int(threads), n_units, (n * c) // (MIN_SPLIT if parts_fn is None else MIN_SPLIT_OMP)))
     plan = _plan(lens, k, n, c, parts, eps_grid)
-    tb_p, us_p, ul_p, uc_p, uw_p = plan["ptrs"]
+    tb_p, us_p, ul_p, uc_p, uw_p, bounds_p = plan["ptrs"]
     bounds = plan["bounds"]
     win = np.zeros((parts, B, N_WINDOW_FIELDS))
     hist = np.zeros((parts, nbins), dtype=np.int64)
@@ -415,6 +495,11 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
 
     if parts == 1:
         mbits = run(0)
+    elif parts_fn is not None:
+        mparts = np.zeros(parts, dtype=np.int32)  # held here: the kernel writes through its address
+        mbits = parts_fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds_p, parts, B, win.ctypes.data,
+                         hist.ctypes.data, nbins, tot.ctypes.data, zc.ctypes.data, zc0.ctypes.data,
+                         mparts.ctypes.data)
     else:
         futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
         mbits = max([run(0)] + [f.result() for f in futures])

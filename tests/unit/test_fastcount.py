@@ -72,16 +72,29 @@ def test_kernel_matches_the_torch_path_on_awkward_values(monkeypatch, chunk_k, e
     _assert_same(_probe_run(monkeypatch, True, batches, 70, **kw), _probe_run(monkeypatch, False, batches, 70, **kw))
 
 
-def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch):
+@pytest.mark.parametrize("split", ["python", "openmp"])
+def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch, split):
     torch.manual_seed(1)
     x = torch.relu(torch.randn(4, 128, 1536))
+    fastcount.kernel()
+    if split == "openmp" and fastcount._STATE["parts_fn"] is None:
+        pytest.skip("no OpenMP build here (torch runs no GNU OpenMP runtime)")
+    if split == "python":  # the Python thread pool, as where the OpenMP build is not available
+        monkeypatch.setitem(fastcount._STATE, "parts_fn", None)
     monkeypatch.setattr(fastcount, "MIN_SPLIT", 1 << 12)  # split even this tensor (786k entries) over the threads
+    monkeypatch.setattr(fastcount, "MIN_SPLIT_OMP", 1 << 12)
     batches = [(x, None), (x, torch.rand(4, 128) > 0.3)]
     handoffs, real = [], fastcount._executor
     monkeypatch.setattr(fastcount, "_executor", lambda size: handoffs.append(size) or real(size))
+    parts_calls, real_parts = [], fastcount._STATE["parts_fn"]
+    if real_parts is not None:
+        monkeypatch.setitem(fastcount._STATE, "parts_fn", lambda *a: parts_calls.append(a[10]) or real_parts(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     two = _probe_run(monkeypatch, True, batches, 1536)
-    assert handoffs  # the second part did run on the pool's thread
+    if split == "python":
+        assert handoffs and not parts_calls  # the second part did run on the pool's thread
+    else:
+        assert parts_calls and set(parts_calls) == {2} and not handoffs  # two parts on the OpenMP team
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     one = _probe_run(monkeypatch, True, batches, 1536)
     _assert_same(two, _probe_run(monkeypatch, False, batches, 1536))
@@ -165,21 +178,51 @@ def test_every_build_gives_the_same_bits(monkeypatch, tmp_path):
         x[3, 1] = -0.0
     outs = []
     monkeypatch.setenv("ACTSPARSE_CACHE_DIR", str(tmp_path))
+    sets = fastcount._flag_sets()
     try:
-        for flags in fastcount._FLAG_SETS:
-            monkeypatch.setattr(fastcount, "_FLAG_SETS", (flags,))
+        for flags in sets:
+            monkeypatch.setattr(fastcount, "_flag_sets", lambda flags=flags: [flags])
             fastcount.reset_for_tests()
             assert fastcount.kernel() is not None, fastcount.status()
             outs.append([fastcount.count(x, [1e-3, 1e-2, 0.5], [x.shape[0] - 5, 5], 16) for x in xs])
     finally:
         monkeypatch.undo()
         fastcount.reset_for_tests()
-    assert len(outs) == 3 and len(set(p.name for p in tmp_path.glob("actsparse_counts-*.so"))) == 3
+    assert len(outs) == len(sets) >= 3 and len(set(p.name for p in tmp_path.glob("actsparse_counts-*.so"))) == len(sets)
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert a.keys() == b.keys()
             for k in a:
                 assert np.array_equal(np.asarray(a[k]), np.asarray(b[k]), equal_nan=True), k
+
+
+@pytest.mark.skipif(fastcount.torch_libgomp() is None, reason="torch runs no GNU OpenMP runtime here")
+def test_parts_on_torchs_openmp_threads_count_the_same(monkeypatch):
+    """The OpenMP build splits a tensor over torch's own thread team: one OpenMP runtime in the process, and
+    the same counts, maximum and (to float64 rounding of the parts' sums) sums as one part."""
+    fastcount.reset_for_tests()
+    try:
+        assert fastcount.kernel() is not None and fastcount._STATE["parts_fn"] is not None, fastcount.status()
+        assert "OpenMP" in fastcount.status()["detail"]
+        assert len(fastcount._gomp_files()) == 1  # torch's libgomp, shared, not a second runtime
+        monkeypatch.setattr(fastcount, "MIN_SPLIT_OMP", 64)  # split even small tensors
+        torch.manual_seed(3)
+        for n, c, lens, k in [(2048, 512, [256] * 8, 16), (301, 129, [100, 1, 200], 7), (9, 33, [9], 4)]:
+            x = torch.randn(n, c)
+            x[x.abs() < 0.5] = 0
+            x[0, 0], x[-1, -1] = float("inf"), -0.0
+            one = fastcount.count(x, [1e-3, 0.25, 0.6], lens, k, threads=1)
+            for threads in (2, 3):
+                split = fastcount.count(x, [1e-3, 0.25, 0.6], lens, k, threads=threads)
+                for key in ("hist", "zero_channel"):
+                    assert np.array_equal(one[key], split[key]), key
+                assert one["max_abs"] == split["max_abs"]
+                counts = [0, 1, 2, 3, 4, 6]  # windows' zero, neg, grid and n_chunks columns: integers
+                assert np.array_equal(one["windows"][:, counts], split["windows"][:, counts])
+                np.testing.assert_allclose(split["windows"][:, 5], one["windows"][:, 5], rtol=1e-12)
+                np.testing.assert_allclose(split["sums"], one["sums"], rtol=1e-12)
+    finally:
+        fastcount.reset_for_tests()
 
 
 def test_measure_records_which_kernel_counted():
