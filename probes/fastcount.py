@@ -221,7 +221,8 @@ def _flag_sets() -> list[list[str]]:
 
 
 def _gomp_files() -> set[str]:
-    """The OpenMP runtime files mapped into this process (Linux)."""
+    """The OpenMP runtime files mapped into this process (Linux): torch's, and any other library's own (e.g.
+    scikit-learn vendors one under another name), which a build of ours must not add to."""
     try:
         with open("/proc/self/maps") as f:
             return {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
@@ -308,7 +309,8 @@ def _load_library():
                     raise OSError(f"{target} is not private to this user")
                 omp = "-fopenmp" in flags
                 before = _gomp_files() if omp else set()
-                if omp and not before:  # torch's runtime is not loaded: nothing to share
+                if omp and os.path.realpath(Path(torch_libgomp() or "") / "libgomp.so.1") not in {
+                        os.path.realpath(f) for f in before}:  # torch's runtime is not loaded: nothing to share
                     raise OSError("torch's OpenMP runtime is not loaded")
                 lib = ctypes.CDLL(str(target))
                 fn = lib.actsparse_counts
