@@ -97,9 +97,12 @@ def _listing(folder: Path, kinds: tuple[str, ...]) -> tuple[str, list[dict]] | N
     gen = folder / "generation_config.json"
     if gen.exists() and not isinstance(read_json(gen, "generation_config.json"), dict):
         return None
+    rows = _rows(dims, kinds)
+    if not rows:  # e.g. only mlp_gate_act, which GPT-2 has not: the load's "no activation sites" error
+        return None
     if not _weights_fit(weights, cfg, dims) or not _tokenizer_fits(folder, cfg["vocab_size"]):
         return None
-    return "gpt2", _rows(dims, kinds)
+    return "gpt2", rows
 
 
 def _gpt2_dims(cfg: Any) -> dict[str, int] | None:

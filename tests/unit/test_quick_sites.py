@@ -121,6 +121,11 @@ def test_options_only_the_load_honours_take_the_load(base):
                  dict(config=str(base / "config.json")), dict(arch="gpt2"), dict(device_map="cpu"),
                  dict(kinds=("mlp_post", "no_such_kind"))):
         assert listing(base, **opts) is None, opts
+    assert listing(base, kinds=("mlp_gate_act",)) is None  # none in GPT-2: the load says so
+    quick = runner.invoke(app, ["sites", str(base), "--kind", "mlp_gate_act"])
+    full = runner.invoke(app, ["sites", str(base), "--kind", "mlp_gate_act", "--load-model", "--no-cache"])
+    assert quick.exit_code != 0 and (quick.exit_code, quick.stdout, quick.stderr) == (
+        full.exit_code, full.stdout, full.stderr)
     assert listing(base / "model.safetensors") is None  # a bare weight file: no config to read sites from
     assert listing(base.parent / "no-such-folder") is None
 
