@@ -51,6 +51,10 @@ _DTYPES = (None, "float32", "float16", "bfloat16")
 # non-finite value: all exponent bits set.
 _FLOATS = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
 
+# generation_config.json keys of one that save_pretrained derived from the config (sampling flags such as
+# temperature without do_sample make transformers warn while loading).
+_GENERATION_KEYS = {"_from_model_config", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+                    "output_attentions", "output_hidden_states", "use_cache"}
 # tokenizer_config.json keys that change nothing the load checks, and the special-token keys, whose tokens
 # must already be in tokenizer.json's vocabulary (else the tokenizer would add them, with new ids).
 _TOKENIZER_KEYS = {"backend", "model_max_length", "tokenizer_class", "add_prefix_space", "add_bos_token",
@@ -95,8 +99,10 @@ def _listing(folder: Path, kinds: tuple[str, ...]) -> tuple[str, list[dict]] | N
     if dims is None:
         return None
     gen = folder / "generation_config.json"
-    if gen.exists() and not isinstance(read_json(gen, "generation_config.json"), dict):
-        return None
+    if gen.exists():  # what save_pretrained writes from the config; other flags can make the load warn
+        g = read_json(gen, "generation_config.json")
+        if not isinstance(g, dict) or not set(g) <= _GENERATION_KEYS:
+            return None
     rows = _rows(dims, kinds)
     if not rows:  # e.g. only mlp_gate_act, which GPT-2 has not: the load's "no activation sites" error
         return None
@@ -146,7 +152,7 @@ def _expected_shapes(cfg: dict, dims: dict[str, int]) -> dict[str, list[int]]:
 
 
 def _weights_fit(path: Path, cfg: dict, dims: dict[str, int]) -> bool:
-    """Exactly the parameters GPT2LMHeadModel builds (the head only where tied, or as its own tensor), each
+    """Exactly the parameters GPT2LMHeadModel builds (a head of its own only where the config unties it), each
     of its shape, in a float dtype, every value finite."""
     import numpy as np
 
@@ -157,8 +163,7 @@ def _weights_fit(path: Path, cfg: dict, dims: dict[str, int]) -> bool:
     if not isinstance(meta, dict) or meta.get("format") != "pt":
         return False
     want = _expected_shapes(cfg, dims)
-    tied = cfg.get("tie_word_embeddings", True)
-    if not tied or "lm_head.weight" in header:
+    if not cfg.get("tie_word_embeddings", True):  # tied: no head in the file (one there may make the load warn)
         want["lm_head.weight"] = [cfg["vocab_size"], dims["n_embd"]]
     have = {k: v for k, v in header.items() if k != "__metadata__"}
     if set(have) != set(want) or any(list(v.get("shape", ())) != want[k] or v.get("dtype") not in _FLOATS

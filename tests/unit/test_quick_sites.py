@@ -167,6 +167,11 @@ REFUSED = {
     "corrupt tokenizer": (lambda f: (f / "tokenizer.json").write_text("{not json"), "cannot be loaded"),
     "truncated weights": (lambda f: truncate(f / "model.safetensors"), "truncated"),
     "sharded": (lambda f: reshard(f), None),
+    "sampling flags": (lambda f: (f / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "temperature": 0.7, "bos_token_id": 0})), None),
+    # tied, and a head in the file that differs from the embedding: transformers warns and unties
+    "a head of its own though tied": (lambda f: rewrite_weights(f, lambda a: a.update(
+        {"lm_head.weight": a["transformer.wte.weight"] + 1})), None),
 }
 
 
