@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
                                                      "folder).")] = False,
               load_model: Annotated[bool, typer.Option("--load-model", help="Build the model with transformers "
                                                        "even where the sites follow from config.json and the weight "
-                                                       "file (GPT-2 folders).")] = False,
+                                                       "file (GPT-2 and Llama folders).")] = False,
               debug: DebugArg = False, *, output_format) -> None:
         """List the activation sites found: canonical name, module path, kind, width."""
         import time

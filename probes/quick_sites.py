@@ -1,16 +1,16 @@
-"""The sites of a GPT-2 model folder, read from its files without building the model.
+"""The sites of a GPT-2 or Llama model folder, read from its files without building the model.
 
-``actsparse sites`` on a Hugging Face GPT-2 folder would otherwise import torch and transformers' GPT-2
-modeling (~3 s on a 2-core machine, before a byte of the checkpoint is read) to build a model whose module
-names and widths follow from ``config.json`` alone. ``listing`` answers from the files instead, and only
-where it is sure that the load would succeed without a word on stderr and find the same sites: it repeats
-the load's checks on the files themselves (the folder's files, a config it knows every key of, with
-positive sizes and an activation transformers has, the architecture ``GPT2LMHeadModel``, exactly the
-parameter names and shapes that model builds, weights without NaN or Inf, a tokenizer whose ids fit the
-input embedding) and returns None for anything outside that, so that the caller loads the model and the
-user sees the load's own errors and warnings. What it lists is what ``probes.sites.find_sites`` finds in
-the loaded model (``tests/unit/test_quick_sites.py`` holds the two equal over configs, dtypes, kinds and
-tokenizers, and checks each way out).
+``actsparse sites`` on a Hugging Face folder would otherwise import torch and transformers' modeling code
+(~3 s on a 2-core machine, before a byte of the checkpoint is read) to build a model whose module names and
+widths follow from ``config.json`` alone. ``listing`` answers from the files instead, for ``GPT2LMHeadModel``
+and ``LlamaForCausalLM`` folders with one ``model.safetensors``, and only where it is sure that the load
+would succeed without a word on stderr and find the same sites: it repeats the load's checks on the files
+themselves (the folder's files, a config it knows every key of, with positive sizes, an activation
+transformers has and (Llama) default RoPE, exactly the parameter names and shapes that model builds, weights
+without NaN or Inf, a tokenizer whose ids fit the input embedding) and returns None for anything outside
+that, so that the caller loads the model and the user sees the load's own errors and warnings. What it lists
+is what ``probes.sites.find_sites`` finds in the loaded model (``tests/unit/test_quick_sites.py`` holds the
+two equal over configs, dtypes, kinds and tokenizers, and checks each way out).
 
 Nothing here imports torch or transformers; numpy reads the weights (each tensor once, in file order), and
 the ``tokenizers`` package parses ``tokenizer.json``.
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from probes.sites import MLP_KINDS, MLP_POST, MLP_PRE, RESID_POST
+from probes.sites import MLP_GATE_ACT, MLP_KINDS, MLP_POST, MLP_PRE, RESID_POST
 
 # config.json keys a saved GPT2LMHeadModel carries (GPT2Config.to_dict() of transformers 4.x and 5.x, and the
 # hub's gpt2 files), each with the types its value may have. A key outside this table sends the folder to
@@ -95,33 +95,53 @@ def _listing(folder: Path, kinds: tuple[str, ...]) -> tuple[str, list[dict]] | N
     if sn.kind is not Kind.HF_FOLDER or sn.index_path or sn.files != [str(weights)] or not is_safetensors(weights):
         return None
     cfg = read_json(folder / "config.json", "config.json")
-    dims = _gpt2_dims(cfg)
-    if dims is None:
+    layout = _LAYOUTS.get(cfg.get("model_type")) if isinstance(cfg, dict) else None
+    plan = layout(cfg) if layout is not None else None
+    if plan is None:
         return None
+    family, shapes, rows_of = plan
     gen = folder / "generation_config.json"
     if gen.exists():  # what save_pretrained writes from the config; other flags can make the load warn
         g = read_json(gen, "generation_config.json")
         if not isinstance(g, dict) or not set(g) <= _GENERATION_KEYS:
             return None
-    rows = _rows(dims, kinds)
+    rows = rows_of(kinds)
     if not rows:  # e.g. only mlp_gate_act, which GPT-2 has not: the load's "no activation sites" error
         return None
-    if not _weights_fit(weights, cfg, dims) or not _tokenizer_fits(folder, cfg["vocab_size"]):
+    if not _weights_fit(weights, shapes) or not _tokenizer_fits(folder, cfg["vocab_size"]):
         return None
-    return "gpt2", rows
+    return family, rows
+
+
+def _known_keys(cfg: dict, table: dict[str, tuple[type, ...]]) -> bool:
+    """Every key of ``cfg`` in ``table``, with a value of one of its types (a bool only where bool is named)."""
+    for key, value in cfg.items():
+        types = table.get(key)
+        if types is None or not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            return False
+    return True
+
+
+def _positive(cfg: dict, keys) -> bool:
+    return all(isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] > 0 for k in keys)
+
+
+def _gpt2(cfg: dict):
+    """``("gpt2", parameter shapes, rows(kinds))`` of the GPT2LMHeadModel ``cfg`` builds, or None."""
+    dims = _gpt2_dims(cfg)
+    if dims is None:
+        return None
+    shapes = _expected_shapes(cfg, dims)
+    if not cfg.get("tie_word_embeddings", True):  # tied: no head in the file (one there may make the load warn)
+        shapes["lm_head.weight"] = [cfg["vocab_size"], dims["n_embd"]]
+    return "gpt2", shapes, lambda kinds: _rows(dims, kinds)
 
 
 def _gpt2_dims(cfg: Any) -> dict[str, int] | None:
     """Layers and widths of the GPT2LMHeadModel ``cfg`` builds, or None for a config outside the table."""
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2" or cfg.get("architectures") != ["GPT2LMHeadModel"]:
+    if cfg.get("model_type") != "gpt2" or cfg.get("architectures") != ["GPT2LMHeadModel"] \
+            or not _known_keys(cfg, _CONFIG_KEYS) or not _positive(cfg, _SIZES):
         return None
-    for key, value in cfg.items():
-        types = _CONFIG_KEYS.get(key)
-        if types is None or not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            return None
-    for key in _SIZES:
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            return None
     inner = cfg.get("n_inner")
     if (inner is not None and inner <= 0) or cfg.get("n_ctx", 1) <= 0:
         return None
@@ -151,9 +171,9 @@ def _expected_shapes(cfg: dict, dims: dict[str, int]) -> dict[str, list[int]]:
     return shapes
 
 
-def _weights_fit(path: Path, cfg: dict, dims: dict[str, int]) -> bool:
-    """Exactly the parameters GPT2LMHeadModel builds (a head of its own only where the config unties it), each
-    of its shape, in a float dtype, every value finite."""
+def _weights_fit(path: Path, want: dict[str, list[int]]) -> bool:
+    """Exactly the parameters the model builds (``want``: name -> shape; a head of its own only where the
+    config unties it), each of its shape, in a float dtype, every value finite."""
     import numpy as np
 
     from probes.formats import safetensors_header, safetensors_raw_tensors
@@ -162,9 +182,6 @@ def _weights_fit(path: Path, cfg: dict, dims: dict[str, int]) -> bool:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != "pt":
         return False
-    want = _expected_shapes(cfg, dims)
-    if not cfg.get("tie_word_embeddings", True):  # tied: no head in the file (one there may make the load warn)
-        want["lm_head.weight"] = [cfg["vocab_size"], dims["n_embd"]]
     have = {k: v for k, v in header.items() if k != "__metadata__"}
     if set(have) != set(want) or any(list(v.get("shape", ())) != want[k] or v.get("dtype") not in _FLOATS
                                      for k, v in have.items()):
@@ -224,6 +241,85 @@ def _tokenizer_fits(folder: Path, vocab_rows: int) -> bool:
     return bool(vocab) and len(vocab) > len(specials) and max(vocab.values()) < vocab_rows
 
 
+# config.json keys of a saved LlamaForCausalLM (LlamaConfig.to_dict() of transformers 4.4x-5.x), with their types.
+_LLAMA_KEYS: dict[str, tuple[type, ...]] = {
+    "architectures": (list,), "model_type": (str,), "attention_bias": (bool,), "attention_dropout": _NUM,
+    "bos_token_id": (int, type(None)), "eos_token_id": (int, type(None)), "pad_token_id": (int, type(None)),
+    "dtype": (str, type(None)), "torch_dtype": (str, type(None)), "head_dim": (int, type(None)),
+    "hidden_act": (str,), "hidden_size": (int,), "initializer_range": _NUM, "intermediate_size": (int,),
+    "max_position_embeddings": (int,), "mlp_bias": (bool,), "num_attention_heads": (int,),
+    "num_hidden_layers": (int,), "num_key_value_heads": (int, type(None)), "pretraining_tp": (int,),
+    "rms_norm_eps": _NUM, "rope_parameters": (dict, type(None)), "rope_theta": _NUM, "rope_scaling": (type(None),),
+    "tie_word_embeddings": (bool,), "transformers_version": (str,), "use_cache": (bool,), "vocab_size": (int,),
+    "_name_or_path": (str,), "output_attentions": (bool,), "output_hidden_states": (bool,), "return_dict": (bool,),
+}
+_LLAMA_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings")
+
+
+def _llama(cfg: dict):
+    """``("llama", parameter shapes, rows(kinds))`` of the LlamaForCausalLM ``cfg`` builds (default RoPE, no
+    scaling), or None."""
+    if cfg.get("architectures") != ["LlamaForCausalLM"] or not _known_keys(cfg, _LLAMA_KEYS) \
+            or not _positive(cfg, _LLAMA_SIZES):
+        return None
+    d, inner, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    kv, hd = cfg.get("num_key_value_heads") or heads, cfg.get("head_dim")
+    if kv <= 0 or heads % kv or (hd is None and d % heads) or (hd is not None and hd <= 0):
+        return None
+    hd = hd or d // heads
+    rope = cfg.get("rope_parameters")
+    if rope is not None and not (set(rope) <= {"rope_theta", "rope_type"} and rope.get("rope_type", "default")
+                                 == "default" and isinstance(rope.get("rope_theta", 1.0), (int, float))
+                                 and rope.get("rope_theta", 1.0) > 0):
+        return None
+    if cfg.get("hidden_act", "silu") not in ACTIVATIONS or cfg.get("pretraining_tp", 1) != 1 \
+            or not 0 <= cfg.get("attention_dropout", 0.0) <= 1 or cfg.get("rope_theta", 1.0) <= 0 \
+            or cfg.get("dtype") not in _DTYPES or cfg.get("torch_dtype") not in _DTYPES:
+        return None
+    ab, mb = cfg.get("attention_bias", False), cfg.get("mlp_bias", False)
+    shapes = {"model.embed_tokens.weight": [cfg["vocab_size"], d], "model.norm.weight": [d]}
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        shapes.update({b + "input_layernorm.weight": [d], b + "post_attention_layernorm.weight": [d],
+                       b + "self_attn.q_proj.weight": [heads * hd, d], b + "self_attn.k_proj.weight": [kv * hd, d],
+                       b + "self_attn.v_proj.weight": [kv * hd, d], b + "self_attn.o_proj.weight": [d, heads * hd],
+                       b + "mlp.gate_proj.weight": [inner, d], b + "mlp.up_proj.weight": [inner, d],
+                       b + "mlp.down_proj.weight": [d, inner]})
+        if ab:
+            shapes.update({b + "self_attn.q_proj.bias": [heads * hd], b + "self_attn.k_proj.bias": [kv * hd],
+                           b + "self_attn.v_proj.bias": [kv * hd], b + "self_attn.o_proj.bias": [d]})
+        if mb:
+            shapes.update({b + "mlp.gate_proj.bias": [inner], b + "mlp.up_proj.bias": [inner],
+                           b + "mlp.down_proj.bias": [d]})
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = [cfg["vocab_size"], d]
+    n = cfg["num_hidden_layers"]
+
+    def rows(kinds):
+        """``probes.sites``' llama sites in its order: per layer the MLP activation (input of ``down_proj``), the
+        gate activation (output of ``act_fn``), the gate pre-activation (output of ``gate_proj``), the layer's
+        output."""
+        out = []
+        for i in range(n):
+            b = f"model.layers.{i}"
+            if MLP_POST in kinds:
+                out.append(_row(f"blocks.{i}.mlp.hook_post", f"{b}.mlp.down_proj", "input", MLP_POST, i, inner, "llama"))
+            if MLP_GATE_ACT in kinds:
+                out.append(_row(f"blocks.{i}.mlp.hook_gate_act", f"{b}.mlp.act_fn", "output", MLP_GATE_ACT, i, inner,
+                                "llama"))
+            if MLP_PRE in kinds:
+                out.append(_row(f"blocks.{i}.mlp.hook_pre", f"{b}.mlp.gate_proj", "output", MLP_PRE, i, inner, "llama"))
+            if RESID_POST in kinds:
+                out.append(_row(f"blocks.{i}.hook_resid_post", b, "output", RESID_POST, i, d, "llama"))
+        return out
+
+    return "llama", shapes, rows
+
+
+_LAYOUTS = {"gpt2": _gpt2, "llama": _llama}
+
+
 def _rows(dims: dict[str, int], kinds: tuple[str, ...]) -> list[dict]:
     """``Site.row()`` of each site ``probes.sites`` finds in GPT2LMHeadModel, in its order: per block the
     MLP activation (input of ``mlp.c_proj``), the pre-activation (output of ``mlp.c_fc``), the block output
@@ -240,6 +336,6 @@ def _rows(dims: dict[str, int], kinds: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def _row(canonical: str, path: str, hook: str, kind: str, layer: int, width: int) -> dict:
+def _row(canonical: str, path: str, hook: str, kind: str, layer: int, width: int, family: str = "gpt2") -> dict:
     return {"canonical_name": canonical, "module_path": path, "hook": hook, "kind": kind, "layer": layer,
-            "width": width, "family": "gpt2"}
+            "width": width, "family": family}

@@ -50,6 +50,26 @@ def save(folder: Path, word_lm, *, dtype=None, edit=None, tokenizer: bool = True
     return folder
 
 
+def save_llama(folder: Path, word_lm, *, dtype=None, **cfg_kw) -> Path:
+    """A tiny random LlamaForCausalLM (``cfg_kw`` over the defaults below) with the word-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, vocab = word_lm.tokenizer(WORDS, 32)
+    kw = dict(vocab_size=vocab + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+              eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(**{**kw, **cfg_kw})
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def loaded_rows(path, kinds) -> tuple[str, list[dict]]:
     lm = load_checkpoint(str(path), device="cpu")
     return lm.family, [s.row() for s in find_sites(lm.model, lm.family, kinds)]
@@ -107,6 +127,51 @@ def test_configs_and_dtypes_list_what_the_loaded_model_has(tmp_path, word_lm, va
         quick = listing(path, kinds=kinds)
         assert quick is not None, (variant, kinds)
         assert quick == loaded_rows(path, kinds), (variant, kinds)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(attention_bias=True, mlp_bias=True, hidden_act="gelu"),
+    dict(tie_word_embeddings=True, num_key_value_heads=4, num_hidden_layers=3),
+    dict(head_dim=16, intermediate_size=40, dtype="bfloat16"),
+])
+def test_llama_configs_list_what_the_loaded_model_has(tmp_path, word_lm, variant):
+    import torch
+
+    dtype = variant.pop("dtype", None)
+    path = save_llama(tmp_path / "m", word_lm, dtype=getattr(torch, dtype) if dtype else None, **variant)
+    for kinds in KINDS:
+        quick = listing(path, kinds=kinds)
+        assert quick is not None and quick[0] == "llama", (variant, kinds)
+        assert quick == loaded_rows(path, kinds), (variant, kinds)
+    quick = runner.invoke(app, ["sites", str(path), "--no-cache"])
+    full = runner.invoke(app, ["sites", str(path), "--no-cache", "--load-model"])
+    assert quick.exit_code == 0 and (quick.stdout, quick.stderr) == (full.stdout, full.stderr)
+
+
+LLAMA_REFUSED = {
+    "rope scaling": (lambda f: edit_config(f, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 10000.0}), None),
+    "missing down_proj": (lambda f: rewrite_weights(f, lambda a: a.pop("model.layers.1.mlp.down_proj.weight")),
+                          "parameters missing"),
+    "other kv heads": (lambda f: edit_config(f, num_key_value_heads=4), "of another shape"),
+    "tied but a head in the file": (lambda f: edit_config(f, tie_word_embeddings=True), None),
+    "nan": (lambda f: rewrite_weights(f, nan_at("model.layers.0.mlp.up_proj.weight")), "NaN or Inf"),
+    "other architecture": (lambda f: edit_config(f, architectures=["LlamaForSequenceClassification"]), None),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_REFUSED))
+def test_what_a_llama_folder_cannot_vouch_for_goes_to_the_load(tmp_path, word_lm, case):
+    path = save_llama(tmp_path / "m", word_lm)
+    change, error = LLAMA_REFUSED[case]
+    change(path)
+    assert listing(path) is None
+    quick = runner.invoke(app, ["sites", str(path), "--no-cache"])
+    full = runner.invoke(app, ["sites", str(path), "--no-cache", "--load-model"])
+    assert (quick.exit_code, quick.stdout, quick.stderr) == (full.exit_code, full.stdout, full.stderr), case
+    if error is not None:
+        assert quick.exit_code != 0 and error in " ".join(quick.stderr.split()), (case, quick.stderr)
 
 
 def test_a_folder_without_a_tokenizer_is_listed(tmp_path, word_lm):
