@@ -304,7 +304,8 @@ def _llama(cfg: dict):
         for i in range(n):
             b = f"model.layers.{i}"
             if MLP_POST in kinds:
-                out.append(_row(f"blocks.{i}.mlp.hook_post", f"{b}.mlp.down_proj", "input", MLP_POST, i, inner, "llama"))
+                out.append(_row(f"blocks.{i}.mlp.hook_post", f"{b}.mlp.down_proj", "input", MLP_POST, i, inner,
+                                "llama"))
             if MLP_GATE_ACT in kinds:
                 out.append(_row(f"blocks.{i}.mlp.hook_gate_act", f"{b}.mlp.act_fn", "output", MLP_GATE_ACT, i, inner,
                                 "llama"))
