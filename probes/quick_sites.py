@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from probes.sites import MLP_GATE_ACT, MLP_KINDS, MLP_POST, MLP_PRE, RESID_POST
+from probes.sites import MLP_GATE_ACT, MLP_KINDS, MLP_POST, MLP_PRE, RESID_POST, Site, _canonical
 
 # config.json keys a saved GPT2LMHeadModel carries (GPT2Config.to_dict() of transformers 4.x and 5.x, and the
 # hub's gpt2 files), each with the types its value may have. A key outside this table sends the folder to
@@ -134,7 +134,9 @@ def _gpt2(cfg: dict):
     shapes = _expected_shapes(cfg, dims)
     if not cfg.get("tie_word_embeddings", True):  # tied: no head in the file (one there may make the load warn)
         shapes["lm_head.weight"] = [cfg["vocab_size"], dims["n_embd"]]
-    return "gpt2", shapes, lambda kinds: _rows(dims, kinds)
+    return "gpt2", shapes, lambda kinds: _site_rows("gpt2", "transformer.h", dims["n_layer"], kinds,
+                                                    down="mlp.c_proj", act=None, pre="mlp.c_fc",
+                                                    inner=dims["inner"], d=dims["n_embd"])
 
 
 def _gpt2_dims(cfg: Any) -> dict[str, int] | None:
@@ -186,11 +188,9 @@ def _weights_fit(path: Path, want: dict[str, list[int]]) -> bool:
     if set(have) != set(want) or any(list(v.get("shape", ())) != want[k] or v.get("dtype") not in _FLOATS
                                      for k, v in have.items()):
         return False
-    for name, st_dtype, shape, buf in safetensors_raw_tensors(str(path)):
+    for _name, st_dtype, _shape, buf in safetensors_raw_tensors(str(path)):  # sizes checked by the header's reader
         view, exponent = _FLOATS[st_dtype]
-        bits = np.frombuffer(buf, dtype=view) if buf else np.empty(0, dtype=view)
-        if bits.size != int(np.prod(shape, dtype=np.int64)):
-            return False
+        bits = np.frombuffer(buf, dtype=view)
         if bits.size and np.any((bits & np.array(exponent, dtype=view)) == exponent):
             return False
     return True
@@ -295,48 +295,24 @@ def _llama(cfg: dict):
     if not cfg.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = [cfg["vocab_size"], d]
     n = cfg["num_hidden_layers"]
-
-    def rows(kinds):
-        """``probes.sites``' llama sites in its order: per layer the MLP activation (input of ``down_proj``), the
-        gate activation (output of ``act_fn``), the gate pre-activation (output of ``gate_proj``), the layer's
-        output."""
-        out = []
-        for i in range(n):
-            b = f"model.layers.{i}"
-            if MLP_POST in kinds:
-                out.append(_row(f"blocks.{i}.mlp.hook_post", f"{b}.mlp.down_proj", "input", MLP_POST, i, inner,
-                                "llama"))
-            if MLP_GATE_ACT in kinds:
-                out.append(_row(f"blocks.{i}.mlp.hook_gate_act", f"{b}.mlp.act_fn", "output", MLP_GATE_ACT, i, inner,
-                                "llama"))
-            if MLP_PRE in kinds:
-                out.append(_row(f"blocks.{i}.mlp.hook_pre", f"{b}.mlp.gate_proj", "output", MLP_PRE, i, inner, "llama"))
-            if RESID_POST in kinds:
-                out.append(_row(f"blocks.{i}.hook_resid_post", b, "output", RESID_POST, i, d, "llama"))
-        return out
-
-    return "llama", shapes, rows
+    return "llama", shapes, lambda kinds: _site_rows("llama", "model.layers", n, kinds, down="mlp.down_proj",
+                                                     act="mlp.act_fn", pre="mlp.gate_proj", inner=inner, d=d)
 
 
 _LAYOUTS = {"gpt2": _gpt2, "llama": _llama}
 
 
-def _rows(dims: dict[str, int], kinds: tuple[str, ...]) -> list[dict]:
-    """``Site.row()`` of each site ``probes.sites`` finds in GPT2LMHeadModel, in its order: per block the
-    MLP activation (input of ``mlp.c_proj``), the pre-activation (output of ``mlp.c_fc``), the block output
-    (GPT-2's MLP has no gate, so no ``mlp_gate_act``)."""
+def _site_rows(family: str, blocks: str, n_layer: int, kinds, *, down: str, act: str | None, pre: str, inner: int,
+               d: int) -> list[dict]:
+    """``Site.row()`` of each site ``probes.sites.find_sites`` finds in such a model, in its order: per block
+    the MLP activation (input of ``down``), the gate activation (output of ``act``; GLU models only, ``act``
+    None otherwise), the pre-activation (output of ``pre``), the block's output."""
     rows = []
-    for i in range(dims["n_layer"]):
-        b = f"transformer.h.{i}"
-        if MLP_POST in kinds:
-            rows.append(_row(f"blocks.{i}.mlp.hook_post", f"{b}.mlp.c_proj", "input", MLP_POST, i, dims["inner"]))
-        if MLP_PRE in kinds:
-            rows.append(_row(f"blocks.{i}.mlp.hook_pre", f"{b}.mlp.c_fc", "output", MLP_PRE, i, dims["inner"]))
-        if RESID_POST in kinds:
-            rows.append(_row(f"blocks.{i}.hook_resid_post", b, "output", RESID_POST, i, dims["n_embd"]))
+    for i in range(n_layer):
+        b = f"{blocks}.{i}"
+        for kind, path, hook, width in ((MLP_POST, f"{b}.{down}", "input", inner),
+                                        (MLP_GATE_ACT, act and f"{b}.{act}", "output", inner),
+                                        (MLP_PRE, f"{b}.{pre}", "output", inner), (RESID_POST, b, "output", d)):
+            if kind in kinds and path:
+                rows.append(Site(_canonical("", i, kind), path, kind, hook, i, width, family).row())
     return rows
-
-
-def _row(canonical: str, path: str, hook: str, kind: str, layer: int, width: int, family: str = "gpt2") -> dict:
-    return {"canonical_name": canonical, "module_path": path, "hook": hook, "kind": kind, "layer": layer,
-            "width": width, "family": family}
