@@ -494,6 +494,19 @@ def _tall_svals(W, block_bytes: int, method: str) -> np.ndarray:
     return svals_cpu(r_factor(W, block_bytes), method)
 
 
+def _gram_rule() -> str:
+    """What ``svd="auto"`` did on CPU, in words, for the table's attrs and the manifest."""
+    from probes import gram_refine
+
+    if not gram_refine.available():
+        return ("eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, else the SVD (no LAPACK "
+                "potrf/potrs found to recompute small eigenvalues)" % (GRAM_MIN_Q, GRAM_MIN_RATIO))
+    return ("eigenvalues of W^T W where N >= %.1f M or M >= %d; those >= %g lambda_max as they are; smaller ones: "
+            "where N < %.1f M, recomputed to %g relative (block inverse iteration and Rayleigh-Ritz on W, "
+            "residual-certified), else (or where that fails) the SVD of the matrix; any other matrix: the SVD"
+            % (GRAM_MIN_Q, gram_refine.REFINE_MIN, GRAM_MIN_RATIO, GRAM_MIN_Q, gram_refine.REFINE_RTOL))
+
+
 def _cpus() -> int:
     """The CPUs this process may run on (its affinity mask, not the machine's count)."""
     import os
@@ -767,9 +780,7 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
     table.attrs["compute_threads_history"] = runner.history if isinstance(runner, _ThreadBatcher) else []
     table.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd,
                           "workers": runner.workers if runner else 1,
-                          "gram": "eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, "
-                                  "else the SVD" % (GRAM_MIN_Q, GRAM_MIN_RATIO) if svd == "auto" and dev == "cpu"
-                          else "SVD"}
+                          "gram": _gram_rule() if svd == "auto" and dev == "cpu" else "SVD"}
     return table
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from probes import gram_refine
 from probes.errors import ModelError
 
 # WeightWatcher 0.7.7 constants (constants.py, WW_powerlaw.py, RMT_Util.py).
@@ -153,32 +154,39 @@ def gram_matrix(W, block_bytes: int = 8 << 20) -> np.ndarray:
 
 
 # The ESD from eigenvalues of the Gram matrix W^T W instead of an SVD of W: 3-5x faster on
-# tall matrices, with an absolute error of a few eps * lambda_max per eigenvalue, i.e. a
-# relative error near eps * kappa^2 on the smallest one. It is used only where that is small:
-# on shapes with N >= GRAM_MIN_Q * M (near-square weights usually have a large kappa) and
-# only when the computed lambda_min >= GRAM_MIN_RATIO * lambda_max (kappa <= 1e3, relative
-# error <~ 1e-10); any other slice gets the SVD (``--svd exact`` forces it everywhere).
+# tall matrices, ~2.5x on square ones, with an absolute error of a few eps * lambda_max per
+# eigenvalue, i.e. a relative error near eps * kappa^2 on the smallest one. The Gram values
+# >= GRAM_MIN_RATIO * lambda_max are used as they are (relative error <~ 1e-10). Below that:
+# on shapes with N >= GRAM_MIN_Q * M the whole matrix takes the SVD (such shapes rarely have
+# small eigenvalues); on near-square ones at least REFINE_MIN wide the few small eigenvalues are
+# recomputed and certified to 1e-12 (``probes.gram_refine``), and a matrix where that cannot be
+# done takes the SVD. ``--svd exact`` forces the SVD everywhere.
 GRAM_MIN_Q = 1.2
-GRAM_MIN_RATIO = 1e-6
+GRAM_MIN_RATIO = gram_refine.GRAM_MIN_RATIO
 
 
 def gram_evals_ok(lam: np.ndarray) -> np.ndarray:
-    """Which rows of ascending Gram eigenvalues ``[k, m]`` are accurate enough to use."""
+    """Which rows of ascending Gram eigenvalues ``[k, m]`` are accurate enough to use as they are."""
     return (lam[..., 0] >= GRAM_MIN_RATIO * lam[..., -1]) & (lam[..., -1] > 0)
 
 
 def svals_cpu(stack: np.ndarray, method: str = "auto") -> np.ndarray:
     """Singular values ``[k, b]`` (descending) of a float64 stack ``[k, a, b]`` with a >= b."""
     k, a, b = stack.shape
-    if method == "auto" and a >= GRAM_MIN_Q * b and b > 1:
-        lam = np.linalg.eigvalsh(np.matmul(stack.transpose(0, 2, 1), stack))  # ascending
-        ok = gram_evals_ok(lam)
-        out = np.empty((k, b))
-        out[ok] = np.sqrt(lam[ok, ::-1])
-        if not ok.all():
-            out[~ok] = np.linalg.svd(stack[~ok], compute_uv=False)
-        return out
-    return np.linalg.svd(stack, compute_uv=False)
+    if method != "auto" or b <= 1:
+        return np.linalg.svd(stack, compute_uv=False)
+    refine = a < GRAM_MIN_Q * b
+    if refine and not (b >= gram_refine.REFINE_MIN and gram_refine.available()):
+        return np.linalg.svd(stack, compute_uv=False)
+    G = np.matmul(stack.transpose(0, 2, 1), stack)
+    lam = np.linalg.eigvalsh(G)  # ascending
+    ok = gram_evals_ok(lam)
+    out = np.empty((k, b))
+    out[ok] = np.sqrt(lam[ok, ::-1])
+    for i in np.flatnonzero(~ok):
+        s = gram_refine.refined_svals(stack[i], G[i], lam[i]) if refine else None
+        out[i] = np.linalg.svd(stack[i], compute_uv=False) if s is None else s
+    return out
 
 
 def ww_skip_reason(name: str, N: int, M: int, rf: int) -> str:
