@@ -110,10 +110,11 @@ def _works(potrf, potrs) -> bool:
     return bool(np.allclose(B, want, rtol=1e-12, atol=1e-12))
 
 
-def refined_svals(W: np.ndarray, G: np.ndarray, lam: np.ndarray) -> np.ndarray | None:
+def refined_svals(W: np.ndarray, G: np.ndarray, lam: np.ndarray, overwrite_g: bool = False) -> np.ndarray | None:
     """Descending singular values of ``W`` ([n, m] float64, n >= m) from ``lam``, the ascending eigenvalues
     of its computed Gram matrix ``G`` = W^T W, with those below ``GRAM_MIN_RATIO`` * lambda_max
-    recomputed and certified (module docstring); None where the SVD is needed."""
+    recomputed and certified (module docstring); None where the SVD is needed. With ``overwrite_g`` a
+    contiguous ``G`` is overwritten by its Cholesky factor instead of copied."""
     m = W.shape[1]
     lmax = float(lam[-1])
     if not (np.isfinite(lmax) and lmax > 0):
@@ -128,7 +129,9 @@ def refined_svals(W: np.ndarray, G: np.ndarray, lam: np.ndarray) -> np.ndarray |
     if fns is None:
         return None
     potrf, potrs = fns
-    L = np.array(G, dtype=np.float64, order="F", copy=True)  # symmetric: its C and Fortran layouts agree
+    # G is symmetric: a C-contiguous one is also its own Fortran-ordered transpose
+    contiguous = G.dtype == np.float64 and (G.flags.c_contiguous or G.flags.f_contiguous)
+    L = G if overwrite_g and contiguous else np.array(G, dtype=np.float64, order="F", copy=True)
     if potrf(_COL_MAJOR, b"L", m, L.ctypes.data, m) != 0:
         return None  # not numerically positive definite (or a bad argument): the SVD
     gram_err = 4.0 * m * np.finfo(np.float64).eps * lmax  # bound on each Gram eigenvalue's absolute error

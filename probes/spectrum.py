@@ -404,7 +404,10 @@ class _ThreadBatcher(_SvdBatcher):
         self.rethink, self._clock, self._asked = rethink, time.monotonic, -1.0
         self.history: list[list[float]] = [[0.0, float(self.threads)]]  # [seconds since start, threads]
         self._t0 = time.monotonic()
-        self._gate, self._active = threading.Condition(), 0
+        # Calls pass the gate in submission order (tickets): results are harvested in that order, so a call
+        # that lost the race for the gate to a thread coming back for its next call (with one thread allowed,
+        # every time) would hold back every finished row behind it until the last LAPACK call.
+        self._gate, self._active, self._tickets, self._next_ticket = threading.Condition(), 0, 0, 0
         self.pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="actsparse-spectrum")
         self.futures: deque = deque()
         # The main thread's own work while it would wait for a group (fitting finished rows): called until
@@ -430,12 +433,19 @@ class _ThreadBatcher(_SvdBatcher):
             self._gate.notify_all()
         self.history.append([round(self._clock() - self._t0, 3), float(self.threads)])
 
-    def _gated(self, compute: Callable[..., np.ndarray], *args) -> np.ndarray:
-        """``compute(*args)`` once fewer than ``threads`` calls run (the pool has ``max_threads`` threads)."""
+    def _ticket(self) -> int:
+        self._tickets += 1
+        return self._tickets - 1
+
+    def _gated(self, ticket: int, compute: Callable[..., np.ndarray], *args) -> np.ndarray:
+        """``compute(*args)`` once fewer than ``threads`` calls run (the pool has ``max_threads`` threads) and
+        every call submitted before it has started."""
         with self._gate:
-            while self._active >= self.threads:
+            while self._active >= self.threads or ticket != self._next_ticket:
                 self._gate.wait()
             self._active += 1
+            self._next_ticket += 1
+            self._gate.notify_all()
         try:
             return compute(*args)
         finally:
@@ -446,12 +456,12 @@ class _ThreadBatcher(_SvdBatcher):
     def _run(self, group):
         self._reconsider()
         counts = [(job, key, s.shape[0]) for job, key, s in group]  # the stacks go with the call only
-        self.futures.append((counts, self.pool.submit(self._gated, self._compute, group)))
+        self.futures.append((counts, self.pool.submit(self._gated, self._ticket(), self._compute, group)))
         return self._harvest()
 
     def direct(self, job, key, compute):
         self._reconsider()
-        self.futures.append(([(job, key, None)], self.pool.submit(self._gated, compute)))
+        self.futures.append(([(job, key, None)], self.pool.submit(self._gated, self._ticket(), compute)))
         return self._harvest()
 
     def _harvest(self, wait_all: bool = False) -> list[_Job]:

@@ -184,7 +184,7 @@ def svals_cpu(stack: np.ndarray, method: str = "auto") -> np.ndarray:
     out = np.empty((k, b))
     out[ok] = np.sqrt(lam[ok, ::-1])
     for i in np.flatnonzero(~ok):
-        s = gram_refine.refined_svals(stack[i], G[i], lam[i]) if refine else None
+        s = gram_refine.refined_svals(stack[i], G[i], lam[i], overwrite_g=True) if refine else None
         out[i] = np.linalg.svd(stack[i], compute_uv=False) if s is None else s
     return out
 

@@ -111,7 +111,7 @@ def test_without_lapack_near_square_matrices_take_the_svd(monkeypatch):
 def test_small_and_tall_shapes_keep_their_old_paths(monkeypatch):
     calls = []
     real = gr.refined_svals
-    monkeypatch.setattr(gr, "refined_svals", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(gr, "refined_svals", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     rng = np.random.default_rng(6)
     small = rng.standard_normal((3, 384, 384))  # below REFINE_MIN: the SVD
     assert np.array_equal(spectrum_fit.svals_cpu(small, "auto"), np.linalg.svd(small, compute_uv=False))
@@ -142,7 +142,7 @@ def test_spectrum_table_with_refinement_equals_the_svds(monkeypatch):
                ("attn.q.weight", _with_svals(np.r_[np.linspace(2, 1, 500), [1e-3, 4e-4, 1e-4]], 8).astype(np.float32))]
     used = []
     real = gr.refined_svals
-    monkeypatch.setattr(gr, "refined_svals", lambda *a: used.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(gr, "refined_svals", lambda *a, **kw: used.append(a[0].shape) or real(*a, **kw))
     auto = sp.analyze_tensors(tensors, randomize=True, seed=3)
     assert len(used) >= 3  # the three weights (and their randomized copies where those need it)
     _table_agreement(auto, sp.analyze_tensors(tensors, randomize=True, seed=3, svd="exact"))
@@ -161,7 +161,7 @@ def test_real_minilm_square_weights_with_refinement_equal_the_svds(monkeypatch):
     monkeypatch.setattr(gr, "REFINE_MIN", 256)
     used = []
     real = gr.refined_svals
-    monkeypatch.setattr(gr, "refined_svals", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(gr, "refined_svals", lambda *a, **kw: used.append(1) or real(*a, **kw))
     auto = sp.analyze_tensors(tensors)
     assert len(used) >= 20  # nearly all of them have eigenvalues below 1e-6 lambda_max
     _table_agreement(auto, sp.analyze_tensors(tensors, svd="exact"))

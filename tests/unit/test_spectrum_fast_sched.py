@@ -225,3 +225,26 @@ def test_the_thread_count_follows_rethink_and_the_gate_holds_it():
         assert [n for _, n in b.history] == [1.0, 2.0]
     finally:
         b.close()
+
+
+def test_calls_start_in_submission_order_with_one_thread_allowed():
+    """With two pool threads and one allowed to compute, a thread back for its next call must not overtake a
+    call submitted before it that waits at the gate: results are harvested in submission order, so an
+    overtaken call would hold back every finished row (before the tickets, under load, the second call of a
+    GPT-2-shaped run started last and no row was fitted until every LAPACK call had finished)."""
+    b = sp._ThreadBatcher(budget=1 << 20, threads=1, max_threads=2)
+    started = []
+
+    def compute(i):
+        started.append(i)
+        time.sleep(0.005)
+        return np.ones((1, 2))
+
+    try:
+        jobs = [_job(i) for i in range(12)]
+        for i, j in enumerate(jobs):
+            b.futures.append(([(j, "main", None)], b.pool.submit(b._gated, b._ticket(), compute, i)))
+        assert b.flush() == jobs
+        assert started == list(range(12))
+    finally:
+        b.close()
