@@ -29,9 +29,9 @@ numbers on the same machine and library.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
+
+from probes import lapack
 
 GRAM_MIN_RATIO = 1e-6  # eigenvalues >= this * lambda_max are taken from the Gram matrix as they are
 REFINE_MIN = 512  # below this width numpy's SVD is as fast as Gram eigenvalues plus the refinement
@@ -41,73 +41,9 @@ MAX_ITER = 12
 # smooth log-spaced one) would take tens of iterations, so the SVD is taken at once.
 SLOW_RATIO = 0.25
 
-_LAPACK: dict = {}
-_LAPACK_LOCK = threading.Lock()
-
-
-def _numpy_lapack():
-    """(potrf, potrs) as ctypes functions of the LAPACK that numpy loaded, or None.
-
-    Looks through the BLAS libraries threadpoolctl finds in the process, numpy's own first (its wheel
-    ships ``scipy_openblas64_``, ILP64 with prefixed names), for the LAPACKE entry points."""
-    if "fns" in _LAPACK:
-        return _LAPACK["fns"]
-    with _LAPACK_LOCK:  # compute threads may ask at once
-        if "fns" not in _LAPACK:
-            _LAPACK["fns"] = _find_lapack()
-    return _LAPACK["fns"]
-
-
-def _find_lapack():
-    fns = None
-    try:
-        import ctypes
-        import os
-
-        from threadpoolctl import ThreadpoolController
-
-        np_dir = os.path.realpath(os.path.dirname(np.__file__))  # its wheels: numpy.libs/ or numpy/.dylibs/
-        libs = [lc for lc in ThreadpoolController().lib_controllers if lc.internal_api in ("openblas", "mkl")]
-        libs.sort(key=lambda lc: not os.path.realpath(lc.filepath).startswith((np_dir + os.sep, np_dir + ".libs")))
-        for lc in libs:
-            for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
-                try:
-                    potrf = getattr(lc.dynlib, f"{pre}LAPACKE_dpotrf{suf}")
-                    potrs = getattr(lc.dynlib, f"{pre}LAPACKE_dpotrs{suf}")
-                except AttributeError:
-                    continue
-                i = ctypes.c_int64 if suf else ctypes.c_int32
-                p, c = ctypes.c_void_p, ctypes.c_char
-                potrf.argtypes, potrf.restype = [ctypes.c_int, c, i, p, i], i
-                potrs.argtypes, potrs.restype = [ctypes.c_int, c, i, i, p, i, p, i], i
-                if _works(potrf, potrs):
-                    fns = (potrf, potrs)
-                    break
-            if fns:
-                break
-    except Exception:  # no threadpoolctl, no library, an unexpected ABI: the SVD, as before
-        fns = None
-    return fns
-
-
 def available() -> bool:
-    """Whether the refinement can run here (the LAPACK entry points were found)."""
-    return _numpy_lapack() is not None
-
-
-_COL_MAJOR = 102
-
-
-def _works(potrf, potrs) -> bool:
-    """Whether the entry points solve a small SPD system right (a wrong integer width would not)."""
-    A = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.25], [0.5, 0.25, 2.0]], order="F")
-    B = np.asfortranarray(np.arange(6.0).reshape(3, 2))
-    want = np.linalg.solve(A, B)
-    L = A.copy(order="F")
-    if potrf(_COL_MAJOR, b"L", 3, L.ctypes.data, 3) != 0 or potrs(_COL_MAJOR, b"L", 3, 2, L.ctypes.data, 3,
-                                                                    B.ctypes.data, 3) != 0:
-        return False
-    return bool(np.allclose(B, want, rtol=1e-12, atol=1e-12))
+    """Whether the refinement can run here (LAPACK's potrf/potrs were found: ``probes.lapack``)."""
+    return lapack.functions() is not None
 
 
 def refined_svals(W: np.ndarray, G: np.ndarray, lam: np.ndarray, overwrite_g: bool = False) -> np.ndarray | None:
@@ -125,20 +61,19 @@ def refined_svals(W: np.ndarray, G: np.ndarray, lam: np.ndarray, overwrite_g: bo
     p = k + max(8, k)
     if 8 * k > m or p >= m or lam[k - 1] > SLOW_RATIO * lam[p]:
         return None  # too many to recompute, or no gap for the iteration to converge on in a few steps
-    fns = _numpy_lapack()
-    if fns is None:
+    f = lapack.functions()
+    if f is None:
         return None
-    potrf, potrs = fns
     # G is symmetric: a C-contiguous one is also its own Fortran-ordered transpose
     contiguous = G.dtype == np.float64 and (G.flags.c_contiguous or G.flags.f_contiguous)
     L = G if overwrite_g and contiguous else np.array(G, dtype=np.float64, order="F", copy=True)
-    if potrf(_COL_MAJOR, b"L", m, L.ctypes.data, m) != 0:
+    if f.potrf(lapack.COL_MAJOR, b"L", m, L.ctypes.data, m) != 0:
         return None  # not numerically positive definite (or a bad argument): the SVD
     gram_err = 4.0 * m * np.finfo(np.float64).eps * lmax  # bound on each Gram eigenvalue's absolute error
     X = np.random.default_rng(0).standard_normal((m, p))
     for _ in range(MAX_ITER):
         Y = np.asfortranarray(X)
-        if potrs(_COL_MAJOR, b"L", m, p, L.ctypes.data, m, Y.ctypes.data, m) != 0:
+        if f.potrs(lapack.COL_MAJOR, b"L", m, p, L.ctypes.data, m, Y.ctypes.data, m) != 0:
             return None
         X, _ = np.linalg.qr(Y)
         _, s, Vt = np.linalg.svd(W @ X, full_matrices=False)  # Rayleigh-Ritz with W itself

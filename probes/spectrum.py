@@ -36,8 +36,9 @@ from probes.spectrum_fit import (  # noqa: F401
     KDE_POINTS, MAX_EVALS, MAX_N, MIN_EVALS, MP_PENALTY, OVER_TRAINED, SMALL_N, SMALL_N_MIN_TAIL, UNDER_TRAINED,
     KKT_COLUMNS, KKT_RATIO_THRESHOLD, KKT_RATIO_THRESHOLD_DEFAULT, WEAK_RANK_TOL, MPFit, PowerLawFit, _is_float,
     _to_numpy, _too_large, check_finite, condition_columns, dtype_name, kkt_columns, kkt_eigenvalues,
-    esd_columns, fit_marchenko_pastur, fit_power_law, gram_evals_ok, gram_matrix, jensen_shannon_distance,
-    kde_on_grid, mp_density, norm_columns, r_factor, svals_cpu, weight_slices, ww_dims, ww_skip_reason, ww_warning)
+    esd_columns, fit_marchenko_pastur, fit_power_law, gram_eigvalsh, gram_evals_ok, gram_matrix,
+    jensen_shannon_distance, kde_on_grid, mp_density, norm_columns, r_factor, svals_cpu, weight_slices, ww_dims,
+    ww_skip_reason, ww_warning)
 
 WW_SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm",
                       "stable_rank", "mp_softrank")
@@ -498,7 +499,7 @@ def _tall_svals(W, block_bytes: int, method: str) -> np.ndarray:
     Gram eigenvalues accumulated over row blocks where accurate (``method`` auto), else the SVD of its
     R factor (TSQR)."""
     if method == "auto":
-        lam = np.linalg.eigvalsh(gram_matrix(W, block_bytes))
+        lam = gram_eigvalsh(W, block_bytes)
         if gram_evals_ok(lam):
             return np.sqrt(lam[::-1])[None]
     return svals_cpu(r_factor(W, block_bytes), method)
@@ -706,7 +707,7 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
                 if isinstance(batcher, _SvdBatcher) and dev == "cpu":  # in the helper thread if there is one
                     return batcher.direct(job, "main", lambda: _tall_svals(W, batch_bytes, svd))
                 if dev == "cpu" and svd == "auto":
-                    lam = np.linalg.eigvalsh(gram_matrix(W, batch_bytes))
+                    lam = gram_eigvalsh(W, batch_bytes)
                     if gram_evals_ok(lam):
                         job.svals["main"] = np.sqrt(lam[::-1])[None]
                         job.waiting = 0

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from probes import gram_refine
+from probes import gram_refine, lapack
 from probes.errors import ModelError
 
 # WeightWatcher 0.7.7 constants (constants.py, WW_powerlaw.py, RMT_Util.py).
@@ -143,6 +143,26 @@ def r_factor(W, block_bytes: int = 8 << 20) -> np.ndarray:
     for block in _row_blocks(W, block_bytes):
         R = np.linalg.qr(block if R is None else np.concatenate([R, block]), mode="r")
     return R[None]
+
+
+GRAM_BLOCK_BYTES = 2 << 20  # float64 row blocks accumulated by syrk (3072 x 768: 31.6-31.9 ms for 256-3072 rows)
+
+
+def gram_eigvalsh(W, block_bytes: int = 8 << 20) -> np.ndarray:
+    """Ascending eigenvalues of W^T W (W tall; a wide W is transposed), the Gram matrix summed over upcast row
+    blocks: where ``probes.lapack`` found BLAS's ``syrk``, into one triangle in place (no product matrices, no
+    mirrored triangle: 12 % less time on a 3072 x 768 weight than ``gram_matrix`` and ``eigvalsh``), in blocks
+    of at most ``GRAM_BLOCK_BYTES`` (the time does not depend on it there, the memory does); else
+    ``eigvalsh(gram_matrix(W))``."""
+    f = lapack.functions()
+    if f is None:
+        return np.linalg.eigvalsh(gram_matrix(W, block_bytes))
+    G = None
+    for block in _row_blocks(W, min(block_bytes, GRAM_BLOCK_BYTES)):
+        if G is None:
+            G = np.zeros((block.shape[1], block.shape[1]))
+        lapack.syrk_lower_add(f, block, G)
+    return np.linalg.eigvalsh(G)  # reads the lower triangle, the one syrk wrote
 
 
 def gram_matrix(W, block_bytes: int = 8 << 20) -> np.ndarray:

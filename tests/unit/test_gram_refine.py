@@ -1,12 +1,14 @@
 """Near-square matrices: Gram eigenvalues with the small ones recomputed (probes.gram_refine) against the SVD."""
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from probes import gram_refine as gr
+from probes import lapack
 from probes import spectrum as sp
 from probes import spectrum_fit
 
@@ -102,7 +104,7 @@ def test_where_it_declines_svals_cpu_gives_the_svd(case):
 
 def test_without_lapack_near_square_matrices_take_the_svd(monkeypatch):
     W = np.random.default_rng(5).standard_normal((2, 512, 512))
-    monkeypatch.setitem(gr._LAPACK, "fns", None)
+    monkeypatch.setitem(lapack._FOUND, "fns", None)
     assert not gr.available()
     assert np.array_equal(spectrum_fit.svals_cpu(W, "auto"), np.linalg.svd(W, compute_uv=False))
     assert "no LAPACK potrf/potrs" in sp._gram_rule()
@@ -165,3 +167,33 @@ def test_real_minilm_square_weights_with_refinement_equal_the_svds(monkeypatch):
     auto = sp.analyze_tensors(tensors)
     assert len(used) >= 20  # nearly all of them have eigenvalues below 1e-6 lambda_max
     _table_agreement(auto, sp.analyze_tensors(tensors, svd="exact"))
+
+
+@pytest.mark.parametrize("shape", [(1500, 300), (300, 1500), (64, 64)])
+def test_gram_eigenvalues_through_syrk_equal_the_gram_matrix(shape, monkeypatch):
+    """``gram_eigvalsh`` (syrk into one triangle, row blocks of at most 2 MiB, here also 1 KiB) against
+    ``eigvalsh(W^T W)``, and without LAPACK entry points its numpy path, which is ``eigvalsh(gram_matrix)``."""
+    W = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    W64 = W.astype(np.float64)
+    ref = np.linalg.eigvalsh(W64.T @ W64 if shape[0] >= shape[1] else W64 @ W64.T)
+    for block in (8 << 20, 1 << 10):
+        got = spectrum_fit.gram_eigvalsh(W, block)
+        assert got.shape == ref.shape
+        assert np.max(np.abs(got - ref)) <= 1e-12 * ref[-1]
+    monkeypatch.setitem(lapack._FOUND, "fns", None)
+    assert np.array_equal(spectrum_fit.gram_eigvalsh(W, 1 << 10),
+                          np.linalg.eigvalsh(spectrum_fit.gram_matrix(W, 1 << 10)))
+
+
+def test_lapack_entry_points_are_numpys_own_and_checked():
+    f = lapack.functions()
+    assert f is not None and Path(f.library).is_file()
+    assert lapack._works(f)
+    G = np.zeros((3, 3))
+    X = np.arange(6.0).reshape(2, 3)
+    wide = np.zeros((2, 6))
+    wide[:, ::2] = X
+    for layout in (X, np.asfortranarray(X), wide[:, ::2]):  # C-ordered, Fortran-ordered, strided
+        G = np.zeros((3, 3))
+        lapack.syrk_lower_add(f, layout, G)
+        assert np.array_equal(np.tril(G), np.tril(X.T @ X)) and np.array_equal(np.triu(G, 1), np.zeros((3, 3)))
