@@ -182,14 +182,17 @@ class ActivationSparsityProbe:
         import numpy as np
         import torch
 
-        s, G, n = self.state, len(self.eps_grid), int(valid.shape[0])
+        G, n = len(self.eps_grid), int(valid.shape[0])
+        # The kernel runs on CPU tensors only, so the state is on the CPU: it is added to through numpy views of
+        # its tensors (the same memory), without a torch operation and its temporaries per statistic.
+        s = {k: t.numpy() for k, t in self.state.items()}
         w = r["windows"]  # [batch, zero, neg, eps..., chunk_sum, n_chunks]
         tot = w.sum(0)
         s["n_tokens"] += n
         s["zero"] += int(tot[0])
         s["neg"] += int(tot[1])
         if G:
-            s["near_zero"] += torch.from_numpy(tot[2:2 + G].astype(np.int64))
+            s["near_zero"] += tot[2:2 + G].astype(np.int64)
         s["chunk_sum"] += float(tot[2 + G])
         s["n_chunks"] += int(tot[3 + G])
         sums = r["sums"]
@@ -199,13 +202,13 @@ class ActivationSparsityProbe:
         s["token_nz_sum"] += float(sums[3])
         m = r["max_abs"]
         if not math.isfinite(m):
-            s["nonfinite"] += (~torch.isfinite(valid)).sum()
+            s["nonfinite"] += int((~torch.isfinite(valid)).sum())
         if m != m or m > float(s["max_abs"]):  # torch.maximum's rule: a NaN stays
-            s["max_abs"].fill_(m)
-        s["channel_active"] += torch.from_numpy(n - r["zero_channel"])
-        s["token_hist"] += torch.from_numpy(r["hist"])
+            s["max_abs"][...] = m
+        s["channel_active"] += n - r["zero_channel"]
+        s["token_hist"] += r["hist"]
         rows = np.concatenate([np.asarray(lens, dtype=np.float64)[:, None], w], axis=1)  # [batch, window_fields]
-        self._add_windows(torch.from_numpy(rows), lens)
+        self._add_windows(rows, lens)  # numpy: long-lived small torch tensors made the forward page-fault
 
     def _planes(self, valid, a):
         """Per-token counts ``[P, n]`` (float32 exact integers; float64 past 2^24 channels) of the planes

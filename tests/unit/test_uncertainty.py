@@ -158,13 +158,21 @@ def test_a_window_seen_twice_in_one_forward_adds_up():
     assert list(ids) == [2, 5] and vals.tolist() == [[3.0, 4.0], [11.0, 22.0]]
 
 
-def test_window_state_moves_to_cpu_with_the_probe():
+@pytest.mark.parametrize("native", [True, False])
+def test_window_state_moves_to_cpu_with_the_probe(native, monkeypatch):
+    """The window rows are numpy arrays from the CPU kernel (``probes.fastcount``) and tensors of the probe's
+    device from the torch path; after ``probe_to_cpu`` none is on another device."""
     from probes import distributed
+    from probes import sparsity
 
+    if not native:
+        monkeypatch.setattr(sparsity, "_native_ok", lambda *a: False)
     p = ActivationSparsityProbe(4, tags=None)
     p.update(_windows([1, 2]))
     q = distributed.probe_to_cpu(p)
-    assert all(t.device.type == "cpu" for t in q.windows["values"])
+    assert q.windows["values"]
+    assert all((t.device.type == "cpu") if torch.is_tensor(t) else isinstance(t, np.ndarray)
+               for t in q.windows["values"])
     assert q.se_row() == p.se_row()
 
 
