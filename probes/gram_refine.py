@@ -41,6 +41,7 @@ MAX_ITER = 12
 # smooth log-spaced one) would take tens of iterations, so the SVD is taken at once.
 SLOW_RATIO = 0.25
 
+
 def available() -> bool:
     """Whether the refinement can run here (LAPACK's potrf/potrs were found: ``probes.lapack``)."""
     return lapack.functions() is not None

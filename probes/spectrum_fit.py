@@ -174,7 +174,7 @@ def gram_matrix(W, block_bytes: int = 8 << 20) -> np.ndarray:
 
 
 # The ESD from eigenvalues of the Gram matrix W^T W instead of an SVD of W: 3-5x faster on
-# tall matrices, ~2.5x on square ones, with an absolute error of a few eps * lambda_max per
+# tall matrices, ~2x on square ones, with an absolute error of a few eps * lambda_max per
 # eigenvalue, i.e. a relative error near eps * kappa^2 on the smallest one. The Gram values
 # >= GRAM_MIN_RATIO * lambda_max are used as they are (relative error <~ 1e-10). Below that:
 # on shapes with N >= GRAM_MIN_Q * M the whole matrix takes the SVD (such shapes rarely have
