@@ -17,7 +17,11 @@ picks one explicitly or names a checkpoint path.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_probes.py [--model auto|embedded|gpt2-small-relu|glu|PATH]
         [--batch-size 8] [--max-length 256] [--n-batches 4] [--repeats 7] [--mem-tokens 4096]
-        [--profile] [--baseline-probe OLD_SPARSITY_PY] [--json out.json]
+        [--profile] [--baseline-probe OLD_SPARSITY_PY] [--json out.json] [--processes N]
+
+``--processes N`` runs the timing in N fresh processes and takes the median of their paired ratios: within one
+process the ABBA pairs share a heap and cache state, which moved the figure by +-5 % from process to process
+on a 2-core VM.
 """
 
 from __future__ import annotations
@@ -445,7 +449,12 @@ def main(argv=None) -> int:
                     "when the ratio misses the target)")
     ap.add_argument("--only", choices=("all", "timing", "memory"), default="all", help="run one part only")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here ('-' = stdout)")
+    ap.add_argument("--processes", type=int, default=1, help="run the timing in this many fresh processes, one "
+                    "after the other, and give the median of their paired ratios (one process's figure moves by "
+                    "+-5 %% with its heap and cache state: probes that do nothing measured 1.03x-1.09x)")
     args = ap.parse_args(argv)
+    if args.processes > 1:
+        return _across_processes(args, argv or sys.argv[1:])
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -485,6 +494,51 @@ def main(argv=None) -> int:
     print_report(res)
     if args.json_path:
         text = json.dumps(res, indent=2)
+        if args.json_path == "-":
+            print(text)
+        else:
+            Path(args.json_path).write_text(text + "\n")
+    return 0
+
+
+def _across_processes(args, argv: list[str]) -> int:
+    """The timing of ``argv`` (less ``--processes``, ``--json`` and ``--only``) in ``args.processes`` fresh processes
+    in turn; prints each process's paired ratio and their median (the verdict), and writes them to ``--json``."""
+    import subprocess
+    import tempfile
+
+    drop = {"--processes", "--json", "--only"}
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in drop:
+            skip = "=" not in a
+            continue
+        rest.append(a)
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.processes):
+            out = Path(d) / f"run{i}.json"
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest, "--only", "timing", "--json",
+                                str(out)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"process {i + 1} failed:\n{r.stderr[-2000:]}")
+            res = json.loads(out.read_text())
+            runs.append(res)
+            t = res["timing"]
+            print(f"process {i + 1}: paired ratio {t['paired_ratio_median']:.3f}x, ratio of minimums "
+                  f"{t['ratio_of_minimums']:.3f}x (bare median {t['bare_median_s'] * 1e3:.1f} ms)", flush=True)
+    ratios = [r["timing"]["paired_ratio_median"] for r in runs]
+    target = runs[0]["timing"]["target_ratio"]
+    med = statistics.median(ratios)
+    print(f"{runs[0]['model']}: median over {len(runs)} processes of the paired ratio = {med:.3f}x "
+          f"(range {min(ratios):.3f}-{max(ratios):.3f}) -> {'meets' if med <= target else 'MISSES'} the <= {target}x "
+          "target")
+    if args.json_path:
+        text = json.dumps({"processes": runs, "paired_ratios": ratios, "median_paired_ratio": med,
+                           "target_ratio": target, "meets_target": med <= target}, indent=2)
         if args.json_path == "-":
             print(text)
         else:
