@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-ROW_MAJOR, COL_MAJOR = 101, 102  # LAPACKE / CBLAS layouts
-CBLAS_UPPER, CBLAS_LOWER, CBLAS_NO_TRANS, CBLAS_TRANS = 121, 122, 111, 112
+COL_MAJOR = 102  # LAPACKE / CBLAS column-major layout
+CBLAS_UPPER, CBLAS_NO_TRANS, CBLAS_TRANS = 121, 111, 112
 
 _FOUND: dict = {}
 _LOCK = threading.Lock()
