@@ -678,14 +678,16 @@ def count_tensors(sn: Sniffed) -> int | None:
     return sum(len([k for k in safetensors_header(f) if k != "__metadata__"]) for f in sn.files)
 
 
-def safetensors_raw_tensors(f: str, skip: Callable[[str, str, list[int]], bool] | None = None
-                            ) -> Iterator[tuple[str, str, list[int], bytearray | None]]:
+def safetensors_raw_tensors(f: str, skip: Callable[[str, str, list[int]], bool] | None = None,
+                            buffer: Callable[[int], Any] = bytearray
+                            ) -> Iterator[tuple[str, str, list[int], Any]]:
     """``(name, safetensors dtype, shape, bytes)`` of each tensor in file order, each read with one
     plain ``read`` after the header is validated; truncation is a CheckpointError.
 
     ``skip(name, dtype, shape)``: tensors it is true for are not read (their bytes are None; the file
     must still be long enough to hold them), e.g. ``spectrum``'s weights beyond WeightWatcher's size
-    limits, whose rows need only the shape.
+    limits, whose rows need only the shape. ``buffer(n)``: a writable buffer of n bytes to read into
+    (default ``bytearray``, which zero-fills it first; ``spectrum`` passes an uninitialised numpy array).
 
     No memory map: a mapped file's touched pages count as resident for the whole walk, so peak
     memory would grow with the file instead of staying near the largest tensor.
@@ -705,7 +707,7 @@ def safetensors_raw_tensors(f: str, skip: Callable[[str, str, list[int]], bool] 
                 yield name, dtype, shape, None
                 continue
             fh.seek(base + start)
-            buf = bytearray(end - start)
+            buf = buffer(end - start)
             if fh.readinto(buf) != end - start:
                 raise CheckpointError(f"{f} is truncated inside tensor {name!r}", "re-download or re-save the file")
             yield name, dtype, shape, buf

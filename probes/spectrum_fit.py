@@ -565,14 +565,27 @@ def _mp_sse(sigmas: np.ndarray, kde: _KdeGrid, Q: float) -> np.ndarray:
     its support, lambda- right of the peak) scores 1000 per point (no such check for Q = 1).
     """
     s = np.asarray(sigmas, dtype=np.float64).reshape(-1, 1)
-    resid = mp_density(kde.x[None, :], s, Q) - kde.y
-    if Q != 1:
-        lam_plus, lam_minus = _mp_edges(s, Q)
-        x_peak = kde.x[np.argmax(kde.y)]
-        outside = (lam_plus < x_peak) | (lam_plus > np.max(kde.x)) | (lam_minus > x_peak)
-        resid = np.where(outside, MP_PENALTY, resid)
-    # The dropped grid points contribute zeros; keep them so the sum rounds exactly as WW's.
-    resid = np.concatenate([resid, np.zeros((resid.shape[0], kde.n_dropped))], axis=1)
+    if Q == 1:
+        return _sse_rows(mp_density(kde.x[None, :], s, Q) - kde.y, kde.n_dropped)
+    lam_plus, lam_minus = _mp_edges(s[:, 0], Q)
+    x_peak = kde.x[np.argmax(kde.y)]
+    outside = (lam_plus < x_peak) | (lam_plus > np.max(kde.x)) | (lam_minus > x_peak)
+    # A sigma outside scores the same penalty row whatever it is: its sum is computed once, and the density
+    # only for the sigmas inside (most of the brute-force grid is outside). Each row's values, and so its
+    # sum, are those of computing every row.
+    out = np.empty(s.shape[0])
+    if outside.any():
+        out[outside] = _sse_rows(np.full((1, kde.x.size), MP_PENALTY), kde.n_dropped)[0]
+    inside = ~outside
+    if inside.any():
+        out[inside] = _sse_rows(mp_density(kde.x[None, :], s[inside], Q) - kde.y, kde.n_dropped)
+    return out
+
+
+def _sse_rows(resid: np.ndarray, n_dropped: int) -> np.ndarray:
+    """The sum of squares of each row of ``resid`` ``[rows, points]`` followed by ``n_dropped`` zeros (the
+    dropped grid points contribute zeros; kept so the sum rounds exactly as WW's)."""
+    resid = np.concatenate([resid, np.zeros((resid.shape[0], n_dropped))], axis=1)
     return np.sum(resid ** 2, axis=1)
 
 

@@ -103,6 +103,49 @@ def test_the_spectrum_command_path_imports_neither_pandas_nor_scipy_optimize_nor
     assert (tmp_path / "out" / "spectrum.parquet").is_file() and (tmp_path / "out" / "spectrum.csv").is_file()
 
 
+def _mp_sse_every_row(sigmas, kde, Q):
+    """The MP objective as WW's brute force computes it: the density for every sigma, the penalty rows after."""
+    s = np.asarray(sigmas, dtype=np.float64).reshape(-1, 1)
+    resid = sf.mp_density(kde.x[None, :], s, Q) - kde.y
+    if Q != 1:
+        lam_plus, lam_minus = sf._mp_edges(s, Q)
+        x_peak = kde.x[np.argmax(kde.y)]
+        outside = (lam_plus < x_peak) | (lam_plus > np.max(kde.x)) | (lam_minus > x_peak)
+        resid = np.where(outside, sf.MP_PENALTY, resid)
+    resid = np.concatenate([resid, np.zeros((resid.shape[0], kde.n_dropped))], axis=1)
+    return np.sum(resid ** 2, axis=1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("shape", [(300, 300), (300, 120), (500, 60), (64, 63)])
+def test_mp_objective_skipping_the_penalty_rows_is_every_row_to_the_last_bit(shape):
+    """``_mp_sse`` computes the density only for the sigmas whose MP edges fall inside the data (most of the
+    brute-force grid is outside): each value must be the every-row computation's, bit for bit, on the grid,
+    on single sigmas (the Nelder-Mead polish), with NaN, 0 and huge sigmas, and when no or every sigma is
+    outside."""
+    rng = np.random.default_rng(shape[0] + shape[1])
+    a, b = shape
+    W = rng.standard_normal((a, b)) + 2.0 * np.outer(rng.standard_normal(a), rng.standard_normal(b)) / np.sqrt(a * b)
+    evals = np.sort(np.linalg.eigvalsh(W.T @ W))
+    Q = a / b
+    x = evals * (evals.size / evals.sum())
+    kde = sf.kde_on_grid(np.sqrt(x) if Q == 1 else x)
+    s0 = np.sqrt(x.max() / np.square(1 + 1.0 / np.sqrt(Q)))
+    grid = np.mgrid[0.05 * s0:2.0 * s0:0.01 * s0]
+    mixed = np.concatenate([grid, rng.uniform(0, 3 * s0, 50), [0.0, np.nan, 1e6, -1.0]])
+    got = sf._mp_sse(mixed, kde, Q)
+    assert np.array_equal(got, _mp_sse_every_row(mixed, kde, Q), equal_nan=True)
+    for sig in (grid[0], grid[len(grid) // 2], s0, np.nan):
+        assert np.array_equal(sf._mp_sse(np.array([sig]), kde, Q), _mp_sse_every_row(np.array([sig]), kde, Q),
+                              equal_nan=True)
+    if Q != 1:  # every sigma outside, and none: the same values too
+        far = np.array([1e3 * s0, 2e3 * s0])
+        assert np.array_equal(sf._mp_sse(far, kde, Q), _mp_sse_every_row(far, kde, Q))
+        assert np.all(sf._mp_sse(far, kde, Q) >= sf.MP_PENALTY ** 2)
+        best = grid[int(np.argmin(got[:grid.size]))]
+        assert np.array_equal(sf._mp_sse(np.array([best]), kde, Q), _mp_sse_every_row(np.array([best]), kde, Q))
+
+
 # ------------------------------------------------------------------ KDE and KS distances
 
 def _kde_dense_reference(data: np.ndarray):

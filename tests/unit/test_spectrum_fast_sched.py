@@ -248,3 +248,51 @@ def test_calls_start_in_submission_order_with_one_thread_allowed():
         assert started == list(range(12))
     finally:
         b.close()
+
+
+def test_with_one_core_left_the_calls_run_on_the_main_thread_in_order():
+    """When the count follows the cores (``rethink``) and says 1, a helper thread would only share the one core
+    with the main thread: the calls run on the calling thread instead, after the calls already in flight, and
+    the jobs come back in submission order. When ``rethink`` says 2 again they go to the helper threads; a
+    count given without ``rethink`` keeps the helper thread. An error in an inline call is raised as a helper
+    thread's would be."""
+    answers = iter([1, 1, 2])
+    b = sp._ThreadBatcher(budget=1 << 20, threads=2, rethink=lambda: next(answers, 2), max_threads=2)
+    b._clock = iter(range(0, 10_000, 1)).__next__  # every submission asks again
+    where = []
+
+    def compute(i):
+        where.append((i, threading.get_ident()))
+        return np.full((1, 2), float(i))
+
+    main = threading.get_ident()
+    try:
+        jobs = [_job(i) for i in range(4)]
+        done = []
+        for i, j in enumerate(jobs):
+            done += b.direct(j, "main", lambda i=i: compute(i))
+        done += b.flush()
+        assert done == jobs and [float(j.svals["main"][0, 0]) for j in jobs] == [0, 1, 2, 3]
+        assert [w == main for _, w in where] == [True, True, False, False]
+        assert b.inline_calls == 2 and [n for _, n in b.history] == [2.0, 1.0, 2.0]
+    finally:
+        b.close()
+
+    fixed = sp._ThreadBatcher(budget=1 << 20, threads=1)
+    try:
+        fixed.direct(_job(), "main", lambda: compute(9))
+        fixed.flush()
+        assert not fixed.inline and where[-1][1] != main and fixed.inline_calls == 0
+    finally:
+        fixed.close()
+
+    failing = sp._ThreadBatcher(budget=1 << 20, threads=1, rethink=lambda: 1, max_threads=2)
+    try:
+        def boom():
+            raise FloatingPointError("bad matrix")
+
+        with pytest.raises(FloatingPointError, match="bad matrix"):
+            failing.direct(_job(), "main", boom)
+            failing.flush()
+    finally:
+        failing.close()
