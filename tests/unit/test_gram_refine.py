@@ -194,6 +194,42 @@ def test_lapack_entry_points_are_numpys_own_and_checked():
     wide = np.zeros((2, 6))
     wide[:, ::2] = X
     for layout in (X, np.asfortranarray(X), wide[:, ::2]):  # C-ordered, Fortran-ordered, strided
-        G = np.zeros((3, 3))
-        lapack.syrk_lower_add(f, layout, G)
-        assert np.array_equal(np.tril(G), np.tril(X.T @ X)) and np.array_equal(np.triu(G, 1), np.zeros((3, 3)))
+        for order in "CF":  # G either way: its lower triangle is written, the other left as it was
+            G = np.zeros((3, 3), order=order)
+            lapack.syrk_lower_add(f, layout, G)
+            assert np.array_equal(np.tril(G), np.tril(X.T @ X)) and np.array_equal(np.triu(G, 1), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="contiguous"):
+        lapack.syrk_lower_add(f, X, np.zeros((3, 6))[:, ::2])
+
+
+@pytest.mark.parametrize("shape", [(768, 2304), (3072, 768), (768, 768), (500, 137)])
+def test_gram_into_a_fortran_ordered_triangle_is_the_c_ordered_one(shape):
+    """``gram_eigvalsh`` accumulates into a Fortran-ordered G (LAPACK's lower triangle), which ``eigvalsh``
+    copies without a stride; the C-ordered G (LAPACK's upper triangle) was the earlier layout. syrk's lower and
+    upper kernels are not promised to round alike, so the check is on the eigenvalues' accuracy against the
+    C-ordered layout, and on GPT-2-small's shapes, where they agree to the last bit (the goldens did not move)."""
+    f = lapack.functions()
+    W = (np.random.default_rng(3).standard_normal(shape) * 0.02).astype(np.float32)
+    C = None
+    for block in spectrum_fit._row_blocks(W, spectrum_fit.GRAM_BLOCK_BYTES):
+        C = np.zeros((block.shape[1],) * 2) if C is None else C
+        lapack.syrk_lower_add(f, block, C)
+    ref, got = np.linalg.eigvalsh(C), spectrum_fit.gram_eigvalsh(W)
+    assert np.max(np.abs(got - ref)) <= 1e-14 * ref[-1]
+    if shape != (500, 137):
+        assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("shape,wide", [((1, 768, 768), False), ((3, 200, 150), False), ((2, 64, 90), True),
+                                        ((4, 33, 33), False)])
+def test_stacked_gram_matrices_are_symmetric_to_the_last_bit(shape, wide):
+    """``svals_cpu`` hands ``eigvalsh`` the transposed view of numpy's ``S^T S`` (Fortran-ordered, copied
+    without a stride): the same matrices only if numpy's product is symmetric to the last bit (its syrk path,
+    mirrored, or its own loop, which sums each entry in the same order either way), also for the transposed
+    stacks of wide slices; then the eigenvalues are those of the C-ordered matrices, bit for bit."""
+    S = np.random.default_rng(shape[1]).standard_normal(shape)
+    if wide:
+        S = S.transpose(0, 2, 1)  # as _SvdBatcher._compute passes wide slices
+    G = np.matmul(S.transpose(0, 2, 1), S)
+    assert np.array_equal(G, G.transpose(0, 2, 1))
+    assert np.array_equal(np.linalg.eigvalsh(G.transpose(0, 2, 1)), np.linalg.eigvalsh(G))
