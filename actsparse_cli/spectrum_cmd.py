@@ -133,10 +133,8 @@ def _prefetch_imports(pandas: bool = False, workers: int = 1):
     None. (Until 2026-12-03 this thread died at once on an UnboundLocalError and imported nothing.) Failures are
     left to the main thread's own import.
 
-    pyarrow's Parquet writer is not imported here: measured (2026-12-03, interleaved, 11 rounds) it saved
-    nothing that showed above the machine's noise, and with pyarrow loaded while the tensors are still held,
-    peak RSS rose by up to 24 MB on GPT-2-small shapes. scipy.optimize is not imported at all (the MP fit's
-    minimiser is ``probes.spectrum_fit.nelder_mead_1d``).
+    pyarrow is not imported at all (``spectrum.parquet`` comes from ``reports.parquet_plain``), nor is
+    scipy.optimize (the MP fit's minimiser is ``probes.spectrum_fit.nelder_mead_1d``).
 
     The thread is not a daemon: an early exit (an error, Ctrl-C) waits for the import instead of tearing the
     interpreter down under a half-imported extension module. Not with ``--workers`` > 1: those worker

@@ -1,21 +1,23 @@
-"""The spectrum table's files without pandas: ``spectrum.csv`` and ``spectrum.parquet`` from a
-``probes.spectrum.SpectrumTable``, byte for byte what ``reports.tables.write_table`` writes for its
-``to_pandas()`` DataFrame.
+"""The spectrum table's files without pandas or pyarrow: ``spectrum.csv`` and ``spectrum.parquet`` from a
+``probes.spectrum.SpectrumTable``. The CSV file is byte for byte what ``reports.tables.write_table`` writes for
+its ``to_pandas()`` DataFrame; the Parquet file reads back (``pd.read_parquet``) as that same DataFrame.
 
-Why: ``actsparse spectrum`` is a 1-2 s command and importing pandas costs 0.25-0.45 s of it (issue 16,
-goal 1). The table has four kinds of columns, and each is written the way pandas writes it:
+Why: ``actsparse spectrum`` is a 1-2 s command; importing pandas costs 0.25-0.45 s of it and pyarrow ~35 ms
+(issue 16, goal 1). The table has four kinds of columns, and each is written the way pandas writes it:
 
-- text (pandas' ``str`` columns): the values as they are; Arrow ``large_string``;
-- ``Int64`` (``probes.spectrum.INT_COLUMNS``): ``str(int)``, missing as empty; Arrow ``int64`` with nulls;
-- ``float64``: numpy's ``astype(str)`` (what pandas' CSV writer calls: the shortest repr), NaN as empty;
+- text (pandas' ``str`` columns): the values as they are;
+- ``Int64`` (``probes.spectrum.INT_COLUMNS``): ``str(int)``, missing as empty; Parquet INT64 with nulls;
+- ``float64``: numpy's ``astype(str)`` (what pandas' CSV writer calls: the shortest repr), NaN as empty
+  (a null in Parquet, as pandas stores it);
 - ``bool``: ``True``/``False``.
 
 CSV rows go through the ``csv`` module with pandas' dialect (``,``, ``"``, minimal quoting, ``\\n``). The
-Parquet file is written by ``pyarrow.parquet.write_table`` (snappy, pandas' default) with the schema and the
+Parquet file is written by ``reports.parquet_plain`` (uncompressed PLAIN pages, one row group) with the
 ``pandas`` / ``PANDAS_ATTRS`` metadata that pandas' ``to_parquet`` stores, so ``pd.read_parquet`` gives back
 the same DataFrame (``Int64`` columns and ``attrs`` included). A table with a column of another kind (it
 cannot come out of ``probes.spectrum``, but a caller may build one) is written through pandas.
-``tests/unit/test_spectrum_fast.py`` compares both files with pandas' bytes.
+``tests/unit/test_spectrum_fast.py`` compares the CSV with pandas' bytes and the Parquet file's contents with
+pandas' file.
 """
 
 from __future__ import annotations
@@ -67,36 +69,16 @@ def _csv_cells(kind: str, values: list[Any]) -> list[str]:
     return [v if isinstance(v, str) else "" for v in values]
 
 
-def _arrow_array(kind: str, values: list[Any]):
-    """The column as an Arrow array built from its buffers: ``pa.array`` would import pandas (pyarrow
-    checks every input for pandas types), which is what this module avoids. Missing values are nulls, as
-    in pandas' ``to_parquet``."""
-    import pyarrow as pa
-
-    n = len(values)
+def _parquet_values(kind: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """The column for ``reports.parquet_plain``: its Parquet kind and values, missing ones as None (nulls, as
+    pandas' ``to_parquet`` stores NaN and ``<NA>``)."""
     if kind == "float64":
-        data = np.asarray(values, dtype=np.float64)
-        valid = ~np.isnan(data)
-        typ, buffers = pa.float64(), [pa.py_buffer(np.ascontiguousarray(data))]
-    elif kind == "Int64":
-        valid = np.array([not isinstance(v, float) for v in values], dtype=bool)
-        data = np.array([0 if isinstance(v, float) else int(v) for v in values], dtype=np.int64)
-        typ, buffers = pa.int64(), [pa.py_buffer(data)]
-    elif kind == "bool":
-        valid = np.ones(n, dtype=bool)
-        typ, buffers = pa.bool_(), [pa.py_buffer(np.packbits(np.array(values, dtype=bool), bitorder="little"))]
-    else:
-        valid = np.array([isinstance(v, str) for v in values], dtype=bool)
-        encoded = [v.encode("utf-8") if isinstance(v, str) else b"" for v in values]
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(e) for e in encoded], dtype=np.int64)
-        typ, buffers = pa.large_string(), [pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
-    nulls = int(n - np.count_nonzero(valid))
-    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
-    return pa.Array.from_buffers(typ, n, [bitmap, *buffers], null_count=nulls)
-
-
-_ARROW_TYPES = {"float64": "float64", "Int64": "int64", "bool": "bool_", "str": "large_string"}
+        return "float64", [None if math.isnan(v) else float(v) for v in values]
+    if kind == "Int64":
+        return "int64", [None if isinstance(v, float) else int(v) for v in values]
+    if kind == "bool":
+        return "bool", [bool(v) for v in values]
+    return "str", [v if isinstance(v, str) else None for v in values]
 
 
 def _pandas_version() -> str:
@@ -116,6 +98,12 @@ def _pandas_version() -> str:
     return metadata.version("pandas")
 
 
+def _own_version() -> str:
+    from reports.manifest import package_versions
+
+    return package_versions(("actsparse",)).get("actsparse") or "unknown"
+
+
 def write_spectrum_table(table, folder: str | Path, name: str = "spectrum") -> list[str]:
     """Write ``name.parquet`` and ``name.csv`` of a ``SpectrumTable`` into ``folder``; return the file names
     (as ``reports.tables.write_table``, whose bytes these are)."""
@@ -130,23 +118,21 @@ def write_spectrum_table(table, folder: str | Path, name: str = "spectrum") -> l
 
         return write_table(table.to_pandas(), folder, name)
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from reports.parquet_plain import parquet_bytes
 
     pandas_meta = {
         "index_columns": [], "column_indexes": [],
         "columns": [{"name": c, "field_name": c, "pandas_type": _PANDAS_TYPES[kinds[c]][0],
                      "numpy_type": _PANDAS_TYPES[kinds[c]][1], "metadata": None} for c in columns],
         "attributes": table.attrs,
-        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "creator": {"library": "actsparse", "version": _own_version()},
         "pandas_version": _pandas_version(),
     }
-    metadata = {b"pandas": json.dumps(pandas_meta).encode()}
+    metadata = {"pandas": json.dumps(pandas_meta)}
     if table.attrs:  # pandas stores its attrs a second time, when there are any
-        metadata[b"PANDAS_ATTRS"] = json.dumps(table.attrs).encode()
-    schema = pa.schema([pa.field(c, getattr(pa, _ARROW_TYPES[kinds[c]])()) for c in columns], metadata=metadata)
-    arrow = pa.Table.from_arrays([_arrow_array(kinds[c], values[c]) for c in columns], schema=schema)
-    pq.write_table(arrow, folder / f"{name}.parquet", compression="snappy")
+        metadata["PANDAS_ATTRS"] = json.dumps(table.attrs)
+    data = parquet_bytes([(c, *_parquet_values(kinds[c], values[c])) for c in columns], metadata)
+    (folder / f"{name}.parquet").write_bytes(data)
 
     cells = [_csv_cells(kinds[c], values[c]) for c in columns]
     with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
