@@ -148,7 +148,16 @@ def prefetch() -> None:
     command that will write a manifest (``actsparse_cli.main.run`` calls it when the command line has
     an output folder): the two ``git`` subprocesses and the package metadata reads then overlap the
     command's own work. The next ``build_manifest`` in this process takes the values, computed by the
-    same functions as without a prefetch; whatever the thread did not get (an error) is computed there."""
+    same functions as without a prefetch; whatever the thread did not get (an error) is computed there.
+    Where ``_version`` will fall back to ``importlib.metadata`` (a zip or egg on ``sys.path``), that module and
+    ``email`` are imported here, on the main thread, not by the thread (a ``--workers`` fork while a thread
+    holds an import lock can leave the child waiting on it)."""
+    import os
+
+    if any(e and (os.path.isfile(e) or e.lower().endswith(".egg")) for e in sys.path):
+        import email.parser  # noqa: F401
+        from importlib import metadata  # noqa: F401
+
     box: dict[str, Any] = {}
 
     def work() -> None:
