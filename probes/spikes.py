@@ -51,6 +51,8 @@ def lower_medians(a) -> tuple[float, float | None]:
     import torch
 
     n = a.numel()
+    if bool(torch.isnan(a).any()):  # torch.median's convention: a NaN anywhere gives NaN (the selections below
+        return math.nan, math.nan  # would sort it last and return a number)
     z = int(torch.count_nonzero(a == 0))
     k_all = (n - 1) // 2
     k_nz = z + (n - z - 1) // 2 if z < n else None

@@ -314,3 +314,21 @@ def test_masked_lm_loss_masks_fifteen_percent(corpus, tmp_path):
     assert (df.n_grad_tokens == df.n_tokens).all() and (df.eta_l2sq_per_token > 0).all()
     again = measure_gradients(lm, GradOptions(data=corpus, max_length=MAX_LEN, batch_size=8, seed=3, spikes=False))
     assert again.info["n_loss_targets"] == info["n_loss_targets"]  # seeded masking
+
+
+def test_lower_medians_follow_torch_median_with_nan_and_inf():
+    """``lower_medians`` claims torch.median's convention: a NaN anywhere gives NaN for both medians (numpy's
+    selection would sort it last and return a number); +inf is an ordinary largest value."""
+    import math
+
+    import torch
+
+    from probes.spikes import lower_medians
+
+    a = torch.tensor([0.0, 1.0, 2.0, float("nan"), 3.0, 0.0])
+    med, med_nz = lower_medians(a)
+    assert math.isnan(med) and math.isnan(med_nz)
+    assert math.isnan(float(torch.median(a))) and math.isnan(float(torch.median(a[a != 0])))
+    b = torch.tensor([0.0, float("inf"), 1.0, 0.0, 5.0])
+    assert lower_medians(b) == (float(torch.median(b)), float(torch.median(b[b != 0]))) == (1.0, 5.0)
+    assert lower_medians(torch.zeros(4)) == (0.0, None)
