@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -758,7 +759,8 @@ def gguf_plain_arrays() -> Iterator[None]:
     instead of the ``np.memmap`` itself: the reader slices the file once per metadata value (300k+ times for a
     49k-token vocabulary) and every slice of a memmap runs numpy's Python-level ``memmap.__array_finalize__``
     and ``__getitem__``. SmolLM2-135M's reader: 1.65 s -> 0.66 s, the same fields and tensors. Only the
-    reader module's own ``np`` name is swapped, and put back afterwards."""
+    reader module's own ``np`` name is swapped, and put back when its last user leaves (threads and nested
+    uses count, under a lock: one thread's exit does not pull the view from under another's reader)."""
     import numpy
 
     try:
@@ -766,14 +768,23 @@ def gguf_plain_arrays() -> Iterator[None]:
     except ImportError:
         yield
         return
-    if getattr(reader, "np", None) is not numpy:  # already swapped (nested), or another gguf layout
-        yield
-        return
-    reader.np = _PlainMemmapNumpy()
+    with _GGUF_SWAP["lock"]:
+        ours = _GGUF_SWAP["users"] > 0 or getattr(reader, "np", None) is numpy  # else: another gguf layout
+        if ours:
+            if _GGUF_SWAP["users"] == 0:
+                reader.np = _PlainMemmapNumpy()
+            _GGUF_SWAP["users"] += 1
     try:
         yield
     finally:
-        reader.np = numpy
+        if ours:
+            with _GGUF_SWAP["lock"]:
+                _GGUF_SWAP["users"] -= 1
+                if _GGUF_SWAP["users"] == 0:
+                    reader.np = numpy
+
+
+_GGUF_SWAP: dict[str, Any] = {"lock": threading.Lock(), "users": 0}  # gguf_plain_arrays' users, under the lock
 
 
 def gguf_arrays(path: str) -> Iterator[tuple[str, Any, str]]:

@@ -652,6 +652,49 @@ def test_gguf_reader_through_plain_arrays_reads_the_same(llama_gguf):
     assert reader_module.np is np
 
 
+def test_gguf_plain_arrays_across_threads_keeps_the_view_until_the_last_user_leaves():
+    """Two threads inside ``gguf_plain_arrays`` at once: the first to leave must not put numpy back under the
+    other (before, the second thread's reader ran on the memmap again, at the old speed); the last one out
+    does; a gguf layout without the module's ``np`` is left alone."""
+    pytest.importorskip("gguf")
+    import threading
+
+    import gguf.gguf_reader as reader_module
+    import numpy as np
+
+    from probes import formats
+    from probes.formats import gguf_plain_arrays
+
+    inside, first_left, seen = threading.Barrier(2, timeout=10), threading.Event(), {}
+
+    def first():
+        with gguf_plain_arrays():
+            inside.wait()
+        first_left.set()
+
+    def second():
+        with gguf_plain_arrays():
+            inside.wait()
+            first_left.wait(10)
+            seen["after_first_left"] = reader_module.np
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert isinstance(seen["after_first_left"], formats._PlainMemmapNumpy)
+    assert reader_module.np is np and formats._GGUF_SWAP["users"] == 0
+    sentinel = object()
+    reader_module.np = sentinel  # another layout: not swapped, not put back
+    try:
+        with gguf_plain_arrays():
+            assert reader_module.np is sentinel
+        assert reader_module.np is sentinel and formats._GGUF_SWAP["users"] == 0
+    finally:
+        reader_module.np = np
+
+
 def test_gguf_without_accelerate_is_a_checkpoint_error(llama_gguf):
     if HAS_ACCELERATE:
         pytest.skip("accelerate is installed")
