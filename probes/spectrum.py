@@ -464,30 +464,26 @@ class _ThreadBatcher(_SvdBatcher):
         inline). A count given by the caller keeps the helper threads."""
         return self.rethink is not None and self.threads == 1
 
-    def _submit(self, counts, compute, *args) -> list[_Job]:
-        if self.inline:
-            from concurrent.futures import Future
-
-            done = self._harvest(wait_all=True)  # the calls already in flight come first (submission order)
-            future: Future = Future()
-            try:
-                future.set_result(compute(*args))
-            except Exception as e:  # raised where a helper thread's would be: when the result is taken
-                future.set_exception(e)
-            self.inline_calls += 1
-            self.futures.append((counts, future))
-            return done + self._harvest()
-        self.futures.append((counts, self.pool.submit(self._gated, self._ticket(), compute, *args)))
-        return self._harvest()
-
     def _run(self, group):
         self._reconsider()
+        if self.inline:
+            return self._inline(lambda: super(_ThreadBatcher, self)._run(group))
         counts = [(job, key, s.shape[0]) for job, key, s in group]  # the stacks go with the call only
-        return self._submit(counts, self._compute, group)
+        self.futures.append((counts, self.pool.submit(self._gated, self._ticket(), self._compute, group)))
+        return self._harvest()
 
     def direct(self, job, key, compute):
         self._reconsider()
-        return self._submit([(job, key, None)], compute)
+        if self.inline:
+            return self._inline(lambda: super(_ThreadBatcher, self).direct(job, key, compute))
+        self.futures.append(([(job, key, None)], self.pool.submit(self._gated, self._ticket(), compute)))
+        return self._harvest()
+
+    def _inline(self, run: Callable[[], list[_Job]]) -> list[_Job]:
+        """The calls already in flight first (submission order), then this one, as ``_SvdBatcher`` runs it."""
+        done = self._harvest(wait_all=True)
+        self.inline_calls += 1
+        return done + run()
 
     def _harvest(self, wait_all: bool = False) -> list[_Job]:
         """The jobs of the finished groups at the front of the queue, in submission order. While more
