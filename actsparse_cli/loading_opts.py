@@ -69,6 +69,11 @@ def load(checkpoint, config, arch, device, dtype, trust_remote_code, unsafe_pick
         from probes.threads import apply_cpu_threads
 
         lm.source["cpu_threads"] = apply_cpu_threads()  # few threads when other processes hold the cores
+        from probes.malloc_policy import keep_freed_memory
+
+        # freed activations stay in the heap for the next batch instead of being faulted in again (a CPU run
+        # only: on a GPU it would keep the host copies of weights moved to the device)
+        lm.source["memory_policy"] = keep_freed_memory()
     if lm.source.get("assumed"):  # a config built from shapes: say what was guessed (also in the manifest)
         c.stderr_console().print(f"note: --arch {arch}: {lm.source['assumed']}", highlight=False)
     return lm

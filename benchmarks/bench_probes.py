@@ -18,10 +18,15 @@ picks one explicitly or names a checkpoint path.
     HF_HUB_OFFLINE=1 python benchmarks/bench_probes.py [--model auto|embedded|gpt2-small-relu|glu|PATH]
         [--batch-size 8] [--max-length 256] [--n-batches 4] [--repeats 7] [--mem-tokens 4096]
         [--profile] [--baseline-probe OLD_SPARSITY_PY] [--json out.json] [--processes N]
+        [--malloc command|default]
 
 ``--processes N`` runs the timing in N fresh processes and takes the median of their paired ratios: within one
 process the ABBA pairs share a heap and cache state, which moved the figure by +-5 % from process to process
 on a 2-core VM.
+
+``--malloc command`` (the default) sets glibc's mmap and trim thresholds at the start as ``actsparse measure`` does
+for a CPU run (``probes.malloc_policy``), so both variants run with the process settings a user's command has;
+``--malloc default`` leaves glibc's own (freed activations returned to the system and faulted in again).
 """
 
 from __future__ import annotations
@@ -449,6 +454,9 @@ def main(argv=None) -> int:
                     "when the ratio misses the target)")
     ap.add_argument("--only", choices=("all", "timing", "memory"), default="all", help="run one part only")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here ('-' = stdout)")
+    ap.add_argument("--malloc", choices=("command", "default"), default="command", help="command: glibc's "
+                    "mmap / trim thresholds as `actsparse measure` sets them on the CPU (probes.malloc_policy), for "
+                    "both variants; default: glibc's own")
     ap.add_argument("--processes", type=int, default=1, help="run the timing in this many fresh processes, one "
                     "after the other, and give the median of their paired ratios (one process's figure moves by "
                     "+-5 %% with its heap and cache state: probes that do nothing measured 1.03x-1.09x)")
@@ -459,6 +467,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc = {"set": False, "why": "--malloc default"}
+    if args.malloc == "command" and device.type == "cpu":
+        from probes.malloc_policy import keep_freed_memory
+
+        malloc = keep_freed_memory()  # as actsparse_cli.loading_opts.load does for a CPU run
     corpus = _calibration_corpus()
     model, tok, family, label = load_model(args.model, args.layers, corpus, device, args.d_model, args.d_ff)
     max_len = min(args.max_length, getattr(model.config, "n_positions", args.max_length))
@@ -473,7 +486,7 @@ def main(argv=None) -> int:
            "corpus": corpus, "batch_size": args.batch_size, "max_length": max_len, "n_batches": len(batches),
            "tokens_per_pass": counted, "n_sites": len(sites),
            "site_kinds": sorted({s.kind for s in sites}), "site_widths": sorted({s.width for s in sites if s.width}),
-           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "memory_policy": malloc}
     if args.only in ("all", "timing"):
         glu = any(s.kind == "mlp_gate_act" for s in sites)
         baseline = load_baseline(args.baseline_probe) if args.baseline_probe else None
@@ -554,6 +567,10 @@ def print_report(res: dict) -> None:
     print(f"data    {res['n_batches']} batches x {res['batch_size']} x {res['max_length']} tokens "
           f"= {res['tokens_per_pass']} counted tokens/pass; {res['n_sites']} sites {res['site_kinds']} "
           f"widths {res['site_widths']}")
+    mp = res.get("memory_policy") or {}
+    print("malloc  " + (f"{mp.get('allocator')}: mmap threshold {mp['mmap_threshold'] >> 20} MiB, trim threshold "
+                        f"{mp['trim_threshold'] >> 20} MiB (as measure sets them; --malloc default: glibc's own)"
+                        if mp.get("set") else f"glibc's defaults ({mp.get('why', 'not set')})"))
     if res.get("statistics_kernel"):
         k = res["statistics_kernel"]
         print(f"counts  {k['kernel']} ({k['detail']}; ACTSPARSE_NATIVE=0 for the torch path)")

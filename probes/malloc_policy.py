@@ -7,6 +7,13 @@ pages in again: ~64,000 minor page faults and 0.15-0.19 s of system time for GPT
 against ~14,000 and 0.06-0.09 s when freed memory stays in the heap, 4 % of the command's time on one core
 (6 interleaved pairs: 1.62 s against 1.70 s), for +25 MiB peak RSS (``benchmarks/README.md``).
 
+The commands that run a model on the CPU (``measure``, ``pplp``, ``massive``, ``grad``, ...: through
+``actsparse_cli.loading_opts.load``, once the model is loaded) set the same policy: every forward pass frees
+and allocates the same activation buffers, and with glibc's defaults the bundled model's 8 x 256-token
+forward took ~1,500 minor page faults (6 MB of fresh pages) and ~2 ms of system time a pass; with the policy,
+none (``benchmarks/README.md``, 2026-12-04 late). Not on a GPU: there the freed host copies of the weights
+would stay resident for nothing.
+
 So the command sets ``M_MMAP_THRESHOLD`` (buffers below it come from the heap, and are reused after a free)
 and ``M_TRIM_THRESHOLD`` (how much free memory at the top of the heap is kept) with ``mallopt`` at its
 start. Larger buffers are mapped and unmapped as before, so a 7B model's 100 MiB tensors do not stay
