@@ -236,16 +236,46 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
                progress: Callable[[int], None] | None = None, adapter: BatchAdapter | None = None) -> dict[str, Any]:
     """Attach ``make_probe(site, width, device)`` probes to ``sites`` and stream ``batches`` through ``model``.
 
-    Returns the probes by canonical name (a site never called has none)."""
+    Returns the probes by canonical name (a site never called has none). A site whose width and device are known
+    beforehand (``premade_probes``) gets its probe made before the first forward, and keeps it if the first tensor
+    it sees has that width and device; otherwise, and for every other site, the probe is made from that tensor."""
     probes: dict[str, Any] = {}
+    ready = premade_probes(model, sites, make_probe)
 
     def observe(x, hc: HookCall) -> None:
         x, m = token_layout(hc.site, x, hc.mask)
-        p = probes.get(hc.site.canonical_name)
+        name = hc.site.canonical_name
+        p = probes.get(name)
         if p is None:
-            p = probes[hc.site.canonical_name] = make_probe(hc.site, int(x.shape[-1]), x.device)
+            width, device, p = ready.pop(name, (None, None, None))
+            if p is None or width != int(x.shape[-1]) or device != x.device:
+                p = make_probe(hc.site, int(x.shape[-1]), x.device)
+            probes[name] = p
         p.update(x.detach(), m)
 
     run(model, batches, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(),
         forward=forward, progress=progress)
     return probes
+
+
+def premade_probes(model, sites: Sequence, make_probe: Callable[[Any, int, Any], Any]) -> dict[str, tuple]:
+    """``(width, device, probe)`` by canonical name, made before any forward for the sites whose width is known
+    and whose device is certain: the device of the site module's own parameters, else the model's when all its
+    parameters are on one device. Made inside the first forward instead, a probe's small state tensors cost
+    that forward more than their making (measured on the bundled model, 4 probes: 1.06x against 1.02x a bare
+    forward with probes that do nothing; ``benchmarks/README.md``, 2026-12-04 late)."""
+    import torch
+
+    devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
+    whole = next(iter(devices)) if len(devices) == 1 else None
+    out: dict[str, tuple] = {}
+    for site in sites:
+        width = getattr(site, "width", None)
+        if not width or site.canonical_name in out:
+            continue
+        module = getattr(site, "module", None)
+        own = next(module.parameters(recurse=False), None) if isinstance(module, torch.nn.Module) else None
+        device = own.device if own is not None else whole
+        if device is not None:
+            out[site.canonical_name] = (int(width), device, make_probe(site, int(width), device))
+    return out

@@ -257,3 +257,47 @@ def test_data_parallel_share_is_round_robin_over_batches():
         mine = [b.input_ids[:, 0].tolist() for b in td.batches(local)]
         assert mine == batches[rank::2]  # the same batches a single process makes, every other one
     assert td.local(None) is wins
+
+
+def test_probes_of_sites_with_a_known_width_are_made_before_the_first_forward():
+    """``run_probes``: a site whose width and device are known gets its probe before any hook runs (made inside
+    the forward, its small tensors cost that forward more than their making); a wrong width is not trusted (the
+    probe is made again from the tensor); a site never called still has no probe in the result."""
+    from probes.sites import Site
+
+    model = TinyMLP()
+    events = []
+
+    class Rec(_Count):
+        def __init__(self, name, width):
+            super().__init__(width)
+            self.name, self.width = name, width
+            events.append(("make", name, width))
+
+        def update(self, x, mask):
+            events.append(("update", self.name, int(x.shape[-1])))
+            super().update(x, mask)
+
+    def site(name, module, hook, width):
+        return Site(name, name, "mlp_post", hook, 0, width, "test", module=module)
+
+    sites = [site("down_in", model.down, "input", 6),  # right width, the device of down's weight
+             site("act_out", model.act, "output", 5),  # wrong width (the tensor has 6): made again
+             site("up_out", model.up, "output", None),  # width unknown: made from the tensor
+             site("never", torch.nn.Linear(2, 2), "output", 2)]  # not part of the model: never called
+    batches = [Plain(torch.randn(2, 3, 4)), Plain(torch.randn(1, 3, 4))]
+
+    class Marked(PlainBatches):
+        def forward(self, model, batch):
+            events.append(("forward",))
+            return super().forward(model, batch)
+
+    got = run_probes(model, batches, sites, lambda s, w, d: Rec(s.canonical_name, w), adapter=Marked())
+
+    first_forward = events.index(("forward",))
+    made_before = {e[1:] for e in events[:first_forward] if e[0] == "make"}
+    assert made_before == {("down_in", 6), ("act_out", 5), ("never", 2)}
+    assert sorted(got) == ["act_out", "down_in", "up_out"]  # "never": made ahead, never called, not returned
+    assert {k: p.width for k, p in got.items()} == {"down_in": 6, "act_out": 6, "up_out": 6}
+    assert all(p.n == 9 for p in got.values())  # both batches reached the probe that was kept
+    assert events.count(("make", "down_in", 6)) == 1  # the one made ahead is the one used
