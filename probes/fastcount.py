@@ -470,9 +470,60 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
       k tokens of 1 - union of non-zero channels / c) and ``n_chunks``;
     - ``hist`` ``[nbins]`` int64: tokens by non-zero fraction; ``zero_channel`` ``[c]`` int64;
     - ``sums`` ``[4]`` float64: the sums of x, |x|, x*x and of the tokens' non-zero fractions;
-    - ``max_abs``: max |x| as a Python float (NaN when any entry is NaN)."""
+    - ``max_abs``: max |x| as a Python float (NaN when any entry is NaN).
+
+    ``launch`` + ``finish`` are the same in two steps (the pass, then the results from its per-part buffers)."""
+    return finish(launch(valid, eps_grid, lens, k, threads, nbins))
+
+
+class Raw:
+    """What ``launch`` leaves for ``finish``: the per-part buffers the kernel wrote and the largest ``|x|`` bits."""
+
+    __slots__ = ("bufs", "key", "mbits", "parts", "G")
+
+    def __init__(self, bufs, key, mbits: int, parts: int, G: int):
+        self.bufs, self.key, self.mbits, self.parts, self.G = bufs, key, mbits, parts, G
+
+    @property
+    def max_abs(self) -> float:
+        import numpy as np
+
+        return float(np.array([self.mbits], dtype=np.int32).view(np.float32)[0])
+
+
+# Per-part buffers by shape, reused: ``launch`` takes a set (zeroed) and ``finish`` gives it back, so a pass in
+# steady state allocates nothing (a probe's update runs inside the model's forward; see sparsity.py).
+_BUFS: dict[tuple, list] = {}
+_BUFS_LOCK = threading.Lock()
+_BUFS_KEEP = 16  # sets kept per shape
+
+
+def _take(parts: int, B: int, c: int, nbins: int):
     import numpy as np
 
+    key = (parts, B, c, nbins)
+    with _BUFS_LOCK:
+        free = _BUFS.get(key)
+        bufs = free.pop() if free else None
+    if bufs is None:
+        return key, (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64),
+                     np.zeros((parts, 4)), np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32),
+                     np.zeros(parts, dtype=np.int32))
+    for a in bufs[:4]:
+        a.fill(0)
+    return key, bufs
+
+
+def _give_back(key, bufs) -> None:
+    with _BUFS_LOCK:
+        free = _BUFS.setdefault(key, [])
+        if len(free) < _BUFS_KEEP:
+            free.append(bufs)
+
+
+def launch(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int = 1000) -> Raw:
+    """The kernel's pass over ``valid`` (``count``'s arguments) into pooled per-part buffers; ``finish`` turns
+    them into ``count``'s results. Between the two the buffers belong to the caller (nothing else writes them)."""
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
@@ -485,11 +536,8 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
     plan = _plan(lens, k, n, c, parts, eps_grid)
     tb_p, us_p, ul_p, uc_p, uw_p, bounds_p = plan["ptrs"]
     bounds = plan["bounds"]
-    win = np.zeros((parts, B, N_WINDOW_FIELDS))
-    hist = np.zeros((parts, nbins), dtype=np.int64)
-    tot = np.zeros((parts, 4))
-    zc = np.zeros((parts, c), dtype=np.int32)
-    zc0 = np.empty((parts, c), dtype=np.int32)
+    key, bufs = _take(parts, B, c, nbins)
+    win, hist, tot, zc, zc0, mparts = bufs
     x_p = valid.data_ptr()
 
     def run(i):
@@ -499,17 +547,27 @@ def count(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int
     if parts == 1:
         mbits = run(0)
     elif parts_fn is not None:
-        mparts = np.zeros(parts, dtype=np.int32)  # held here: the kernel writes through its address
         mbits = parts_fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds_p, parts, B, win.ctypes.data,
                          hist.ctypes.data, nbins, tot.ctypes.data, zc.ctypes.data, zc0.ctypes.data,
-                         mparts.ctypes.data)
+                         mparts.ctypes.data)  # mparts: held by bufs, the kernel writes through its address
     else:
         futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
         mbits = max([run(0)] + [f.result() for f in futures])
-    if parts > 1:
+    return Raw(bufs, key, int(mbits), parts, G)
+
+
+def finish(raw: Raw) -> dict:
+    """``count``'s results from ``launch``'s buffers, which go back to the pool."""
+    import numpy as np
+
+    win, hist, tot, zc = raw.bufs[:4]
+    if raw.parts > 1:
         win, hist, tot, zc = win.sum(0), hist.sum(0), tot.sum(0), zc.sum(0, dtype=np.int64)
     else:
-        win, hist, tot, zc = win[0], hist[0], tot[0], zc[0].astype(np.int64)
+        win, hist, tot, zc = win[0].copy(), hist[0].copy(), tot[0].copy(), zc[0].astype(np.int64)
+    G = raw.G
     cols = [0, 5, *range(1, 1 + G), 6, 7]  # zero, neg, the grid's thresholds, chunk_sum, n_chunks
-    return {"windows": win[:, cols], "hist": hist, "zero_channel": zc, "sums": tot,
-            "max_abs": float(np.array([mbits], dtype=np.int32).view(np.float32)[0])}
+    out = {"windows": win[:, cols], "hist": hist, "zero_channel": zc, "sums": tot, "max_abs": raw.max_abs}
+    _give_back(raw.key, raw.bufs)
+    raw.bufs = None
+    return out

@@ -253,7 +253,13 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
             probes[name] = p
         p.update(x.detach(), m)
 
-    run(model, batches, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(),
+    def after_forward(batch, out) -> None:  # probes that defer their bookkeeping do it now, outside the forward
+        for p in probes.values():
+            flush = getattr(p, "flush", None)
+            if flush is not None:
+                flush()
+
+    run(model, batches, step=after_forward, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(),
         forward=forward, progress=progress)
     return probes
 

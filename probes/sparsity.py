@@ -40,6 +40,7 @@ from typing import Any, Sequence
 DEFAULT_EPS_GRID = (1e-6, 1e-3, 1e-2)
 DEFAULT_CHUNK_K = 8
 HIST_BINS = 1000
+MAX_PENDING = 8  # kernel passes an ActivationSparsityProbe holds before adding them to its state (``flush``)
 
 
 def eps_label(eps: float) -> str:
@@ -72,6 +73,7 @@ class ActivationSparsityProbe:
 
         from probes.uncertainty import new_state
 
+        self._pending: list = []  # kernel passes not yet in the state (``update``, ``flush``)
         self.width = int(width)
         self.eps_grid = tuple(float(e) for e in eps_grid)
         self.chunk_k = int(chunk_k)
@@ -96,6 +98,48 @@ class ActivationSparsityProbe:
         # probes.distributed.probe_to_cpu moves it with the probe
         self.tags = tags
         self.windows = {**new_state(), "global": tags is not None}
+
+    # ------------------------------------------------------------------ state
+    # ``state`` and ``windows`` hold every update: reading (or replacing) either first adds the kernel passes
+    # that ``update`` left pending (``flush``).
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._pending:
+            self.flush()
+        return self._state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        if self._pending:
+            self.flush()
+        self._state = value
+
+    @property
+    def windows(self) -> dict[str, Any]:
+        if self._pending:
+            self.flush()
+        return self._windows
+
+    @windows.setter
+    def windows(self, value: dict[str, Any]) -> None:
+        if self._pending:
+            self.flush()
+        self._windows = value
+
+    def flush(self) -> None:
+        """Add the kernel passes that ``update`` left pending to the state and the window rows (in update order).
+        ``run_probes`` calls it after each forward, so this bookkeeping (~0.1 ms a site) runs outside the model's
+        forward: inside it, it had cost that forward ~3 % more on the bundled model (``benchmarks/README.md``,
+        2026-12-04 late). Reading ``state`` or ``windows`` calls it too."""
+        from probes import fastcount
+
+        pending, self._pending = self._pending, []
+        for raw, n, lens, ids, nonfinite in pending:
+            self._update_from_kernel(fastcount.finish(raw), n, lens, ids, nonfinite)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies (probes.distributed) carry no pending pass
+        self.flush()
+        return {**self.__dict__, "_pending": []}
 
     # ------------------------------------------------------------------ update
     def update(self, x, mask=None) -> None:
@@ -130,14 +174,19 @@ class ActivationSparsityProbe:
         n = valid.shape[0]
         if n == 0:
             return
-        s = self.state
         G = len(self.eps_grid)
         if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, no per-token tensors
             from probes import fastcount
 
-            self._update_from_kernel(fastcount.count(valid, self.eps_grid, lens, self.chunk_k,
-                                                     torch.get_num_threads(), HIST_BINS), valid, lens)
+            # The pass now; adding its results to the state waits for ``flush`` (after the forward).
+            ids = self._window_ids(lens)
+            raw = fastcount.launch(valid, self.eps_grid, lens, self.chunk_k, torch.get_num_threads(), HIST_BINS)
+            nonfinite = 0 if math.isfinite(raw.max_abs) else int((~torch.isfinite(valid)).sum())
+            self._pending.append((raw, n, lens, ids, nonfinite))
+            if len(self._pending) >= MAX_PENDING:
+                self.flush()
             return
+        s = self.state
         a = torch.abs(valid, out=_scratch("abs", (n, c), valid.device))
         amax = a.max()
         per_token, zero_planes = self._planes(valid, a)  # [P, n] per-token counts (float32, exact)
@@ -174,18 +223,17 @@ class ActivationSparsityProbe:
                           chunk_w.to(**f64)[:, None], nchunk_w.to(**f64)[:, None]], dim=1)  # [batch, window_fields]
         self._add_windows(rows, lens)
 
-    def _update_from_kernel(self, r: dict, valid, lens: list[int]) -> None:
+    def _update_from_kernel(self, r: dict, n: int, lens: list[int], ids, nonfinite: int) -> None:
         """Add ``probes.fastcount.count``'s results (``r``) to the state and the window rows: a few scalar adds
         instead of the torch path's per-token tensors. Counts are the same integers; the float sums
         (``sum``, ``sum_abs``, ``sum_sq``, ``token_nz_sum``, ``chunk_sum``) agree with the torch path to
         float rounding (another summation order)."""
         import numpy as np
-        import torch
 
-        G, n = len(self.eps_grid), int(valid.shape[0])
+        G = len(self.eps_grid)
         # The kernel runs on CPU tensors only, so the state is on the CPU: it is added to through numpy views of
         # its tensors (the same memory), without a torch operation and its temporaries per statistic.
-        s = {k: t.numpy() for k, t in self.state.items()}
+        s = {k: t.numpy() for k, t in self._state.items()}
         w = r["windows"]  # [batch, zero, neg, eps..., chunk_sum, n_chunks]
         tot = w.sum(0)
         s["n_tokens"] += n
@@ -201,14 +249,14 @@ class ActivationSparsityProbe:
         s["sum_sq"] += float(sums[2])
         s["token_nz_sum"] += float(sums[3])
         m = r["max_abs"]
-        if not math.isfinite(m):
-            s["nonfinite"] += int((~torch.isfinite(valid)).sum())
+        if nonfinite:
+            s["nonfinite"] += nonfinite
         if m != m or m > float(s["max_abs"]):  # torch.maximum's rule: a NaN stays
             s["max_abs"][...] = m
         s["channel_active"] += n - r["zero_channel"]
         s["token_hist"] += r["hist"]
         rows = np.concatenate([np.asarray(lens, dtype=np.float64)[:, None], w], axis=1)  # [batch, window_fields]
-        self._add_windows(rows, lens)  # numpy: long-lived small torch tensors made the forward page-fault
+        self._add_windows(rows, lens, ids)  # numpy: long-lived small torch tensors made the forward page-fault
 
     def _planes(self, valid, a):
         """Per-token counts ``[P, n]`` (float32 exact integers; float64 past 2^24 channels) of the planes
@@ -249,13 +297,19 @@ class ActivationSparsityProbe:
             cache[key] = torch.tensor(vals, dtype=torch.float32, device=device)  # as the float32 eps compared
         return cache[key]
 
-    def _add_windows(self, rows, lens: list[int]) -> None:
-        ids = None
-        if self.tags is not None:
-            ids = getattr(self.tags, "ids", None)
-            if ids is None or len(ids) != len(lens):
-                raise ValueError(f"window tags give {0 if ids is None else len(ids)} ids for a batch of {len(lens)} "
-                                 "windows")
+    def _window_ids(self, lens: list[int]):
+        """The global window indices of the batch being run (``tags``), one per row of ``lens``; None untagged."""
+        if self.tags is None:
+            return None
+        ids = getattr(self.tags, "ids", None)
+        if ids is None or len(ids) != len(lens):
+            raise ValueError(f"window tags give {0 if ids is None else len(ids)} ids for a batch of {len(lens)} "
+                             "windows")
+        return ids
+
+    def _add_windows(self, rows, lens: list[int], ids=None) -> None:
+        if ids is None:
+            ids = self._window_ids(lens)
         keep = [i for i, L in enumerate(lens) if L > 0]  # a window with no counted token tells nothing
         if len(keep) != len(lens):
             rows = rows[keep]

@@ -574,3 +574,84 @@ def test_inference_mode_grad_mode_and_plain_calls_mix():
     for _ in range(3):
         ref.update(x, m.clone())
     assert _probe_counts(p) == _probe_counts(ref)
+
+
+# ----------------------------------------------------------------------------- deferred bookkeeping (issue 16)
+def _native_or_skip():
+    from probes import fastcount
+
+    if fastcount.kernel() is None:
+        pytest.skip(f"no native kernel here: {fastcount.status()}")
+
+
+def _state_numbers(p) -> dict:
+    return {k: v.clone() for k, v in p.state.items()}
+
+
+def test_kernel_passes_wait_for_flush_and_every_read_sees_them():
+    """With the native kernel, ``update`` runs the pass and leaves adding it to the state for ``flush`` (run_probes
+    calls it after each forward); reading ``state`` or ``windows``, copying or merging the probe flushes first, so
+    every reader sees every update, in update order, the same as a probe flushed after each update."""
+    import copy
+
+    from probes import distributed
+    from probes.uncertainty import WindowTags
+
+    _native_or_skip()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.relu(torch.randn(2, 7, 24, generator=g)) for _ in range(3)]
+    xs[1][0, 2, 5] = float("nan")
+    tags = WindowTags()
+    lazy = ActivationSparsityProbe(24, chunk_k=3, tags=tags)
+    eager = ActivationSparsityProbe(24, chunk_k=3, tags=tags)
+    for i, x in enumerate(xs):
+        tags.ids = [10 * i, 10 * i + 1]
+        lazy.update(x)
+        eager.update(x)
+        eager.flush()
+        if i == 1:
+            x.zero_()  # the hook's tensor may change after the hook: the NaN was counted when it was seen
+    assert len(lazy._pending) == 3 and not eager._pending
+    cp = copy.deepcopy(lazy)  # flushes first: the copy has everything, nothing pending
+    assert not lazy._pending and not cp._pending
+    on_cpu = distributed.probe_to_cpu(lazy)
+    for q in (lazy, cp, on_cpu):
+        for k, v in _state_numbers(eager).items():
+            torch.testing.assert_close(q.state[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+        for part in ("ids", "values"):
+            assert len(q.windows[part]) == len(eager.windows[part]) == 3
+            assert all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+                       for a, b in zip(q.windows[part], eager.windows[part])), part
+    assert int(lazy.state["nonfinite"]) == 1
+    _same(lazy.to_row(), eager.to_row(), 3)
+
+
+def test_pending_passes_are_bounded():
+    from probes import sparsity
+
+    _native_or_skip()
+    p = ActivationSparsityProbe(16)
+    x = torch.relu(torch.randn(1, 4, 16))
+    for i in range(2 * sparsity.MAX_PENDING + 1):
+        p.update(x)
+        assert len(p._pending) < sparsity.MAX_PENDING
+    assert int(p.state["n_tokens"]) == 4 * (2 * sparsity.MAX_PENDING + 1)
+
+
+def test_run_probes_flushes_after_each_forward():
+    from probes.runner import run_probes
+    from tests.unit.test_runner import Plain, PlainBatches, TinyMLP, _point
+
+    _native_or_skip()
+    model = TinyMLP()
+    seen = []
+
+    class Watch(ActivationSparsityProbe):
+        def update(self, x, mask=None):
+            seen.append(len(self._pending))  # nothing left from the previous forward when the next one starts
+            super().update(x, mask)
+
+    batches = [Plain(torch.randn(2, 3, 4)) for _ in range(3)]
+    got = run_probes(model, batches, [_point(model, "act")], lambda s, w, d: Watch(w, chunk_k=0),
+                     adapter=PlainBatches())
+    assert seen == [0, 0, 0] and not got["act"]._pending and int(got["act"].state["n_tokens"]) == 18
