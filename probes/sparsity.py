@@ -58,6 +58,26 @@ def uncertain_columns(eps_grid: Sequence[float], chunk_k: int) -> list[str]:
             + ([f"chunk_sparsity@{chunk_k}"] if chunk_k > 0 else []) + ["neg_frac"])
 
 
+class _Flushed:
+    """An attribute of a probe with a ``flush`` method and a ``_pending`` list: reading or replacing it first adds
+    what is pending. The value lives in the instance's ``__dict__`` under ``_`` + its name."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        if obj._pending:
+            obj.flush()
+        return obj.__dict__[self.slot]
+
+    def __set__(self, obj, value) -> None:
+        if obj.__dict__.get("_pending"):
+            obj.flush()
+        obj.__dict__[self.slot] = value
+
+
 class ActivationSparsityProbe:
     """Accumulates sparsity statistics of one site's activations ``[batch, pos, channels]``."""
 
@@ -102,29 +122,8 @@ class ActivationSparsityProbe:
     # ------------------------------------------------------------------ state
     # ``state`` and ``windows`` hold every update: reading (or replacing) either first adds the kernel passes
     # that ``update`` left pending (``flush``).
-    @property
-    def state(self) -> dict[str, Any]:
-        if self._pending:
-            self.flush()
-        return self._state
-
-    @state.setter
-    def state(self, value: dict[str, Any]) -> None:
-        if self._pending:
-            self.flush()
-        self._state = value
-
-    @property
-    def windows(self) -> dict[str, Any]:
-        if self._pending:
-            self.flush()
-        return self._windows
-
-    @windows.setter
-    def windows(self, value: dict[str, Any]) -> None:
-        if self._pending:
-            self.flush()
-        self._windows = value
+    state = _Flushed()
+    windows = _Flushed()
 
     def flush(self) -> None:
         """Add the kernel passes that ``update`` left pending to the state and the window rows (in update order).
