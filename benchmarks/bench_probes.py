@@ -419,15 +419,16 @@ def _native_sections(captured, device) -> dict:
     from probes import fastcount
     from probes.sparsity import HIST_BINS
 
-    t = dict.fromkeys(("mask_select", "native_kernel", "state_and_window_rows (after the forward)"), 0.0)
+    t = dict.fromkeys(("mask_select", "native_kernel_and_state", "window_rows (after the forward)"), 0.0)
     for probe, x, full, lens, valid, mask_s in _updates(captured):
         t["mask_select"] += mask_s
         c2 = time.perf_counter()
-        raw = fastcount.launch(valid, probe.eps_grid, lens, probe.chunk_k, torch.get_num_threads(), HIST_BINS)
+        rows, _ = fastcount.accumulate(valid, probe.eps_grid, lens, probe.chunk_k, torch.get_num_threads(), HIST_BINS,
+                                       probe._state_addresses())
         c3 = time.perf_counter()
-        t["native_kernel"] += c3 - c2
-        probe._update_from_kernel(fastcount.finish(raw), int(valid.shape[0]), lens, None, 0)
-        t["state_and_window_rows (after the forward)"] += time.perf_counter() - c3
+        t["native_kernel_and_state"] += c3 - c2
+        probe._add_windows(rows, lens)
+        t["window_rows (after the forward)"] += time.perf_counter() - c3
     return t
 
 

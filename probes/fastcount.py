@@ -51,6 +51,7 @@ import threading
 from pathlib import Path
 
 MAX_EPS = 4  # near-zero thresholds the kernel counts in one pass (the default grid has 3)
+INF_BITS = 0x7F800000  # the bits of +inf: a largest |x| bit pattern at or above it means an inf or a NaN was seen
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -60,6 +61,140 @@ C_SOURCE = r"""
 #define WF 8  /* per-window fields: zeros, |x| <= eps_0..eps_3, negatives, chunk-sparsity sum, full chunks */
 typedef float vf __attribute__((vector_size(LANES * 4)));  /* LANES float32 lanes, whatever the CPU's width */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* actsparse_counts on AVX-512 (the same results, bit for bit): the counts in mask registers, |x| <= eps_j,
+   negatives and max |x| kept in vector accumulators over up to 64 rows of a unit (per-row totals are needed
+   only for the zeros: the token histogram), only the thresholds in use compared, the float sums in the same
+   16 lanes and order as the portable code (a masked add for the last c % 16 channels). */
+static inline __attribute__((always_inline)) void avx512_block(
+    const __m512i b, const __mmask16 km, const int nt, const __m512i *t, int32_t *zcp, __m512i *vz, __m512i *ve,
+    __m512i *vng, __m512i *vmx, __m512 *vs, __m512 *vsa, __m512 *vsq, const int tail)
+{
+    const __m512i m1 = _mm512_set1_epi32(-1);
+    const __m512i ai = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 kz = _mm512_mask_testn_epi32_mask(km, ai, ai);
+    *vz = _mm512_mask_sub_epi32(*vz, kz, *vz, m1);
+    if (tail) {
+        __m512i z = _mm512_maskz_loadu_epi32(km, zcp);
+        _mm512_mask_storeu_epi32(zcp, km, _mm512_mask_sub_epi32(z, kz, z, m1));
+    } else {
+        __m512i z = _mm512_loadu_si512(zcp);
+        _mm512_storeu_si512(zcp, _mm512_mask_sub_epi32(z, kz, z, m1));
+    }
+    for (int j = 0; j < nt; ++j)
+        ve[j] = _mm512_mask_sub_epi32(ve[j], _mm512_mask_cmple_epi32_mask(km, ai, t[j]), ve[j], m1);
+    const __mmask16 kn = _mm512_mask_cmple_epu32_mask(km, _mm512_sub_epi32(b, _mm512_set1_epi32((int)0x80000001u)),
+                                                      _mm512_set1_epi32(0x7f7fffff));
+    *vng = _mm512_mask_sub_epi32(*vng, kn, *vng, m1);
+    *vmx = _mm512_max_epi32(*vmx, ai);  /* lanes outside km hold 0 (masked load) */
+    const __m512 v = _mm512_castsi512_ps(b);
+    if (tail) {
+        *vs = _mm512_mask_add_ps(*vs, km, *vs, v);
+        *vsa = _mm512_mask_add_ps(*vsa, km, *vsa, _mm512_castsi512_ps(ai));
+        *vsq = _mm512_mask_add_ps(*vsq, km, *vsq, _mm512_mul_ps(v, v));
+    } else {
+        *vs = _mm512_add_ps(*vs, v);
+        *vsa = _mm512_add_ps(*vsa, _mm512_castsi512_ps(ai));
+        *vsq = _mm512_add_ps(*vsq, _mm512_mul_ps(v, v));
+    }
+}
+
+static inline __attribute__((always_inline)) int32_t avx512_units(
+    const int32_t *restrict bits, int64_t c, const int nt, const int32_t *tact, const int *slot,
+    const int64_t *restrict ustart, const int64_t *restrict ulen, const int64_t *restrict uchunk,
+    const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win, int64_t *restrict hist,
+    int64_t nbins, double *restrict tot, int32_t *restrict zc, int32_t *restrict zc0)
+{
+    __m512i t[4];
+    for (int j = 0; j < nt; ++j) t[j] = _mm512_set1_epi32(tact[j]);
+    const int64_t cl = c - c % 16;
+    const __mmask16 ktail = (__mmask16)((1u << (c % 16)) - 1u);
+    __m512i vmx = _mm512_setzero_si512();
+    double tsum = 0, tabs = 0, tsq = 0, tfrac = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t ci = uchunk[u];
+        double *restrict w = win + uwin[u] * 8;
+        if (ci >= 0)
+            memcpy(zc0, zc, (size_t)c * sizeof *zc);
+        const int64_t r0 = ustart[u], r1 = r0 + ulen[u];
+        for (int64_t rb = r0; rb < r1; rb += 64) {  /* lanes count at most 64 * c / 16 < 2^31 */
+            const int64_t re = rb + 64 < r1 ? rb + 64 : r1;
+            __m512i ve[4], vng = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) ve[j] = _mm512_setzero_si512();
+            for (int64_t r = rb; r < re; ++r) {
+                const int32_t *restrict row = bits + r * c;
+                __m512i vz = _mm512_setzero_si512();
+                __m512 vs = _mm512_setzero_ps(), vsa = _mm512_setzero_ps(), vsq = _mm512_setzero_ps();
+                for (int64_t ch = 0; ch < cl; ch += 16)
+                    avx512_block(_mm512_loadu_si512(row + ch), (__mmask16)0xffff, nt, t, zc + ch, &vz, ve, &vng,
+                                 &vmx, &vs, &vsa, &vsq, 0);
+                if (cl < c)
+                    avx512_block(_mm512_maskz_loadu_epi32(ktail, row + cl), ktail, nt, t, zc + cl, &vz, ve, &vng,
+                                 &vmx, &vs, &vsa, &vsq, 1);
+                float s[16], sa[16], sq[16];
+                _mm512_storeu_ps(s, vs);
+                _mm512_storeu_ps(sa, vsa);
+                _mm512_storeu_ps(sq, vsq);
+                double ts = 0, tsa = 0, tsq2 = 0;
+                for (int l = 0; l < 16; ++l) {
+                    ts += (double)s[l];
+                    tsa += (double)sa[l];
+                    tsq2 += (double)sq[l];
+                }
+                tsum += ts;
+                tabs += tsa;
+                tsq += tsq2;
+                const int32_t z = _mm512_reduce_add_epi32(vz);
+                const double f = (double)(c - z) / (double)c;
+                tfrac += f;
+                int64_t bin = (int64_t)(f * (double)nbins);
+                bin = bin < 0 ? 0 : (bin >= nbins ? nbins - 1 : bin);
+                hist[bin] += 1;
+                w[0] += z;
+            }
+            for (int j = 0; j < nt; ++j) w[1 + slot[j]] += _mm512_reduce_add_epi32(ve[j]);
+            w[5] += _mm512_reduce_add_epi32(vng);
+        }
+        if (ci >= 0) {
+            int32_t nz = 0;
+            const int32_t rows = (int32_t)ulen[u];
+            for (int64_t ch = 0; ch < c; ++ch) nz += zc[ch] - zc0[ch] < rows;
+            w[6] += 1.0 - (double)nz / (double)c;
+            w[7] += 1.0;
+        }
+    }
+    tot[0] += tsum;
+    tot[1] += tabs;
+    tot[2] += tsq;
+    tot[3] += tfrac;
+    return _mm512_reduce_max_epi32(vmx);
+}
+
+static int32_t avx512_counts(const int32_t *restrict bits, int64_t c, const int32_t *restrict tb,
+                             const int64_t *restrict ustart, const int64_t *restrict ulen,
+                             const int64_t *restrict uchunk, const int64_t *restrict uwin, int64_t u0, int64_t u1,
+                             double *restrict win, int64_t *restrict hist, int64_t nbins, double *restrict tot,
+                             int32_t *restrict zc, int32_t *restrict zc0)
+{
+    int32_t tact[4];
+    int slot[4], nt = 0;
+    for (int j = 0; j < 4; ++j)  /* a threshold slot of -1 counts nothing: leave it out */
+        if (tb[j] >= 0) {
+            tact[nt] = tb[j];
+            slot[nt++] = j;
+        }
+    switch (nt) {
+    case 0: return avx512_units(bits, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 1: return avx512_units(bits, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 2: return avx512_units(bits, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 3: return avx512_units(bits, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    default: return avx512_units(bits, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    }
+}
+#endif
 
 /* Statistics over rows [ustart[u], ustart[u] + ulen[u]) for units u in [u0, u1) of a float32 matrix
    x[n][c] (vals), read also as its int32 bit patterns (bits, the same memory). A unit is a run of
@@ -81,6 +216,11 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                          int64_t *restrict hist, int64_t nbins, double *restrict tot, int32_t *restrict zc,
                          int32_t *restrict zc0)
 {
+#if defined(__AVX512F__)
+    (void)vals;
+    (void)n;
+    return avx512_counts(bits, c, tb, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+#endif
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
     int32_t m = 0;
@@ -164,6 +304,76 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
     return m;
 }
 
+/* Adds one pass's per-part results to a probe's state, with the float operations in the order the numpy code of
+   probes/sparsity.py's _update_from_kernel uses (parts summed first, part 0 onwards; then windows, window 0
+   onwards), so the state is the same bits; and writes the pass's window rows. win [parts][nwin][WF], hist
+   [parts][nbins], tot [parts][4] and zc [parts][c] are actsparse_counts' outputs, m the largest |x| bits, n the
+   rows counted, lens [nwin] the counted tokens per window (as doubles). rows [nwin][5 + G] gets, per window,
+   its tokens, zeros, negatives, |x| <= eps_j (j < G), chunk-sparsity sum and full chunks. st: the addresses of the
+   state's n_tokens, zero, near_zero[G], neg (int64), sum, sum_abs, sum_sq, max_abs (double), channel_active[c],
+   token_hist[nbins] (int64), token_nz_sum, chunk_sum (double), n_chunks (int64), in that order. */
+void actsparse_merge(int64_t parts, int64_t nwin, int64_t c, int64_t nbins, int64_t G, int64_t n, int32_t m,
+                     const double *win, const int64_t *hist, const double *tot, const int32_t *zc,
+                     const double *lens, double *rows, void *const *st)
+{
+    int64_t *n_tokens = st[0], *zero = st[1], *near = st[2], *neg = st[3];
+    double *sum = st[4], *sum_abs = st[5], *sum_sq = st[6], *max_abs = st[7];
+    int64_t *active = st[8], *token_hist = st[9];
+    double *nz_sum = st[10], *chunk_sum = st[11];
+    int64_t *n_chunks = st[12];
+    const int64_t F = 5 + G, S = nwin * WF;
+    int cols[4 + 4];  /* window fields in row order after lens: zero, neg, eps_0..eps_{G-1}, chunk sum, chunks */
+    cols[0] = 0;
+    cols[1] = 5;
+    for (int64_t j = 0; j < G; ++j) cols[2 + j] = 1 + (int)j;
+    cols[2 + G] = 6;
+    cols[3 + G] = 7;
+    double wt[4 + 4];  /* the windows' sums per field */
+    for (int64_t b = 0; b < nwin; ++b) {
+        double *row = rows + b * F;
+        row[0] = lens[b];
+        for (int64_t f = 0; f < 4 + G; ++f) {
+            const double *w = win + b * WF + cols[f];
+            double v = w[0];
+            for (int64_t p = 1; p < parts; ++p) v += w[p * S];
+            row[1 + f] = v;
+            wt[f] = b == 0 ? v : wt[f] + v;
+        }
+    }
+    *n_tokens += n;
+    if (nwin > 0) {
+        *zero += (int64_t)wt[0];
+        *neg += (int64_t)wt[1];
+        for (int64_t j = 0; j < G; ++j) near[j] += (int64_t)wt[2 + j];
+        *chunk_sum += wt[2 + G];
+        *n_chunks += (int64_t)wt[3 + G];
+    }
+    double ts[4];
+    for (int f = 0; f < 4; ++f) {
+        double v = tot[f];
+        for (int64_t p = 1; p < parts; ++p) v += tot[p * 4 + f];
+        ts[f] = v;
+    }
+    *sum += ts[0];
+    *sum_abs += ts[1];
+    *sum_sq += ts[2];
+    *nz_sum += ts[3];
+    float mf;
+    memcpy(&mf, &m, sizeof mf);
+    const double md = (double)mf;
+    if (md != md || md > *max_abs) *max_abs = md;
+    for (int64_t ch = 0; ch < c; ++ch) {
+        int64_t z = zc[ch];
+        for (int64_t p = 1; p < parts; ++p) z += zc[p * c + ch];
+        active[ch] += n - z;
+    }
+    for (int64_t i = 0; i < nbins; ++i) {
+        int64_t h = hist[i];
+        for (int64_t p = 1; p < parts; ++p) h += hist[p * nbins + i];
+        token_hist[i] += h;
+    }
+}
+
 #ifdef _OPENMP
 /* The units split at bounds[0..parts] over `parts` threads of the OpenMP runtime torch already runs (the
    build links torch's own libgomp): part i writes win[i], hist[i], tot[i], zc[i] and zc0[i], which the caller
@@ -183,6 +393,19 @@ int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n
     int32_t m = 0;
     for (int64_t i = 0; i < parts; ++i)
         m = mparts[i] > m ? mparts[i] : m;
+    return m;
+}
+
+/* actsparse_counts_parts, then actsparse_merge into a probe's state (st), in one call. */
+int32_t actsparse_counts_into(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
+                              const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk, const int64_t *uwin,
+                              const int64_t *bounds, int64_t parts, int64_t nwin, double *win, int64_t *hist,
+                              int64_t nbins, double *tot, int32_t *zc, int32_t *zc0, int32_t *mparts, int64_t G,
+                              const double *lens, double *rows, void *const *st)
+{
+    const int32_t m = actsparse_counts_parts(bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds, parts, nwin,
+                                             win, hist, nbins, tot, zc, zc0, mparts);
+    actsparse_merge(parts, nwin, c, nbins, G, n, m, win, hist, tot, zc, lens, rows, st);
     return m;
 }
 #endif
@@ -230,7 +453,8 @@ def _gomp_files() -> set[str]:
     except OSError:
         return set()
 _LOCK = threading.Lock()
-_STATE: dict = {"fn": None, "tried": False, "status": "not tried", "parts_fn": None}
+_STATE: dict = {"fn": None, "tried": False, "status": "not tried", "parts_fn": None, "into_fn": None,
+                "merge_fn": None}
 _POOL: dict = {"executor": None, "size": 0}
 
 
@@ -323,11 +547,19 @@ def _load_library():
             i64, p = ctypes.c_int64, ctypes.c_void_p
             fn.argtypes = [p, p, i64, i64, p, p, p, p, p, i64, i64, p, p, i64, p, p, p]
             fn.restype = ctypes.c_int32
+            merge_fn = lib.actsparse_merge
+            merge_fn.argtypes = [i64, i64, i64, i64, i64, i64, ctypes.c_int32, p, p, p, p, p, p, p]
+            merge_fn.restype = None
+            _STATE["merge_fn"] = merge_fn
             if omp:
                 parts_fn = lib.actsparse_counts_parts
                 parts_fn.argtypes = [p, p, i64, i64, p, p, p, p, p, p, i64, i64, p, p, i64, p, p, p, p]
                 parts_fn.restype = ctypes.c_int32
                 _STATE["parts_fn"] = parts_fn
+                into_fn = lib.actsparse_counts_into
+                into_fn.argtypes = [*parts_fn.argtypes, i64, p, p, p]
+                into_fn.restype = ctypes.c_int32
+                _STATE["into_fn"] = into_fn
             marks = " ".join(f for f in flags if f.startswith("-m")) or "portable"
             split = "; parts on torch's OpenMP threads" if omp else ""
             return fn, f"native kernel ({marks}{split}; {target})"
@@ -357,7 +589,7 @@ def status() -> dict:
 
 
 def reset_for_tests() -> None:
-    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None)
+    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None, into_fn=None, merge_fn=None)
 
 
 def supports(x, n_eps: int) -> bool:
@@ -455,8 +687,10 @@ def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict
     bounds = [min(max(b, 0), U) for b in bounds]
     tb = threshold_bits(eps_grid)
     bounds_arr = np.asarray(bounds, dtype=np.int64)
-    plan = {"arrays": (ustart, ulen, uchunk, uwin, tb, bounds_arr), "bounds": bounds, "n_chunks": n_chunks,
-            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds_arr))}
+    lens_d = np.asarray(lens, dtype=np.float64)
+    plan = {"arrays": (ustart, ulen, uchunk, uwin, tb, bounds_arr, lens_d), "bounds": bounds, "n_chunks": n_chunks,
+            "ptrs": tuple(a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds_arr)),
+            "lens_ptr": lens_d.ctypes.data}
     _PLAN[0] = (key, plan)
     return plan
 
@@ -506,9 +740,10 @@ def _take(parts: int, B: int, c: int, nbins: int):
         free = _BUFS.get(key)
         bufs = free.pop() if free else None
     if bufs is None:
-        return key, (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64),
-                     np.zeros((parts, 4)), np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32),
-                     np.zeros(parts, dtype=np.int32))
+        arrays = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64),
+                  np.zeros((parts, 4)), np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32),
+                  np.zeros(parts, dtype=np.int32))
+        return key, (*arrays, tuple(a.ctypes.data for a in arrays))  # the addresses, looked up once
     for a in bufs[:4]:
         a.fill(0)
     return key, bufs
@@ -521,39 +756,105 @@ def _give_back(key, bufs) -> None:
             free.append(bufs)
 
 
+def _parts(valid, lens: list[int], k: int, threads: int) -> int:
+    """How many parts ``valid``'s pass is split into."""
+    n, c = valid.shape
+    n_units = len(lens) * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
+    # a Python thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a
+    # part); torch's OpenMP team, where the build shares it, from MIN_SPLIT_OMP
+    split = MIN_SPLIT if _STATE["parts_fn"] is None else MIN_SPLIT_OMP
+    return max(1, min(int(threads), n_units, (n * c) // split))
+
+
 def launch(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: int = 1000) -> Raw:
     """The kernel's pass over ``valid`` (``count``'s arguments) into pooled per-part buffers; ``finish`` turns
     them into ``count``'s results. Between the two the buffers belong to the caller (nothing else writes them)."""
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
-    B, G = len(lens), len(eps_grid)
-    n_units = B * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
-    # a Python thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a
-    # part); torch's OpenMP team, where the build shares it, from MIN_SPLIT_OMP
-    parts_fn = _STATE["parts_fn"]
-    parts = max(1, min(int(threads), n_units, (n * c) // (MIN_SPLIT if parts_fn is None else MIN_SPLIT_OMP)))
+    parts = _parts(valid, lens, k, threads)
     plan = _plan(lens, k, n, c, parts, eps_grid)
+    key, bufs = _take(parts, len(lens), c, nbins)
+    mbits = _run(fn, _STATE["parts_fn"], valid, n, c, parts, len(lens), nbins, plan, bufs)
+    return Raw(bufs, key, int(mbits), parts, len(eps_grid))
+
+
+def _run(fn, parts_fn, valid, n: int, c: int, parts: int, B: int, nbins: int, plan: dict, bufs) -> int:
+    """The kernel's pass over ``valid`` in ``parts`` parts into ``bufs``; returns the largest ``|x|`` bits."""
     tb_p, us_p, ul_p, uc_p, uw_p, bounds_p = plan["ptrs"]
     bounds = plan["bounds"]
-    key, bufs = _take(parts, B, c, nbins)
-    win, hist, tot, zc, zc0, mparts = bufs
+    win, hist, tot, zc, zc0, mparts, addr = bufs
+    win_p, hist_p, tot_p, zc_p, zc0_p, m_p = addr
     x_p = valid.data_ptr()
+    stride = (B * N_WINDOW_FIELDS * 8, nbins * 8, 4 * 8, c * 4)
 
     def run(i):
-        return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds[i], bounds[i + 1], win[i].ctypes.data,
-                  hist[i].ctypes.data, nbins, tot[i].ctypes.data, zc[i].ctypes.data, zc0[i].ctypes.data)
+        return fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds[i], bounds[i + 1], win_p + i * stride[0],
+                  hist_p + i * stride[1], nbins, tot_p + i * stride[2], zc_p + i * stride[3], zc0_p + i * stride[3])
 
     if parts == 1:
-        mbits = run(0)
-    elif parts_fn is not None:
-        mbits = parts_fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds_p, parts, B, win.ctypes.data,
-                         hist.ctypes.data, nbins, tot.ctypes.data, zc.ctypes.data, zc0.ctypes.data,
-                         mparts.ctypes.data)  # mparts: held by bufs, the kernel writes through its address
-    else:
-        futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
-        mbits = max([run(0)] + [f.result() for f in futures])
-    return Raw(bufs, key, int(mbits), parts, G)
+        return run(0)
+    if parts_fn is not None:  # mparts: held by bufs, the kernel writes through its address
+        return parts_fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds_p, parts, B, win_p, hist_p, nbins, tot_p,
+                        zc_p, zc0_p, m_p)
+    futures = [_executor(parts - 1).submit(run, i) for i in range(1, parts)]
+    return max([run(0)] + [f.result() for f in futures])
+
+
+# The state entries ``accumulate`` adds to, in the order of ``actsparse_merge``'s ``st`` (probes.sparsity's names).
+STATE_ORDER = ("n_tokens", "zero", "near_zero", "neg", "sum", "sum_abs", "sum_sq", "max_abs", "channel_active",
+               "token_hist", "token_nz_sum", "chunk_sum", "n_chunks")
+STATE_FLOAT = frozenset({"sum", "sum_abs", "sum_sq", "max_abs", "token_nz_sum", "chunk_sum"})
+
+
+def state_addresses(state: dict, width: int, n_eps: int, nbins: int):
+    """The addresses of ``state``'s tensors in ``STATE_ORDER`` as a ctypes array for ``accumulate``, or None when
+    one is not a contiguous CPU tensor of the dtype (float64, else int64) and size the merge writes."""
+    import torch
+
+    sizes = {"near_zero": n_eps, "channel_active": width, "token_hist": nbins}
+    ptrs = []
+    for name in STATE_ORDER:
+        t = state.get(name)
+        want = torch.float64 if name in STATE_FLOAT else torch.int64
+        if (not torch.is_tensor(t) or t.device.type != "cpu" or t.dtype != want or not t.is_contiguous()
+                or t.numel() != sizes.get(name, 1)):
+            return None
+        ptrs.append(t.data_ptr())
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+
+def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: int, state_ptrs):
+    """``launch`` + ``finish`` + adding the results to a probe's state, with the merge in C: the state tensors at
+    ``state_ptrs`` (``state_addresses``) get the pass's counts and sums, the same bits as
+    ``ActivationSparsityProbe._update_from_kernel`` would add. Returns ``(rows, mbits)``: the pass's window rows
+    ``[len(lens), 5 + len(eps_grid)]`` float64 (tokens, zeros, negatives, the thresholds' counts, chunk-sparsity
+    sum, full chunks) and the largest ``|x|`` bit pattern (>= 0x7f800000: an inf or NaN was seen)."""
+    import numpy as np
+
+    fn = kernel()
+    valid = valid.contiguous()
+    n, c = valid.shape
+    B, G = len(lens), len(eps_grid)
+    parts_fn, into_fn = _STATE["parts_fn"], _STATE["into_fn"]
+    parts = _parts(valid, lens, k, threads)
+    plan = _plan(lens, k, n, c, parts, eps_grid)
+    key, bufs = _take(parts, B, c, nbins)
+    rows = np.empty((B, 5 + G))
+    win_p, hist_p, tot_p, zc_p, zc0_p, m_p = bufs[6]
+    try:
+        if into_fn is not None:  # the pass on torch's OpenMP team and the merge, in one call
+            tb_p, us_p, ul_p, uc_p, uw_p, bounds_p = plan["ptrs"]
+            x_p = valid.data_ptr()
+            mbits = into_fn(x_p, x_p, n, c, tb_p, us_p, ul_p, uc_p, uw_p, bounds_p, parts, B, win_p, hist_p, nbins,
+                            tot_p, zc_p, zc0_p, m_p, G, plan["lens_ptr"], rows.ctypes.data, state_ptrs)
+        else:
+            mbits = _run(fn, parts_fn, valid, n, c, parts, B, nbins, plan, bufs)
+            _STATE["merge_fn"](parts, B, c, nbins, G, n, mbits, win_p, hist_p, tot_p, zc_p, plan["lens_ptr"],
+                               rows.ctypes.data, state_ptrs)
+    finally:
+        _give_back(key, bufs)
+    return rows, int(mbits)
 
 
 def finish(raw: Raw) -> dict:

@@ -93,7 +93,8 @@ class ActivationSparsityProbe:
 
         from probes.uncertainty import new_state
 
-        self._pending: list = []  # kernel passes not yet in the state (``update``, ``flush``)
+        self._pending: list = []  # window rows not yet in ``windows`` (``update``, ``flush``)
+        self._addresses = None  # the state tensors' addresses for the kernel (``_state_addresses``)
         self.width = int(width)
         self.eps_grid = tuple(float(e) for e in eps_grid)
         self.chunk_k = int(chunk_k)
@@ -120,25 +121,37 @@ class ActivationSparsityProbe:
         self.windows = {**new_state(), "global": tags is not None}
 
     # ------------------------------------------------------------------ state
-    # ``state`` and ``windows`` hold every update: reading (or replacing) either first adds the kernel passes
-    # that ``update`` left pending (``flush``).
-    state = _Flushed()
+    # ``windows`` holds every update's window rows: reading (or replacing) it first adds the rows that ``update``
+    # left pending (``flush``). ``state`` is always up to date.
     windows = _Flushed()
 
     def flush(self) -> None:
-        """Add the kernel passes that ``update`` left pending to the state and the window rows (in update order).
-        ``run_probes`` calls it after each forward, so this bookkeeping (~0.1 ms a site) runs outside the model's
-        forward: inside it, it had cost that forward ~3 % more on the bundled model (``benchmarks/README.md``,
-        2026-12-04 late). Reading ``state`` or ``windows`` calls it too."""
+        """Add the window rows that ``update`` left pending (in update order). ``run_probes`` calls it after each
+        forward, so this bookkeeping runs outside the model's forward: inside it, it had cost that forward ~3 %
+        more on the bundled model (``benchmarks/README.md``, 2026-12-04 late). Reading ``windows`` calls it too."""
+        pending, self._pending = self._pending, []
+        for rows, lens, ids in pending:
+            self._add_windows(rows, lens, ids)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies (probes.distributed) carry no pending rows, no addresses
+        self.flush()
+        return {**self.__dict__, "_pending": [], "_addresses": None}
+
+    def _state_addresses(self):
+        """The state tensors' addresses for ``fastcount.accumulate`` (None when the state does not suit it), kept
+        while the state holds the same tensor objects (the kept tuple holds them, so no id is reused meanwhile)."""
+        import operator
+
         from probes import fastcount
 
-        pending, self._pending = self._pending, []
-        for raw, n, lens, ids, nonfinite in pending:
-            self._update_from_kernel(fastcount.finish(raw), n, lens, ids, nonfinite)
-
-    def __getstate__(self) -> dict[str, Any]:  # copies (probes.distributed) carry no pending pass
-        self.flush()
-        return {**self.__dict__, "_pending": []}
+        s = self.state
+        now = tuple(map(s.get, fastcount.STATE_ORDER))
+        kept = self._addresses
+        if kept is not None and all(map(operator.is_, kept[0], now)):
+            return kept[1]
+        addr = fastcount.state_addresses(s, self.width, len(self.eps_grid), HIST_BINS)
+        self._addresses = (now, addr) if addr is not None else None
+        return addr
 
     # ------------------------------------------------------------------ update
     def update(self, x, mask=None) -> None:
@@ -177,11 +190,19 @@ class ActivationSparsityProbe:
         if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, no per-token tensors
             from probes import fastcount
 
-            # The pass now; adding its results to the state waits for ``flush`` (after the forward).
+            # The pass and its adding to the state now, in C; the window rows wait for ``flush`` (after the forward).
             ids = self._window_ids(lens)
-            raw = fastcount.launch(valid, self.eps_grid, lens, self.chunk_k, torch.get_num_threads(), HIST_BINS)
-            nonfinite = 0 if math.isfinite(raw.max_abs) else int((~torch.isfinite(valid)).sum())
-            self._pending.append((raw, n, lens, ids, nonfinite))
+            threads = torch.get_num_threads()
+            addr = self._state_addresses()
+            if addr is not None:
+                rows, mbits = fastcount.accumulate(valid, self.eps_grid, lens, self.chunk_k, threads, HIST_BINS, addr)
+                if mbits >= fastcount.INF_BITS:  # an inf or a NaN: count them
+                    self.state["nonfinite"] += int((~torch.isfinite(valid)).sum())
+            else:  # a state of other tensors (replaced or moved by a caller): the results added in numpy
+                raw = fastcount.launch(valid, self.eps_grid, lens, self.chunk_k, threads, HIST_BINS)
+                nonfinite = 0 if raw.mbits < fastcount.INF_BITS else int((~torch.isfinite(valid)).sum())
+                rows = self._update_from_kernel(fastcount.finish(raw), n, lens, nonfinite)
+            self._pending.append((rows, lens, ids))
             if len(self._pending) >= MAX_PENDING:
                 self.flush()
             return
@@ -222,17 +243,17 @@ class ActivationSparsityProbe:
                           chunk_w.to(**f64)[:, None], nchunk_w.to(**f64)[:, None]], dim=1)  # [batch, window_fields]
         self._add_windows(rows, lens)
 
-    def _update_from_kernel(self, r: dict, n: int, lens: list[int], ids, nonfinite: int) -> None:
-        """Add ``probes.fastcount.count``'s results (``r``) to the state and the window rows: a few scalar adds
-        instead of the torch path's per-token tensors. Counts are the same integers; the float sums
+    def _update_from_kernel(self, r: dict, n: int, lens: list[int], nonfinite: int):
+        """Add ``probes.fastcount.count``'s results (``r``) to the state and return the pass's window rows: a few
+        scalar adds instead of the torch path's per-token tensors. Counts are the same integers; the float sums
         (``sum``, ``sum_abs``, ``sum_sq``, ``token_nz_sum``, ``chunk_sum``) agree with the torch path to
-        float rounding (another summation order)."""
+        float rounding (another summation order). ``fastcount.accumulate`` does the same in C, bit for bit."""
         import numpy as np
 
         G = len(self.eps_grid)
         # The kernel runs on CPU tensors only, so the state is on the CPU: it is added to through numpy views of
         # its tensors (the same memory), without a torch operation and its temporaries per statistic.
-        s = {k: t.numpy() for k, t in self._state.items()}
+        s = {k: t.numpy() for k, t in self.state.items()}
         w = r["windows"]  # [batch, zero, neg, eps..., chunk_sum, n_chunks]
         tot = w.sum(0)
         s["n_tokens"] += n
@@ -254,8 +275,7 @@ class ActivationSparsityProbe:
             s["max_abs"][...] = m
         s["channel_active"] += n - r["zero_channel"]
         s["token_hist"] += r["hist"]
-        rows = np.concatenate([np.asarray(lens, dtype=np.float64)[:, None], w], axis=1)  # [batch, window_fields]
-        self._add_windows(rows, lens, ids)  # numpy: long-lived small torch tensors made the forward page-fault
+        return np.concatenate([np.asarray(lens, dtype=np.float64)[:, None], w], axis=1)  # [batch, window_fields]
 
     def _planes(self, valid, a):
         """Per-token counts ``[P, n]`` (float32 exact integers; float64 past 2^24 channels) of the planes

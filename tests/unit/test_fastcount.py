@@ -81,14 +81,17 @@ def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch, spl
         pytest.skip("no OpenMP build here (torch runs no GNU OpenMP runtime)")
     if split == "python":  # the Python thread pool, as where the OpenMP build is not available
         monkeypatch.setitem(fastcount._STATE, "parts_fn", None)
+        monkeypatch.setitem(fastcount._STATE, "into_fn", None)
     monkeypatch.setattr(fastcount, "MIN_SPLIT", 1 << 12)  # split even this tensor (786k entries) over the threads
     monkeypatch.setattr(fastcount, "MIN_SPLIT_OMP", 1 << 12)
     batches = [(x, None), (x, torch.rand(4, 128) > 0.3)]
     handoffs, real = [], fastcount._executor
     monkeypatch.setattr(fastcount, "_executor", lambda size: handoffs.append(size) or real(size))
-    parts_calls, real_parts = [], fastcount._STATE["parts_fn"]
-    if real_parts is not None:
-        monkeypatch.setitem(fastcount._STATE, "parts_fn", lambda *a: parts_calls.append(a[10]) or real_parts(*a))
+    parts_calls = []
+    for name in ("parts_fn", "into_fn"):  # the pass alone (launch), the pass and the merge (a probe's update)
+        real_fn = fastcount._STATE[name]
+        if real_fn is not None:
+            monkeypatch.setitem(fastcount._STATE, name, lambda *a, _f=real_fn: parts_calls.append(a[10]) or _f(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     two = _probe_run(monkeypatch, True, batches, 1536)
     if split == "python":

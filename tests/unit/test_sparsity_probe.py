@@ -588,10 +588,10 @@ def _state_numbers(p) -> dict:
     return {k: v.clone() for k, v in p.state.items()}
 
 
-def test_kernel_passes_wait_for_flush_and_every_read_sees_them():
-    """With the native kernel, ``update`` runs the pass and leaves adding it to the state for ``flush`` (run_probes
-    calls it after each forward); reading ``state`` or ``windows``, copying or merging the probe flushes first, so
-    every reader sees every update, in update order, the same as a probe flushed after each update."""
+def test_window_rows_wait_for_flush_and_every_read_sees_them():
+    """With the native kernel, ``update`` adds the pass to the state at once and leaves its window rows for
+    ``flush`` (run_probes calls it after each forward); reading ``windows``, copying or merging the probe flushes
+    first, so every reader sees every update, in update order, the same as a probe flushed after each update."""
     import copy
 
     from probes import distributed
@@ -624,6 +624,67 @@ def test_kernel_passes_wait_for_flush_and_every_read_sees_them():
                        for a, b in zip(q.windows[part], eager.windows[part])), part
     assert int(lazy.state["nonfinite"]) == 1
     _same(lazy.to_row(), eager.to_row(), 3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_state_merged_in_c_is_the_numpy_merge_bit_for_bit(monkeypatch, threads):
+    """``fastcount.accumulate`` adds a pass to the state in C; the numpy merge (``_update_from_kernel``, taken when
+    the state does not suit the C one) must give the same bits: counts, float sums, max, histogram, window rows,
+    over several passes, padded and NaN/inf batches, and a pass split in 1-3 parts."""
+    from probes import fastcount
+
+    _native_or_skip()
+    monkeypatch.setattr(fastcount, "MIN_SPLIT", 1 << 8)  # split even these small tensors
+    monkeypatch.setattr(fastcount, "MIN_SPLIT_OMP", 1 << 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(threads)
+    xs = []
+    for _ in range(3):  # ReLU-like: exact zeros (chunk unions of every size), some small negatives, the rest > 0
+        x = torch.relu(torch.randn(12, 40, 96, generator=g) - 1.0)
+        xs.append(torch.where(torch.rand(12, 40, 96, generator=g) < 0.1, -0.01 * torch.rand(12, 40, 96), x))
+    xs[1][3, 7, 11] = float("nan")
+    xs[2][0, 0, 0] = float("inf")
+    masks = [None, torch.rand(12, 40, generator=g) > 0.2, None]
+    in_c, in_numpy = ActivationSparsityProbe(96, chunk_k=5), ActivationSparsityProbe(96, chunk_k=5)
+    monkeypatch.setattr(in_numpy, "_state_addresses", lambda: None)
+    calls, real = [], fastcount.accumulate
+    monkeypatch.setattr(fastcount, "accumulate", lambda *a: calls.append(a) or real(*a))
+    for x, m in zip(xs, masks):
+        in_c.update(x, m)
+        in_numpy.update(x, m)
+    assert len(calls) == 3
+    assert 0 < float(in_c.state["chunk_sum"]) != round(float(in_c.state["chunk_sum"]))  # a sum that rounds
+    for k, v in _state_numbers(in_numpy).items():
+        torch.testing.assert_close(in_c.state[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    assert int(in_c.state["nonfinite"]) == 2 and math.isnan(float(in_c.state["max_abs"]))
+    for part in ("ids", "values"):
+        assert len(in_c.windows[part]) == len(in_numpy.windows[part]) == 3
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(in_c.windows[part],
+                                                                                 in_numpy.windows[part])), part
+
+
+def test_state_addresses_follow_replaced_tensors():
+    """The C merge writes where the state's tensors are: a tensor replaced by a caller is written at its new
+    place; one the merge cannot write (another dtype) sends the pass through the numpy merge, same numbers."""
+    _native_or_skip()
+    x = torch.relu(torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0)))
+    p, ref = ActivationSparsityProbe(16), ActivationSparsityProbe(16)
+    p.update(x)
+    ref.update(x)
+    old = p.state["zero"]
+    p.state["zero"] = torch.zeros((), dtype=torch.int64) + old  # a new tensor object, a new address
+    p.state["sum"] = p.state["sum"].clone()  # a copy
+    p.update(x)
+    ref.update(x)
+    assert int(old) == int(ref.state["zero"]) // 2  # the replaced tensor is left alone
+    for k, v in _state_numbers(ref).items():
+        torch.testing.assert_close(p.state[k], v, rtol=0, atol=0, msg=k)
+    p.state["sum_sq"] = p.state["sum_sq"].float()  # float32: the C merge does not write it
+    assert p._state_addresses() is None
+    p.update(x)
+    ref.update(x)
+    assert p.state["sum_sq"].dtype == torch.float32 and int(p.state["n_tokens"]) == int(ref.state["n_tokens"]) == 36
+    torch.testing.assert_close(p.state["sum_sq"].double(), ref.state["sum_sq"], rtol=1e-6, atol=0)
 
 
 def test_pending_passes_are_bounded():
