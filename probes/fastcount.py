@@ -381,8 +381,8 @@ void actsparse_merge(int64_t parts, int64_t nwin, int64_t c, int64_t nbins, int6
 
 #ifdef _OPENMP
 /* The units split at bounds[0..parts] over `parts` threads of the OpenMP runtime torch already runs (the
-   build links torch's own libgomp): part i writes win[i], hist[i], tot[i], zc[i] and zc0[i], which the caller
-   sums. Part 0 runs on the calling thread and part i on team thread i (static schedule, one part each): the
+   build links torch's own libgomp): part i zeroes and writes win[i], hist[i], tot[i], zc[i] and zc0[i], which the
+   caller sums. Part 0 runs on the calling thread and part i on team thread i (static schedule, one part each): the
    rows a thread reads are those that torch's equally split elementwise kernels had that thread write. */
 int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
                                const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk,
@@ -391,10 +391,15 @@ int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n
                                int32_t *mparts)
 {
     #pragma omp parallel for num_threads((int)parts) schedule(static, 1)
-    for (int64_t i = 0; i < parts; ++i)
+    for (int64_t i = 0; i < parts; ++i) {
+        memset(win + i * nwin * WF, 0, (size_t)(nwin * WF) * sizeof *win);  /* each part zeroes its own buffers */
+        memset(hist + i * nbins, 0, (size_t)nbins * sizeof *hist);
+        memset(tot + i * 4, 0, 4 * sizeof *tot);
+        memset(zc + i * c, 0, (size_t)c * sizeof *zc);
         mparts[i] = actsparse_counts(bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds[i], bounds[i + 1],
                                      win + i * nwin * WF, hist + i * nbins, nbins, tot + i * 4, zc + i * c,
                                      zc0 + i * c);
+    }
     int32_t m = 0;
     for (int64_t i = 0; i < parts; ++i)
         m = mparts[i] > m ? mparts[i] : m;
@@ -412,6 +417,26 @@ int32_t actsparse_counts_into(const int32_t *bits, const float *vals, int64_t n,
                                              win, hist, nbins, tot, zc, zc0, mparts);
     actsparse_merge(parts, nwin, c, nbins, G, n, m, win, hist, tot, zc, lens, rows, st);
     return m;
+}
+
+/* Everything actsparse_counts_into takes but the tensor, the rows and the state: set up once per batch layout,
+   so that a call from Python converts four arguments, not twenty-three. */
+typedef struct {
+    const int32_t *tb;
+    const int64_t *ustart, *ulen, *uchunk, *uwin, *bounds;
+    const double *lens;
+    double *win;
+    int64_t *hist;
+    double *tot;
+    int32_t *zc, *zc0, *mparts;
+    int64_t n, c, parts, nwin, nbins, G;
+} actsparse_job;
+
+int32_t actsparse_job_run(const actsparse_job *j, const int32_t *x, double *rows, void *const *st)
+{
+    return actsparse_counts_into(x, (const float *)x, j->n, j->c, j->tb, j->ustart, j->ulen, j->uchunk, j->uwin,
+                                 j->bounds, j->parts, j->nwin, j->win, j->hist, j->nbins, j->tot, j->zc, j->zc0,
+                                 j->mparts, j->G, j->lens, rows, st);
 }
 #endif
 """
@@ -459,7 +484,7 @@ def _gomp_files() -> set[str]:
         return set()
 _LOCK = threading.Lock()
 _STATE: dict = {"fn": None, "tried": False, "status": "not tried", "parts_fn": None, "into_fn": None,
-                "merge_fn": None}
+                "merge_fn": None, "job_fn": None}
 _POOL: dict = {"executor": None, "size": 0}
 
 
@@ -565,6 +590,10 @@ def _load_library():
                 into_fn.argtypes = [*parts_fn.argtypes, i64, p, p, p]
                 into_fn.restype = ctypes.c_int32
                 _STATE["into_fn"] = into_fn
+                job_fn = lib.actsparse_job_run
+                job_fn.argtypes = [p, p, p, p]
+                job_fn.restype = ctypes.c_int32
+                _STATE["job_fn"] = job_fn
             marks = " ".join(f for f in flags if f.startswith("-m")) or "portable"
             split = "; parts on torch's OpenMP threads" if omp else ""
             return fn, f"native kernel ({marks}{split}; {target})"
@@ -594,13 +623,16 @@ def status() -> dict:
 
 
 def reset_for_tests() -> None:
-    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None, into_fn=None, merge_fn=None)
+    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None, into_fn=None, merge_fn=None, job_fn=None)
+    _JOB[0] = None
 
 
 def supports(x, n_eps: int) -> bool:
     """Whether the kernel can count ``x`` (a 2-D tensor) with ``n_eps`` thresholds."""
-    return (x.device.type == "cpu" and n_eps <= MAX_EPS and x.shape[-1] < (1 << 24) and x.dim() == 2
-            and str(x.dtype) == "torch.float32" and kernel() is not None)
+    import torch
+
+    return (n_eps <= MAX_EPS and x.dtype is torch.float32 and x.dim() == 2 and x.device.type == "cpu"
+            and x.shape[-1] < (1 << 24) and (_STATE["fn"] is not None or kernel() is not None))
 
 
 def threshold_bits(eps_grid) -> "object":
@@ -737,7 +769,9 @@ _BUFS_LOCK = threading.Lock()
 _BUFS_KEEP = 16  # sets kept per shape
 
 
-def _take(parts: int, B: int, c: int, nbins: int):
+def _take(parts: int, B: int, c: int, nbins: int, zero: bool = True):
+    """A set of per-part buffers from the pool (zeroed unless ``zero`` is False: the OpenMP entry points zero
+    their parts themselves, each thread its own, in the cache it is about to write them from)."""
     import numpy as np
 
     key = (parts, B, c, nbins)
@@ -749,8 +783,9 @@ def _take(parts: int, B: int, c: int, nbins: int):
                   np.zeros((parts, 4)), np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32),
                   np.zeros(parts, dtype=np.int32))
         return key, (*arrays, tuple(a.ctypes.data for a in arrays))  # the addresses, looked up once
-    for a in bufs[:4]:
-        a.fill(0)
+    if zero:
+        for a in bufs[:4]:
+            a.fill(0)
     return key, bufs
 
 
@@ -779,8 +814,9 @@ def launch(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: in
     n, c = valid.shape
     parts = _parts(valid, lens, k, threads)
     plan = _plan(lens, k, n, c, parts, eps_grid)
-    key, bufs = _take(parts, len(lens), c, nbins)
-    mbits = _run(fn, _STATE["parts_fn"], valid, n, c, parts, len(lens), nbins, plan, bufs)
+    parts_fn = _STATE["parts_fn"]
+    key, bufs = _take(parts, len(lens), c, nbins, zero=parts_fn is None or parts == 1)
+    mbits = _run(fn, parts_fn, valid, n, c, parts, len(lens), nbins, plan, bufs)
     return Raw(bufs, key, int(mbits), parts, len(eps_grid))
 
 
@@ -806,27 +842,68 @@ def _run(fn, parts_fn, valid, n: int, c: int, parts: int, B: int, nbins: int, pl
     return max([run(0)] + [f.result() for f in futures])
 
 
-# The state entries ``accumulate`` adds to, in the order of ``actsparse_merge``'s ``st`` (probes.sparsity's names).
-STATE_ORDER = ("n_tokens", "zero", "near_zero", "neg", "sum", "sum_abs", "sum_sq", "max_abs", "channel_active",
-               "token_hist", "token_nz_sum", "chunk_sum", "n_chunks")
-STATE_FLOAT = frozenset({"sum", "sum_abs", "sum_sq", "max_abs", "token_nz_sum", "chunk_sum"})
+# actsparse_merge's state (``st``): which entries are doubles (the others int64) and which are not one number.
+_ST_DOUBLE = frozenset({4, 5, 6, 7, 10, 11})
+_ST_SIZE = {2: "n_eps", 8: "width", 9: "nbins"}
+N_STATE = 13
 
 
-def state_addresses(state: dict, width: int, n_eps: int, nbins: int):
-    """The addresses of ``state``'s tensors in ``STATE_ORDER`` as a ctypes array for ``accumulate``, or None when
-    one is not a contiguous CPU tensor of the dtype (float64, else int64) and size the merge writes."""
+def addresses(tensors) -> "ctypes.Array":
+    """The tensors' data addresses as a ctypes array (``accumulate``'s ``state_ptrs``), unchecked."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def state_addresses(tensors, width: int, n_eps: int, nbins: int):
+    """``addresses`` of a probe's state tensors in ``actsparse_merge``'s order (see its comment), or None when one
+    is not a contiguous CPU tensor of the dtype (float64 or int64) and size the merge writes there."""
     import torch
 
-    sizes = {"near_zero": n_eps, "channel_active": width, "token_hist": nbins}
-    ptrs = []
-    for name in STATE_ORDER:
-        t = state.get(name)
-        want = torch.float64 if name in STATE_FLOAT else torch.int64
+    sizes = {"n_eps": n_eps, "width": width, "nbins": nbins}
+    if len(tensors) != N_STATE:
+        return None
+    for i, t in enumerate(tensors):
+        want = torch.float64 if i in _ST_DOUBLE else torch.int64
         if (not torch.is_tensor(t) or t.device.type != "cpu" or t.dtype != want or not t.is_contiguous()
-                or t.numel() != sizes.get(name, 1)):
+                or t.numel() != sizes.get(_ST_SIZE.get(i), 1)):
             return None
-        ptrs.append(t.data_ptr())
-    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+    return addresses(tensors)
+
+
+class _Job(ctypes.Structure):
+    """``actsparse_job`` (C_SOURCE): one batch layout's plan and per-part buffers, for ``actsparse_job_run``."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("tb", "ustart", "ulen", "uchunk", "uwin", "bounds", "lens", "win",
+                                                      "hist", "tot", "zc", "zc0", "mparts")] + \
+               [(name, ctypes.c_int64) for name in ("n", "c", "parts", "nwin", "nbins", "G")]
+
+
+class _JobHolder:
+    __slots__ = ("struct", "address", "keep", "lock")
+
+
+_JOB: list = [None]  # (key, _JobHolder) of the batch layout seen last (the sites of a forward share it)
+
+
+def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
+    """The plan and buffers of ``key``'s layout, as an ``actsparse_job``, kept as the last job."""
+    import numpy as np
+
+    n, c = key[0], key[1]
+    B = len(lens)
+    n_units = B * (1 + (max(lens) // k if k > 0 and lens else 0))
+    parts = max(1, min(int(threads), n_units, (n * c) // MIN_SPLIT_OMP))
+    plan = _plan(lens, k, n, c, parts, eps_grid)
+    bufs = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64), np.zeros((parts, 4)),
+            np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32), np.zeros(parts, dtype=np.int32))
+    ustart, ulen, uchunk, uwin, tb, bounds, lens_d = plan["arrays"]
+    job = _JobHolder()
+    job.struct = _Job(*[a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds, lens_d, *bufs)],
+                      n, c, parts, B, nbins, len(eps_grid))
+    job.address = ctypes.addressof(job.struct)
+    job.keep = (plan, bufs)  # what the struct points into
+    job.lock = threading.Lock()
+    _JOB[0] = (key, job)
+    return job
 
 
 def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: int, state_ptrs):
@@ -837,6 +914,19 @@ def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: in
     sum, full chunks) and the largest ``|x|`` bit pattern (>= 0x7f800000: an inf or NaN was seen)."""
     import numpy as np
 
+    job_fn = _STATE["job_fn"]
+    if job_fn is not None and valid.is_contiguous():  # the common case, with as little Python as it takes
+        n, c = valid.shape
+        key = (n, c, tuple(lens), k, threads, tuple(eps_grid), nbins, MIN_SPLIT_OMP)
+        last = _JOB[0]
+        job = last[1] if last is not None and last[0] == key else _new_job(key, lens, k, threads, nbins, eps_grid)
+        if job.lock.acquire(blocking=False):  # else another thread runs it now: the general path below
+            try:
+                rows = np.empty((len(lens), 5 + len(eps_grid)))
+                mbits = job_fn(job.address, valid.data_ptr(), rows.ctypes.data, state_ptrs)
+            finally:
+                job.lock.release()
+            return rows, int(mbits)
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
@@ -844,7 +934,7 @@ def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: in
     parts_fn, into_fn = _STATE["parts_fn"], _STATE["into_fn"]
     parts = _parts(valid, lens, k, threads)
     plan = _plan(lens, k, n, c, parts, eps_grid)
-    key, bufs = _take(parts, B, c, nbins)
+    key, bufs = _take(parts, B, c, nbins, zero=into_fn is None)
     rows = np.empty((B, 5 + G))
     win_p, hist_p, tot_p, zc_p, zc0_p, m_p = bufs[6]
     try:

@@ -35,11 +35,16 @@ kernel instead (``probes.fastcount``): the same counts, the float sums to float 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Sequence
 
 DEFAULT_EPS_GRID = (1e-6, 1e-3, 1e-2)
 DEFAULT_CHUNK_K = 8
 HIST_BINS = 1000
+# The state entries the kernel's merge writes (probes.fastcount.accumulate), in the order of its C function's
+# ``st`` argument.
+_STATE_ORDER = ("n_tokens", "zero", "near_zero", "neg", "sum", "sum_abs", "sum_sq", "max_abs", "channel_active",
+                "token_hist", "token_nz_sum", "chunk_sum", "n_chunks")
 MAX_PENDING = 8  # kernel passes an ActivationSparsityProbe holds before adding them to its state (``flush``)
 
 
@@ -115,6 +120,11 @@ class ActivationSparsityProbe:
             "n_chunks": torch.zeros((), **i64),
             "nonfinite": torch.zeros((), **i64),
         }
+        if torch.device(device).type == "cpu":  # where the kernel's merge writes (``_state_addresses``), worked out
+            from probes import fastcount  # here: inside the first forward it cost that forward ~0.06 ms a probe
+
+            now = tuple(map(self.state.get, _STATE_ORDER))
+            self._addresses = (now, fastcount.addresses(now))
         # per-window rows (probes.uncertainty.WindowValues state): O(windows), a dict of lists so that
         # probes.distributed.probe_to_cpu moves it with the probe
         self.tags = tags
@@ -140,16 +150,13 @@ class ActivationSparsityProbe:
     def _state_addresses(self):
         """The state tensors' addresses for ``fastcount.accumulate`` (None when the state does not suit it), kept
         while the state holds the same tensor objects (the kept tuple holds them, so no id is reused meanwhile)."""
-        import operator
-
-        from probes import fastcount
-
-        s = self.state
-        now = tuple(map(s.get, fastcount.STATE_ORDER))
+        now = tuple(map(self.state.get, _STATE_ORDER))
         kept = self._addresses
         if kept is not None and all(map(operator.is_, kept[0], now)):
             return kept[1]
-        addr = fastcount.state_addresses(s, self.width, len(self.eps_grid), HIST_BINS)
+        from probes import fastcount
+
+        addr = fastcount.state_addresses(now, self.width, len(self.eps_grid), HIST_BINS)
         self._addresses = (now, addr) if addr is not None else None
         return addr
 

@@ -80,8 +80,8 @@ def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch, spl
     if split == "openmp" and fastcount._STATE["parts_fn"] is None:
         pytest.skip("no OpenMP build here (torch runs no GNU OpenMP runtime)")
     if split == "python":  # the Python thread pool, as where the OpenMP build is not available
-        monkeypatch.setitem(fastcount._STATE, "parts_fn", None)
-        monkeypatch.setitem(fastcount._STATE, "into_fn", None)
+        for name in ("parts_fn", "into_fn", "job_fn"):
+            monkeypatch.setitem(fastcount._STATE, name, None)
     monkeypatch.setattr(fastcount, "MIN_SPLIT", 1 << 12)  # split even this tensor (786k entries) over the threads
     monkeypatch.setattr(fastcount, "MIN_SPLIT_OMP", 1 << 12)
     batches = [(x, None), (x, torch.rand(4, 128) > 0.3)]
@@ -92,6 +92,10 @@ def test_kernel_matches_on_wide_relu_tensors_split_over_threads(monkeypatch, spl
         real_fn = fastcount._STATE[name]
         if real_fn is not None:
             monkeypatch.setitem(fastcount._STATE, name, lambda *a, _f=real_fn: parts_calls.append(a[10]) or _f(*a))
+    real_job = fastcount._STATE["job_fn"]
+    if real_job is not None:  # the same as into_fn, its arguments but three set up once (fastcount._Job)
+        monkeypatch.setitem(fastcount._STATE, "job_fn",
+                            lambda *a: parts_calls.append(fastcount._Job.from_address(a[0]).parts) or real_job(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     two = _probe_run(monkeypatch, True, batches, 1536)
     if split == "python":
@@ -278,3 +282,25 @@ def test_pooled_buffers_never_show_through_results():
     again = fastcount.count(a, (1e-3, 0.1), lens, 4, 1, 50)  # buffers from the pool, written by b's pass before
     for k, v in kept.items():
         assert np.array_equal(first[k], v) and np.array_equal(again[k], v), k
+
+
+def test_a_busy_job_takes_the_general_path_with_the_same_bits():
+    """``accumulate`` keeps the last batch layout's plan and buffers as a C struct (one call converts four
+    arguments); a second thread that finds it in use takes the general path, with the same results."""
+    from probes.sparsity import ActivationSparsityProbe
+
+    fastcount.kernel()
+    if fastcount._STATE["job_fn"] is None:
+        pytest.skip("no OpenMP build here")
+    torch.manual_seed(5)
+    x = torch.relu(torch.randn(4, 50, 96))
+    a, b = ActivationSparsityProbe(96), ActivationSparsityProbe(96)
+    a.update(x)
+    job = fastcount._JOB[0][1]
+    assert fastcount._JOB[0][0][:3] == (200, 96, (50, 50, 50, 50))
+    with job.lock:  # held: as if another thread ran it
+        b.update(x)
+    assert fastcount._JOB[0][1] is job  # the same job, not rebuilt
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+    assert all(np.array_equal(u, v) for u, v in zip(a.windows["values"], b.windows["values"]))
