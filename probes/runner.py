@@ -272,8 +272,14 @@ def premade_probes(model, sites: Sequence, make_probe: Callable[[Any, int, Any],
     forward with probes that do nothing; ``benchmarks/README.md``, 2026-12-04 late)."""
     import torch
 
-    devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
-    whole = next(iter(devices)) if len(devices) == 1 else None
+    whole: list = []  # the model's one device (or None), looked up only for a site module without parameters
+
+    def model_device():
+        if not whole:
+            devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
+            whole.append(next(iter(devices)) if len(devices) == 1 else None)
+        return whole[0]
+
     out: dict[str, tuple] = {}
     for site in sites:
         width = getattr(site, "width", None)
@@ -281,7 +287,7 @@ def premade_probes(model, sites: Sequence, make_probe: Callable[[Any, int, Any],
             continue
         module = getattr(site, "module", None)
         own = next(module.parameters(recurse=False), None) if isinstance(module, torch.nn.Module) else None
-        device = own.device if own is not None else whole
+        device = own.device if own is not None else model_device()
         if device is not None:
             out[site.canonical_name] = (int(width), device, make_probe(site, int(width), device))
     return out
