@@ -195,7 +195,7 @@ class ActivationSparsityProbe:
             return
         G = len(self.eps_grid)
         if _native_ok(valid, G):  # one fused pass (probes.fastcount): the same counts, no per-token tensors
-            from probes import fastcount
+            import probes.fastcount as fastcount
 
             # The pass and its adding to the state now, in C; the window rows wait for ``flush`` (after the forward).
             ids = self._window_ids(lens)
@@ -478,12 +478,12 @@ class ActivationSparsityProbe:
 
 
 def _native_ok(valid, n_eps: int) -> bool:
-    """Whether this update's counts come from the fused CPU kernel (``probes.fastcount``)."""
-    if valid.device.type != "cpu":
-        return False
-    from probes import fastcount
+    """Whether this update's counts come from the fused CPU kernel (``probes.fastcount``); ``valid`` is the
+    float32 matrix ``update`` made (so only what ``fastcount.supports`` checks besides is checked here)."""
+    import probes.fastcount as fastcount
 
-    return fastcount.supports(valid, n_eps)
+    return (valid.is_cpu and n_eps <= fastcount.MAX_EPS and valid.shape[1] < (1 << 24)
+            and (fastcount._STATE["fn"] is not None or fastcount.kernel() is not None))
 
 
 _EXACT_F32 = 1 << 24  # float32 holds every integer up to 2^24 exactly
