@@ -878,7 +878,7 @@ class _Job(ctypes.Structure):
 
 
 class _JobHolder:
-    __slots__ = ("struct", "address", "keep", "lock")
+    __slots__ = ("struct", "address", "keep", "lock", "rows", "rows_address")
 
 
 _JOB: list = [None]  # (key, _JobHolder) of the batch layout seen last (the sites of a forward share it)
@@ -902,6 +902,8 @@ def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
     job.address = ctypes.addressof(job.struct)
     job.keep = (plan, bufs)  # what the struct points into
     job.lock = threading.Lock()
+    job.rows = np.empty((B, 5 + len(eps_grid)))
+    job.rows_address = job.rows.ctypes.data
     _JOB[0] = (key, job)
     return job
 
@@ -920,10 +922,10 @@ def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: in
         key = (n, c, tuple(lens), k, threads, tuple(eps_grid), nbins, MIN_SPLIT_OMP)
         last = _JOB[0]
         job = last[1] if last is not None and last[0] == key else _new_job(key, lens, k, threads, nbins, eps_grid)
-        if job.lock.acquire(blocking=False):  # else another thread runs it now: the general path below
-            try:
-                rows = np.empty((len(lens), 5 + len(eps_grid)))
-                mbits = job_fn(job.address, valid.data_ptr(), rows.ctypes.data, state_ptrs)
+        if job.lock.acquire(False):  # else another thread runs it now: the general path below
+            try:  # (the job's own rows buffer, copied: numpy's .ctypes of a new array runs Python code)
+                mbits = job_fn(job.address, valid.data_ptr(), job.rows_address, state_ptrs)
+                rows = job.rows.copy()
             finally:
                 job.lock.release()
             return rows, int(mbits)
