@@ -63,6 +63,40 @@ C_SOURCE = r"""
 typedef float vf __attribute__((vector_size(LANES * 4)));  /* LANES float32 lanes, whatever the CPU's width */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
+/* A token's end: its LANES float32 partial sums added in float64 in lane order to the running sums acc[0..2], its
+   non-zero fraction to acc[3] and the histogram, its zeros to its window's w[0]. */
+static inline __attribute__((always_inline)) void token_done(const float *s, const float *sa, const float *sq,
+                                                             int32_t z, int64_t c, int64_t nbins, int64_t *hist,
+                                                             double *w, double *acc)
+{
+    double ts = 0, tsa = 0, tsq = 0;
+    for (int l = 0; l < LANES; ++l) {
+        ts += (double)s[l];
+        tsa += (double)sa[l];
+        tsq += (double)sq[l];
+    }
+    acc[0] += ts;
+    acc[1] += tsa;
+    acc[2] += tsq;
+    const double f = (double)(c - z) / (double)c;
+    acc[3] += f;
+    int64_t bin = (int64_t)(f * (double)nbins);
+    bin = bin < 0 ? 0 : (bin >= nbins ? nbins - 1 : bin);
+    hist[bin] += 1;
+    w[0] += z;
+}
+
+/* A full chunk's end: the channels non-zero somewhere in it (fewer zeros there than rows) to its window's w[6],
+   w[7]. zc0 holds zc as it was at the chunk's start. */
+static inline __attribute__((always_inline)) void chunk_done(const int32_t *zc, const int32_t *zc0, int64_t c,
+                                                             int32_t rows, double *w)
+{
+    int32_t nz = 0;
+    for (int64_t ch = 0; ch < c; ++ch) nz += zc[ch] - zc0[ch] < rows;
+    w[6] += 1.0 - (double)nz / (double)c;
+    w[7] += 1.0;
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -114,7 +148,7 @@ static inline __attribute__((always_inline)) int32_t avx512_units(
     const int64_t cl = c - c % 16;
     const __mmask16 ktail = (__mmask16)((1u << (c % 16)) - 1u);
     __m512i vmx = _mm512_setzero_si512();
-    double tsum = 0, tabs = 0, tsq = 0, tfrac = 0;
+    double acc[4] = {0, 0, 0, 0};  /* the sums of x, |x|, x*x and of the tokens' non-zero fractions */
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
         double *restrict w = win + uwin[u] * 8;
@@ -144,38 +178,15 @@ static inline __attribute__((always_inline)) int32_t avx512_units(
                 _mm512_storeu_ps(s, vs);
                 _mm512_storeu_ps(sa, vsa);
                 _mm512_storeu_ps(sq, vsq);
-                double ts = 0, tsa = 0, tsq2 = 0;
-                for (int l = 0; l < 16; ++l) {
-                    ts += (double)s[l];
-                    tsa += (double)sa[l];
-                    tsq2 += (double)sq[l];
-                }
-                tsum += ts;
-                tabs += tsa;
-                tsq += tsq2;
-                const int32_t z = _mm512_reduce_add_epi32(vz);
-                const double f = (double)(c - z) / (double)c;
-                tfrac += f;
-                int64_t bin = (int64_t)(f * (double)nbins);
-                bin = bin < 0 ? 0 : (bin >= nbins ? nbins - 1 : bin);
-                hist[bin] += 1;
-                w[0] += z;
+                token_done(s, sa, sq, _mm512_reduce_add_epi32(vz), c, nbins, hist, w, acc);
             }
             for (int j = 0; j < nt; ++j) w[1 + slot[j]] += _mm512_reduce_add_epi32(ve[j]);
             w[5] += _mm512_reduce_add_epi32(vng);
         }
-        if (ci >= 0) {
-            int32_t nz = 0;
-            const int32_t rows = (int32_t)ulen[u];
-            for (int64_t ch = 0; ch < c; ++ch) nz += zc[ch] - zc0[ch] < rows;
-            w[6] += 1.0 - (double)nz / (double)c;
-            w[7] += 1.0;
-        }
+        if (ci >= 0)
+            chunk_done(zc, zc0, c, (int32_t)ulen[u], w);
     }
-    tot[0] += tsum;
-    tot[1] += tabs;
-    tot[2] += tsq;
-    tot[3] += tfrac;
+    for (int k = 0; k < 4; ++k) tot[k] += acc[k];
     return _mm512_reduce_max_epi32(vmx);
 }
 
@@ -229,7 +240,7 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
     int32_t m = 0;
-    double tsum = 0, tabs = 0, tsq = 0, tfrac = 0;
+    double acc[4] = {0, 0, 0, 0};  /* the sums of x, |x|, x*x and of the tokens' non-zero fractions */
     (void)n;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
@@ -272,21 +283,7 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
                 sa[ch - cl] += __builtin_fabsf(v);
                 sq[ch - cl] += v * v;
             }
-            double ts = 0, tsa = 0, tsq2 = 0;
-            for (int l = 0; l < LANES; ++l) {
-                ts += (double)s[l];
-                tsa += (double)sa[l];
-                tsq2 += (double)sq[l];
-            }
-            tsum += ts;
-            tabs += tsa;
-            tsq += tsq2;
-            const double f = (double)(c - z) / (double)c;
-            tfrac += f;
-            int64_t bin = (int64_t)(f * (double)nbins);
-            bin = bin < 0 ? 0 : (bin >= nbins ? nbins - 1 : bin);
-            hist[bin] += 1;
-            w[0] += z;
+            token_done(s, sa, sq, z, c, nbins, hist, w, acc);
             w[1] += e0;
             w[2] += e1;
             w[3] += e2;
@@ -294,18 +291,10 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
             w[5] += ng;
             m = mr > m ? mr : m;
         }
-        if (ci >= 0) {  /* channels non-zero somewhere in the chunk: fewer zeros there than rows */
-            int32_t nz = 0;
-            const int32_t rows = (int32_t)ulen[u];
-            for (int64_t ch = 0; ch < c; ++ch) nz += zc[ch] - zc0[ch] < rows;
-            w[6] += 1.0 - (double)nz / (double)c;
-            w[7] += 1.0;
-        }
+        if (ci >= 0)
+            chunk_done(zc, zc0, c, (int32_t)ulen[u], w);
     }
-    tot[0] += tsum;
-    tot[1] += tabs;
-    tot[2] += tsq;
-    tot[3] += tfrac;
+    for (int k = 0; k < 4; ++k) tot[k] += acc[k];
     return m;
 }
 
