@@ -12,6 +12,14 @@ forward pass, each reading the rows its thread wrote (from ``2 * MIN_SPLIT_OMP``
 Python thread pool (from ``2 * MIN_SPLIT``: below that one thread is faster). Loading checks that no second
 OpenMP runtime came into the process; if one did, the build is not used.
 
+On a CPU with AVX-512 the row loop is written with intrinsics (counts as masked subtractions, the per-window
+counts kept in vectors over up to 64 rows, the row after next asked for ahead of time); the portable loop
+elsewhere. Both give the same bits (a test builds every flag set and compares). A probe's update goes through
+``accumulate``: the pass and the adding of its results to the probe's state in one C call (``actsparse_merge``,
+in the order the numpy merge ``ActivationSparsityProbe._update_from_kernel`` uses, bit for bit), with the last
+batch layout's plan and buffers kept as a C struct, so that the call converts four arguments: inside the model's
+forward each Python operation costs several times what it costs elsewhere (``benchmarks/README.md``).
+
 Exactness: the kernel reads the float32 activations as their IEEE-754 bit patterns. With
 ``ai = bits & 0x7fffffff`` (the bits of ``|x|``), non-negative floats order as their bit patterns, and
 every NaN pattern lies above ``+inf`` (0x7f800000). So, for a threshold ``t >= 0`` given as the bits of the
@@ -785,9 +793,8 @@ def _give_back(key, bufs) -> None:
             free.append(bufs)
 
 
-def _parts(valid, lens: list[int], k: int, threads: int) -> int:
-    """How many parts ``valid``'s pass is split into."""
-    n, c = valid.shape
+def _parts(n: int, c: int, lens: list[int], k: int, threads: int) -> int:
+    """How many parts the pass over an ``[n, c]`` matrix is split into."""
     n_units = len(lens) * (1 + (max(lens) // k if k > 0 and lens else 0))  # an upper bound is enough here
     # a Python thread hand-off costs tens of microseconds: split only tensors worth it (>= MIN_SPLIT entries a
     # part); torch's OpenMP team, where the build shares it, from MIN_SPLIT_OMP
@@ -801,7 +808,7 @@ def launch(valid, eps_grid, lens: list[int], k: int, threads: int = 1, nbins: in
     fn = kernel()
     valid = valid.contiguous()
     n, c = valid.shape
-    parts = _parts(valid, lens, k, threads)
+    parts = _parts(n, c, lens, k, threads)
     plan = _plan(lens, k, n, c, parts, eps_grid)
     parts_fn = _STATE["parts_fn"]
     key, bufs = _take(parts, len(lens), c, nbins, zero=parts_fn is None or parts == 1)
@@ -879,8 +886,7 @@ def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
 
     n, c = key[0], key[1]
     B = len(lens)
-    n_units = B * (1 + (max(lens) // k if k > 0 and lens else 0))
-    parts = max(1, min(int(threads), n_units, (n * c) // MIN_SPLIT_OMP))
+    parts = _parts(n, c, lens, k, threads)  # an OpenMP build: MIN_SPLIT_OMP
     plan = _plan(lens, k, n, c, parts, eps_grid)
     bufs = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64), np.zeros((parts, 4)),
             np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32), np.zeros(parts, dtype=np.int32))
@@ -923,7 +929,7 @@ def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: in
     n, c = valid.shape
     B, G = len(lens), len(eps_grid)
     parts_fn, into_fn = _STATE["parts_fn"], _STATE["into_fn"]
-    parts = _parts(valid, lens, k, threads)
+    parts = _parts(n, c, lens, k, threads)
     plan = _plan(lens, k, n, c, parts, eps_grid)
     key, bufs = _take(parts, B, c, nbins, zero=into_fn is None)
     rows = np.empty((B, 5 + G))
