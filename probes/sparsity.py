@@ -45,7 +45,7 @@ HIST_BINS = 1000
 # ``st`` argument.
 _STATE_ORDER = ("n_tokens", "zero", "near_zero", "neg", "sum", "sum_abs", "sum_sq", "max_abs", "channel_active",
                 "token_hist", "token_nz_sum", "chunk_sum", "n_chunks")
-MAX_PENDING = 8  # kernel passes an ActivationSparsityProbe holds before adding them to its state (``flush``)
+MAX_PENDING = 8  # passes whose window rows an ActivationSparsityProbe holds before adding them (``flush``)
 
 
 def eps_label(eps: float) -> str:
@@ -173,7 +173,8 @@ class ActivationSparsityProbe:
         equals the boolean count it replaces, and NaN/inf fall on the same side of each comparison as before
         (NaN: not zero, not near zero, not negative). The float sums (``sum``, ``sum_abs``, ``sum_sq``) use the
         same float32-per-token, float64-across-tokens operations as always. On the CPU with a C compiler
-        (``probes.fastcount``) one fused pass makes every statistic instead (``_update_from_kernel``).
+        (``probes.fastcount``) one fused pass makes every statistic and adds it to the state instead
+        (``fastcount.accumulate``; ``_update_from_kernel`` where the state does not suit the C merge).
         """
         import torch
 
