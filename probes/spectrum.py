@@ -377,41 +377,30 @@ class _SvdBatcher:
 class _ThreadBatcher(_SvdBatcher):
     """``_SvdBatcher`` whose LAPACK calls run in ``threads`` helper threads (CPU only), overlapping the
     main thread's reading, fits and imports, and each other: numpy releases the GIL inside LAPACK, so on
-    two free cores two eigenvalue solvers and the Python-level work run at the same time. The same calls
+    two cores two eigenvalue solvers and the Python-level work run at the same time. The same calls
     on the same arrays as ``_SvdBatcher`` (each call single-threaded BLAS, so its result does not depend
-    on which thread runs it), harvested in submission order, so the numbers are identical. One group
-    per thread computes and one more waits queued while the main thread fits finished rows and reads
-    the next tensor; groups that finished behind a slower, older one keep only their singular values
-    (their stacks are released) and do not count, so a long call (MiniLM's 30522 x 384 embedding) does
-    not leave the other threads idle (memory: about ``threads + 1`` tensors more than without the
-    threads; ``tests/unit/test_arrays.py`` bounds it).
+    on which thread runs it), started in submission order (the pool's queue) and harvested in that order,
+    so the numbers are identical. One group per thread computes and one more waits queued while the main
+    thread fits finished rows and reads the next tensor; groups that finished behind a slower, older one
+    keep only their singular values (their stacks are released) and do not count, so a long call (MiniLM's
+    30522 x 384 embedding) does not leave the other threads idle (memory: about ``threads + 1`` tensors
+    more than without the threads; ``tests/unit/test_arrays.py`` bounds it).
+
+    The calls share nothing while they run (no barrier, no spin-wait), so a core that another process keeps
+    busy only time-slices them: the threads then get their fair share of the cores instead of waiting for
+    each other (``analyze_checkpoint``'s default count, the CPUs this process may use, rests on this).
     """
 
     workers = 1
 
-    def __init__(self, budget: int, method: str = "auto", threads: int = 1,
-                 rethink: Callable[[], int | None] | None = None, max_threads: int | None = None):
-        import threading
-        import time
+    def __init__(self, budget: int, method: str = "auto", threads: int = 1):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         super().__init__(budget, "cpu", method)
-        self.threads = max(1, int(threads))  # how many groups may compute at once now
-        self.max_threads = max(self.threads, int(max_threads or self.threads))
-        # ``rethink()``: a new count, or None while it cannot say (asked before each submission, at most every
-        # 50 ms). The count then follows what the cores do while the command runs: the first guess (the load
-        # average, when the command is too young for /proc/stat to say) can lag a job that ended a minute ago.
-        self.rethink, self._clock, self._asked = rethink, time.monotonic, -1.0
-        self.history: list[list[float]] = [[0.0, float(self.threads)]]  # [seconds since start, threads]
-        self._t0 = time.monotonic()
-        # Calls pass the gate in submission order (tickets): results are harvested in that order, so a call
-        # that lost the race for the gate to a thread coming back for its next call (with one thread allowed,
-        # every time) would hold back every finished row behind it until the last LAPACK call.
-        self._gate, self._active, self._tickets, self._next_ticket = threading.Condition(), 0, 0, 0
-        self.pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="actsparse-spectrum")
+        self.threads = max(1, int(threads))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="actsparse-spectrum")
         self.futures: deque = deque()
-        self.inline_calls = 0  # calls run on the main thread (``inline``)
         # The main thread's own work while it would wait for a group (fitting finished rows): called until
         # it returns False, before each wait.
         self.idle: Callable[[], bool] | None = None
@@ -423,67 +412,14 @@ class _ThreadBatcher(_SvdBatcher):
         # tensor (GPT-2-small shapes: ~15-25 ms per matrix, between matrices of 40-75 ms each).
         return self.threads + 1
 
-    def _reconsider(self) -> None:
-        if self.rethink is None or self._clock() - self._asked < 0.05:
-            return
-        self._asked = self._clock()
-        n = self.rethink()
-        if n is None or int(n) == self.threads:
-            return
-        with self._gate:
-            self.threads = min(self.max_threads, max(1, int(n)))
-            self._gate.notify_all()
-        self.history.append([round(self._clock() - self._t0, 3), float(self.threads)])
-
-    def _ticket(self) -> int:
-        self._tickets += 1
-        return self._tickets - 1
-
-    def _gated(self, ticket: int, compute: Callable[..., np.ndarray], *args) -> np.ndarray:
-        """``compute(*args)`` once fewer than ``threads`` calls run (the pool has ``max_threads`` threads) and
-        every call submitted before it has started."""
-        with self._gate:
-            while self._active >= self.threads or ticket != self._next_ticket:
-                self._gate.wait()
-            self._active += 1
-            self._next_ticket += 1
-            self._gate.notify_all()
-        try:
-            return compute(*args)
-        finally:
-            with self._gate:
-                self._active -= 1
-                self._gate.notify_all()
-
-    @property
-    def inline(self) -> bool:
-        """Whether the next call runs on the submitting (main) thread: when the count follows the cores
-        (``rethink``) and other processes leave this one a single core. A helper thread then only shares that
-        core with the main thread, and the switches between them cost more than the overlap gains (GPT-2-small
-        shapes, 12 blocks, beside a CPU-bound process on a 2-core machine: 3.68 s with the helper thread, 3.52 s
-        inline). A count given by the caller keeps the helper threads."""
-        return self.rethink is not None and self.threads == 1
-
     def _run(self, group):
-        self._reconsider()
-        if self.inline:
-            return self._inline(lambda: super(_ThreadBatcher, self)._run(group))
         counts = [(job, key, s.shape[0]) for job, key, s in group]  # the stacks go with the call only
-        self.futures.append((counts, self.pool.submit(self._gated, self._ticket(), self._compute, group)))
+        self.futures.append((counts, self.pool.submit(self._compute, group)))
         return self._harvest()
 
     def direct(self, job, key, compute):
-        self._reconsider()
-        if self.inline:
-            return self._inline(lambda: super(_ThreadBatcher, self).direct(job, key, compute))
-        self.futures.append(([(job, key, None)], self.pool.submit(self._gated, self._ticket(), compute)))
+        self.futures.append(([(job, key, None)], self.pool.submit(compute)))
         return self._harvest()
-
-    def _inline(self, run: Callable[[], list[_Job]]) -> list[_Job]:
-        """The calls already in flight first (submission order), then this one, as ``_SvdBatcher`` runs it."""
-        done = self._harvest(wait_all=True)
-        self.inline_calls += 1
-        return done + run()
 
     def _harvest(self, wait_all: bool = False) -> list[_Job]:
         """The jobs of the finished groups at the front of the queue, in submission order. While more
@@ -655,16 +591,12 @@ def analyze_tensors(
     compute_thread: bool | None = None,
     compute_threads: int | None = None,
     frame: bool = True,
-    rethink_threads: Callable[[], int | None] | None = None,
-    max_compute_threads: int | None = None,
 ):
     """Spectrum table for ``(name, tensor)`` pairs (torch tensors or numpy arrays); see
     :func:`analyze_checkpoint`. ``compute_thread``: run the CPU eigenvalue/SVD calls in helper
     threads that overlap reading and fitting (None: when this process may use 2 or more CPUs and
     ``workers`` is 1), ``compute_threads`` of them (None: 1); the numbers are the same either way.
-    ``frame=False`` returns the :class:`SpectrumTable` (no pandas import) instead of the DataFrame.
-    ``rethink_threads()`` (with compute threads): a new thread count as the run goes, or None (at most
-    ``max_compute_threads``)."""
+    ``frame=False`` returns the :class:`SpectrumTable` (no pandas import) instead of the DataFrame."""
     if svd not in ("auto", "exact"):
         raise ValueError(f"svd must be 'auto' or 'exact', not {svd!r}")
     dev = resolve_device(device)
@@ -674,7 +606,7 @@ def analyze_tensors(
     if workers > 1:
         runner = _PoolRunner(workers, svd, randomize)
     elif dev == "cpu" and (compute_thread if compute_thread is not None else _cpus() >= 2):
-        runner = _ThreadBatcher(batch_bytes, svd, compute_threads or 1, rethink_threads, max_compute_threads)
+        runner = _ThreadBatcher(batch_bytes, svd, compute_threads or 1)
     else:
         runner = None
     try:
@@ -808,8 +740,6 @@ def _analyze(tensors, dev, split_fused, randomize, seed, config, total, progress
                             for k, v in notes.items()]
     table.attrs["compute_thread"] = isinstance(runner, _ThreadBatcher)
     table.attrs["compute_threads"] = runner.threads if isinstance(runner, _ThreadBatcher) else 0
-    table.attrs["compute_threads_history"] = runner.history if isinstance(runner, _ThreadBatcher) else []
-    table.attrs["compute_inline_calls"] = runner.inline_calls if isinstance(runner, _ThreadBatcher) else 0
     table.attrs["svd"] = {"device": dev, "dtype": str(svd_dtype), "method": svd,
                           "workers": runner.workers if runner else 1,
                           "gram": _gram_rule() if svd == "auto" and dev == "cpu" else "SVD"}
@@ -951,30 +881,23 @@ def analyze_checkpoint(
     thread and 2.9-3.9 s with the default two (OpenMP threads spin-waiting for a busy core); the
     batched eigen/SVD calls gain little from a second thread when the machine is quiet. None: the
     library default. ``compute_thread`` (default: when 2 or more CPUs are available and ``workers`` is
-    1) runs those calls in one helper thread, overlapping reading, fits and imports; the numbers are
-    identical. ``compute_threads`` (default: ``free_cpus()``, the CPUs available minus those other processes
-    kept busy since the command started, or failing that the 1-minute load average, at least 1) is how many
-    such threads run at once: two
-    on a quiet 2-core machine, one when another job takes a core, so the calls never oversubscribe the
-    cores (each is single-threaded BLAS; a call waits for a core instead of spinning). The policy is
-    recorded in ``df.attrs['thread_policy']``.
+    1) runs those calls in helper threads, overlapping reading, fits and imports; the numbers are
+    identical. ``compute_threads`` (default: ``probes.threads.independent_threads()``, the CPUs this process
+    may use, or ``ACTSPARSE_CPU_THREADS``) is how many such threads run at once, whatever other processes
+    do: the calls are single-threaded BLAS and share nothing while they run, so a core another job keeps
+    busy time-slices them (each thread gets its fair share) instead of making threads spin-wait for each
+    other, and no more threads run than the CPUs this process may use. (Beside one CPU-bound process on a
+    2-core machine, 12 blocks of GPT-2-small shapes: 2.76-3.27 s with two threads against 3.43-3.82 s with
+    one; beside two, 3.65-3.87 s against 5.13-5.46 s.) The policy, and the cores other processes kept busy
+    while the command ran, are recorded in ``df.attrs['thread_policy']``.
     """
     import contextlib
 
-    from probes.threads import free_cpus, free_cpus_now
+    from probes.threads import busy_elsewhere, independent_threads
 
     sn = source if isinstance(source, Sniffed) else sniff(source)
-    free = free_cpus() if compute_threads is None else {}
-    seen: list[dict[str, Any]] = []
-
-    def rethink() -> int | None:  # the count as the command runs, from /proc/stat once it can say
-        now = free_cpus_now(_cpus())
-        if now is None:
-            return None
-        seen[:] = [now]
-        return now["threads"]
-
-    follow = compute_threads is None and not os.environ.get("ACTSPARSE_CPU_THREADS")
+    chosen = independent_threads(_cpus()) if compute_threads is None else {"threads": compute_threads,
+                                                                          "rule": "given"}
     limit: contextlib.AbstractContextManager = contextlib.nullcontext()
     if blas_threads:
         try:
@@ -988,23 +911,17 @@ def analyze_checkpoint(
             _checkpoint_arrays(sn, unsafe_pickle, split_fused), device=device, split_fused=split_fused,
             randomize=randomize, seed=seed, config=load_config(sn),  # fused splits, and Conv1D's orientation
             total=count_tensors(sn), progress=progress, on_layer=on_layer, batch_bytes=batch_bytes, svd=svd,
-            workers=workers, compute_thread=compute_thread,
-            compute_threads=compute_threads if compute_threads is not None else free.get("threads"), frame=frame,
-            rethink_threads=rethink if follow else None, max_compute_threads=_cpus() if follow else None)
-    if seen:
-        free = {**free, "busy_elsewhere": seen[0]["busy_elsewhere"],
-                "rule": free.get("rule", "") + "; then the cores other processes kept busy since the command started "
-                        "(/proc/stat), re-read before each LAPACK call; with one core left, the call runs on the main "
-                        "thread"}
+            workers=workers, compute_thread=compute_thread, compute_threads=chosen["threads"], frame=frame)
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # no load average (Windows)
+        load = None
     df.attrs["thread_policy"] = {"blas_threads_main": blas_threads or "library default",
                                  "blas_threads_per_worker": 1, "workers": workers, "cpus_available": _cpus(),
                                  "compute_thread": bool(df.attrs.get("compute_thread")),
                                  "compute_threads": int(df.attrs.get("compute_threads", 0)),
-                                 "compute_threads_history": df.attrs.get("compute_threads_history", []),
-                                 "compute_inline_calls": int(df.attrs.get("compute_inline_calls", 0)),
-                                 "compute_threads_rule": ("given" if compute_threads is not None else free.get("rule")),
-                                 "load_average_1min": free.get("load_average_1min"),
-                                 "busy_elsewhere": free.get("busy_elsewhere") or {"cores": None, "window_s": None}}
+                                 "compute_threads_rule": chosen["rule"], "load_average_1min": load,
+                                 "busy_elsewhere": busy_elsewhere() or {"cores": None, "window_s": None}}
     return df
 
 

@@ -94,38 +94,24 @@ def busy_elsewhere(since: tuple | None = None, now: tuple | None = None) -> dict
     return {"cores": round(max(0.0, busy_cores - own), 2), "window_s": round(wall, 3)}
 
 
-def free_cpus_now(cpus: int | None = None) -> dict[str, Any] | None:
-    """``{"threads": n, "busy_elsewhere": {...}}`` from ``/proc/stat`` alone: the CPUs available minus the
-    cores other processes kept busy since the command started (rounded), at least 1; None while that window
-    is too short to say (``MIN_WINDOW_S``), without ``/proc/stat``, or when ``ACTSPARSE_CPU_THREADS`` fixes
-    the count. Cheap (one read of ``/proc/stat``): a long command can ask again as it runs."""
-    if os.environ.get(ENV):
-        return None
-    seen = busy_elsewhere()
-    if seen is None:
-        return None
-    n_cpus = available_cpus() if cpus is None else cpus
-    busy = min(n_cpus - 1, int(seen["cores"] + 0.5))
-    return {"threads": max(1, n_cpus - busy), "busy_elsewhere": seen}
-
-
-def free_cpus(cpus: int | None = None, load: float | None = None) -> dict[str, Any]:
-    """The CPUs this process may use minus those other processes keep busy (rounded), at least 1: how many
-    single-threaded compute calls can run at once without oversubscribing. "Busy" is measured over the
-    time since the command started (``free_cpus_now``, ``/proc/stat``) when that window is long enough,
-    else read from the 1-minute load average. ``ACTSPARSE_CPU_THREADS`` wins (``OMP_NUM_THREADS`` does not:
-    it sets BLAS threads per call, not how many calls run). ``{"threads": n, "rule": ...,
-    "cpus_available", "load_average_1min", "busy_elsewhere"}``. (A wrong guess costs little here: each call
-    is single-threaded, so one thread too many waits for a core instead of spinning.)"""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    choice = choose_cpu_threads(cpus, load, env=env)
-    now = free_cpus_now(choice["cpus_available"]) if load is None else None
-    choice["busy_elsewhere"] = now["busy_elsewhere"] if now else {"cores": None, "window_s": None}
-    if now is not None:
-        choice["threads"] = now["threads"]
-        choice["rule"] = ("available cores minus the cores other processes kept busy since the command started "
-                          "(/proc/stat), at least 1")
-    return choice
+def independent_threads(cpus: int | None = None) -> dict[str, Any]:
+    """How many independent single-threaded compute calls to run at once (the spectrum's LAPACK calls):
+    ``ACTSPARSE_CPU_THREADS`` when set, else the CPUs this process may use, whatever other processes do.
+    Unlike torch's OpenMP team (``choose_cpu_threads``), such calls never wait for each other, so a core
+    that another process keeps busy only time-slices them: one thread more than the free cores gets this
+    process its fair share instead of spinning (``OMP_NUM_THREADS`` sets BLAS threads per call, not how
+    many calls run, and is not read here). ``{"threads": n, "rule": ...}``."""
+    cpus = available_cpus() if cpus is None else cpus
+    own = os.environ.get(ENV)
+    try:
+        n = int(own) if own else 0
+    except ValueError:
+        n = 0
+    if n >= 1:
+        return {"threads": n, "rule": f"{ENV}={n}"}
+    return {"threads": max(1, int(cpus)),
+            "rule": "the CPUs this process may use (its affinity mask), whatever other processes do: the calls are "
+                    "independent and single-threaded, so a busy core time-slices them instead of making them spin"}
 
 
 def apply_cpu_threads() -> dict[str, Any]:

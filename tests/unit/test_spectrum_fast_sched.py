@@ -186,108 +186,44 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_the_thread_count_follows_rethink_and_the_gate_holds_it():
-    """``rethink`` may raise or lower how many groups compute at once as the run goes (the pool has
-    ``max_threads`` threads; a gate lets ``threads`` of them compute): with 1 allowed, never two calls at once;
-    after ``rethink`` says 2, two at once; answers above ``max_threads`` are capped; None changes nothing.
-    Jobs still come back in submission order."""
-    answers = iter([None, 1, 5])
-    b = sp._ThreadBatcher(budget=1 << 20, threads=1, rethink=lambda: next(answers, 2), max_threads=2)
-    b._clock = iter(range(0, 10_000, 1)).__next__  # every submission asks again (no 50 ms wait)
-    lock, running, peak = threading.Lock(), [0], [0]
-    both = threading.Barrier(2, timeout=5)
-
-    def compute(wait_for_partner=False):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        try:
-            if wait_for_partner:
-                both.wait()  # only passes when two calls run at the same time
-            else:
-                time.sleep(0.02)
-            return np.ones((1, 2))
-        finally:
-            with lock:
-                running[0] -= 1
-
-    try:
-        jobs = [_job(i) for i in range(4)]
-        for j in jobs[:2]:  # answers None, then 1: one at a time
-            b.direct(j, "main", compute)
-        b.flush()
-        assert peak[0] == 1 and b.threads == 1
-        done = b.direct(jobs[2], "main", lambda: compute(True))  # 5, capped at max_threads = 2
-        assert b.threads == 2 and b.in_flight == 3
-        done += b.direct(jobs[3], "main", lambda: compute(True))  # 2: the two calls meet at the barrier
-        done += b.flush()  # (the second direct may already have harvested both: they finish together)
-        assert done == jobs[2:]
-        assert peak[0] == 2
-        assert [n for _, n in b.history] == [1.0, 2.0]
-    finally:
-        b.close()
-
-
-def test_calls_start_in_submission_order_with_one_thread_allowed():
-    """With two pool threads and one allowed to compute, a thread back for its next call must not overtake a
-    call submitted before it that waits at the gate: results are harvested in submission order, so an
-    overtaken call would hold back every finished row (before the tickets, under load, the second call of a
-    GPT-2-shaped run started last and no row was fitted until every LAPACK call had finished)."""
-    b = sp._ThreadBatcher(budget=1 << 20, threads=1, max_threads=2)
-    started = []
+def test_calls_start_in_submission_order_and_errors_reach_the_caller():
+    """With one helper thread the calls start in submission order (results are harvested in that order, so
+    an overtaken call would hold back every finished row); with two, two calls run at once (they meet at
+    a barrier). An error in a call is raised to the caller."""
+    b = sp._ThreadBatcher(budget=1 << 20, threads=1)
+    started, main = [], threading.get_ident()
 
     def compute(i):
-        started.append(i)
-        time.sleep(0.005)
-        return np.ones((1, 2))
+        started.append((i, threading.get_ident()))
+        time.sleep(0.002)
+        return np.full((1, 2), float(i))
 
     try:
         jobs = [_job(i) for i in range(12)]
-        for i, j in enumerate(jobs):
-            b.futures.append(([(j, "main", None)], b.pool.submit(b._gated, b._ticket(), compute, i)))
-        assert b.flush() == jobs
-        assert started == list(range(12))
-    finally:
-        b.close()
-
-
-def test_with_one_core_left_the_calls_run_on_the_main_thread_in_order():
-    """When the count follows the cores (``rethink``) and says 1, a helper thread would only share the one core
-    with the main thread: the calls run on the calling thread instead, after the calls already in flight, and
-    the jobs come back in submission order. When ``rethink`` says 2 again they go to the helper threads; a
-    count given without ``rethink`` keeps the helper thread. An error in an inline call is raised as a helper
-    thread's would be."""
-    answers = iter([1, 1, 2])
-    b = sp._ThreadBatcher(budget=1 << 20, threads=2, rethink=lambda: next(answers, 2), max_threads=2)
-    b._clock = iter(range(0, 10_000, 1)).__next__  # every submission asks again
-    where = []
-
-    def compute(i):
-        where.append((i, threading.get_ident()))
-        return np.full((1, 2), float(i))
-
-    main = threading.get_ident()
-    try:
-        jobs = [_job(i) for i in range(4)]
         done = []
         for i, j in enumerate(jobs):
             done += b.direct(j, "main", lambda i=i: compute(i))
         done += b.flush()
-        assert done == jobs and [float(j.svals["main"][0, 0]) for j in jobs] == [0, 1, 2, 3]
-        assert [w == main for _, w in where] == [True, True, False, False]
-        assert b.inline_calls == 2 and [n for _, n in b.history] == [2.0, 1.0, 2.0]
+        assert done == jobs and [float(j.svals["main"][0, 0]) for j in jobs] == list(range(12))
+        assert [i for i, _ in started] == list(range(12)) and all(t != main for _, t in started)
     finally:
         b.close()
 
-    fixed = sp._ThreadBatcher(budget=1 << 20, threads=1)
-    try:
-        fixed.direct(_job(), "main", lambda: compute(9))
-        fixed.flush()
-        assert not fixed.inline and where[-1][1] != main and fixed.inline_calls == 0
-    finally:
-        fixed.close()
+    two = sp._ThreadBatcher(budget=1 << 20, threads=2)
+    both = threading.Barrier(2, timeout=5)
 
-    failing = sp._ThreadBatcher(budget=1 << 20, threads=1, rethink=lambda: 1, max_threads=2)
+    def meet():
+        both.wait()  # only passes when two calls run at the same time
+        return np.ones((1, 2))
+
+    try:
+        jobs = [_job(i) for i in range(2)]
+        done = two.direct(jobs[0], "main", meet) + two.direct(jobs[1], "main", meet) + two.flush()
+        assert done == jobs and two.in_flight == 3
+    finally:
+        two.close()
+
+    failing = sp._ThreadBatcher(budget=1 << 20, threads=1)
     try:
         def boom():
             raise FloatingPointError("bad matrix")

@@ -46,28 +46,32 @@ def test_busy_elsewhere_is_the_cores_others_used_in_the_window(monkeypatch):
     seen = threads.busy_elsewhere(start)
     assert seen == {"cores": 1.0, "window_s": 1.0}
     monkeypatch.setattr(threads, "_MARK", start)
-    monkeypatch.delenv(threads.ENV, raising=False)
-    c = threads.free_cpus()  # another process held one core just now, whatever the load average says
-    assert c["threads"] == 1 and c["busy_elsewhere"] == seen and "/proc/stat" in c["rule"]
-    # a quiet window after a busy minute (a lagging load average of 1.7): both cores are free
-    monkeypatch.setattr(threads, "_cpu_sample", lambda: (101.0, 1090, 5200, 3.9))
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 1.0, 0.5))
-    c = threads.free_cpus()
-    assert c["threads"] == 2 and c["busy_elsewhere"]["cores"] == 0.0
+    assert threads.busy_elsewhere() == seen  # since the command started (this module's import)
+    monkeypatch.setattr(threads, "_cpu_sample", lambda: (100.05, 1010, 5010, 3.0))  # 50 ms: too short to say
+    assert threads.busy_elsewhere(start) is None
+    monkeypatch.setattr(threads, "_MARK", None)  # no /proc/stat
+    assert threads.busy_elsewhere() is None
 
 
-def test_a_short_window_or_no_proc_stat_falls_back_to_the_load_average(monkeypatch):
+def test_independent_calls_take_every_cpu_whatever_the_load(monkeypatch):
+    """The spectrum's LAPACK calls (independent, single-threaded) run on as many threads as this process has
+    CPUs, however busy the machine is (a busy core time-slices them); ACTSPARSE_CPU_THREADS wins,
+    OMP_NUM_THREADS (BLAS threads per call) is not read, an unreadable setting falls back to the CPUs."""
     from probes import threads
 
-    monkeypatch.delenv(threads.ENV, raising=False)
-    monkeypatch.setattr(threads, "_MARK", (100.0, 1000, 5000, 3.0))
-    monkeypatch.setattr(threads, "_cpu_sample", lambda: (100.05, 1010, 5010, 3.0))  # 50 ms: too short to say
-    assert threads.busy_elsewhere() is None
-    c = threads.free_cpus(cpus=2, load=1.2)
-    assert c["threads"] == 1 and "load average" in c["rule"]
-    monkeypatch.setattr(threads, "_MARK", None)  # no /proc/stat
-    c = threads.free_cpus()
-    assert c["busy_elsewhere"] == {"cores": None, "window_s": None} and "load average" in c["rule"]
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(threads, "_cpu_sample", lambda: (101.0, 1200, 1200, 0.0))  # every core busy elsewhere
+    assert threads.independent_threads(cpus=2) == {"threads": 2, "rule": threads.independent_threads(2)["rule"]}
+    assert "affinity" in threads.independent_threads(2)["rule"]
+    assert threads.independent_threads(cpus=8)["threads"] == 8
+    monkeypatch.setattr(threads, "available_cpus", lambda: 3)
+    assert threads.independent_threads()["threads"] == 3
+    monkeypatch.setenv(ENV, "5")
+    assert threads.independent_threads(cpus=2) == {"threads": 5, "rule": f"{ENV}=5"}
+    monkeypatch.setenv(ENV, "x")
+    assert threads.independent_threads(cpus=2)["threads"] == 2
 
 
 def test_the_real_sample_reads_this_machine():
