@@ -163,9 +163,10 @@ def _run(*, checkpoint, output, device, split_fused, randomize, seed, plots, for
     import numpy  # noqa: F401  (before the helper thread, which would otherwise import it concurrently)
 
     from actsparse_cli.display import OutputFormat, emit, stdout_format
-    from probes.malloc_policy import keep_freed_memory
+    from probes.malloc_policy import keep_freed_memory, small_numpy_pages
 
-    malloc = keep_freed_memory()  # before the buffers: freed ones are reused instead of faulted in again
+    # before the buffers: freed ones are reused instead of faulted in again, and no huge page is zeroed at first touch
+    malloc = {**keep_freed_memory(), **small_numpy_pages()}
 
     # pandas only where the command hands a DataFrame on: the figures and --format json|csv (0.25-0.45 s)
     needs_frame = bool(plots) or output_format in (OutputFormat.json, OutputFormat.csv, "json", "csv")

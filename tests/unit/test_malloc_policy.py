@@ -59,11 +59,13 @@ def test_the_spectrum_manifest_records_it(tmp_path):
     out = tmp_path / "spec"
     r = subprocess.run([sys.executable, "-m", "actsparse_cli", "spectrum", str(default_checkpoint()), "-o", str(out),
                         "-q"], capture_output=True, text=True, timeout=300,
-                       env={**{k: v for k, v in os.environ.items() if k not in malloc_policy._USER_SETTINGS},
+                       env={**{k: v for k, v in os.environ.items()
+                               if k not in (*malloc_policy._USER_SETTINGS, "NUMPY_MADVISE_HUGEPAGE")},
                             "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     policy = json.loads((out / "manifest.json").read_text())["memory_policy"]
     assert policy["set"] is True and policy["mmap_threshold"] == malloc_policy.MMAP_THRESHOLD
+    assert policy["numpy_hugepage"] is False
 
 
 def test_a_cpu_forward_command_sets_and_records_it(tmp_path):
@@ -78,3 +80,45 @@ def test_a_cpu_forward_command_sets_and_records_it(tmp_path):
     policy = json.loads((out / "manifest.json").read_text())["model"]["source"]["memory_policy"]
     assert policy["set"] is True and policy["mmap_threshold"] == malloc_policy.MMAP_THRESHOLD
     assert policy["trim_threshold"] == malloc_policy.TRIM_THRESHOLD
+
+
+_HUGE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from probes.malloc_policy import small_numpy_pages
+    done = small_numpy_pages() if sys.argv[1] == "small" else None
+    def anon_huge_kb():
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+    before = anon_huge_kb()
+    x = np.ones(64 << 17)  # 64 MiB, touched
+    print(json.dumps({"huge_kb": anon_huge_kb() - before, "done": done}))
+""")
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise" or not os.path.exists("/proc/self/smaps_rollup"),
+                    reason="huge pages only on request (THP 'madvise') and smaps_rollup needed")
+def test_spectrum_asks_numpy_for_small_pages_and_the_user_setting_wins():
+    """numpy madvises its large buffers for huge pages (a 64 MiB array gets some); after ``small_numpy_pages``
+    it gets none. A user's own NUMPY_MADVISE_HUGEPAGE is left as it is (and said so)."""
+    clean = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+
+    def run(mode, **env):
+        r = subprocess.run([sys.executable, "-c", _HUGE, mode], capture_output=True, text=True, timeout=120,
+                           env={**clean, **env})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    assert run("default")["huge_kb"] > 0
+    small = run("small")
+    assert small["huge_kb"] == 0 and small["done"] == {"numpy_hugepage": False}
+    user = run("small", NUMPY_MADVISE_HUGEPAGE="1")
+    assert user["huge_kb"] > 0 and "NUMPY_MADVISE_HUGEPAGE=1" in user["done"]["numpy_hugepage"]
