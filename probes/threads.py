@@ -7,6 +7,9 @@ with one on a 2-core machine at load average 6.7 (and `drift`'s reductions 4 s i
 So on CPU the count is the cores this process may use minus the cores the load average says are
 taken, at least 1. A user's own ``OMP_NUM_THREADS`` or ``ACTSPARSE_CPU_THREADS`` wins. The choice
 is recorded in the manifest (``model.source.cpu_threads``).
+
+Calls that never wait for each other (the spectrum's single-threaded LAPACK calls) have no barrier to stall
+at, so ``independent_threads`` gives them every CPU this process may use, whatever the load.
 """
 
 from __future__ import annotations
