@@ -101,3 +101,124 @@ def syrk_lower_add(f: SimpleNamespace, block: np.ndarray, G: np.ndarray) -> None
     else:
         raise ValueError("syrk_lower_add needs a contiguous G")
     f.syrk(COL_MAJOR, uplo, trans, M, rows, 1.0, block.ctypes.data, lda, 1.0, G.ctypes.data, M)
+
+
+# ----------------------------------------------------------------------------------------- two-stage eigenvalues
+# numpy's ``eigvalsh`` is LAPACK's one-stage ``dsyevd``: its reduction to tridiagonal form (``dsytrd``) does half of
+# its work as matrix-vector products that stream the whole trailing matrix from memory for every column. From 1024
+# wide, reducing to a band first with matrix-matrix products (``dsytrd_sy2sb``), then the band to tridiagonal form
+# (``dsytrd_sb2st``), then the tridiagonal eigenvalues (``dsterf``, as ``dsyevd`` does) is faster on one core (one
+# BLAS thread, 3x-wide Gram matrices): 1024: 94 -> 73 ms, 1536: 325 -> 205 ms, 2048: 705 -> 422 ms, 3072: 2.28 ->
+# 1.30 s, 4096: 5.22 -> 3.13 s; at 768 it is slower (35-56 ms against 32 ms). Both reductions are Householder
+# transformations, backward stable to a few eps * ||G||; their eigenvalues agree to ~1e-14 lambda_max, not bit
+# for bit (``benchmarks/README.md``, 2026-12-05).
+TWO_STAGE_MIN = 1024
+
+
+def two_stage_band(n: int) -> int:
+    """The band width of the first stage for an ``n``-wide matrix (measured best: 32 up to 2048, 48 at 3072,
+    64 at 4096)."""
+    return 32 if n < 2560 else 48 if n < 3584 else 64
+
+
+def two_stage() -> SimpleNamespace | None:
+    """``sy2sb``, ``sb2st``, ``sterf`` (LAPACK, double, Fortran calling convention) of the library numpy loaded,
+    or None where they are not found or do not get a small problem right."""
+    if "two_stage" in _FOUND:
+        return _FOUND["two_stage"]
+    functions()  # found first: it takes the same lock
+    with _LOCK:
+        if "two_stage" not in _FOUND:
+            _FOUND["two_stage"] = _find_two_stage()
+    return _FOUND["two_stage"]
+
+
+def _find_two_stage() -> SimpleNamespace | None:
+    f = functions()  # the library whose entry points already proved right, and its integer width
+    if f is None:
+        return None
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL(f.library)
+        for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
+            try:
+                sy2sb, sb2st, sterf = (getattr(lib, f"{pre}{name}_{suf}") for name in ("dsytrd_sy2sb",
+                                                                                        "dsytrd_sb2st", "dsterf"))
+            except AttributeError:
+                continue
+            for fn in (sy2sb, sb2st, sterf):
+                fn.restype = None
+            t = SimpleNamespace(sy2sb=sy2sb, sb2st=sb2st, sterf=sterf,
+                                int=ctypes.c_int64 if suf else ctypes.c_int32, library=f.library)
+            if _two_stage_works(t):
+                return t
+    except Exception:  # an unexpected ABI: numpy's eigvalsh everywhere
+        return None
+    return None
+
+
+def _two_stage_works(t: SimpleNamespace) -> bool:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 40))
+    G = X.T @ X
+    lam = eigvalsh_two_stage(np.asfortranarray(G), kd=4, fns=t)
+    return lam is not None and bool(np.allclose(lam, np.linalg.eigvalsh(G), rtol=0, atol=1e-10 * np.abs(G).max()))
+
+
+def eigvalsh_two_stage(G: np.ndarray, kd: int | None = None, fns: SimpleNamespace | None = None) -> np.ndarray | None:
+    """Ascending eigenvalues of the symmetric ``G`` (``[n, n]`` float64, Fortran-ordered; its lower triangle is
+    read, as ``numpy.linalg.eigvalsh`` reads it, and overwritten) by the two-stage reduction; None where the
+    entry points are missing or LAPACK reports an error (the caller then takes ``numpy.linalg.eigvalsh``)."""
+    t = fns if fns is not None else two_stage()
+    if t is None or not G.flags.f_contiguous or G.dtype != np.float64 or G.ndim != 2 or G.shape[0] != G.shape[1]:
+        return None
+    import ctypes
+
+    n = G.shape[0]
+    kd = max(1, min(int(kd if kd is not None else two_stage_band(n)), n - 1))
+    Int, vp, one = t.int, ctypes.c_void_p, ctypes.c_size_t(1)  # (the trailing 1s: Fortran's hidden string lengths)
+    info = Int(0)
+    ldab = kd + 1
+    AB = np.zeros((ldab, n), order="F")
+    tau = np.empty(max(1, n - kd))
+    query = np.empty(2)
+    t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
+            vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(query.ctypes.data),
+            ctypes.byref(Int(-1)), ctypes.byref(info), one)
+    if info.value != 0:
+        return None
+    work = np.empty(max(1, int(query[0])))
+    t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
+            vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(work.ctypes.data),
+            ctypes.byref(Int(work.size)), ctypes.byref(info), one)
+    if info.value != 0:
+        return None
+    d, e = np.empty(n), np.empty(max(1, n - 1))
+    hq, wq = np.empty(2), np.empty(2)
+    args = (ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(AB.ctypes.data), ctypes.byref(Int(ldab)),
+            vp(d.ctypes.data), vp(e.ctypes.data))
+    t.sb2st(b"Y", b"N", b"L", *args, vp(hq.ctypes.data), ctypes.byref(Int(-1)), vp(wq.ctypes.data),
+            ctypes.byref(Int(-1)), ctypes.byref(info), one, one, one)
+    if info.value != 0:
+        return None
+    hous, work = np.empty(max(1, int(hq[0]))), np.empty(max(1, int(wq[0])))
+    t.sb2st(b"Y", b"N", b"L", *args, vp(hous.ctypes.data), ctypes.byref(Int(hous.size)), vp(work.ctypes.data),
+            ctypes.byref(Int(work.size)), ctypes.byref(info), one, one, one)
+    if info.value != 0:
+        return None
+    t.sterf(ctypes.byref(Int(n)), vp(d.ctypes.data), vp(e.ctypes.data), ctypes.byref(info))
+    if info.value != 0:
+        return None
+    return d  # dsterf sorts ascending
+
+
+def eigvalsh_lower(G: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of the symmetric ``G`` from its lower triangle: the two-stage reduction from
+    ``TWO_STAGE_MIN`` wide where found (a Fortran-ordered ``G`` is overwritten, any other is copied), else
+    ``numpy.linalg.eigvalsh`` (``G`` left as it is)."""
+    if G.ndim == 2 and G.shape[0] >= TWO_STAGE_MIN and two_stage() is not None:
+        lam = eigvalsh_two_stage(G if G.flags.f_contiguous else np.array(G, order="F"))
+        if lam is not None:
+            return lam
+    return np.linalg.eigvalsh(G)

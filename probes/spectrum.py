@@ -463,15 +463,17 @@ def _tall_svals(W, block_bytes: int, method: str) -> np.ndarray:
 
 def _gram_rule() -> str:
     """What ``svd="auto"`` did on CPU, in words, for the table's attrs and the manifest."""
-    from probes import gram_refine
+    from probes import gram_refine, lapack
 
+    two = ("; from M = %d, LAPACK's two-stage tridiagonal reduction (dsytrd_sy2sb, dsytrd_sb2st, dsterf)"
+           % lapack.TWO_STAGE_MIN if lapack.two_stage() is not None else "")
     if not gram_refine.available():
         return ("eigenvalues of W^T W where N >= %.1f M and lambda_min >= %g lambda_max, else the SVD (no LAPACK "
                 "potrf/potrs found to recompute small eigenvalues)" % (GRAM_MIN_Q, GRAM_MIN_RATIO))
     return ("eigenvalues of W^T W where N >= %.1f M or M >= %d; those >= %g lambda_max as they are; smaller ones: "
             "where N < %.1f M, recomputed to %g relative (block inverse iteration and Rayleigh-Ritz on W, "
-            "residual-certified), else (or where that fails) the SVD of the matrix; any other matrix: the SVD"
-            % (GRAM_MIN_Q, gram_refine.REFINE_MIN, GRAM_MIN_RATIO, GRAM_MIN_Q, gram_refine.REFINE_RTOL))
+            "residual-certified), else (or where that fails) the SVD of the matrix; any other matrix: the SVD%s"
+            % (GRAM_MIN_Q, gram_refine.REFINE_MIN, GRAM_MIN_RATIO, GRAM_MIN_Q, gram_refine.REFINE_RTOL, two))
 
 
 def _cpus() -> int:
