@@ -92,6 +92,24 @@ def test_random_layers_and_conv_agree_with_ww():
     assert sp.summarize(ours) == pytest.approx({k: float(v) for k, v in summary.items()}, rel=RTOL)
 
 
+def test_a_weight_through_the_two_stage_eigenvalues_agrees_with_ww(monkeypatch):
+    """A 3100 x 1030 weight: its Gram eigenvalues come from LAPACK's two-stage reduction (from 1024 wide), and every
+    WW column still agrees to 1e-9."""
+    from probes import lapack
+
+    if lapack.two_stage() is None:
+        pytest.skip("no two-stage LAPACK entry points found here")
+    calls = []
+    real = lapack.eigvalsh_two_stage
+    monkeypatch.setattr(lapack, "eigvalsh_two_stage", lambda G, *a, **k: calls.append(G.shape[0]) or real(G, *a, **k))
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(1030, 3100))
+    details = ww.WeightWatcher(model=model).analyze(mp_fit=True)
+    ours = sp.analyze_tensors({k: v.detach() for k, v in model.state_dict().items()}.items())
+    cols = assert_agree(details, ours)
+    assert calls == [1030] and {"alpha", "D", "sigma_mp", "lambda_max", "sv_min"} <= set(cols)
+
+
 def test_randomize_matches_ww_with_the_same_seed():
     torch.manual_seed(1)
     sd = {"a.weight": torch.randn(48, 24), "b.weight": torch.randn(120, 120) * 0.1, "c.weight": torch.randn(8, 4, 3, 3)}
