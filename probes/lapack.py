@@ -168,8 +168,10 @@ def _two_stage_works(t: SimpleNamespace) -> bool:
 
 def eigvalsh_two_stage(G: np.ndarray, kd: int | None = None, fns: SimpleNamespace | None = None) -> np.ndarray | None:
     """Ascending eigenvalues of the symmetric ``G`` (``[n, n]`` float64, Fortran-ordered; its lower triangle is
-    read, as ``numpy.linalg.eigvalsh`` reads it, and overwritten) by the two-stage reduction; None where the
-    entry points are missing or LAPACK reports an error (the caller then takes ``numpy.linalg.eigvalsh``)."""
+    read, as ``numpy.linalg.eigvalsh`` reads it, and overwritten) by the two-stage reduction; None, with ``G``
+    untouched, where the entry points are missing or refuse the problem (the caller then takes
+    ``numpy.linalg.eigvalsh``). Should ``dsterf`` not converge, the tridiagonal matrix's eigenvalues come from
+    numpy instead; an error of the reductions themselves (only ever a wrong argument) is raised."""
     t = fns if fns is not None else two_stage()
     if t is None or not G.flags.f_contiguous or G.dtype != np.float64 or G.ndim != 2 or G.shape[0] != G.shape[1]:
         return None
@@ -192,24 +194,25 @@ def eigvalsh_two_stage(G: np.ndarray, kd: int | None = None, fns: SimpleNamespac
     t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
             vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(work.ctypes.data),
             ctypes.byref(Int(work.size)), ctypes.byref(info), one)
-    if info.value != 0:
-        return None
+    if info.value != 0:  # G is overwritten from here on: no quiet fallback
+        raise RuntimeError(f"LAPACK dsytrd_sy2sb: info = {info.value} (n = {n}, kd = {kd})")
     d, e = np.empty(n), np.empty(max(1, n - 1))
     hq, wq = np.empty(2), np.empty(2)
     args = (ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(AB.ctypes.data), ctypes.byref(Int(ldab)),
             vp(d.ctypes.data), vp(e.ctypes.data))
-    t.sb2st(b"Y", b"N", b"L", *args, vp(hq.ctypes.data), ctypes.byref(Int(-1)), vp(wq.ctypes.data),
-            ctypes.byref(Int(-1)), ctypes.byref(info), one, one, one)
-    if info.value != 0:
-        return None
-    hous, work = np.empty(max(1, int(hq[0]))), np.empty(max(1, int(wq[0])))
-    t.sb2st(b"Y", b"N", b"L", *args, vp(hous.ctypes.data), ctypes.byref(Int(hous.size)), vp(work.ctypes.data),
-            ctypes.byref(Int(work.size)), ctypes.byref(info), one, one, one)
-    if info.value != 0:
-        return None
+    for lw in (-1, None):  # a workspace query, then the call
+        if lw is None:
+            hous, work = np.empty(max(1, int(hq[0]))), np.empty(max(1, int(wq[0])))
+        else:
+            hous, work = hq, wq
+        t.sb2st(b"Y", b"N", b"L", *args, vp(hous.ctypes.data), ctypes.byref(Int(lw or hous.size)),
+                vp(work.ctypes.data), ctypes.byref(Int(lw or work.size)), ctypes.byref(info), one, one, one)
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK dsytrd_sb2st: info = {info.value} (n = {n}, kd = {kd})")
+    d0, e0 = d.copy(), e[:n - 1].copy()
     t.sterf(ctypes.byref(Int(n)), vp(d.ctypes.data), vp(e.ctypes.data), ctypes.byref(info))
-    if info.value != 0:
-        return None
+    if info.value != 0:  # no convergence: the same tridiagonal matrix through numpy
+        return np.linalg.eigvalsh(np.diag(d0) + np.diag(e0, -1))
     return d  # dsterf sorts ascending
 
 

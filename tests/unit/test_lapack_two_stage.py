@@ -75,3 +75,27 @@ def test_svals_cpu_and_gram_eigvalsh_take_it_from_the_threshold(monkeypatch):
     monkeypatch.setitem(lapack._FOUND, "two_stage", None)  # not found: numpy's eigvalsh, the same values
     np.testing.assert_allclose(spectrum_fit.svals_cpu(W[None])[0], sv[0], rtol=1e-10)
     assert calls == [n, n]
+
+
+def test_a_tridiagonal_step_that_does_not_converge_falls_back_to_numpy_on_the_same_matrix():
+    """``dsterf`` reporting no convergence (info > 0; stood in for here): the tridiagonal matrix the reductions made
+    goes to numpy's eigvalsh, so the eigenvalues are still G's. A reduction's own error is raised (G is overwritten
+    by then, so there is no quiet fallback)."""
+    from types import SimpleNamespace
+
+    real = lapack.two_stage()
+
+    def no_convergence(n, d, e, info):
+        info._obj.value = 1
+
+    _, G = _gram(120, 300, seed=9)
+    fake = SimpleNamespace(**{**vars(real), "sterf": no_convergence})
+    got = lapack.eigvalsh_two_stage(np.array(G, order="F"), kd=8, fns=fake)
+    np.testing.assert_allclose(got, np.linalg.eigvalsh(G), rtol=0, atol=1e-12 * np.abs(G).max())
+
+    def refuses(*args):
+        args[-4]._obj.value = -3  # the INFO argument (before the three hidden string lengths)
+
+    broken = SimpleNamespace(**{**vars(real), "sb2st": refuses})
+    with pytest.raises(RuntimeError, match="dsytrd_sb2st: info = -3"):
+        lapack.eigvalsh_two_stage(np.array(G, order="F"), kd=8, fns=broken)
