@@ -114,14 +114,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _cap_workers(workers: int) -> tuple[int, str | None]:
-    """--workers capped at the CPUs this process may use: each worker is a process with its own
-    queue of matrices, so the option's value must not decide how many processes start."""
-    import os
+    """--workers capped at the CPUs this process may use (affinity mask and cgroup quota): each worker is a
+    process with its own queue of matrices, so the option's value must not decide how many processes start."""
+    from probes.threads import available_cpus
 
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     if workers <= cpus:
         return workers, None
     return cpus, f"--workers {workers} capped at {cpus}, the CPUs available to this process"

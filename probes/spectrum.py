@@ -477,13 +477,10 @@ def _gram_rule() -> str:
 
 
 def _cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
-    import os
+    """The CPUs this process may use (its affinity mask, capped by a cgroup CPU quota; not the machine's count)."""
+    from probes.threads import available_cpus
 
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return available_cpus()
 
 
 def resolve_device(device: str | None) -> str:

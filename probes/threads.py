@@ -14,14 +14,76 @@ at, so ``independent_threads`` gives them every CPU this process may use, whatev
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 ENV = "ACTSPARSE_CPU_THREADS"
 
 
+def affinity_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the machine's count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPUs this process may use: its affinity mask, capped by a CPU quota of its cgroup (a container started
+    with ``--cpus 2`` on a 64-core host may run on all 64 but gets two cores' worth of time; 64 threads there
+    would wait for each other at every barrier). The quota is rounded up, at least 1."""
+    n = affinity_cpus()
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota))) if quota is not None else n
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time this process's cgroup may use (quota / period), or None without a quota: cgroup v2's
+    ``cpu.max`` ("max 100000" = none), else v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1 = none), in the
+    process's own cgroup folder (from ``/proc/self/cgroup``) or, inside a container that shows its cgroup as the
+    root, the top one. The smallest quota found wins."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
+    v1 = [line.split(":", 2)[2] for line in lines
+          if len(line.split(":", 2)) == 3 and "cpu" in line.split(":", 2)[1].split(",")]
+    found: list[float] = []
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    for rel in v2:
+        for folder in dict.fromkeys((os.path.join(root, rel.lstrip("/")), root)):
+            text = read(os.path.join(folder, "cpu.max"))
+            if text:
+                quota, _, period = text.partition(" ")
+                try:
+                    if quota != "max" and float(period) > 0:
+                        found.append(float(quota) / float(period))
+                except ValueError:
+                    pass
+                break
+    for rel in v1:
+        for folder in dict.fromkeys((os.path.join(root, "cpu", rel.lstrip("/")), os.path.join(root, "cpu"),
+                                     os.path.join(root, "cpu,cpuacct", rel.lstrip("/")),
+                                     os.path.join(root, "cpu,cpuacct"))):
+            quota, period = read(os.path.join(folder, "cpu.cfs_quota_us")), read(os.path.join(folder, "cpu.cfs_period_us"))
+            if quota and period:
+                try:
+                    if float(quota) > 0 and float(period) > 0:
+                        found.append(float(quota) / float(period))
+                except ValueError:
+                    pass
+                break
+    return min(found) if found else None
 
 
 def choose_cpu_threads(cpus: int | None = None, load: float | None = None,
@@ -91,7 +153,7 @@ def busy_elsewhere(since: tuple | None = None, now: tuple | None = None) -> dict
     if start is None or now is None or now[0] - start[0] < MIN_WINDOW_S or now[2] <= start[2]:
         return None
     wall = now[0] - start[0]
-    cores = available_cpus()
+    cores = affinity_cpus()  # /proc/stat's ticks are those of the affinity CPUs
     busy_cores = (now[1] - start[1]) / (now[2] - start[2]) * cores
     own = (now[3] - start[3]) / wall
     return {"cores": round(max(0.0, busy_cores - own), 2), "window_s": round(wall, 3)}

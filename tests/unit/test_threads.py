@@ -39,7 +39,7 @@ def test_manifest_records_the_choice(tmp_path, monkeypatch):
 def test_busy_elsewhere_is_the_cores_others_used_in_the_window(monkeypatch):
     from probes import threads
 
-    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 2)  # /proc/stat's CPUs: the affinity mask's
     start = (100.0, 1000, 5000, 3.0)  # (seconds, busy jiffies, total jiffies, own CPU seconds)
     # 1 s later: 2 cores x 100 ticks; 150 ticks busy = 1.5 cores, of which 0.5 core was this process
     monkeypatch.setattr(threads, "_cpu_sample", lambda: (101.0, 1150, 5200, 3.5))
@@ -141,3 +141,47 @@ def test_a_command_stops_following_when_it_ends(monkeypatch, tmp_path):
     r = CliRunner().invoke(app, ["measure", "--max-tokens", "128", "--device", "cpu", "-q", "-o", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert seen and all(seen) and threads._FOLLOW == {}
+
+
+def _cgroup(tmp_path, proc: str, files: dict[str, str]):
+    (tmp_path / "proc").write_text(proc)
+    for rel, text in files.items():
+        f = tmp_path / "fs" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return str(tmp_path / "fs"), str(tmp_path / "proc")
+
+
+@pytest.mark.parametrize("proc, files, want", [
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2.0),  # v2, a container showing its cgroup as the root
+    ("0::/user.slice/job\n", {"user.slice/job/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"}, 1.5),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no quota
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+                                       "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+    ("1:cpu:/\n", {}, None),  # no files
+])
+def test_the_cgroup_cpu_quota(tmp_path, proc, files, want):
+    from probes import threads
+
+    root, proc_file = _cgroup(tmp_path, proc, files)
+    assert threads.cgroup_cpu_quota(root, proc_file) == want
+
+
+def test_a_quota_caps_the_cpus_and_their_threads(monkeypatch):
+    """A container given 1.5 CPUs on a 16-CPU host: 2 CPUs for every rule (torch's threads, the spectrum's
+    LAPACK calls, --workers); no quota: the affinity mask."""
+    from actsparse_cli.spectrum_cmd import _cap_workers
+    from probes import spectrum, threads
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 16)
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 1.5)
+    assert threads.available_cpus() == 2 and spectrum._cpus() == 2
+    assert threads.independent_threads()["threads"] == 2
+    assert choose_cpu_threads(load=0.0, env={})["threads"] == 2
+    assert _cap_workers(8) == (2, "--workers 8 capped at 2, the CPUs available to this process")
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 0.2)
+    assert threads.available_cpus() == 1
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: None)
+    assert threads.available_cpus() == 16
