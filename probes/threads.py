@@ -75,7 +75,8 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/sel
         for folder in dict.fromkeys((os.path.join(root, "cpu", rel.lstrip("/")), os.path.join(root, "cpu"),
                                      os.path.join(root, "cpu,cpuacct", rel.lstrip("/")),
                                      os.path.join(root, "cpu,cpuacct"))):
-            quota, period = read(os.path.join(folder, "cpu.cfs_quota_us")), read(os.path.join(folder, "cpu.cfs_period_us"))
+            quota = read(os.path.join(folder, "cpu.cfs_quota_us"))
+            period = read(os.path.join(folder, "cpu.cfs_period_us"))
             if quota and period:
                 try:
                     if float(quota) > 0 and float(period) > 0:
