@@ -185,16 +185,17 @@ def eigvalsh_two_stage(G: np.ndarray, kd: int | None = None, fns: SimpleNamespac
     AB = np.zeros((ldab, n), order="F")
     tau = np.empty(max(1, n - kd))
     query = np.empty(2)
-    t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
-            vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(query.ctypes.data),
-            ctypes.byref(Int(-1)), ctypes.byref(info), one)
-    if info.value != 0:
+
+    def sy2sb(work: np.ndarray, lwork: int) -> int:
+        t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
+                vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(work.ctypes.data),
+                ctypes.byref(Int(lwork)), ctypes.byref(info), one)
+        return info.value
+
+    if sy2sb(query, -1) != 0:  # the workspace query: G untouched
         return None
     work = np.empty(max(1, int(query[0])))
-    t.sy2sb(b"L", ctypes.byref(Int(n)), ctypes.byref(Int(kd)), vp(G.ctypes.data), ctypes.byref(Int(n)),
-            vp(AB.ctypes.data), ctypes.byref(Int(ldab)), vp(tau.ctypes.data), vp(work.ctypes.data),
-            ctypes.byref(Int(work.size)), ctypes.byref(info), one)
-    if info.value != 0:  # G is overwritten from here on: no quiet fallback
+    if sy2sb(work, work.size) != 0:  # G is overwritten from here on: no quiet fallback
         raise RuntimeError(f"LAPACK dsytrd_sy2sb: info = {info.value} (n = {n}, kd = {kd})")
     d, e = np.empty(n), np.empty(max(1, n - 1))
     hq, wq = np.empty(2), np.empty(2)

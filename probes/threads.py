@@ -87,6 +87,16 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/sel
     return min(found) if found else None
 
 
+def user_count(env: dict[str, str] | None = None) -> int | None:
+    """The count the user set in ``ACTSPARSE_CPU_THREADS`` (a whole number >= 1), else None."""
+    own = (os.environ if env is None else env).get(ENV)
+    try:
+        n = int(own) if own else 0
+    except ValueError:
+        n = 0
+    return n if n >= 1 else None
+
+
 def choose_cpu_threads(cpus: int | None = None, load: float | None = None,
                        env: dict[str, str] | None = None) -> dict[str, Any]:
     """The thread count and why: ``{"threads": n, "rule": ..., "cpus_available": c, "load_average_1min": l}``."""
@@ -97,14 +107,9 @@ def choose_cpu_threads(cpus: int | None = None, load: float | None = None,
             load = os.getloadavg()[0]
         except (OSError, AttributeError):  # no load average (Windows): assume the cores are free
             load = 0.0
-    own = env.get(ENV)
-    if own:
-        try:
-            n = int(own)
-        except ValueError:
-            n = 0
-        if n >= 1:
-            return {"threads": n, "rule": f"{ENV}={n}", "cpus_available": cpus, "load_average_1min": round(load, 2)}
+    n = user_count(env)
+    if n:
+        return {"threads": n, "rule": f"{ENV}={n}", "cpus_available": cpus, "load_average_1min": round(load, 2)}
     if env.get("OMP_NUM_THREADS"):
         return {"threads": None, "rule": f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (torch's own reading)",
                 "cpus_available": cpus, "load_average_1min": round(load, 2)}
@@ -168,12 +173,8 @@ def independent_threads(cpus: int | None = None) -> dict[str, Any]:
     process its fair share instead of spinning (``OMP_NUM_THREADS`` sets BLAS threads per call, not how
     many calls run, and is not read here). ``{"threads": n, "rule": ...}``."""
     cpus = available_cpus() if cpus is None else cpus
-    own = os.environ.get(ENV)
-    try:
-        n = int(own) if own else 0
-    except ValueError:
-        n = 0
-    if n >= 1:
+    n = user_count()
+    if n:
         return {"threads": n, "rule": f"{ENV}={n}"}
     return {"threads": max(1, int(cpus)),
             "rule": "the CPUs this process may use (its affinity mask), whatever other processes do: the calls are "
