@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void chunk_done(const int32_t *zc, 
    16 lanes and order as the portable code (a masked add for the last c % 16 channels). */
 static inline __attribute__((always_inline)) void avx512_block(
     const __m512i b, const __mmask16 km, const int nt, const __m512i *t, int32_t *zcp, __m512i *vz, __m512i *ve,
-    __m512i *vng, __m512i *vmx, __m512 *vs, __m512 *vsa, __m512 *vsq, const int tail)
+    __m512i *vng, __m512i *vmx, __m512 *vs, __m512 *vsa, __m512 *vsq, const int tail, const int relu)
 {
     const __m512i m1 = _mm512_set1_epi32(-1);
     const __m512i ai = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff));
@@ -129,9 +129,11 @@ static inline __attribute__((always_inline)) void avx512_block(
     }
     for (int j = 0; j < nt; ++j)
         ve[j] = _mm512_mask_sub_epi32(ve[j], _mm512_mask_cmple_epi32_mask(km, ai, t[j]), ve[j], m1);
-    const __mmask16 kn = _mm512_mask_cmple_epu32_mask(km, _mm512_sub_epi32(b, _mm512_set1_epi32((int)0x80000001u)),
-                                                      _mm512_set1_epi32(0x7f7fffff));
-    *vng = _mm512_mask_sub_epi32(*vng, kn, *vng, m1);
+    if (!relu) {  /* a ReLU's output has no negative number */
+        const __mmask16 kn = _mm512_mask_cmple_epu32_mask(
+            km, _mm512_sub_epi32(b, _mm512_set1_epi32((int)0x80000001u)), _mm512_set1_epi32(0x7f7fffff));
+        *vng = _mm512_mask_sub_epi32(*vng, kn, *vng, m1);
+    }
     *vmx = _mm512_max_epi32(*vmx, ai);  /* lanes outside km hold 0 (masked load) */
     const __m512 v = _mm512_castsi512_ps(b);
     if (tail) {
@@ -145,8 +147,17 @@ static inline __attribute__((always_inline)) void avx512_block(
     }
 }
 
+/* torch.relu's bits: 0 for a negative number (sign set, 0 < |x| <= inf); -0 and NaN as they are. */
+static inline __attribute__((always_inline)) __m512i avx512_relu(const __m512i b)
+{
+    const __mmask16 kneg = _mm512_cmple_epu32_mask(_mm512_sub_epi32(b, _mm512_set1_epi32((int)0x80000001u)),
+                                                   _mm512_set1_epi32(0x7f7fffff));
+    return _mm512_mask_mov_epi32(b, kneg, _mm512_setzero_si512());
+}
+
 static inline __attribute__((always_inline)) int32_t avx512_units(
-    const int32_t *restrict bits, int64_t n, int64_t c, const int nt, const int32_t *tact, const int *slot,
+    int32_t *restrict bits, const int32_t *restrict src, int64_t n, int64_t c, const int nt, const int32_t *tact,
+    const int *slot,
     const int64_t *restrict ustart, const int64_t *restrict ulen, const int64_t *restrict uchunk,
     const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win, int64_t *restrict hist,
     int64_t nbins, double *restrict tot, int32_t *restrict zc, int32_t *restrict zc0)
@@ -168,20 +179,32 @@ static inline __attribute__((always_inline)) int32_t avx512_units(
             __m512i ve[4], vng = _mm512_setzero_si512();
             for (int j = 0; j < 4; ++j) ve[j] = _mm512_setzero_si512();
             for (int64_t r = rb; r < re; ++r) {
-                const int32_t *restrict row = bits + r * c;
+                int32_t *restrict row = bits + r * c;
+                const int32_t *restrict in = src ? src + r * c : row;  /* with src: its ReLU, written to row */
                 if (r + PREFETCH_ROWS < n) {  /* the row after next into L1: the loop alone waits on memory */
-                    const char *next = (const char *)(row + PREFETCH_ROWS * c);
+                    const char *next = (const char *)(in + PREFETCH_ROWS * c);
                     for (int64_t o = 0; o < c * 4; o += 64)
                         _mm_prefetch(next + o, _MM_HINT_T0);
                 }
                 __m512i vz = _mm512_setzero_si512();
                 __m512 vs = _mm512_setzero_ps(), vsa = _mm512_setzero_ps(), vsq = _mm512_setzero_ps();
-                for (int64_t ch = 0; ch < cl; ch += 16)
-                    avx512_block(_mm512_loadu_si512(row + ch), (__mmask16)0xffff, nt, t, zc + ch, &vz, ve, &vng,
-                                 &vmx, &vs, &vsa, &vsq, 0);
-                if (cl < c)
-                    avx512_block(_mm512_maskz_loadu_epi32(ktail, row + cl), ktail, nt, t, zc + cl, &vz, ve, &vng,
-                                 &vmx, &vs, &vsa, &vsq, 1);
+                for (int64_t ch = 0; ch < cl; ch += 16) {
+                    __m512i b = _mm512_loadu_si512(in + ch);
+                    if (src) {  /* counted from the register it is written from */
+                        b = avx512_relu(b);
+                        _mm512_storeu_si512(row + ch, b);
+                    }
+                    avx512_block(b, (__mmask16)0xffff, nt, t, zc + ch, &vz, ve, &vng, &vmx, &vs, &vsa, &vsq, 0,
+                                 src != 0);
+                }
+                if (cl < c) {
+                    __m512i b = _mm512_maskz_loadu_epi32(ktail, in + cl);
+                    if (src) {
+                        b = avx512_relu(b);
+                        _mm512_mask_storeu_epi32(row + cl, ktail, b);
+                    }
+                    avx512_block(b, ktail, nt, t, zc + cl, &vz, ve, &vng, &vmx, &vs, &vsa, &vsq, 1, src != 0);
+                }
                 float s[16], sa[16], sq[16];
                 _mm512_storeu_ps(s, vs);
                 _mm512_storeu_ps(sa, vsa);
@@ -198,7 +221,8 @@ static inline __attribute__((always_inline)) int32_t avx512_units(
     return _mm512_reduce_max_epi32(vmx);
 }
 
-static int32_t avx512_counts(const int32_t *restrict bits, int64_t n, int64_t c, const int32_t *restrict tb,
+static int32_t avx512_counts(int32_t *restrict bits, const int32_t *restrict src, int64_t n, int64_t c,
+                             const int32_t *restrict tb,
                              const int64_t *restrict ustart, const int64_t *restrict ulen,
                              const int64_t *restrict uchunk, const int64_t *restrict uwin, int64_t u0, int64_t u1,
                              double *restrict win, int64_t *restrict hist, int64_t nbins, double *restrict tot,
@@ -211,12 +235,21 @@ static int32_t avx512_counts(const int32_t *restrict bits, int64_t n, int64_t c,
             tact[nt] = tb[j];
             slot[nt++] = j;
         }
+    if (src) {  /* the ReLU pass: the same loop, another instance */
+        switch (nt) {
+        case 0: return avx512_units(bits, src, n, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        case 1: return avx512_units(bits, src, n, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        case 2: return avx512_units(bits, src, n, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        case 3: return avx512_units(bits, src, n, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        default: return avx512_units(bits, src, n, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        }
+    }
     switch (nt) {
-    case 0: return avx512_units(bits, n, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 1: return avx512_units(bits, n, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 2: return avx512_units(bits, n, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 3: return avx512_units(bits, n, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    default: return avx512_units(bits, n, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 0: return avx512_units(bits, 0, n, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 1: return avx512_units(bits, 0, n, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 2: return avx512_units(bits, 0, n, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 3: return avx512_units(bits, 0, n, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    default: return avx512_units(bits, 0, n, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
     }
 }
 #endif
@@ -233,17 +266,20 @@ static int32_t avx512_counts(const int32_t *restrict bits, int64_t n, int64_t c,
      a fixed order (and no fused multiply-add: -ffp-contract=off), whatever the CPU's vector width;
    - zc[ch]: the tokens on which channel ch is zero (zc0: c int32 of scratch, zc at the start of a chunk).
    Returns the largest |x| bit pattern seen (0 when no row): the float with those bits is max |x| (NaN when
-   any entry is NaN). */
-int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict vals, int64_t n, int64_t c,
-                         const int32_t *restrict tb, const int64_t *restrict ustart,
-                         const int64_t *restrict ulen, const int64_t *restrict uchunk,
-                         const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win,
-                         int64_t *restrict hist, int64_t nbins, double *restrict tot, int32_t *restrict zc,
-                         int32_t *restrict zc0)
+   any entry is NaN).
+   counts_impl with src (the ReLU pass, for a site that takes a ReLU's output): each row is first written as the
+   ReLU of src's row (torch.relu's bits: 0 for a negative number, -0 and NaN as they are), then counted while it
+   is in cache (AVX-512: from the register it is written from); actsparse_counts passes none. */
+static int32_t counts_impl(int32_t *restrict bits, const float *restrict vals, int64_t n, int64_t c,
+                           const int32_t *restrict tb, const int64_t *restrict ustart,
+                           const int64_t *restrict ulen, const int64_t *restrict uchunk,
+                           const int64_t *restrict uwin, int64_t u0, int64_t u1, double *restrict win,
+                           int64_t *restrict hist, int64_t nbins, double *restrict tot, int32_t *restrict zc,
+                           int32_t *restrict zc0, const int32_t *restrict src)
 {
 #if defined(__AVX512F__)
     (void)vals;
-    return avx512_counts(bits, n, c, tb, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    return avx512_counts(bits, src, n, c, tb, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
 #endif
     const int32_t t0 = tb[0], t1 = tb[1], t2 = tb[2], t3 = tb[3];
     const int64_t cl = c - c % LANES;
@@ -257,6 +293,12 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
             memcpy(zc0, zc, (size_t)c * sizeof *zc);
         const int64_t r1 = ustart[u] + ulen[u];
         for (int64_t r = ustart[u]; r < r1; ++r) {
+            if (src) {
+                int32_t *restrict out = bits + r * c;
+                const int32_t *restrict in = src + r * c;
+                for (int64_t ch = 0; ch < c; ++ch)
+                    out[ch] = (uint32_t)in[ch] - 0x80000001u <= 0x7f7fffffu ? 0 : in[ch];
+            }
             const int32_t *restrict row = bits + r * c;
             const float *restrict fr = vals + r * c;
             int32_t z = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0, ng = 0, mr = 0;
@@ -304,6 +346,15 @@ int32_t actsparse_counts(const int32_t *restrict bits, const float *restrict val
     }
     for (int k = 0; k < 4; ++k) tot[k] += acc[k];
     return m;
+}
+
+int32_t actsparse_counts(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
+                         const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk, const int64_t *uwin,
+                         int64_t u0, int64_t u1, double *win, int64_t *hist, int64_t nbins, double *tot, int32_t *zc,
+                         int32_t *zc0)
+{
+    return counts_impl((int32_t *)bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot,
+                       zc, zc0, 0);
 }
 
 /* Adds one pass's per-part results to a probe's state, with the float operations in the order the numpy code of
@@ -380,12 +431,13 @@ void actsparse_merge(int64_t parts, int64_t nwin, int64_t c, int64_t nbins, int6
 /* The units split at bounds[0..parts] over `parts` threads of the OpenMP runtime torch already runs (the
    build links torch's own libgomp): part i zeroes and writes win[i], hist[i], tot[i], zc[i] and zc0[i], which the
    caller sums. Part 0 runs on the calling thread and part i on team thread i (static schedule, one part each): the
-   rows a thread reads are those that torch's equally split elementwise kernels had that thread write. */
-int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
-                               const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk,
-                               const int64_t *uwin, const int64_t *bounds, int64_t parts, int64_t nwin,
-                               double *win, int64_t *hist, int64_t nbins, double *tot, int32_t *zc, int32_t *zc0,
-                               int32_t *mparts)
+   rows a thread reads are those that torch's equally split elementwise kernels had that thread write. With src,
+   the ReLU pass (counts_impl). */
+static int32_t counts_parts_impl(int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
+                                 const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk,
+                                 const int64_t *uwin, const int64_t *bounds, int64_t parts, int64_t nwin,
+                                 double *win, int64_t *hist, int64_t nbins, double *tot, int32_t *zc, int32_t *zc0,
+                                 int32_t *mparts, const int32_t *src)
 {
     #pragma omp parallel for num_threads((int)parts) schedule(static, 1)
     for (int64_t i = 0; i < parts; ++i) {
@@ -393,14 +445,24 @@ int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n
         memset(hist + i * nbins, 0, (size_t)nbins * sizeof *hist);
         memset(tot + i * 4, 0, 4 * sizeof *tot);
         memset(zc + i * c, 0, (size_t)c * sizeof *zc);
-        mparts[i] = actsparse_counts(bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds[i], bounds[i + 1],
-                                     win + i * nwin * WF, hist + i * nbins, nbins, tot + i * 4, zc + i * c,
-                                     zc0 + i * c);
+        mparts[i] = counts_impl(bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds[i], bounds[i + 1],
+                                win + i * nwin * WF, hist + i * nbins, nbins, tot + i * 4, zc + i * c, zc0 + i * c,
+                                src);
     }
     int32_t m = 0;
     for (int64_t i = 0; i < parts; ++i)
         m = mparts[i] > m ? mparts[i] : m;
     return m;
+}
+
+int32_t actsparse_counts_parts(const int32_t *bits, const float *vals, int64_t n, int64_t c, const int32_t *tb,
+                               const int64_t *ustart, const int64_t *ulen, const int64_t *uchunk,
+                               const int64_t *uwin, const int64_t *bounds, int64_t parts, int64_t nwin,
+                               double *win, int64_t *hist, int64_t nbins, double *tot, int32_t *zc, int32_t *zc0,
+                               int32_t *mparts)
+{
+    return counts_parts_impl((int32_t *)bits, vals, n, c, tb, ustart, ulen, uchunk, uwin, bounds, parts, nwin, win,
+                             hist, nbins, tot, zc, zc0, mparts, 0);
 }
 
 /* actsparse_counts_parts, then actsparse_merge into a probe's state (st), in one call. */
@@ -434,6 +496,21 @@ int32_t actsparse_job_run(const actsparse_job *j, const int32_t *x, double *rows
     return actsparse_counts_into(x, (const float *)x, j->n, j->c, j->tb, j->ustart, j->ulen, j->uchunk, j->uwin,
                                  j->bounds, j->parts, j->nwin, j->win, j->hist, j->nbins, j->tot, j->zc, j->zc0,
                                  j->mparts, j->G, j->lens, rows, st);
+}
+
+/* The ReLU pass of a job: out (the job's n x c) gets torch.relu of src, counted into the job's per-part buffers;
+   actsparse_job_merge adds them to a probe's state later (or never, when the site does not see out). */
+int32_t actsparse_job_relu(const actsparse_job *j, const int32_t *src, int32_t *out)
+{
+    return counts_parts_impl(out, (const float *)out, j->n, j->c, j->tb, j->ustart, j->ulen, j->uchunk, j->uwin,
+                             j->bounds, j->parts, j->nwin, j->win, j->hist, j->nbins, j->tot, j->zc, j->zc0,
+                             j->mparts, src);
+}
+
+void actsparse_job_merge(const actsparse_job *j, int32_t m, double *rows, void *const *st)
+{
+    actsparse_merge(j->parts, j->nwin, j->c, j->nbins, j->G, j->n, m, j->win, j->hist, j->tot, j->zc, j->lens, rows,
+                    st);
 }
 #endif
 """
@@ -481,7 +558,7 @@ def _gomp_files() -> set[str]:
         return set()
 _LOCK = threading.Lock()
 _STATE: dict = {"fn": None, "tried": False, "status": "not tried", "parts_fn": None, "into_fn": None,
-                "merge_fn": None, "job_fn": None}
+                "merge_fn": None, "job_fn": None, "relu_fn": None, "job_merge_fn": None}
 _POOL: dict = {"executor": None, "size": 0}
 
 
@@ -591,6 +668,14 @@ def _load_library():
                 job_fn.argtypes = [p, p, p, p]
                 job_fn.restype = ctypes.c_int32
                 _STATE["job_fn"] = job_fn
+                relu_fn = lib.actsparse_job_relu
+                relu_fn.argtypes = [p, p, p]
+                relu_fn.restype = ctypes.c_int32
+                _STATE["relu_fn"] = relu_fn
+                job_merge_fn = lib.actsparse_job_merge
+                job_merge_fn.argtypes = [p, ctypes.c_int32, p, p]
+                job_merge_fn.restype = None
+                _STATE["job_merge_fn"] = job_merge_fn
             marks = " ".join(f for f in flags if f.startswith("-m")) or "portable"
             split = "; parts on torch's OpenMP threads" if omp else ""
             return fn, f"native kernel ({marks}{split}; {target})"
@@ -620,8 +705,10 @@ def status() -> dict:
 
 
 def reset_for_tests() -> None:
-    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None, into_fn=None, merge_fn=None, job_fn=None)
+    _STATE.update(fn=None, tried=False, status="not tried", parts_fn=None, into_fn=None, merge_fn=None, job_fn=None,
+                  relu_fn=None, job_merge_fn=None)
     _JOB[0] = None
+    _RELU_JOBS[0], _RELU_JOBS[1] = None, []
 
 
 def supports(x, n_eps: int) -> bool:
@@ -874,14 +961,22 @@ class _Job(ctypes.Structure):
 
 
 class _JobHolder:
-    __slots__ = ("struct", "address", "keep", "lock", "rows", "rows_address")
+    __slots__ = ("struct", "address", "keep", "lock", "rows", "rows_address", "key")
 
 
 _JOB: list = [None]  # (key, _JobHolder) of the batch layout seen last (the sites of a forward share it)
 
 
 def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
-    """The plan and buffers of ``key``'s layout, as an ``actsparse_job``, kept as the last job."""
+    """``make_job``, kept as the last job (``accumulate``'s)."""
+    job = make_job(key, lens, k, threads, nbins, eps_grid)
+    _JOB[0] = (key, job)
+    return job
+
+
+def make_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
+    """The plan and per-part buffers of the batch layout ``key`` (``(n, c, ...)``: its rows and channels first) as an
+    ``actsparse_job``: ``accumulate``'s last job, or a probe's own for its ReLU pass (``relu_pass``)."""
     import numpy as np
 
     n, c = key[0], key[1]
@@ -899,8 +994,55 @@ def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
     job.lock = threading.Lock()
     job.rows = np.empty((B, 5 + len(eps_grid)))
     job.rows_address = job.rows.ctypes.data
-    _JOB[0] = (key, job)
     return job
+
+
+_RELU_JOBS: list = [None, []]  # the ReLU passes' free jobs: [layout key, jobs] of the last layout
+_RELU_LOCK = threading.Lock()
+RELU_JOBS_KEEP = 256  # free jobs kept (one per site of a forward)
+
+
+def relu_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
+    """A job (``make_job``'s) of the batch layout ``key`` for one ``relu_pass``, the caller's own until it gives it
+    back (``relu_job_back``): its buffers hold the pass's counts until they are added to a probe's state, after
+    the forward. Free jobs of the last layout are kept for the next forward."""
+    with _RELU_LOCK:
+        free = _RELU_JOBS[1] if _RELU_JOBS[0] == key else None
+        if free:
+            return free.pop()
+    job = make_job(key, lens, k, threads, nbins, eps_grid)
+    job.key = key
+    return job
+
+
+def relu_job_back(job: "_JobHolder") -> None:
+    with _RELU_LOCK:
+        if _RELU_JOBS[0] != job.key:  # another layout: the last one's jobs go
+            _RELU_JOBS[0], _RELU_JOBS[1] = job.key, []
+        if len(_RELU_JOBS[1]) < RELU_JOBS_KEEP:
+            _RELU_JOBS[1].append(job)
+
+
+def relu_pass(job: "_JobHolder", src, out) -> int:
+    """``out`` (a contiguous float32 CPU tensor of ``job``'s ``n x c``) gets ``torch.relu(src)`` (``src`` the same
+    shape; the same bits as torch's), counted into ``job``'s per-part buffers on the way: one pass over memory
+    where a ReLU and a count after it take two. Returns the largest ``|x|`` bits; ``relu_merge`` adds the counts
+    to a probe's state. Only where ``_STATE["relu_fn"]`` is there (an OpenMP build)."""
+    return int(_STATE["relu_fn"](job.address, src.data_ptr(), out.data_ptr()))
+
+
+def relu_merge(job: "_JobHolder", mbits: int, state_ptrs):
+    """``relu_pass``'s counts (in ``job``'s buffers) added to the probe state at ``state_ptrs``
+    (``state_addresses``), as ``accumulate`` adds its pass; returns the pass's window rows (``accumulate``'s
+    ``rows``)."""
+    _STATE["job_merge_fn"](job.address, mbits, job.rows_address, state_ptrs)
+    return job.rows.copy()
+
+
+def job_results(job: "_JobHolder", mbits: int, G: int) -> dict:
+    """``count``'s results from a job's buffers (``relu_pass``'s counts), for a state the C merge does not take."""
+    win, hist, tot, zc = job.keep[1][:4]
+    return _results(win, hist, tot, zc, int(job.struct.parts), G, Raw(None, None, mbits, 0, G).max_abs)
 
 
 def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: int, state_ptrs):
@@ -951,16 +1093,20 @@ def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: in
 
 def finish(raw: Raw) -> dict:
     """``count``'s results from ``launch``'s buffers, which go back to the pool."""
-    import numpy as np
-
     win, hist, tot, zc = raw.bufs[:4]
-    if raw.parts > 1:
-        win, hist, tot, zc = win.sum(0), hist.sum(0), tot.sum(0), zc.sum(0, dtype=np.int64)
-    else:
-        win, hist, tot, zc = win[0].copy(), hist[0].copy(), tot[0].copy(), zc[0].astype(np.int64)
-    G = raw.G
-    cols = [0, 5, *range(1, 1 + G), 6, 7]  # zero, neg, the grid's thresholds, chunk_sum, n_chunks
-    out = {"windows": win[:, cols], "hist": hist, "zero_channel": zc, "sums": tot, "max_abs": raw.max_abs}
+    out = _results(win, hist, tot, zc, raw.parts, raw.G, raw.max_abs)
     _give_back(raw.key, raw.bufs)
     raw.bufs = None
     return out
+
+
+def _results(win, hist, tot, zc, parts: int, G: int, max_abs: float) -> dict:
+    """``count``'s results from per-part buffers (copies: the buffers are reused)."""
+    import numpy as np
+
+    if parts > 1:
+        win, hist, tot, zc = win.sum(0), hist.sum(0), tot.sum(0), zc.sum(0, dtype=np.int64)
+    else:
+        win, hist, tot, zc = win[0].copy(), hist[0].copy(), tot[0].copy(), zc[0].astype(np.int64)
+    cols = [0, 5, *range(1, 1 + G), 6, 7]  # zero, neg, the grid's thresholds, chunk_sum, n_chunks
+    return {"windows": win[:, cols], "hist": hist, "zero_channel": zc, "sums": tot, "max_abs": max_abs}

@@ -157,6 +157,14 @@ def _kernel_info(device) -> dict:
     return {"kernel": "torch", "detail": f"statistics on {device} use torch reductions"}
 
 
+def _relu_pass_info(probes) -> dict:
+    """How many sites and updates were counted in their ReLU's pass (``probes.relu_pass``) instead of at the hook."""
+    from probes import relu_pass
+
+    counted = [int(getattr(p, "relu_updates", 0)) for p in probes]
+    return {"enabled": relu_pass.enabled_by_env(), "sites": sum(1 for k in counted if k), "updates": sum(counted)}
+
+
 def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
             progress: Callable[[int, int], Any] | None = None,
             site_list: Sequence[Site] | None = None,
@@ -227,7 +235,7 @@ def measure(loaded: LoadedModel, opts: MeasureOptions | None = None,
         "skip_first": opts.skip_first,
         "padding": "right, masked (never counted)",
         "statistics_dtype": "float32 (float64 sums)",
-        "statistics_kernel": _kernel_info(loaded.device),
+        "statistics_kernel": {**_kernel_info(loaded.device), "relu_pass": _relu_pass_info(used)},
         "model_dtype": dtype,
         "device": str(loaded.device),
         "n_sites": len(rows),

@@ -239,8 +239,14 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
     Returns the probes by canonical name (a site never called has none). A site whose width and device are known
     beforehand (``premade_probes``) gets its probe made before the first forward, and keeps it if the first tensor
     it sees has that width and device; otherwise, and for every other site, the probe is made from that tensor."""
+    from probes.relu_pass import counted_relus
+
     probes: dict[str, Any] = {}
     ready = premade_probes(model, sites, make_probe)
+
+    def probe_for(name: str):  # the probe a site's hook will update (the premade one before its first call)
+        p = probes.get(name)
+        return p if p is not None else ready.get(name, (None, None, None))[2]
 
     def observe(x, hc: HookCall) -> None:
         x, m = token_layout(hc.site, x, hc.mask)
@@ -259,8 +265,10 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
             if flush is not None:
                 flush()
 
-    run(model, batches, step=after_forward, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(),
-        forward=forward, progress=progress)
+    runner = Runner(model, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(), forward=forward,
+                    progress=progress)
+    with runner, counted_relus(model, sites, probe_for, runner.state):  # ReLU sites counted on the way
+        runner.run(batches, step=after_forward)
     return probes
 
 

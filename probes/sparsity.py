@@ -64,8 +64,12 @@ def uncertain_columns(eps_grid: Sequence[float], chunk_k: int) -> list[str]:
 
 
 class _Flushed:
-    """An attribute of a probe with a ``flush`` method and a ``_pending`` list: reading or replacing it first adds
-    what is pending. The value lives in the instance's ``__dict__`` under ``_`` + its name."""
+    """An attribute of a probe with a ``flush`` method: reading or replacing it first adds what is pending when the
+    probe's attribute ``pending`` (a list or a count) says something is. The value lives in the instance's
+    ``__dict__`` under ``_`` + its name."""
+
+    def __init__(self, pending: str = "_pending"):
+        self.pending = pending
 
     def __set_name__(self, owner, name: str) -> None:
         self.slot = "_" + name
@@ -73,12 +77,12 @@ class _Flushed:
     def __get__(self, obj, owner=None):
         if obj is None:
             return self
-        if obj._pending:
+        if obj.__dict__.get(self.pending):
             obj.flush()
         return obj.__dict__[self.slot]
 
     def __set__(self, obj, value) -> None:
-        if obj.__dict__.get("_pending"):
+        if obj.__dict__.get(self.pending):
             obj.flush()
         obj.__dict__[self.slot] = value
 
@@ -100,6 +104,9 @@ class ActivationSparsityProbe:
 
         self._pending: list = []  # window rows not yet in ``windows`` (``update``, ``flush``)
         self._addresses = None  # the state tensors' addresses for the kernel (``_state_addresses``)
+        self._ticket = None  # a ReLU pass's counts waiting for ``update`` to see its tensor (``relu_counted``)
+        self._relu_pending = 0  # ReLU passes in ``_pending`` not yet added to ``state`` (``flush``)
+        self.relu_updates = 0  # updates whose counts came from a ReLU pass
         self.width = int(width)
         self.eps_grid = tuple(float(e) for e in eps_grid)
         self.chunk_k = int(chunk_k)
@@ -132,20 +139,25 @@ class ActivationSparsityProbe:
 
     # ------------------------------------------------------------------ state
     # ``windows`` holds every update's window rows: reading (or replacing) it first adds the rows that ``update``
-    # left pending (``flush``). ``state`` is always up to date.
+    # left pending (``flush``). ``state`` likewise adds the ReLU passes that wait to be added (``relu_counted``).
     windows = _Flushed()
+    state = _Flushed("_relu_pending")
 
     def flush(self) -> None:
         """Add the window rows that ``update`` left pending (in update order). ``run_probes`` calls it after each
         forward, so this bookkeeping runs outside the model's forward: inside it, it had cost that forward ~3 %
         more on the bundled model (``benchmarks/README.md``, 2026-12-04 late). Reading ``windows`` calls it too."""
         pending, self._pending = self._pending, []
-        for rows, lens, ids in pending:
+        self._relu_pending = 0
+        self._drop_ticket()  # a ReLU pass is taken by the update of the same forward, or never
+        for rows, lens, ids, *relu in pending:
+            if rows is None:  # a ReLU pass: its counts into the state now, in update order
+                rows = self._merge_relu(*relu, lens)
             self._add_windows(rows, lens, ids)
 
     def __getstate__(self) -> dict[str, Any]:  # copies (probes.distributed) carry no pending rows, no addresses
         self.flush()
-        return {**self.__dict__, "_pending": [], "_addresses": None}
+        return {**self.__dict__, "_pending": [], "_addresses": None, "_ticket": None, "_relu_pending": 0}
 
     def _state_addresses(self):
         """The state tensors' addresses for ``fastcount.accumulate`` (None when the state does not suit it), kept
@@ -159,6 +171,88 @@ class ActivationSparsityProbe:
         addr = fastcount.state_addresses(now, self.width, len(self.eps_grid), HIST_BINS)
         self._addresses = (now, addr) if addr is not None else None
         return addr
+
+    # ------------------------------------------------------------------ the ReLU pass
+    def relu_counted(self, x, mask=None):
+        """``torch.relu(x)`` (the same bits) made by the count kernel, which counts the result on the way
+        (``probes.relu_pass``: for a site that takes a ReLU's output): one pass over memory instead of a ReLU and a
+        count that reads its output again. The counts wait on the probe (holding the output) until ``update`` gets
+        that very tensor under the same batch layout, and are added then, instead of counting it again; ``flush``
+        (after each forward) or the next ``relu_counted`` drops them unseen. ``mask``: the batch's count mask.
+
+        Returns None where it cannot (the caller runs the ReLU itself): no OpenMP kernel, autograd on ``x``, not a
+        contiguous 3-D float32 CPU tensor of this width, a batch with padding or uncounted positions."""
+        import torch
+
+        from probes import fastcount
+
+        if self._ticket is not None:
+            self._drop_ticket()
+        if not fastcount._STATE["tried"]:
+            fastcount.kernel()
+        if (fastcount._STATE["relu_fn"] is None or not isinstance(x, torch.Tensor) or x.dim() != 3
+                or x.shape[-1] != self.width or x.dtype is not torch.float32 or not x.is_cpu
+                or not x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        full_rows, _, lens = _mask_layout(mask, x)
+        n = x.shape[0] * x.shape[1]
+        if not full_rows or n == 0:
+            return None
+        threads = torch.get_num_threads()
+        key = (n, self.width, tuple(lens), self.chunk_k, threads, self.eps_grid, HIST_BINS, fastcount.MIN_SPLIT_OMP)
+        job = fastcount.relu_job(key, lens, self.chunk_k, threads, HIST_BINS, self.eps_grid)  # this pass's own
+        out = torch.empty_like(x)
+        mbits = fastcount.relu_pass(job, x, out)
+        self._ticket = (out, lens, mbits, job)  # out held: no other tensor can take its memory meanwhile
+        return out
+
+    def _drop_ticket(self) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            from probes import fastcount
+
+            fastcount.relu_job_back(ticket[3])
+
+    def _take_ticket(self, x, mask) -> bool:
+        """Add the waiting ReLU pass if ``x`` is its output (the same memory, shape and layout; the output is held,
+        so only a view of it can be there) under the same batch layout; else drop it. Whether it was added."""
+        import torch
+
+        from probes import fastcount
+
+        out, lens, mbits, job = self._ticket
+        if (x.data_ptr() != out.data_ptr() or x.shape != out.shape or x.dtype is not torch.float32
+                or not x.is_contiguous()):
+            self._drop_ticket()
+            return False
+        full_rows, _, now = _mask_layout(mask, x)
+        if not full_rows or now != lens:
+            self._drop_ticket()
+            return False
+        self._ticket = None
+        if mbits >= fastcount.INF_BITS:  # an inf or a NaN: count them (an integer: added in any order)
+            self.__dict__["_state"]["nonfinite"] += int((~torch.isfinite(x)).sum())
+        self.relu_updates += 1
+        # Added to the state by ``flush`` (after the forward: inside it, adding cost the forward ~2 %, benchmarks/
+        # README.md), with the job's buffers held until then.
+        self._pending.append((None, lens, self._window_ids(lens), job, mbits, int(out.shape[0] * out.shape[1])))
+        self._relu_pending += 1
+        if len(self._pending) >= MAX_PENDING:
+            self.flush()
+        return True
+
+    def _merge_relu(self, job, mbits: int, n: int, lens: list[int]):
+        """A ReLU pass's counts (in ``job``'s buffers) added to the state; returns its window rows. The job goes
+        back to ``probes.fastcount``'s pool."""
+        from probes import fastcount
+
+        try:
+            addr = self._state_addresses()
+            if addr is not None:
+                return fastcount.relu_merge(job, mbits, addr)
+            return self._update_from_kernel(fastcount.job_results(job, mbits, len(self.eps_grid)), n, lens, 0)
+        finally:
+            fastcount.relu_job_back(job)
 
     # ------------------------------------------------------------------ update
     def update(self, x, mask=None) -> None:
@@ -179,6 +273,10 @@ class ActivationSparsityProbe:
         import torch
 
         x = x.detach()  # statistics only; work buffers are written with out=
+        if self._ticket is not None and self._take_ticket(x, mask):
+            return
+        if self._relu_pending:  # ReLU passes before this update go into the state first (the same order of sums)
+            self.flush()
         if x.dim() == 2:
             x = x.unsqueeze(1)  # [batch, 1, channels]
         if x.shape[-1] != self.width:

@@ -1,0 +1,95 @@
+"""ReLU sites counted on the way (issue 16 goal 3): the count kernel computes the ReLU itself.
+
+A ``mlp_post`` site of a ReLU model (the bundled model, OPT, GPT-2 / GPT-J / GPT-NeoX / T5 / DistilBERT configured
+with ReLU) is the input of the MLP's output projection, which is the output of a ``torch.nn.ReLU`` module. Counting
+it in the site's hook reads the whole activation back from memory after the ReLU wrote it. For the duration of
+``probes.runner.run_probes`` such a ReLU module's ``forward`` is replaced by one that calls the site probe's
+``relu_counted`` (``probes.sparsity.ActivationSparsityProbe``): the fused kernel (``probes.fastcount.relu_pass``)
+reads the ReLU's input once, writes ``torch.relu``'s very bits (0 for a negative number; -0 and NaN as they are)
+and counts each row while it is in cache. The counts wait on the probe until the site's hook sees that very
+tensor, and are added then instead of counting it again; anything else (another tensor at the hook, a padded
+batch, autograd, a dtype or device the kernel does not take, no OpenMP build) runs the ReLU as before and counts
+at the hook. The model's outputs and every number are the same bits as without it (``tests/unit/
+test_relu_pass.py``); the ``forward`` is put back when the run ends, also on an error. ``ACTSPARSE_RELU_PASS=0``
+turns it off.
+
+Only families whose model code passes the ReLU module's output straight to the output projection (T5: through its
+dropout, which returns its input in eval mode) take part (``FAMILIES``; checked against transformers' modeling
+files), and only a ReLU module that is the one ``torch.nn.ReLU`` child of the projection's parent, not in place,
+and used by one site. Measured in ``benchmarks/README.md`` (2026-12-05, second session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+# probes.sites family names whose MLP code is down(act(up(x))), the act a module (t5: down(dropout(act(up(x))))).
+FAMILIES = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "distilbert", "t5"})
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("ACTSPARSE_RELU_PASS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def relu_before(model, site) -> Any:
+    """The ``torch.nn.ReLU`` module whose output ``site`` (a ``mlp_post`` input) takes, or None."""
+    import torch
+
+    from probes.sites import MLP_POST
+
+    if (getattr(site, "kind", None) != MLP_POST or getattr(site, "hook", None) != "input"
+            or getattr(site, "family", None) not in FAMILIES or not isinstance(model, torch.nn.Module)):
+        return None
+    parent_path, _, _ = str(getattr(site, "module_path", "")).rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+    except AttributeError:
+        return None
+    relus = [m for m in parent.children() if type(m) is torch.nn.ReLU and not m.inplace]
+    return relus[0] if len(relus) == 1 else None
+
+
+@contextlib.contextmanager
+def counted_relus(model, sites: Sequence, probe_for: Callable[[str], Any], state) -> Iterator[int]:
+    """For the ``with`` body, the ReLU module before each eligible site (``relu_before``) computes its output with
+    the site probe's ``relu_counted`` (``probe_for(canonical name)``: the probe the site's hook will update, or
+    None), under the batch's count mask (``state.mask``, a ``probes.hooks.HookState``). Yields how many ReLU
+    modules it took over (0: none, e.g. no OpenMP kernel or ``ACTSPARSE_RELU_PASS=0``)."""
+    from probes import fastcount
+
+    taken: list = []
+    try:
+        if enabled_by_env() and sites and fastcount.kernel() is not None and fastcount._STATE["relu_fn"] is not None:
+            found = [(s.canonical_name, relu_before(model, s)) for s in sites]
+            uses: dict[int, int] = {}
+            for _, m in found:
+                if m is not None:
+                    uses[id(m)] = uses.get(id(m), 0) + 1
+            for name, m in found:
+                if m is None or uses[id(m)] != 1 or "forward" in vars(m):
+                    continue  # shared by sites, or its forward already replaced by someone else
+                p = probe_for(name)
+                if p is not None and not hasattr(p, "relu_counted"):
+                    continue  # a probe that does not count ReLU passes
+                m.forward = _fused_forward(m, name, probe_for, state)
+                taken.append(m)
+        yield len(taken)
+    finally:
+        for m in taken:
+            vars(m).pop("forward", None)
+
+
+def _fused_forward(module, name: str, probe_for: Callable[[str], Any], state) -> Callable:
+    plain = type(module).forward.__get__(module)
+
+    def forward(x, *args, **kwargs):
+        counted = getattr(probe_for(name), "relu_counted", None)  # probes of other kinds: the plain ReLU
+        if counted is not None and not args and not kwargs:
+            y = counted(x, state.mask)
+            if y is not None:
+                return y
+        return plain(x, *args, **kwargs)
+
+    return forward
