@@ -51,33 +51,55 @@ def relu_before(model, site) -> Any:
     return relus[0] if len(relus) == 1 else None
 
 
-@contextlib.contextmanager
-def counted_relus(model, sites: Sequence, probe_for: Callable[[str], Any], state) -> Iterator[int]:
-    """For the ``with`` body, the ReLU module before each eligible site (``relu_before``) computes its output with
-    the site probe's ``relu_counted`` (``probe_for(canonical name)``: the probe the site's hook will update, or
-    None), under the batch's count mask (``state.mask``, a ``probes.hooks.HookState``). Yields how many ReLU
-    modules it took over (0: none, e.g. no OpenMP kernel or ``ACTSPARSE_RELU_PASS=0``)."""
+def plan(model, sites: Sequence, probe_for: Callable[[str], Any]) -> list[tuple[Any, Any]]:
+    """``(site, ReLU module)`` for each of ``sites`` whose ReLU the run takes over (``relu_before``; a ReLU used by
+    one site only, whose ``forward`` nobody replaced, and whose site probe ``probe_for(canonical name)``, where it
+    is made beforehand, counts ReLU passes). Empty without an OpenMP kernel or with ``ACTSPARSE_RELU_PASS=0``."""
     from probes import fastcount
 
-    taken: list = []
+    if not (sites and enabled_by_env() and fastcount.kernel() is not None and fastcount._STATE["relu_fn"] is not None):
+        return []
+    found = [(s, relu_before(model, s)) for s in sites]
+    uses: dict[int, int] = {}
+    for _, m in found:
+        if m is not None:
+            uses[id(m)] = uses.get(id(m), 0) + 1
+    out = []
+    for site, m in found:
+        if m is None or uses[id(m)] != 1 or "forward" in vars(m):
+            continue  # shared by sites, or its forward already replaced by someone else
+        p = probe_for(site.canonical_name)
+        if p is None or hasattr(p, "relu_counted"):  # (None: made at the first call, by the same make_probe)
+            out.append((site, m))
+    return out
+
+
+@contextlib.contextmanager
+def counted_relus(taken: Sequence[tuple[Any, Any]], probe_for: Callable[[str], Any], claim: Callable[[str], Any],
+                  observe: Callable[[Any, Any], Any], state) -> Iterator[int]:
+    """For the ``with`` body, each ``(site, relu)`` of ``taken`` (``plan``): the ReLU computes its output with the
+    site probe's ``relu_counted`` (``probe_for(name)``: the probe the site will update, or None), under the batch's
+    count mask (``state.mask``, a ``probes.hooks.HookState``); and a forward pre-hook on the site's module hands
+    the probe that very tensor (``take_relu_pass``; ``claim(name)`` then makes the probe the site's, as the run's
+    first call of the site does), or anything else to ``observe(x, HookCall)`` (the run's hook, which counts it).
+    The site gets no other hook from the run: this one does less Python inside the forward (measured in
+    ``benchmarks/README.md``). Yields how many ReLU modules it took over; everything is put back on exit."""
+    from probes.hooks import _first_tensor
+
+    installed: list = []
+    handles: list = []
     try:
-        if enabled_by_env() and sites and fastcount.kernel() is not None and fastcount._STATE["relu_fn"] is not None:
-            found = [(s.canonical_name, relu_before(model, s)) for s in sites]
-            uses: dict[int, int] = {}
-            for _, m in found:
-                if m is not None:
-                    uses[id(m)] = uses.get(id(m), 0) + 1
-            for name, m in found:
-                if m is None or uses[id(m)] != 1 or "forward" in vars(m):
-                    continue  # shared by sites, or its forward already replaced by someone else
-                p = probe_for(name)
-                if p is not None and not hasattr(p, "relu_counted"):
-                    continue  # a probe that does not count ReLU passes
-                m.forward = _fused_forward(m, name, probe_for, state)
-                taken.append(m)
-        yield len(taken)
+        for site, m in taken:
+            name = site.canonical_name
+            m.forward = _fused_forward(m, name, probe_for, state)
+            installed.append(m)
+            handles.append(site.module.register_forward_pre_hook(
+                _site_hook(site, probe_for, claim, observe, state, _first_tensor), with_kwargs=True))
+        yield len(installed)
     finally:
-        for m in taken:
+        for h in handles:
+            h.remove()
+        for m in installed:
             vars(m).pop("forward", None)
 
 
@@ -93,3 +115,22 @@ def _fused_forward(module, name: str, probe_for: Callable[[str], Any], state) ->
         return plain(x, *args, **kwargs)
 
     return forward
+
+
+def _site_hook(site, probe_for, claim, observe, state, first_tensor) -> Callable:
+    import torch
+
+    from probes.hooks import HookCall
+
+    name = site.canonical_name
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else first_tensor(kwargs)
+        take = getattr(probe_for(name), "take_relu_pass", None)
+        if take is not None and take(x, state.mask):
+            claim(name)
+        elif torch.is_tensor(x) and x.is_floating_point():
+            observe(x, HookCall(site, 0, state.mask))
+        return None
+
+    return hook

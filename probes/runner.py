@@ -239,7 +239,7 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
     Returns the probes by canonical name (a site never called has none). A site whose width and device are known
     beforehand (``premade_probes``) gets its probe made before the first forward, and keeps it if the first tensor
     it sees has that width and device; otherwise, and for every other site, the probe is made from that tensor."""
-    from probes.relu_pass import counted_relus
+    from probes import relu_pass
 
     probes: dict[str, Any] = {}
     ready = premade_probes(model, sites, make_probe)
@@ -247,6 +247,10 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
     def probe_for(name: str):  # the probe a site's hook will update (the premade one before its first call)
         p = probes.get(name)
         return p if p is not None else ready.get(name, (None, None, None))[2]
+
+    def claim(name: str):  # the premade probe becomes the site's (its first call, counted in its ReLU's pass)
+        if name not in probes:
+            probes[name] = ready.pop(name)[2]
 
     def observe(x, hc: HookCall) -> None:
         x, m = token_layout(hc.site, x, hc.mask)
@@ -265,9 +269,11 @@ def run_probes(model, batches: Iterable[Any], sites: Sequence, make_probe: Calla
             if flush is not None:
                 flush()
 
-    runner = Runner(model, fwd_hooks=[(s, observe) for s in sites], adapter=adapter or TokenBatches(), forward=forward,
-                    progress=progress)
-    with runner, counted_relus(model, sites, probe_for, runner.state):  # ReLU sites counted on the way
+    taken = relu_pass.plan(model, sites, probe_for)  # ReLU sites counted on the way, with a hook of their own
+    own = {site.canonical_name for site, _ in taken}
+    runner = Runner(model, fwd_hooks=[(s, observe) for s in sites if s.canonical_name not in own],
+                    adapter=adapter or TokenBatches(), forward=forward, progress=progress)
+    with runner, relu_pass.counted_relus(taken, probe_for, claim, observe, runner.state):
         runner.run(batches, step=after_forward)
     return probes
 

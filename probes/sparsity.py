@@ -203,7 +203,7 @@ class ActivationSparsityProbe:
         job = fastcount.relu_job(key, lens, self.chunk_k, threads, HIST_BINS, self.eps_grid)  # this pass's own
         out = torch.empty_like(x)
         mbits = fastcount.relu_pass(job, x, out)
-        self._ticket = (out, lens, mbits, job)  # out held: no other tensor can take its memory meanwhile
+        self._ticket = (out, mask, lens, mbits, job)  # out held: no other tensor can take its memory meanwhile
         return out
 
     def _drop_ticket(self) -> None:
@@ -211,31 +211,35 @@ class ActivationSparsityProbe:
         if ticket is not None:
             from probes import fastcount
 
-            fastcount.relu_job_back(ticket[3])
+            fastcount.relu_job_back(ticket[4])
 
-    def _take_ticket(self, x, mask) -> bool:
-        """Add the waiting ReLU pass if ``x`` is its output (the same memory, shape and layout; the output is held,
-        so only a view of it can be there) under the same batch layout; else drop it. Whether it was added."""
+    def take_relu_pass(self, x, mask=None) -> bool:
+        """Whether ``x`` is the output of this probe's waiting ReLU pass (``relu_counted``: the same tensor, or one
+        with its memory, shape and layout; the output is held, so only a view of it can have them) under the same
+        batch layout; then the pass's counts are this update (added to the state by ``flush``). Otherwise the pass
+        is dropped (False: the caller counts ``x``)."""
         import torch
 
         from probes import fastcount
 
-        out, lens, mbits, job = self._ticket
-        if (x.data_ptr() != out.data_ptr() or x.shape != out.shape or x.dtype is not torch.float32
-                or not x.is_contiguous()):
+        if self._ticket is None:
+            return False
+        out, was, lens, mbits, job = self._ticket
+        if x is not out and not (isinstance(x, torch.Tensor) and x.data_ptr() == out.data_ptr()
+                                 and x.shape == out.shape and x.dtype is torch.float32 and x.is_contiguous()):
             self._drop_ticket()
             return False
-        full_rows, _, now = _mask_layout(mask, x)
-        if not full_rows or now != lens:
-            self._drop_ticket()
-            return False
+        if mask is not was:
+            full_rows, _, now = _mask_layout(mask, x)
+            if not full_rows or now != lens:
+                self._drop_ticket()
+                return False
         self._ticket = None
         if mbits >= fastcount.INF_BITS:  # an inf or a NaN: count them (an integer: added in any order)
             self.__dict__["_state"]["nonfinite"] += int((~torch.isfinite(x)).sum())
         self.relu_updates += 1
-        # Added to the state by ``flush`` (after the forward: inside it, adding cost the forward ~2 %, benchmarks/
-        # README.md), with the job's buffers held until then.
-        self._pending.append((None, lens, self._window_ids(lens), job, mbits, int(out.shape[0] * out.shape[1])))
+        # Added to the state by ``flush`` (after the forward), with the job's buffers held until then.
+        self._pending.append((None, lens, self._window_ids(lens), job, mbits, out.shape[0] * out.shape[1]))
         self._relu_pending += 1
         if len(self._pending) >= MAX_PENDING:
             self.flush()
@@ -273,7 +277,7 @@ class ActivationSparsityProbe:
         import torch
 
         x = x.detach()  # statistics only; work buffers are written with out=
-        if self._ticket is not None and self._take_ticket(x, mask):
+        if self._ticket is not None and self.take_relu_pass(x, mask):
             return
         if self._relu_pending:  # ReLU passes before this update go into the state first (the same order of sums)
             self.flush()

@@ -149,11 +149,15 @@ def test_the_model_gives_the_same_outputs_while_its_relus_are_taken_over():
     batch = _batches(1)[0]
     sites = find_sites(model, "gpt2", ("mlp_post",))
     probes = {s.canonical_name: ActivationSparsityProbe(64) for s in sites}
+    seen = []
     with torch.inference_mode():
         plain = model(input_ids=batch.input_ids).logits
-        with relu_pass.counted_relus(model, sites, probes.get, HookState()) as taken:
+        taken = relu_pass.plan(model, sites, probes.get)
+        with relu_pass.counted_relus(taken, probes.get, seen.append, None, HookState()) as n:
             fused = model(input_ids=batch.input_ids).logits
-    assert taken == 2 and torch.equal(plain, fused)
+    assert n == 2 and torch.equal(plain, fused)
+    assert seen == [s.canonical_name for s in sites]  # each site took its ReLU's pass
+    assert all(p.relu_updates == 1 for p in probes.values())
 
 
 def test_the_relus_are_put_back_when_the_run_fails():
@@ -185,17 +189,24 @@ def test_only_known_families_and_lone_relus_are_taken(monkeypatch):
     assert relu_pass.relu_before(model, site) is model.transformer.h[0].mlp.act
     other = type(site)(**{**{f: getattr(site, f) for f in site.__dataclass_fields__}, "family": "bert"})
     assert relu_pass.relu_before(model, other) is None  # a family whose code was not checked
+    assert relu_pass.plan(model, [site], lambda n: ActivationSparsityProbe(64)) == [(site, model.transformer.h[0].mlp.act)]
+    assert relu_pass.plan(model, [site, site], lambda n: None) == []  # one ReLU for two sites: left alone
     monkeypatch.setenv("ACTSPARSE_RELU_PASS", "0")
-    with relu_pass.counted_relus(model, [site], lambda n: ActivationSparsityProbe(64), HookState()) as taken:
-        assert taken == 0 and "forward" not in vars(model.transformer.h[0].mlp.act)
+    assert relu_pass.plan(model, [site], lambda n: ActivationSparsityProbe(64)) == []
     monkeypatch.setenv("ACTSPARSE_RELU_PASS", "1")
 
     class Other:  # a probe of another kind: the ReLU is left alone
         def update(self, x, mask=None):
             pass
 
-    with relu_pass.counted_relus(model, [site], lambda n: Other(), HookState()) as taken:
-        assert taken == 0
+    assert relu_pass.plan(model, [site], lambda n: Other()) == []
+    model.transformer.h[0].mlp.act.forward = torch.relu  # replaced by someone else: left alone
+    try:
+        assert relu_pass.plan(model, [site], lambda n: None) == []
+    finally:
+        del model.transformer.h[0].mlp.act.forward
+    with relu_pass.counted_relus([], None, None, None, HookState()) as n:
+        assert n == 0
 
 
 def test_the_portable_openmp_build_gives_the_same_bits(monkeypatch, tmp_path):
@@ -234,3 +245,23 @@ def test_the_portable_openmp_build_gives_the_same_bits(monkeypatch, tmp_path):
     for a, b in zip(best_out, other_out):
         assert torch.equal(_bits(a), _bits(b))
     _same_probe(best, other)
+
+
+def test_a_site_that_sees_another_tensor_counts_it_at_its_hook(monkeypatch):
+    """Model code that changes the ReLU's output before the projection (here: a copy of it) gets its hook's count,
+    of the tensor the projection takes; the ReLU's own counts are dropped."""
+    from probes.sites import find_sites
+
+    model = _relu_gpt2()
+    sites = find_sites(model, "gpt2", ("mlp_post",))
+    for blk in model.transformer.h:
+        mlp = blk.mlp
+        monkeypatch.setattr(mlp, "forward", lambda x, mlp=mlp: mlp.dropout(mlp.c_proj(mlp.act(mlp.c_fc(x)).clone())))
+    monkeypatch.setenv("ACTSPARSE_RELU_PASS", "1")
+    fused = run_probes(model, _batches(), sites, lambda s, w, d: ActivationSparsityProbe(w))
+    monkeypatch.setenv("ACTSPARSE_RELU_PASS", "0")
+    plain = run_probes(model, _batches(), sites, lambda s, w, d: ActivationSparsityProbe(w))
+    assert sorted(fused) == sorted(plain) == sorted(s.canonical_name for s in sites)
+    for name, p in fused.items():
+        assert p.relu_updates == 0 and p._ticket is None
+        _same_probe(p, plain[name])
