@@ -520,6 +520,7 @@ class ActivationSparsityProbe:
             b = other.state[k].to(self.state[k].device)
             self.state[k] = self.state[k] + b if op == "sum" else torch.maximum(self.state[k], b)
         self._window_values().merge(other._window_values(), offset_arrival=not self.windows.get("global"))
+        self.relu_updates += getattr(other, "relu_updates", 0)
         return self
 
     # ------------------------------------------------------------------ error bars (probes.uncertainty)
