@@ -503,6 +503,10 @@ def main(argv=None) -> int:
 
     res["statistics_kernel"] = (fastcount.status() if device.type == "cpu"
                                 else {"kernel": "torch", "detail": f"on {device}"})
+    from probes import relu_pass
+
+    res["relu_pass"] = {"enabled": relu_pass.enabled_by_env(),  # sites counted in their ReLU's pass (run_probes)
+                        "sites": [s.canonical_name for s, _ in relu_pass.plan(model, sites, lambda n: None)]}
     res["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     print_report(res)
@@ -575,6 +579,10 @@ def print_report(res: dict) -> None:
     if res.get("statistics_kernel"):
         k = res["statistics_kernel"]
         print(f"counts  {k['kernel']} ({k['detail']}; ACTSPARSE_NATIVE=0 for the torch path)")
+    if res.get("relu_pass") is not None:
+        rp = res["relu_pass"]
+        print(f"relu    {len(rp['sites'])} of the sites counted in their ReLU's pass (probes.relu_pass; "
+              f"ACTSPARSE_RELU_PASS=0 to count at the hook)")
     if t:
         print()
         print(f"{'variant':<22}{'median s':>10}{'min s':>10}{'max s':>10}{'tok/s':>12}")

@@ -190,14 +190,14 @@ class ActivationSparsityProbe:
             self._drop_ticket()
         if not fastcount._STATE["tried"]:
             fastcount.kernel()
-        if (fastcount._STATE["relu_fn"] is None or not isinstance(x, torch.Tensor) or x.dim() != 3
-                or x.shape[-1] != self.width or x.dtype is not torch.float32 or not x.is_cpu
-                or not x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled())):
+        if (fastcount._STATE["relu_fn"] is None or not isinstance(x, torch.Tensor) or x.shape[-1] != self.width
+                or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous()
+                or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        full_rows, _, lens = _mask_layout(mask, x)
-        n = x.shape[0] * x.shape[1]
-        if not full_rows or n == 0:
+        lens = _relu_layout(x, mask)
+        if lens is None:
             return None
+        n = x.numel() // self.width
         threads = torch.get_num_threads()
         key = (n, self.width, tuple(lens), self.chunk_k, threads, self.eps_grid, HIST_BINS, fastcount.MIN_SPLIT_OMP)
         job = fastcount.relu_job(key, lens, self.chunk_k, threads, HIST_BINS, self.eps_grid)  # this pass's own
@@ -229,17 +229,15 @@ class ActivationSparsityProbe:
                                  and x.shape == out.shape and x.dtype is torch.float32 and x.is_contiguous()):
             self._drop_ticket()
             return False
-        if mask is not was:
-            full_rows, _, now = _mask_layout(mask, x)
-            if not full_rows or now != lens:
-                self._drop_ticket()
-                return False
+        if mask is not was and (x.shape != out.shape or _relu_layout(x, mask) != lens):
+            self._drop_ticket()
+            return False
         self._ticket = None
         if mbits >= fastcount.INF_BITS:  # an inf or a NaN: count them (an integer: added in any order)
             self.__dict__["_state"]["nonfinite"] += int((~torch.isfinite(x)).sum())
         self.relu_updates += 1
         # Added to the state by ``flush`` (after the forward), with the job's buffers held until then.
-        self._pending.append((None, lens, self._window_ids(lens), job, mbits, out.shape[0] * out.shape[1]))
+        self._pending.append((None, lens, self._window_ids(lens), job, mbits, out.numel() // self.width))
         self._relu_pending += 1
         if len(self._pending) >= MAX_PENDING:
             self.flush()
@@ -646,6 +644,26 @@ def _mask_layout(mask, x):
     layout = (full, m, [x.shape[1]] * x.shape[0] if full else m.sum(1).tolist())
     _LAST_MASK[0], _LAST_MASK[1] = mask, (_version(mask), *layout)  # the version: changed in place since?
     return layout
+
+
+def _relu_layout(x, mask):
+    """The counted tokens per window (``lens``) of a ReLU's output ``x`` as a site hook would see it with the
+    batch's count mask ``mask`` (``probes.runner.token_layout``, then ``update``): ``[batch, pos, channels]``
+    with a mask of its ``[batch, pos]``, ``[batch * pos, channels]`` with a mask of that many positions, else
+    every position (``[tokens, channels]``: one per window). None where not every position counts (padding)."""
+    if x.dim() == 3:
+        if mask is not None and tuple(x.shape[:2]) != tuple(mask.shape):
+            mask = None
+        v = x
+    elif x.dim() == 2:
+        if mask is not None and x.shape[0] == mask.numel():
+            v = x.view(*mask.shape, x.shape[-1])
+        else:
+            v, mask = x.unsqueeze(1), None
+    else:
+        return None
+    full_rows, _, lens = _mask_layout(mask, v)
+    return lens if full_rows and v.shape[0] * v.shape[1] > 0 else None
 
 
 def _lens_tensor(lens: list[int], device):

@@ -47,7 +47,7 @@ def _same_probe(a: ActivationSparsityProbe, b: ActivationSparsityProbe) -> None:
     assert np.array_equal(np.asarray(va), np.asarray(vb), equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 96), (2, 37, 1531), (3, 5, 7)])
+@pytest.mark.parametrize("shape", [(4, 64, 96), (2, 37, 1531), (3, 5, 7), (40, 33)])
 def test_the_pass_writes_torch_relu_bits_and_counts_what_the_hook_would(shape):
     x = _awkward(shape)
     fused, plain = ActivationSparsityProbe(shape[-1]), ActivationSparsityProbe(shape[-1])
@@ -89,12 +89,14 @@ def test_what_the_pass_cannot_take_returns_none():
     assert p.relu_counted(x.double()) is None
     assert p.relu_counted(x.transpose(0, 1)) is None  # not contiguous
     assert p.relu_counted(x[..., :4]) is None  # another width
-    assert p.relu_counted(x.view(8, 8)) is None  # not [batch, pos, channels]
+    assert p.relu_counted(x.view(1, 2, 4, 8)) is None  # 4-D: no site gives it
     w = x.clone().requires_grad_(True)
     assert p.relu_counted(w) is None  # autograd needs torch's ReLU
     with torch.no_grad():
         assert p.relu_counted(w) is not None  # no graph is built: the pass may run
     assert p.relu_counted(x, torch.ones(2, 4, dtype=torch.bool)) is not None
+    assert p.relu_counted(x.view(8, 8), torch.ones(2, 4, dtype=torch.bool)) is not None  # OPT: tokens flattened
+    assert p.relu_counted(x.view(8, 8), mask) is None  # ... with padding among them
 
 
 def _relu_gpt2(n_layer=2, width=64):
@@ -265,3 +267,55 @@ def test_a_site_that_sees_another_tensor_counts_it_at_its_hook(monkeypatch):
     for name, p in fused.items():
         assert p.relu_updates == 0 and p._ticket is None
         _same_probe(p, plain[name])
+
+
+def _family_model(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97)
+    if name == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                              word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=0,
+                                              bos_token_id=0, eos_token_id=0, **common)), False
+    if name == "gptj":
+        return tf.GPTJForCausalLM(tf.GPTJConfig(n_positions=64, n_embd=32, n_inner=64, n_layer=2, n_head=2,
+                                                rotary_dim=8, activation_function="relu", bos_token_id=0,
+                                                eos_token_id=0, **common)), False
+    if name == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=2, hidden_act="relu", bos_token_id=0,
+                                                      eos_token_id=0, **common)), False
+    if name == "distilbert":
+        return tf.DistilBertForMaskedLM(tf.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                                                            max_position_embeddings=64, activation="relu",
+                                                            pad_token_id=0, **common)), False
+    if name == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2,
+                                                         num_decoder_layers=2, num_heads=2, dense_act_fn="relu",
+                                                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                                                         **common)), True
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("family", ["opt", "gptj", "gpt_neox", "distilbert", "t5"])
+def test_every_listed_family_gives_the_same_numbers_and_its_relus_are_found(monkeypatch, family):
+    """The families ``relu_pass.FAMILIES`` lists, configured with ReLU: each site's ReLU is found, the run counts
+    the same bits with and without the pass, and every site takes the pass (OPT's flattened tokens, T5's
+    dropout between the ReLU and the projection included)."""
+    from probes.runner import TokenBatches
+    from probes.sites import find_sites
+
+    model, enc_dec = _family_model(family)
+    model.eval()
+    sites = find_sites(model, model.config.model_type, ("mlp_post",))
+    assert sites and all(relu_pass.relu_before(model, s) is not None for s in sites)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ACTSPARSE_RELU_PASS", flag)
+        runs[flag] = run_probes(model, _batches(), sites, lambda s, w, d: ActivationSparsityProbe(w),
+                                adapter=TokenBatches(is_encoder_decoder=enc_dec))
+    assert sorted(runs["1"]) == sorted(runs["0"])
+    for name, p in runs["1"].items():
+        _same_probe(p, runs["0"][name])
+        assert p.relu_updates == 3, (name, p.relu_updates)
