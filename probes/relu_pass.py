@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 # probes.sites family names whose MLP code is down(act(up(x))), the act a module (t5: down(dropout(act(up(x))))).
@@ -42,13 +43,28 @@ def relu_before(model, site) -> Any:
     if (getattr(site, "kind", None) != MLP_POST or getattr(site, "hook", None) != "input"
             or getattr(site, "family", None) not in FAMILIES or not isinstance(model, torch.nn.Module)):
         return None
-    parent_path, _, _ = str(getattr(site, "module_path", "")).rpartition(".")
+    parent_path, _, name = str(getattr(site, "module_path", "")).rpartition(".")
+    key = (id(model), parent_path, name)
+    kept = _FOUND.get(key)  # (the model, the site module's parent, its ReLU), weakly: one run's look-up for the next
+    if kept is not None:
+        m, parent, relu = (r() for r in kept)
+        if (m is model and parent is not None and parent._modules.get(name) is site.module
+                and (relu is None or any(c is relu for c in parent._modules.values()))
+                and (relu is None or not relu.inplace)):
+            return relu
     try:
         parent = model.get_submodule(parent_path) if parent_path else model
     except AttributeError:
         return None
     relus = [m for m in parent.children() if type(m) is torch.nn.ReLU and not m.inplace]
-    return relus[0] if len(relus) == 1 else None
+    relu = relus[0] if len(relus) == 1 else None
+    if len(_FOUND) > 4096:
+        _FOUND.clear()
+    _FOUND[key] = (weakref.ref(model), weakref.ref(parent), (lambda: None) if relu is None else weakref.ref(relu))
+    return relu
+
+
+_FOUND: dict[tuple, tuple] = {}
 
 
 def plan(model, sites: Sequence, probe_for: Callable[[str], Any]) -> list[tuple[Any, Any]]:

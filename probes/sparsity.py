@@ -54,7 +54,15 @@ def eps_label(eps: float) -> str:
 
 def window_fields(eps_grid: Sequence[float]) -> tuple[str, ...]:
     """The per-window values the probe keeps (``probes.uncertainty.WindowValues`` fields)."""
-    return ("n_tokens", "zero", "neg", *(f"near_zero@{eps_label(e)}" for e in eps_grid), "chunk_sum", "n_chunks")
+    key = tuple(eps_grid)
+    fields = _FIELDS.get(key)
+    if fields is None:  # (asked after every forward: made once per grid)
+        fields = _FIELDS[key] = ("n_tokens", "zero", "neg", *(f"near_zero@{eps_label(e)}" for e in key),
+                                 "chunk_sum", "n_chunks")
+    return fields
+
+
+_FIELDS: dict[tuple, tuple[str, ...]] = {}
 
 
 def uncertain_columns(eps_grid: Sequence[float], chunk_k: int) -> list[str]:

@@ -319,3 +319,17 @@ def test_every_listed_family_gives_the_same_numbers_and_its_relus_are_found(monk
     for name, p in runs["1"].items():
         _same_probe(p, runs["0"][name])
         assert p.relu_updates == 3, (name, p.relu_updates)
+
+
+def test_the_relu_look_up_kept_between_runs_follows_the_model():
+    """``relu_before`` keeps its answer for the next run, and looks again when the module it found is gone."""
+    from probes.sites import find_sites
+
+    model = _relu_gpt2(n_layer=1)
+    site = find_sites(model, "gpt2", ("mlp_post",))[0]
+    first = relu_pass.relu_before(model, site)
+    assert first is model.transformer.h[0].mlp.act and relu_pass.relu_before(model, site) is first
+    model.transformer.h[0].mlp.act = torch.nn.ReLU()  # replaced: the new one is found
+    assert relu_pass.relu_before(model, site) is model.transformer.h[0].mlp.act is not first
+    model.transformer.h[0].mlp.act = torch.nn.GELU()  # no ReLU any more
+    assert relu_pass.relu_before(model, site) is None
