@@ -14,11 +14,13 @@ OpenMP runtime came into the process; if one did, the build is not used.
 
 On a CPU with AVX-512 the row loop is written with intrinsics (counts as masked subtractions, the per-window
 counts kept in vectors over up to 64 rows, the row after next asked for ahead of time); the portable loop
-elsewhere. Both give the same bits (a test builds every flag set and compares). A probe's update goes through
-``accumulate``: the pass and the adding of its results to the probe's state in one C call (``actsparse_merge``,
-in the order the numpy merge ``ActivationSparsityProbe._update_from_kernel`` uses, bit for bit), with the last
-batch layout's plan and buffers kept as a C struct, so that the call converts four arguments: inside the model's
-forward each Python operation costs several times what it costs elsewhere (``benchmarks/README.md``).
+elsewhere. Both give the same bits (a test builds every flag set and compares). A site that takes a ReLU's output
+can be counted in the ReLU's own pass instead (``relu_pass``: the ReLU written and counted in one pass over memory;
+``probes.relu_pass``). A probe's update goes through ``accumulate``: the pass and the adding of its results to the
+probe's state in one C call (``actsparse_merge``, in the order the numpy merge
+``ActivationSparsityProbe._update_from_kernel`` uses, bit for bit), with the last batch layout's plan and buffers
+kept as a C struct, so that the call converts four arguments: inside the model's forward each Python operation
+costs several times what it costs elsewhere (``benchmarks/README.md``).
 
 Exactness: the kernel reads the float32 activations as their IEEE-754 bit patterns. With
 ``ai = bits & 0x7fffffff`` (the bits of ``|x|``), non-negative floats order as their bit patterns, and
@@ -235,22 +237,25 @@ static int32_t avx512_counts(int32_t *restrict bits, const int32_t *restrict src
             tact[nt] = tb[j];
             slot[nt++] = j;
         }
+#define UNITS(SRC, NT) avx512_units(bits, SRC, n, c, NT, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, \
+                                   nbins, tot, zc, zc0)
     if (src) {  /* the ReLU pass: the same loop, another instance */
         switch (nt) {
-        case 0: return avx512_units(bits, src, n, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-        case 1: return avx512_units(bits, src, n, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-        case 2: return avx512_units(bits, src, n, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-        case 3: return avx512_units(bits, src, n, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-        default: return avx512_units(bits, src, n, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+        case 0: return UNITS(src, 0);
+        case 1: return UNITS(src, 1);
+        case 2: return UNITS(src, 2);
+        case 3: return UNITS(src, 3);
+        default: return UNITS(src, 4);
         }
     }
     switch (nt) {
-    case 0: return avx512_units(bits, 0, n, c, 0, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 1: return avx512_units(bits, 0, n, c, 1, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 2: return avx512_units(bits, 0, n, c, 2, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    case 3: return avx512_units(bits, 0, n, c, 3, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
-    default: return avx512_units(bits, 0, n, c, 4, tact, slot, ustart, ulen, uchunk, uwin, u0, u1, win, hist, nbins, tot, zc, zc0);
+    case 0: return UNITS(0, 0);
+    case 1: return UNITS(0, 1);
+    case 2: return UNITS(0, 2);
+    case 3: return UNITS(0, 3);
+    default: return UNITS(0, 4);
     }
+#undef UNITS
 }
 #endif
 
@@ -841,9 +846,14 @@ class Raw:
 
     @property
     def max_abs(self) -> float:
-        import numpy as np
+        return float_of_bits(self.mbits)
 
-        return float(np.array([self.mbits], dtype=np.int32).view(np.float32)[0])
+
+def float_of_bits(bits: int) -> float:
+    """The float32 whose bit pattern is ``bits`` (the kernel's largest ``|x|`` bits: max ``|x|``, NaN past inf)."""
+    import numpy as np
+
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
 # Per-part buffers by shape, reused: ``launch`` takes a set (zeroed) and ``finish`` gives it back, so a pass in
@@ -1042,7 +1052,7 @@ def relu_merge(job: "_JobHolder", mbits: int, state_ptrs):
 def job_results(job: "_JobHolder", mbits: int, G: int) -> dict:
     """``count``'s results from a job's buffers (``relu_pass``'s counts), for a state the C merge does not take."""
     win, hist, tot, zc = job.keep[1][:4]
-    return _results(win, hist, tot, zc, int(job.struct.parts), G, Raw(None, None, mbits, 0, G).max_abs)
+    return _results(win, hist, tot, zc, int(job.struct.parts), G, float_of_bits(mbits))
 
 
 def accumulate(valid, eps_grid, lens: list[int], k: int, threads: int, nbins: int, state_ptrs):

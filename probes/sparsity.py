@@ -189,7 +189,8 @@ class ActivationSparsityProbe:
         (after each forward) or the next ``relu_counted`` drops them unseen. ``mask``: the batch's count mask.
 
         Returns None where it cannot (the caller runs the ReLU itself): no OpenMP kernel, autograd on ``x``, not a
-        contiguous 3-D float32 CPU tensor of this width, a batch with padding or uncounted positions."""
+        contiguous float32 CPU tensor of this width laid out as a site gives it (``_relu_layout``), a batch with
+        padding or uncounted positions."""
         import torch
 
         from probes import fastcount

@@ -333,3 +333,19 @@ def test_the_relu_look_up_kept_between_runs_follows_the_model():
     assert relu_pass.relu_before(model, site) is model.transformer.h[0].mlp.act is not first
     model.transformer.h[0].mlp.act = torch.nn.GELU()  # no ReLU any more
     assert relu_pass.relu_before(model, site) is None
+
+
+def test_a_pass_into_a_state_the_c_merge_does_not_take_gives_the_same_numbers():
+    """A state whose tensors were replaced by ones the C merge cannot write (here a strided histogram) between the
+    pass and ``flush``: the pass's counts are added by the numpy merge instead, with the same bits."""
+    x = _awkward((3, 20, 24), seed=4)
+    fused, plain = ActivationSparsityProbe(24), ActivationSparsityProbe(24)
+    with torch.inference_mode():
+        y = fused.relu_counted(x)
+        assert fused.take_relu_pass(y)
+        for p in (fused, plain):  # (fused: its state as it was, without adding the waiting pass)
+            p.__dict__["_state"]["token_hist"] = torch.zeros(2 * 1000, dtype=torch.int64)[::2]
+        assert fused._state_addresses() is None
+        plain.update(torch.relu(x))
+        fused.flush()
+    _same_probe(fused, plain)
