@@ -69,8 +69,9 @@ _FOUND: dict[tuple, tuple] = {}
 
 def plan(model, sites: Sequence, probe_for: Callable[[str], Any]) -> list[tuple[Any, Any]]:
     """``(site, ReLU module)`` for each of ``sites`` whose ReLU the run takes over (``relu_before``; a ReLU used by
-    one site only, whose ``forward`` nobody replaced, and whose site probe ``probe_for(canonical name)``, where it
-    is made beforehand, counts ReLU passes). Empty without an OpenMP kernel or with ``ACTSPARSE_RELU_PASS=0``."""
+    one site only, whose ``forward`` nobody replaced, a site on the CPU, and whose site probe ``probe_for(canonical
+    name)``, where it is made beforehand, counts ReLU passes). Empty without an OpenMP kernel or with
+    ``ACTSPARSE_RELU_PASS=0``."""
     from probes import fastcount
 
     if not (sites and enabled_by_env() and fastcount.kernel() is not None and fastcount._STATE["relu_fn"] is not None):
@@ -83,7 +84,10 @@ def plan(model, sites: Sequence, probe_for: Callable[[str], Any]) -> list[tuple[
     out = []
     for site, m in found:
         if m is None or uses[id(m)] != 1 or "forward" in vars(m):
-            continue  # shared by sites, or its forward already replaced by someone else
+            continue  # shared by sites, or its forward already replaced by someone else (accelerate's hooks)
+        weight = next(site.module.parameters(), None) if hasattr(site.module, "parameters") else None
+        if weight is not None and weight.device.type != "cpu":
+            continue  # the pass runs on the CPU only
         p = probe_for(site.canonical_name)
         if p is None or hasattr(p, "relu_counted"):  # (None: made at the first call, by the same make_probe)
             out.append((site, m))

@@ -209,6 +209,8 @@ def test_only_known_families_and_lone_relus_are_taken(monkeypatch):
         del model.transformer.h[0].mlp.act.forward
     with relu_pass.counted_relus([], None, None, None, HookState()) as n:
         assert n == 0
+    on_meta = _relu_gpt2(n_layer=1).to("meta")  # (as a model on a GPU: the pass is for the CPU)
+    assert relu_pass.plan(on_meta, find_sites(on_meta, "gpt2", ("mlp_post",)), lambda n: None) == []
 
 
 def test_the_portable_openmp_build_gives_the_same_bits(monkeypatch, tmp_path):
