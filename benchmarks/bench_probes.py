@@ -352,7 +352,48 @@ def profile_update(model, batches, sites, device, top: int = 15) -> dict:
         t = getattr(e, key.replace("cuda", "device"), None) or getattr(e, key, 0)
         ops.append({"op": e.key, "calls": e.count, "self_ms": t / 1000})
     sections = _manual_sections(captured, device)
-    return {"update_total_s": total, "n_updates": len(captured), "top_ops": ops, "sections_s": sections}
+    return {"update_total_s": total, "n_updates": len(captured), "top_ops": ops, "sections_s": sections,
+            "relu_pass_s": _relu_pass_sections(model, batches, sites)}
+
+
+def _relu_pass_sections(model, batches, sites) -> dict:
+    """The path ``run_probes`` takes at sites counted in their ReLU's pass (``probes.relu_pass``): each ReLU's input
+    captured once, then the pass (``relu_counted``: the ReLU and the count), the site's taking of its output
+    (``take_relu_pass``) and the adding after the forward (``flush``), timed apart. Empty where no site takes it."""
+    from probes import relu_pass
+
+    taken = relu_pass.plan(model, sites, lambda n: None)
+    if not taken:
+        return {}
+    inputs, current = [], {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, _s=site: inputs.append(
+        (_s.canonical_name, args[0].detach().clone(), current["mask"]))) for site, m in taken]
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                current["mask"] = b.count_mask
+                forward_batch(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    probes = {name: ActivationSparsityProbe(x.shape[-1], device=x.device) for name, x, _ in inputs}
+    t = {"relu_pass (ReLU + count)": 0.0, "take (at the site's hook)": 0.0, "flush (after the forward)": 0.0}
+    for rep in range(2):  # the first round warms up
+        for name, x, m in inputs:
+            p = probes[name]
+            with torch.inference_mode():
+                c0 = time.perf_counter()
+                y = p.relu_counted(x, m)
+                c1 = time.perf_counter()
+                p.take_relu_pass(y, m)
+                c2 = time.perf_counter()
+                p.flush()
+                c3 = time.perf_counter()
+            if rep:
+                t["relu_pass (ReLU + count)"] += c1 - c0
+                t["take (at the site's hook)"] += c2 - c1
+                t["flush (after the forward)"] += c3 - c2
+    return t
 
 
 def _manual_sections(captured, device) -> dict:
@@ -635,6 +676,11 @@ def _print_profile(res: dict) -> None:
         tot = sum(p["sections_s"].values()) or 1.0
         for k, v in sorted(p["sections_s"].items(), key=lambda kv: -kv[1]):
             print(f"    {k:<18}{v * 1000:>9.2f} ms  {100 * v / tot:5.1f} %")
+        if p.get("relu_pass_s"):
+            print("  at sites counted in their ReLU's pass (what run_probes runs there instead of update):")
+            tot = sum(p["relu_pass_s"].values()) or 1.0
+            for k, v in p["relu_pass_s"].items():
+                print(f"    {k:<26}{v * 1000:>9.2f} ms  {100 * v / tot:5.1f} %")
 
 
 if __name__ == "__main__":
