@@ -73,6 +73,14 @@ C_SOURCE = r"""
 typedef float vf __attribute__((vector_size(LANES * 4)));  /* LANES float32 lanes, whatever the CPU's width */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
+/* torch.relu's bits for k entries (0 for a negative number: sign set, 0 < |x| <= inf; -0 and NaN as they are):
+   the rows of a ReLU pass that no statistic counts (a unit of chunk index -2: padding, uncounted context). */
+static void relu_rows(int32_t *restrict out, const int32_t *restrict in, int64_t k)
+{
+    for (int64_t i = 0; i < k; ++i)
+        out[i] = (uint32_t)in[i] - 0x80000001u <= 0x7f7fffffu ? 0 : in[i];
+}
+
 /* A token's end: its LANES float32 partial sums added in float64 in lane order to the running sums acc[0..2], its
    non-zero fraction to acc[3] and the histogram, its zeros to its window's w[0]. */
 static inline __attribute__((always_inline)) void token_done(const float *s, const float *sa, const float *sq,
@@ -172,6 +180,11 @@ static inline __attribute__((always_inline)) int32_t avx512_units(
     double acc[4] = {0, 0, 0, 0};  /* the sums of x, |x|, x*x and of the tokens' non-zero fractions */
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
+        if (ci == -2) {  /* rows of a ReLU pass that nothing counts: written only */
+            if (src)
+                relu_rows(bits + ustart[u] * c, src + ustart[u] * c, ulen[u] * c);
+            continue;
+        }
         double *restrict w = win + uwin[u] * 8;
         if (ci >= 0)
             memcpy(zc0, zc, (size_t)c * sizeof *zc);
@@ -293,6 +306,11 @@ static int32_t counts_impl(int32_t *restrict bits, const float *restrict vals, i
     (void)n;
     for (int64_t u = u0; u < u1; ++u) {
         const int64_t ci = uchunk[u];
+        if (ci == -2) {  /* rows of a ReLU pass that nothing counts: written only */
+            if (src)
+                relu_rows(bits + ustart[u] * c, src + ustart[u] * c, ulen[u] * c);
+            continue;
+        }
         double *restrict w = win + uwin[u] * WF;
         if (ci >= 0)  /* the chunk's per-channel zero counts are zc's growth over it: keep zc at its start */
             memcpy(zc0, zc, (size_t)c * sizeof *zc);
@@ -493,7 +511,7 @@ typedef struct {
     int64_t *hist;
     double *tot;
     int32_t *zc, *zc0, *mparts;
-    int64_t n, c, parts, nwin, nbins, G;
+    int64_t n, c, parts, nwin, nbins, G, rows;  /* n: counted rows; rows: the tensor's (a ReLU pass's uncounted) */
 } actsparse_job;
 
 int32_t actsparse_job_run(const actsparse_job *j, const int32_t *x, double *rows, void *const *st)
@@ -507,7 +525,7 @@ int32_t actsparse_job_run(const actsparse_job *j, const int32_t *x, double *rows
    actsparse_job_merge adds them to a probe's state later (or never, when the site does not see out). */
 int32_t actsparse_job_relu(const actsparse_job *j, const int32_t *src, int32_t *out)
 {
-    return counts_parts_impl(out, (const float *)out, j->n, j->c, j->tb, j->ustart, j->ulen, j->uchunk, j->uwin,
+    return counts_parts_impl(out, (const float *)out, j->rows, j->c, j->tb, j->ustart, j->ulen, j->uchunk, j->uwin,
                              j->bounds, j->parts, j->nwin, j->win, j->hist, j->nbins, j->tot, j->zc, j->zc0,
                              j->mparts, src);
 }
@@ -738,15 +756,25 @@ def threshold_bits(eps_grid) -> "object":
     return out
 
 
-def units(lens: list[int], k: int):
+def units(lens: list[int], k: int, at: list[int] | None = None, rows: int | None = None):
     """Row ranges the kernel walks: each window's full chunks of ``k`` tokens (with their chunk index, in
     window order) and its leftover tokens (index -1). Returns ``(start, length, chunk, window, n_chunks)``
-    (int64 arrays and a count)."""
+    (int64 arrays and a count). Rows are the counted rows one after another, or, with ``at`` (a ReLU pass over
+    a tensor of ``rows`` rows, ``len(lens)`` windows of ``rows // len(lens)``), window ``w``'s counted rows start
+    at row ``at[w]`` and the rows around them are units of their own that are only written (index -2)."""
     import numpy as np
 
     starts, lengths, chunks, windows = [], [], [], []
     off, ci = 0, 0
+    T = rows // len(lens) if at is not None and lens else 0
     for w, L in enumerate(lens):
+        if at is not None:
+            off = at[w]
+            if off > w * T:  # uncounted rows before
+                starts.append(w * T)
+                lengths.append(off - w * T)
+                chunks.append(-2)
+                windows.append(w)
         full = L // k if k > 0 else 0
         for j in range(full):
             starts.append(off + j * k)
@@ -761,6 +789,11 @@ def units(lens: list[int], k: int):
             chunks.append(-1)
             windows.append(w)
         off += L
+        if at is not None and off < (w + 1) * T:  # uncounted rows after
+            starts.append(off)
+            lengths.append((w + 1) * T - off)
+            chunks.append(-2)
+            windows.append(w)
     i64 = np.int64
     return (np.asarray(starts, i64), np.asarray(lengths, i64), np.asarray(chunks, i64), np.asarray(windows, i64),
             ci)
@@ -797,19 +830,22 @@ _PLAN: list = [None]  # (key, plan) of the batch seen last: every site of a batc
 N_WINDOW_FIELDS = 8  # the kernel's per-window fields (see C_SOURCE)
 
 
-def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid) -> dict:
+def _plan(lens: list[int], k: int, n: int, c: int, parts: int, eps_grid, at: list[int] | None = None,
+          rows: int | None = None) -> dict:
     """What one ``count`` call needs besides the data, worked out once per batch layout (the sites of one
-    forward share it): the units, their split over ``parts`` threads and the threshold bits."""
+    forward share it): the units, their split over ``parts`` threads and the threshold bits. ``at``, ``rows``: a
+    ReLU pass with uncounted rows (``units``)."""
     import numpy as np
 
-    key = (tuple(lens), k, n, c, parts, tuple(eps_grid))
+    key = (tuple(lens), k, n, c, parts, tuple(eps_grid), None if at is None else (tuple(at), rows))
     last = _PLAN[0]  # one (key, plan) tuple: read and replaced whole, so threads never mix two batches
     if last is not None and last[0] == key:
         return last[1]
-    ustart, ulen, uchunk, uwin, n_chunks = units(lens, k)
+    ustart, ulen, uchunk, uwin, n_chunks = units(lens, k, at, rows)
     U = len(ustart)
     cum = np.cumsum(ulen)  # split the units so that each part has about the same number of rows
-    bounds = [0] + [int(np.searchsorted(cum, n * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
+    total = n if at is None else rows
+    bounds = [0] + [int(np.searchsorted(cum, total * i / parts, side="left")) + 1 for i in range(1, parts)] + [U]
     bounds = [min(max(b, 0), U) for b in bounds]
     tb = threshold_bits(eps_grid)
     bounds_arr = np.asarray(bounds, dtype=np.int64)
@@ -967,7 +1003,7 @@ class _Job(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("tb", "ustart", "ulen", "uchunk", "uwin", "bounds", "lens", "win",
                                                       "hist", "tot", "zc", "zc0", "mparts")] + \
-               [(name, ctypes.c_int64) for name in ("n", "c", "parts", "nwin", "nbins", "G")]
+               [(name, ctypes.c_int64) for name in ("n", "c", "parts", "nwin", "nbins", "G", "rows")]
 
 
 class _JobHolder:
@@ -984,21 +1020,23 @@ def _new_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
     return job
 
 
-def make_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
-    """The plan and per-part buffers of the batch layout ``key`` (``(n, c, ...)``: its rows and channels first) as an
-    ``actsparse_job``: ``accumulate``'s last job, or a probe's own for its ReLU pass (``relu_pass``)."""
+def make_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid, at: list[int] | None = None,
+             rows: int | None = None) -> "_JobHolder":
+    """The plan and per-part buffers of the batch layout ``key`` (``(n, c, ...)``: its counted rows and channels
+    first) as an ``actsparse_job``: ``accumulate``'s last job, or one for a ReLU pass (``relu_job``; ``at`` and
+    ``rows`` where not every row of its tensor counts, see ``units``)."""
     import numpy as np
 
     n, c = key[0], key[1]
     B = len(lens)
-    parts = _parts(n, c, lens, k, threads)  # an OpenMP build: MIN_SPLIT_OMP
-    plan = _plan(lens, k, n, c, parts, eps_grid)
+    parts = _parts(n if at is None else rows, c, lens, k, threads)  # an OpenMP build: MIN_SPLIT_OMP
+    plan = _plan(lens, k, n, c, parts, eps_grid, at, rows)
     bufs = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64), np.zeros((parts, 4)),
             np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32), np.zeros(parts, dtype=np.int32))
     ustart, ulen, uchunk, uwin, tb, bounds, lens_d = plan["arrays"]
     job = _JobHolder()
     job.struct = _Job(*[a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds, lens_d, *bufs)],
-                      n, c, parts, B, nbins, len(eps_grid))
+                      n, c, parts, B, nbins, len(eps_grid), n if at is None else rows)
     job.address = ctypes.addressof(job.struct)
     job.keep = (plan, bufs)  # what the struct points into
     job.lock = threading.Lock()
@@ -1012,7 +1050,8 @@ _RELU_LOCK = threading.Lock()
 RELU_JOBS_KEEP = 256  # free jobs kept (one per site of a forward)
 
 
-def relu_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid) -> "_JobHolder":
+def relu_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_grid, at: list[int] | None = None,
+             rows: int | None = None) -> "_JobHolder":
     """A job (``make_job``'s) of the batch layout ``key`` for one ``relu_pass``, the caller's own until it gives it
     back (``relu_job_back``): its buffers hold the pass's counts until they are added to a probe's state, after
     the forward. Free jobs of the last layout are kept for the next forward."""
@@ -1020,7 +1059,7 @@ def relu_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
         free = _RELU_JOBS[1] if _RELU_JOBS[0] == key else None
         if free:
             return free.pop()
-    job = make_job(key, lens, k, threads, nbins, eps_grid)
+    job = make_job(key, lens, k, threads, nbins, eps_grid, at, rows)
     job.key = key
     return job
 

@@ -7,9 +7,10 @@ it in the site's hook reads the whole activation back from memory after the ReLU
 ``relu_counted`` (``probes.sparsity.ActivationSparsityProbe``): the fused kernel (``probes.fastcount.relu_pass``)
 reads the ReLU's input once, writes ``torch.relu``'s very bits (0 for a negative number; -0 and NaN as they are)
 and counts each row while it is in cache. The counts wait on the probe until the site's hook sees that very
-tensor, and are added then instead of counting it again; anything else (another tensor at the hook, a padded
-batch, autograd, a dtype or device the kernel does not take, no OpenMP build) runs the ReLU as before and counts
-at the hook. The model's outputs and every number are the same bits as without it (``tests/unit/
+tensor, and are added then instead of counting it again. Positions the batch's count mask leaves out (padding
+after a window's counted run, uncounted context before it) are written and not counted. Anything else (another
+tensor at the hook, a count mask that is not one run per window, autograd, a dtype or device the kernel does not
+take, no OpenMP build) runs the ReLU as before and counts at the hook. The model's outputs and every number are the same bits as without it (``tests/unit/
 test_relu_pass.py``); the ``forward`` is put back when the run ends, also on an error. ``ACTSPARSE_RELU_PASS=0``
 turns it off.
 

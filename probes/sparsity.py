@@ -186,11 +186,12 @@ class ActivationSparsityProbe:
         (``probes.relu_pass``: for a site that takes a ReLU's output): one pass over memory instead of a ReLU and a
         count that reads its output again. The counts wait on the probe (holding the output) until ``update`` gets
         that very tensor under the same batch layout, and are added then, instead of counting it again; ``flush``
-        (after each forward) or the next ``relu_counted`` drops them unseen. ``mask``: the batch's count mask.
+        (after each forward) or the next ``relu_counted`` drops them unseen. ``mask``: the batch's count mask; the
+        positions it leaves out are written, not counted.
 
         Returns None where it cannot (the caller runs the ReLU itself): no OpenMP kernel, autograd on ``x``, not a
-        contiguous float32 CPU tensor of this width laid out as a site gives it (``_relu_layout``), a batch with
-        padding or uncounted positions."""
+        contiguous float32 CPU tensor of this width laid out as a site gives it, a count mask whose counted
+        positions are not one run in every window (``_relu_layout``)."""
         import torch
 
         from probes import fastcount
@@ -203,16 +204,19 @@ class ActivationSparsityProbe:
                 or x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous()
                 or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        lens = _relu_layout(x, mask)
-        if lens is None:
+        layout = _relu_layout(x, mask)
+        if layout is None:
             return None
-        n = x.numel() // self.width
+        lens, at = layout
+        rows = x.numel() // self.width
+        n = rows if at is None else sum(lens)
         threads = torch.get_num_threads()
-        key = (n, self.width, tuple(lens), self.chunk_k, threads, self.eps_grid, HIST_BINS, fastcount.MIN_SPLIT_OMP)
-        job = fastcount.relu_job(key, lens, self.chunk_k, threads, HIST_BINS, self.eps_grid)  # this pass's own
+        key = (n, self.width, tuple(lens), self.chunk_k, threads, self.eps_grid, HIST_BINS, fastcount.MIN_SPLIT_OMP,
+               None if at is None else (tuple(at), rows))
+        job = fastcount.relu_job(key, lens, self.chunk_k, threads, HIST_BINS, self.eps_grid, at, rows)  # its own
         out = torch.empty_like(x)
         mbits = fastcount.relu_pass(job, x, out)
-        self._ticket = (out, mask, lens, mbits, job)  # out held: no other tensor can take its memory meanwhile
+        self._ticket = (out, mask, layout, mbits, job, n)  # out held: no other tensor can take its memory meanwhile
         return out
 
     def _drop_ticket(self) -> None:
@@ -233,20 +237,24 @@ class ActivationSparsityProbe:
 
         if self._ticket is None:
             return False
-        out, was, lens, mbits, job = self._ticket
+        out, was, layout, mbits, job, n = self._ticket
         if x is not out and not (isinstance(x, torch.Tensor) and x.data_ptr() == out.data_ptr()
                                  and x.shape == out.shape and x.dtype is torch.float32 and x.is_contiguous()):
             self._drop_ticket()
             return False
-        if mask is not was and (x.shape != out.shape or _relu_layout(x, mask) != lens):
+        if mask is not was and (x.shape != out.shape or _relu_layout(x, mask) != layout):
             self._drop_ticket()
             return False
         self._ticket = None
-        if mbits >= fastcount.INF_BITS:  # an inf or a NaN: count them (an integer: added in any order)
-            self.__dict__["_state"]["nonfinite"] += int((~torch.isfinite(x)).sum())
+        lens, at = layout
+        if mbits >= fastcount.INF_BITS:  # an inf or a NaN where it counts: count them (an integer: any order)
+            flat = x.reshape(-1, self.width)
+            bad = ((~torch.isfinite(flat)).sum() if at is None else
+                   sum((~torch.isfinite(flat[a:a + L])).sum() for a, L in zip(at, lens)))
+            self.__dict__["_state"]["nonfinite"] += int(bad)
         self.relu_updates += 1
         # Added to the state by ``flush`` (after the forward), with the job's buffers held until then.
-        self._pending.append((None, lens, self._window_ids(lens), job, mbits, out.numel() // self.width))
+        self._pending.append((None, lens, self._window_ids(lens), job, mbits, n))
         self._relu_pending += 1
         if len(self._pending) >= MAX_PENDING:
             self.flush()
@@ -656,10 +664,12 @@ def _mask_layout(mask, x):
 
 
 def _relu_layout(x, mask):
-    """The counted tokens per window (``lens``) of a ReLU's output ``x`` as a site hook would see it with the
-    batch's count mask ``mask`` (``probes.runner.token_layout``, then ``update``): ``[batch, pos, channels]``
-    with a mask of its ``[batch, pos]``, ``[batch * pos, channels]`` with a mask of that many positions, else
-    every position (``[tokens, channels]``: one per window). None where not every position counts (padding)."""
+    """``(lens, at)`` of a ReLU's output ``x`` as a site hook would see it with the batch's count mask ``mask``
+    (``probes.runner.token_layout``, then ``update``): ``[batch, pos, channels]`` with a mask of its
+    ``[batch, pos]``, ``[batch * pos, channels]`` with a mask of that many positions, else every position
+    (``[tokens, channels]``: one per window). ``lens``: the counted tokens per window; ``at``: None where every
+    position counts, else the row (of ``x`` as ``[rows, channels]``) where each window's counted run starts. None
+    where a window's counted positions are not one run (then the pass cannot count them as ``update`` would)."""
     if x.dim() == 3:
         if mask is not None and tuple(x.shape[:2]) != tuple(mask.shape):
             mask = None
@@ -671,8 +681,38 @@ def _relu_layout(x, mask):
             v, mask = x.unsqueeze(1), None
     else:
         return None
+    if v.shape[0] * v.shape[1] == 0:
+        return None
     full_rows, _, lens = _mask_layout(mask, v)
-    return lens if full_rows and v.shape[0] * v.shape[1] > 0 else None
+    if full_rows:
+        return lens, None
+    runs = _counted_runs(mask)
+    if runs is None:
+        return None
+    lens, first = runs
+    T = v.shape[1]
+    return lens, [b * T + f for b, f in enumerate(first)]
+
+
+def _counted_runs(mask):
+    """``(lens, first)`` of a ``[batch, pos]`` count mask whose counted positions form one run in every row
+    (padding after it, uncounted context before it): per row the run's length and first position; None otherwise.
+    Worked out once per mask (the sites of a forward share it)."""
+    import torch
+
+    last = _LAST_RUNS
+    if last[0] is mask and last[1] == _version(mask):
+        return last[2]
+    m = mask.to(device="cpu", dtype=torch.bool)
+    starts = m[:, 0].long() + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of counted positions per row
+    out = None
+    if bool((starts <= 1).all()):
+        out = (m.sum(1).tolist(), m.long().argmax(1).tolist())
+    _LAST_RUNS[0], _LAST_RUNS[1], _LAST_RUNS[2] = mask, _version(mask), out
+    return out
+
+
+_LAST_RUNS: list = [None, None, None]
 
 
 def _lens_tensor(lens: list[int], device):

@@ -84,8 +84,10 @@ def test_what_the_pass_cannot_take_returns_none():
     p = ActivationSparsityProbe(8)
     x = torch.randn(2, 4, 8)
     mask = torch.ones(2, 4, dtype=torch.bool)
-    mask[1, 3] = False  # padding: the counted rows are not the whole tensor
-    assert p.relu_counted(x, mask) is None
+    holes = torch.ones(2, 4, dtype=torch.bool)
+    holes[1, 1] = False  # a window whose counted positions are not one run
+    assert p.relu_counted(x, holes) is None
+    mask[1, 3] = False  # padding: one run still
     assert p.relu_counted(x.double()) is None
     assert p.relu_counted(x.transpose(0, 1)) is None  # not contiguous
     assert p.relu_counted(x[..., :4]) is None  # another width
@@ -96,7 +98,7 @@ def test_what_the_pass_cannot_take_returns_none():
         assert p.relu_counted(w) is not None  # no graph is built: the pass may run
     assert p.relu_counted(x, torch.ones(2, 4, dtype=torch.bool)) is not None
     assert p.relu_counted(x.view(8, 8), torch.ones(2, 4, dtype=torch.bool)) is not None  # OPT: tokens flattened
-    assert p.relu_counted(x.view(8, 8), mask) is None  # ... with padding among them
+    assert p.relu_counted(x.view(8, 8), holes) is None  # ... with a hole among them
 
 
 def _relu_gpt2(n_layer=2, width=64):
@@ -138,7 +140,7 @@ def test_run_probes_counts_relu_sites_on_the_way_with_the_same_numbers(monkeypat
         runs[flag] = run_probes(model, _batches(pad_last=pad_last), sites, lambda s, w, d: ActivationSparsityProbe(w))
         assert all("forward" not in vars(blk.mlp.act) for blk in model.transformer.h)  # put back
     for name, p in runs["1"].items():
-        assert p.relu_updates == (2 if pad_last else 3)  # the padded batch took the plain ReLU and the hook's count
+        assert p.relu_updates == 3  # the padded batch too: its padding is written, not counted
         assert runs["0"][name].relu_updates == 0
         _same_probe(p, runs["0"][name])
 
@@ -351,3 +353,27 @@ def test_a_pass_into_a_state_the_c_merge_does_not_take_gives_the_same_numbers():
         plain.update(torch.relu(x))
         fused.flush()
     _same_probe(fused, plain)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_uncounted_positions_are_written_and_not_counted(flat):
+    """Padding after a window's counted run and uncounted context before it (``--skip-first``, strided windows):
+    the pass writes the ReLU of every position (the same bits as torch's) and counts only the counted ones, as
+    the hook's count of ``x[mask]`` does; infs and NaNs in uncounted positions count nowhere."""
+    B, T, C = 5, 23, 40
+    x = _awkward((B, T, C), seed=7)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (a, e) in enumerate([(0, T), (3, T), (0, 17), (4, 9), (0, 0)]):  # full, context, padding, both, none
+        mask[b, a:e] = True
+    x[1, 0], x[2, 20] = float("nan"), float("inf")  # in uncounted positions only
+    fused, plain = ActivationSparsityProbe(C), ActivationSparsityProbe(C)
+    xin = x.reshape(B * T, C) if flat else x
+    with torch.inference_mode():
+        for _ in range(2):
+            y = fused.relu_counted(xin, mask)
+            assert y is not None and torch.equal(_bits(y), _bits(torch.relu(xin)))
+            assert fused.take_relu_pass(y, mask)
+            plain.update(torch.relu(x), mask)
+    assert fused.relu_updates == 2
+    _same_probe(fused, plain)
+    assert int(plain.state["nonfinite"]) == int(fused.state["nonfinite"])
