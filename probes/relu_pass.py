@@ -10,9 +10,9 @@ and counts each row while it is in cache. The counts wait on the probe until the
 tensor, and are added then instead of counting it again. Positions the batch's count mask leaves out (padding
 after a window's counted run, uncounted context before it) are written and not counted. Anything else (another
 tensor at the hook, a count mask that is not one run per window, autograd, a dtype or device the kernel does not
-take, no OpenMP build) runs the ReLU as before and counts at the hook. The model's outputs and every number are the same bits as without it (``tests/unit/
-test_relu_pass.py``); the ``forward`` is put back when the run ends, also on an error. ``ACTSPARSE_RELU_PASS=0``
-turns it off.
+take, no OpenMP build) runs the ReLU as before and counts at the hook. The model's outputs and every number are
+the same bits as without it (``tests/unit/test_relu_pass.py``); the ``forward`` is put back when the run ends,
+also on an error. ``ACTSPARSE_RELU_PASS=0`` turns it off.
 
 Only families whose model code passes the ReLU module's output straight to the output projection (T5: through its
 dropout, which returns its input in eval mode) take part (``FAMILIES``; checked against transformers' modeling

@@ -193,7 +193,8 @@ def test_only_known_families_and_lone_relus_are_taken(monkeypatch):
     assert relu_pass.relu_before(model, site) is model.transformer.h[0].mlp.act
     other = type(site)(**{**{f: getattr(site, f) for f in site.__dataclass_fields__}, "family": "bert"})
     assert relu_pass.relu_before(model, other) is None  # a family whose code was not checked
-    assert relu_pass.plan(model, [site], lambda n: ActivationSparsityProbe(64)) == [(site, model.transformer.h[0].mlp.act)]
+    relu = model.transformer.h[0].mlp.act
+    assert relu_pass.plan(model, [site], lambda n: ActivationSparsityProbe(64)) == [(site, relu)]
     assert relu_pass.plan(model, [site, site], lambda n: None) == []  # one ReLU for two sites: left alone
     monkeypatch.setenv("ACTSPARSE_RELU_PASS", "0")
     assert relu_pass.plan(model, [site], lambda n: ActivationSparsityProbe(64)) == []
