@@ -899,19 +899,24 @@ _BUFS_LOCK = threading.Lock()
 _BUFS_KEEP = 16  # sets kept per shape
 
 
+def _part_buffers(parts: int, B: int, c: int, nbins: int) -> tuple:
+    """The kernel's per-part buffers (see C_SOURCE): windows' fields, token histogram, sums, per-channel zero
+    counts and their copy at a chunk's start, largest ``|x|`` bits."""
+    import numpy as np
+
+    return (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64), np.zeros((parts, 4)),
+            np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32), np.zeros(parts, dtype=np.int32))
+
+
 def _take(parts: int, B: int, c: int, nbins: int, zero: bool = True):
     """A set of per-part buffers from the pool (zeroed unless ``zero`` is False: the OpenMP entry points zero
     their parts themselves, each thread its own, in the cache it is about to write them from)."""
-    import numpy as np
-
     key = (parts, B, c, nbins)
     with _BUFS_LOCK:
         free = _BUFS.get(key)
         bufs = free.pop() if free else None
     if bufs is None:
-        arrays = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64),
-                  np.zeros((parts, 4)), np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32),
-                  np.zeros(parts, dtype=np.int32))
+        arrays = _part_buffers(parts, B, c, nbins)
         return key, (*arrays, tuple(a.ctypes.data for a in arrays))  # the addresses, looked up once
     if zero:
         for a in bufs[:4]:
@@ -1031,8 +1036,7 @@ def make_job(key: tuple, lens: list[int], k: int, threads: int, nbins: int, eps_
     B = len(lens)
     parts = _parts(n if at is None else rows, c, lens, k, threads)  # an OpenMP build: MIN_SPLIT_OMP
     plan = _plan(lens, k, n, c, parts, eps_grid, at, rows)
-    bufs = (np.zeros((parts, B, N_WINDOW_FIELDS)), np.zeros((parts, nbins), dtype=np.int64), np.zeros((parts, 4)),
-            np.zeros((parts, c), dtype=np.int32), np.empty((parts, c), dtype=np.int32), np.zeros(parts, dtype=np.int32))
+    bufs = _part_buffers(parts, B, c, nbins)
     ustart, ulen, uchunk, uwin, tb, bounds, lens_d = plan["arrays"]
     job = _JobHolder()
     job.struct = _Job(*[a.ctypes.data for a in (tb, ustart, ulen, uchunk, uwin, bounds, lens_d, *bufs)],

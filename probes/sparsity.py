@@ -686,18 +686,17 @@ def _relu_layout(x, mask):
     full_rows, _, lens = _mask_layout(mask, v)
     if full_rows:
         return lens, None
-    runs = _counted_runs(mask)
-    if runs is None:
+    first = _run_starts(mask)
+    if first is None:
         return None
-    lens, first = runs
     T = v.shape[1]
     return lens, [b * T + f for b, f in enumerate(first)]
 
 
-def _counted_runs(mask):
-    """``(lens, first)`` of a ``[batch, pos]`` count mask whose counted positions form one run in every row
-    (padding after it, uncounted context before it): per row the run's length and first position; None otherwise.
-    Worked out once per mask (the sites of a forward share it)."""
+def _run_starts(mask):
+    """Per row of a ``[batch, pos]`` count mask whose counted positions form one run in every row (padding after
+    it, uncounted context before it), the run's first position (its length: ``_mask_layout``'s ``lens``); None
+    otherwise. Worked out once per mask (the sites of a forward share it)."""
     import torch
 
     last = _LAST_RUNS
@@ -707,7 +706,7 @@ def _counted_runs(mask):
     starts = m[:, 0].long() + (m[:, 1:] & ~m[:, :-1]).sum(1)  # runs of counted positions per row
     out = None
     if bool((starts <= 1).all()):
-        out = (m.sum(1).tolist(), m.long().argmax(1).tolist())
+        out = m.long().argmax(1).tolist()
     _LAST_RUNS[0], _LAST_RUNS[1], _LAST_RUNS[2] = mask, _version(mask), out
     return out
 
